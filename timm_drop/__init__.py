@@ -1,0 +1,20 @@
+"""timm_drop: structured-dropout regularizers placed into any timm model by YAML rules."""
+
+from timm_drop.regularizers import (
+    Regularizer,
+    create_regularizer,
+    list_regularizers,
+    register_regularizer,
+)
+from timm_drop.schedules import Schedule, set_progress
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Regularizer",
+    "Schedule",
+    "create_regularizer",
+    "list_regularizers",
+    "register_regularizer",
+    "set_progress",
+]

@@ -1,0 +1,21 @@
+"""The regularizer library: one file per method family, each a functional form plus an ``nn.Module``."""
+
+from timm_drop.regularizers.base import LAYOUTS, Regularizer
+from timm_drop.regularizers.registry import (
+    create_regularizer,
+    get_regularizer_class,
+    list_regularizers,
+    register_regularizer,
+    regularizer_params,
+)
+from timm_drop.regularizers import baselines, dropblock, corrdrop, selectscale, attentiondrop  # noqa: F401,E402  (registers)
+
+__all__ = [
+    "LAYOUTS",
+    "Regularizer",
+    "create_regularizer",
+    "get_regularizer_class",
+    "list_regularizers",
+    "register_regularizer",
+    "regularizer_params",
+]

@@ -1,0 +1,118 @@
+"""Drop-strength schedules: stateless functions of training progress in [0, 1].
+
+A schedule returns a multiplier in [0, 1] on a regularizer's configured strength (``drop_prob`` or ``q``).
+Being a pure function of progress, it needs no state of its own: a resumed run that calls
+:func:`set_progress` with the restored step continues the same curve, and gradient-accumulation
+micro-batches or eval forwards cannot advance it.
+
+* ``constant``: 1 everywhere (the default when a rule has no schedule).
+* ``linear``: Scheduled DropBlock (Ghiasi et al. 2018, section 3, "Scheduled DropBlock"; the TF reference
+  ``keep = 1 - (step / train_steps) * (1 - keep_prob)``) and the papers' "linear scheduler": the drop
+  probability ramps from ``initial`` times the target at progress ``start`` to the full target at ``end``,
+  then stays there.
+* ``curriculum``: Curriculum Dropout (Morerio et al., ICCV 2017): keep probability
+  ``theta(t) = (1 - theta_bar) * exp(-gamma * t) + theta_bar``, so the drop probability is
+  ``p_bar * (1 - exp(-gamma * t))``. Here ``t`` is training progress, so ``gamma`` is expressed per whole run
+  (the paper's per-iteration 1e-3 over 10k iterations is ``gamma = 10``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from torch import nn
+
+SCHEDULE_KINDS = ("constant", "linear", "curriculum")
+
+
+def constant(progress: float) -> float:
+    return 1.0
+
+
+def linear(progress: float, start: float = 0.0, end: float = 1.0, initial: float = 0.0) -> float:
+    """Ramp from ``initial`` at ``progress <= start`` to 1 at ``progress >= end``."""
+    if progress <= start:
+        return initial
+    if progress >= end:
+        return 1.0
+    return initial + (1.0 - initial) * (progress - start) / (end - start)
+
+
+def curriculum(progress: float, gamma: float = 10.0) -> float:
+    """``1 - exp(-gamma * progress)``: Curriculum Dropout's drop-probability ramp, normalised to the target."""
+    return 1.0 - math.exp(-gamma * progress)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A named schedule with its settings; calling it maps progress in [0, 1] to a multiplier in [0, 1]."""
+
+    kind: str = "constant"
+    start: float = 0.0
+    end: float = 1.0
+    initial: float = 0.0
+    gamma: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in SCHEDULE_KINDS:
+            raise ValueError(f"schedule kind must be one of {list(SCHEDULE_KINDS)}, got {self.kind!r}")
+        for field in ("start", "end", "initial"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"schedule field {field!r} must be a number in [0, 1], got {value!r}")
+        if self.kind == "linear" and not self.start < self.end:
+            raise ValueError(f"linear schedule needs start < end, got start={self.start}, end={self.end}")
+        if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not self.gamma > 0:
+            raise ValueError(f"schedule field 'gamma' must be a positive number, got {self.gamma!r}")
+
+    def __call__(self, progress: float) -> float:
+        if self.kind == "linear":
+            return linear(progress, self.start, self.end, self.initial)
+        if self.kind == "curriculum":
+            return curriculum(progress, self.gamma)
+        return constant(progress)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        keep = {"constant": ("kind",), "linear": ("kind", "start", "end", "initial"), "curriculum": ("kind", "gamma")}
+        return {k: d[k] for k in keep[self.kind]}
+
+    def __str__(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in self.to_dict().items())
+
+
+def make_schedule(spec: Schedule | str | dict[str, Any] | None) -> Schedule | None:
+    """Build a :class:`Schedule` from a kind name, a dict (``{kind: linear, start: 0, end: 1}``) or None."""
+    if spec is None or isinstance(spec, Schedule):
+        return spec
+    if isinstance(spec, str):
+        return Schedule(kind=spec)
+    if isinstance(spec, dict):
+        allowed = {"kind", "start", "end", "initial", "gamma"}
+        unknown = sorted(set(spec) - allowed)
+        if unknown:
+            raise ValueError(f"unknown schedule field(s) {unknown}; allowed: {sorted(allowed)}")
+        if "kind" not in spec:
+            raise ValueError(f"schedule needs a 'kind' (one of {list(SCHEDULE_KINDS)})")
+        return Schedule(**spec)
+    raise TypeError(f"schedule must be a kind name, a mapping or None, got {type(spec).__name__}")
+
+
+def set_progress(model: nn.Module, progress: float, epoch: int | None = None) -> int:
+    """Move every regularizer in ``model`` to training ``progress`` in [0, 1]; returns how many were set.
+
+    Call once per optimizer step (not per micro-batch, never from eval). Writes 0-dim buffers in place, so a
+    compiled model does not recompile.
+    """
+    if isinstance(progress, bool) or not isinstance(progress, (int, float)) or not 0.0 <= progress <= 1.0:
+        raise ValueError(f"progress must be a number in [0, 1], got {progress!r}")
+    from timm_drop.regularizers.base import Regularizer
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, Regularizer):
+            module.set_progress(float(progress), epoch)
+            count += 1
+    return count

@@ -1,0 +1,823 @@
+"""Coverage check: does the rewriter keep its guarantees on a given timm model?
+
+:func:`check_model` builds one timm model (``pretrained=False``, the smallest input it accepts), applies a spec
+that touches every site kind (:data:`COVERAGE_SPEC`), and checks the guarantees DESIGN §1-§4 promise:
+
+1. ``plan`` is a dry run (the module tree and hooks are unchanged after it) and finds at least one site;
+2. ``apply_regularizer`` returns the same object with the same class;
+3. ``state_dict`` keys are identical and checkpoints load strictly in both directions;
+4. the eval output is bit-identical to a deep copy of the model taken before ``apply``;
+5. a training forward + backward is finite, and every inserted regularizer actually runs;
+6. with every regularizer's ``strength`` at 0 the training output equals the original's, bit for bit, and at
+   full strength it differs (the regularizers do something);
+7. ``copy.deepcopy`` (timm's EMA) gives a copy that runs its *own* regularizers, never the original's;
+8. ``strip_regularizers`` restores the class, keys, hooks and eval output.
+
+:func:`run_coverage` runs :func:`check_model` over many models in a worker subprocess with a per-model timeout
+(a hang or a crash costs one model, not the run) and :func:`render_report` writes the Markdown report.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import fnmatch
+import math
+import multiprocessing as mp
+import platform
+import random
+import re
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+#: A spec that uses every site kind (DESIGN §4) with layout-agnostic regularizers, so NCHW, NHWC and token
+#: sites are all exercised. ``allow_empty`` everywhere: a family may lack a kind (VGG has no skip adds), but
+#: :func:`check_model` requires at least one site per model. Later rules ``stack`` because different kinds
+#: can name the same tensor (the last block's output is also the stage output). :func:`check_model` adds a
+#: ``dropblock`` rule on the stage sites whose layout is spatial (see ``spatial_stage_rule``).
+COVERAGE_SPEC: dict[str, Any] = {
+    "version": 1,
+    "description": "timm_drop coverage: every site kind, layout-agnostic regularizers",
+    "rules": [
+        {
+            "regularizer": "spatial_dropout",
+            "params": {"drop_prob": 0.1},
+            "sites": ["stage"],
+            "allow_empty": True,
+            "label": "stage outputs",
+        },
+        {
+            "regularizer": "spatial_scale",
+            "params": {"q": 0.3},
+            "sites": ["block"],
+            "schedule": {"kind": "linear", "start": 0.0, "end": 0.5},
+            "on_conflict": "stack",
+            "allow_empty": True,
+            "label": "block outputs",
+        },
+        {
+            "regularizer": "droppath",
+            "params": {"drop_prob": 0.1},
+            "sites": ["residual"],
+            "depth_scaling": "linear",
+            "on_conflict": "stack",
+            "allow_empty": True,
+            "label": "residual branches",
+        },
+        {
+            "regularizer": "dropout",
+            "params": {"drop_prob": 0.1},
+            "sites": ["shortcut"],
+            "on_conflict": "stack",
+            "allow_empty": True,
+            "label": "shortcuts",
+        },
+        {
+            "regularizer": "selectscale",
+            "params": {"top_rate": 0.2, "q": 0.5},
+            "sites": ["merge"],
+            "on_conflict": "stack",
+            "allow_empty": True,
+            "label": "skip merges",
+        },
+        {
+            "regularizer": "selectout",
+            "params": {"drop_prob": 0.05, "top_rate": 0.2},
+            "sites": ["norm"],
+            "on_conflict": "stack",
+            "allow_empty": True,
+            "label": "norm outputs",
+        },
+        {
+            "regularizer": "dropout",
+            "params": {"drop_prob": 0.1},
+            "sites": ["module"],
+            "type": ["Conv2d", "Linear"],
+            "stages": [1],
+            "on_conflict": "stack",
+            "allow_empty": True,
+            "label": "conv/linear modules of stage 1",
+        },
+    ],
+}
+
+#: Parameters of the dropblock rule added on spatial stage sites (block 3 so it fits small maps too).
+DROPBLOCK_STAGE_PARAMS: dict[str, Any] = {"drop_prob": 0.1, "block_size": 3}
+
+#: Candidate input sizes tried in ascending order for models that accept any size.
+SMALL_SIZES: tuple[int, ...] = (64, 96, 128, 160, 192, 224, 256)
+
+STAGES = (
+    "create",
+    "input",
+    "plan",
+    "apply",
+    "state_dict",
+    "eval",
+    "train",
+    "strength0",
+    "deepcopy",
+    "strip",
+    "timeout",
+    "crash",
+    "skipped",
+)
+
+
+@dataclass
+class CoverageResult:
+    """Outcome of :func:`check_model` for one model.
+
+    ``stage`` is the check that failed (one of :data:`STAGES`) or ``"ok"``; ``reason`` says why, ``where`` is
+    the innermost traceback frame inside ``timm_drop`` (for grouping failures by cause), ``n_sites`` counts
+    the planned sites by kind, ``notes`` are non-fatal observations (e.g. a changed ``state_dict`` key order).
+    """
+
+    name: str
+    ok: bool
+    stage: str
+    reason: str = ""
+    n_sites: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    input_size: tuple[int, ...] | None = None
+    params: int | None = None
+    where: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def skipped(self) -> bool:
+        return self.stage == "skipped"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class CheckFailed(Exception):
+    """A guarantee was violated (as opposed to an exception raised by the code under test)."""
+
+    def __init__(self, stage: str, reason: str) -> None:
+        super().__init__(reason)
+        self.stage = stage
+        self.reason = reason
+
+
+class _Skip(Exception):
+    pass
+
+
+# -- small helpers -------------------------------------------------------------------------------------------
+def _flatten(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        return [t for v in out.values() for t in _flatten(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in _flatten(v)]
+    return []
+
+
+def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
+        return math.inf
+    return max((float((x.float() - y.float()).abs().max()) if x.numel() else 0.0) for x, y in zip(a, b))
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))
+
+
+def _regularizers(model: nn.Module) -> list[nn.Module]:
+    from timm_drop.regularizers.base import Regularizer
+
+    return [m for m in model.modules() if isinstance(m, Regularizer)]
+
+
+def _hook_count(model: nn.Module) -> int:
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(getattr(m, "_backward_hooks", {}))
+        for m in model.modules()
+    )
+
+
+def _module_signature(model: nn.Module) -> list[tuple[str, str]]:
+    return [(n, type(m).__name__) for n, m in model.named_modules()]
+
+
+def _entry_field(entry: Any, name: str, default: Any = None) -> Any:
+    if isinstance(entry, Mapping):
+        return entry.get(name, default)
+    return getattr(entry, name, default)
+
+
+def _plan_entries(plan_obj: Any) -> list[Any]:
+    entries = getattr(plan_obj, "entries", None)
+    if entries is None and hasattr(plan_obj, "to_dict"):
+        entries = plan_obj.to_dict().get("entries", [])
+    return list(entries or [])
+
+
+def _site_kind(entry: Any) -> str:
+    kind = _entry_field(entry, "kind")
+    if kind is None:
+        site = _entry_field(entry, "site")
+        kind = _entry_field(site, "kind") if site is not None and not isinstance(site, str) else None
+    return str(kind)
+
+
+def _site_module(entry: Any) -> str | None:
+    """Qualified module name of an entry's site, as the spec's ``name`` selector sees it."""
+    for key in ("module", "module_name", "qualname"):
+        value = _entry_field(entry, key)
+        if isinstance(value, str):
+            return value
+    site = _entry_field(entry, "site")
+    if site is not None and not isinstance(site, str):
+        for key in ("module", "module_name", "qualname", "name"):
+            value = _entry_field(site, key)
+            if isinstance(value, str):
+                return value
+    return site if isinstance(site, str) else _entry_field(entry, "name")
+
+
+def _site_layout(entry: Any) -> str | None:
+    layout = _entry_field(entry, "layout")
+    if layout is None:
+        site = _entry_field(entry, "site")
+        if site is not None and not isinstance(site, str):
+            layout = _entry_field(site, "layout")
+    return layout
+
+
+def _exc_reason(exc: BaseException) -> str:
+    msg = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {msg[0] if msg else ''}"
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+def _exc_where(exc: BaseException) -> str:
+    """Innermost traceback frame inside timm_drop (not this module), else the innermost frame."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    own = [f for f in frames if "timm_drop" in f.filename and not f.filename.endswith("coverage.py")]
+    frame = (own or frames or [None])[-1]
+    if frame is None:
+        return ""
+    path = frame.filename
+    short = path[path.rfind("timm_drop") :] if "timm_drop" in path else path.rsplit("/", 2)[-1]
+    return f"{short}:{frame.lineno} ({frame.name})"
+
+
+def disable_builtin_stochasticity(model: nn.Module) -> int:
+    """Zero the model's own dropout / drop-path / drop-block rates so that train outputs are comparable.
+
+    The strength-0 check compares training outputs of the rewritten model and an untouched copy; stochastic
+    layers timm ships (``drop_rate``, ``drop_path_rate``, Swin's default drop path) would make them differ
+    for reasons unrelated to the rewrite. Returns how many modules were changed.
+    """
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p:
+            module.p = 0.0
+            changed += 1
+        for attr in ("drop_prob", "drop_rate", "drop_path_rate", "drop_block_rate", "attn_drop_rate"):
+            value = getattr(module, attr, None)
+            if isinstance(value, float) and value > 0.0 and not isinstance(module, _regularizer_base()):
+                setattr(module, attr, 0.0)
+                changed += 1
+    return changed
+
+
+def _regularizer_base() -> type:
+    from timm_drop.regularizers.base import Regularizer
+
+    return Regularizer
+
+
+def count_params_meta(name: str, **model_kwargs: Any) -> int | None:
+    """Parameter count of a timm model built on the meta device (no memory, no init cost), or None."""
+    import timm
+
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False, **model_kwargs)
+        return sum(p.numel() for p in model.parameters())
+    except Exception:
+        return None
+
+
+def _forward_ok(model: nn.Module, x: torch.Tensor) -> bool:
+    try:
+        with torch.no_grad():
+            outs = _flatten(model(x))
+        return bool(outs) and all(torch.isfinite(o).all() for o in outs if o.is_floating_point())
+    except Exception:
+        return False
+
+
+def build_model(
+    name: str,
+    *,
+    input_size: Sequence[int] | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    batch_size: int = 2,
+) -> tuple[nn.Module, torch.Tensor]:
+    """Create ``name`` (``pretrained=False``) and an input of the smallest size it accepts.
+
+    With ``input_size`` given it is used as is. Otherwise the size comes from ``pretrained_cfg['input_size']``;
+    models that accept any size (``fixed_input_size`` false) are tried at :data:`SMALL_SIZES` below it,
+    smallest first, and fixed-size models (ViT-like, with position embeddings) are rebuilt with ``img_size``
+    at those sizes where their constructor accepts it, else kept at their configured size.
+    """
+    import timm
+
+    kwargs = dict(model_kwargs or {})
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    model.eval()
+    if input_size is not None:
+        size = tuple(int(s) for s in input_size)
+        return model, torch.randn(batch_size, *size)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    chans, height, width = tuple(cfg.get("input_size", (3, 224, 224)))
+    min_size = tuple(cfg.get("min_input_size", (chans, 32, 32)))
+    fixed = bool(cfg.get("fixed_input_size", False))
+    candidates = [s for s in SMALL_SIZES if s < max(height, width) and s >= max(min_size[1:])]
+    if not fixed:
+        for s in candidates:
+            if _forward_ok(model, torch.randn(1, chans, s, s)):
+                return model, torch.randn(batch_size, chans, s, s)
+    elif "img_size" not in kwargs:
+        for s in candidates[:3]:
+            try:
+                small = timm.create_model(name, pretrained=False, img_size=s, **kwargs).eval()
+            except Exception:
+                continue
+            if _forward_ok(small, torch.randn(1, chans, s, s)):
+                return small, torch.randn(batch_size, chans, s, s)
+    return model, torch.randn(batch_size, chans, height, width)
+
+
+def _spatial_stage_spec(
+    spec: Mapping[str, Any], plan_entries: list[Any], dropblock_params: Mapping[str, Any]
+) -> tuple[dict[str, Any], list[str]]:
+    """Put ``dropblock`` on the stage sites whose layout it accepts; the rest keep the spec's stage rule."""
+    from timm_drop.regularizers import get_regularizer_class
+
+    layouts = tuple(getattr(get_regularizer_class("dropblock"), "layouts", ("NCHW",)))
+    names = []
+    for entry in plan_entries:
+        if _site_kind(entry) != "stage":
+            continue
+        layout = _site_layout(entry)
+        module = _site_module(entry)
+        if module and layout in layouts and module not in names:
+            names.append(module)
+    spec = copy.deepcopy(dict(spec))
+    if not names:
+        return spec, names
+    # Escape glob metacharacters so that each name matches exactly itself.
+    exact = [re.sub(r"([*?\[])", r"[\1]", n) for n in names]
+    rules = []
+    for rule in spec["rules"]:
+        sites = rule.get("sites", [])
+        sites = [sites] if isinstance(sites, str) else list(sites)
+        if sites == ["stage"]:
+            rules.append(
+                {
+                    "regularizer": "dropblock",
+                    "params": dict(dropblock_params),
+                    "sites": ["stage"],
+                    "name": exact,
+                    "allow_empty": True,
+                    "label": "dropblock on spatial stage outputs",
+                }
+            )
+            rule = dict(rule)
+            rule["exclude"] = list(rule.get("exclude", [])) + exact
+            rule["on_conflict"] = "stack"
+        rules.append(rule)
+    spec["rules"] = rules
+    return spec, names
+
+
+# -- the check ------------------------------------------------------------------------------------------------
+def check_model(
+    name: str,
+    spec: Mapping[str, Any] | str | Any = COVERAGE_SPEC,
+    *,
+    input_size: Sequence[int] | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    batch_size: int = 2,
+    spatial_stage_rule: bool = True,
+    max_params: int | None = None,
+    seed: int = 0,
+) -> CoverageResult:
+    """Apply ``spec`` to timm model ``name`` and check every rewriter guarantee (see the module docstring).
+
+    Never raises for a model-level problem: the first failing check is reported in the result. ``max_params``
+    skips (``stage="skipped"``) models larger than that, counted on the meta device before building.
+    ``spatial_stage_rule`` adds a ``dropblock`` rule on stage sites with a spatial layout (only meaningful for
+    a spec shaped like :data:`COVERAGE_SPEC`).
+    """
+    t0 = time.perf_counter()
+    result = CoverageResult(name=name, ok=False, stage="create")
+    try:
+        _check(result, name, spec, input_size, model_kwargs, batch_size, spatial_stage_rule, max_params, seed)
+        result.ok, result.stage = True, "ok"
+    except _Skip as exc:
+        result.stage, result.reason = "skipped", str(exc)
+    except CheckFailed as exc:
+        result.stage, result.reason = exc.stage, exc.reason
+        result.where = _exc_where(exc)
+    except Exception as exc:  # a crash inside the code under test at result.stage
+        result.reason = _exc_reason(exc)
+        result.where = _exc_where(exc)
+    result.seconds = round(time.perf_counter() - t0, 3)
+    return result
+
+
+def _check(
+    result: CoverageResult,
+    name: str,
+    spec: Any,
+    input_size: Sequence[int] | None,
+    model_kwargs: Mapping[str, Any] | None,
+    batch_size: int,
+    spatial_stage_rule: bool,
+    max_params: int | None,
+    seed: int,
+) -> None:
+    import timm_drop
+    from timm_drop.spec import load_spec
+
+    if max_params is not None:
+        n = count_params_meta(name, **dict(model_kwargs or {}))
+        result.params = n
+        if n is not None and n > max_params:
+            raise _Skip(f"{n / 1e6:.0f}M parameters > max_params {max_params / 1e6:.0f}M")
+
+    # create ------------------------------------------------------------------------------------------------
+    result.stage = "create"
+    model, x = build_model(name, input_size=input_size, model_kwargs=model_kwargs, batch_size=batch_size)
+    result.input_size = tuple(x.shape[1:])
+    result.params = sum(p.numel() for p in model.parameters())
+    disable_builtin_stochasticity(model)
+    model.eval()
+    cls = type(model)
+    ref = copy.deepcopy(model)
+    keys0 = list(model.state_dict().keys())
+    sd0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    hooks0 = _hook_count(model)
+    sig0 = _module_signature(model)
+    result.stage = "input"
+    with torch.no_grad():
+        out_eval = _flatten(ref(x))
+    if not out_eval:
+        raise CheckFailed("input", "model output has no tensors")
+
+    # plan ----------------------------------------------------------------------------------------------------
+    result.stage = "plan"
+    if isinstance(spec, Mapping):
+        spec_obj = spec
+    else:
+        spec_obj = load_spec(spec).to_dict()
+    entries = _plan_entries(timm_drop.plan(model, spec_obj, example_input=x[:1]))
+    if spatial_stage_rule:
+        spec_obj, _ = _spatial_stage_spec(spec_obj, entries, DROPBLOCK_STAGE_PARAMS)
+        plan_obj = timm_drop.plan(model, spec_obj, example_input=x[:1])
+        entries = _plan_entries(plan_obj)
+    result.n_sites = dict(Counter(_site_kind(e) for e in entries))
+    if not entries:
+        raise CheckFailed("plan", "no site matched any rule (every model must get at least one)")
+    if _module_signature(model) != sig0 or _hook_count(model) != hooks0:
+        raise CheckFailed("plan", "plan() changed the model (modules or hooks); it must be a dry run")
+
+    # apply ---------------------------------------------------------------------------------------------------
+    result.stage = "apply"
+    returned = timm_drop.apply_regularizer(model, spec_obj, example_input=x[:1])
+    if returned is not model:
+        raise CheckFailed("apply", "apply_regularizer returned a different object")
+    if type(model) is not cls:
+        raise CheckFailed("apply", f"model class changed from {cls.__name__} to {type(model).__name__}")
+    regs = _regularizers(model)
+    if len(regs) != len(entries):
+        raise CheckFailed(
+            "apply", f"plan has {len(entries)} entries but the model holds {len(regs)} regularizer modules"
+        )
+
+    # state_dict ----------------------------------------------------------------------------------------------
+    result.stage = "state_dict"
+    keys1 = list(model.state_dict().keys())
+    if set(keys1) != set(keys0):
+        added, removed = sorted(set(keys1) - set(keys0)), sorted(set(keys0) - set(keys1))
+        raise CheckFailed("state_dict", f"state_dict keys changed: added {added[:5]}, removed {removed[:5]}")
+    if keys1 != keys0:
+        result.notes.append("state_dict key order changed")
+    model.load_state_dict(ref.state_dict(), strict=True)
+    ref.load_state_dict(model.state_dict(), strict=True)
+
+    # eval ------------------------------------------------------------------------------------------------------
+    result.stage = "eval"
+    model.eval()
+    with torch.no_grad():
+        out = _flatten(model(x))
+    if not _same(out, out_eval):
+        raise CheckFailed(
+            "eval", f"eval output differs from the original (max abs diff {_max_diff(out, out_eval):.3g})"
+        )
+
+    # train: forward + backward finite, every regularizer runs, full strength has an effect ---------------------
+    result.stage = "train"
+    calls: Counter[int] = Counter()
+    handles = [r.register_forward_pre_hook(lambda m, a: calls.update([id(m)])) for r in regs]
+    try:
+        timm_drop.set_progress(model, 1.0)
+        model.train()
+        torch.manual_seed(seed)
+        out_full = _flatten(model(x))
+        loss = sum(o.float().square().mean() for o in out_full if o.is_floating_point())
+        if not torch.isfinite(loss):
+            raise CheckFailed("train", "training forward is not finite")
+        loss.backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if not grads:
+            raise CheckFailed("train", "no parameter received a gradient")
+        if not all(torch.isfinite(g).all() for g in grads):
+            raise CheckFailed("train", "non-finite gradients")
+        missed = [r for r in regs if calls[id(r)] == 0]
+        if missed:
+            raise CheckFailed(
+                "train", f"{len(missed)} of {len(regs)} inserted regularizers never ran in the forward pass"
+            )
+    finally:
+        for h in handles:
+            h.remove()
+    model.zero_grad(set_to_none=True)
+
+    # strength 0: training output identical to the original's ---------------------------------------------------
+    result.stage = "strength0"
+    for r in regs:
+        r.strength.fill_(0.0)
+    ref.train()
+    with torch.no_grad():
+        torch.manual_seed(seed)
+        out_ref_train = _flatten(ref(x))
+        torch.manual_seed(seed)
+        out_zero = _flatten(model(x))
+    if not _same(out_zero, out_ref_train):
+        raise CheckFailed(
+            "strength0",
+            f"train output at strength 0 differs from the original (max abs diff "
+            f"{_max_diff(out_zero, out_ref_train):.3g})",
+        )
+    if _same([o.detach() for o in out_full], out_ref_train):
+        raise CheckFailed(
+            "strength0", "train output at full strength equals the original: no regularizer had an effect"
+        )
+    for r in regs:
+        r.strength.fill_(1.0)
+    model.eval()
+    ref.eval()
+    model.load_state_dict(sd0, strict=True)  # undo the BN statistics the train passes updated
+    ref.load_state_dict(sd0, strict=True)
+
+    # deepcopy (timm EMA): the copy runs its own regularizers --------------------------------------------------
+    result.stage = "deepcopy"
+    clone = copy.deepcopy(model)
+    clone_regs = _regularizers(clone)
+    if len(clone_regs) != len(regs) or {id(r) for r in clone_regs} & {id(r) for r in regs}:
+        raise CheckFailed("deepcopy", "the deep copy does not own a fresh set of regularizers")
+    calls.clear()
+    handles = [r.register_forward_pre_hook(lambda m, a: calls.update([id(m)])) for r in regs + clone_regs]
+    try:
+        with torch.no_grad():
+            out_copy_eval = _flatten(clone.eval()(x))
+            clone.train()
+            clone(x)
+    finally:
+        for h in handles:
+            h.remove()
+    if any(calls[id(r)] for r in regs):
+        raise CheckFailed(
+            "deepcopy", "the deep copy calls the ORIGINAL model's regularizers (closure hooks?)"
+        )
+    if not all(calls[id(r)] for r in clone_regs):
+        raise CheckFailed("deepcopy", "some regularizers of the deep copy never ran")
+    if not _same(out_copy_eval, out_eval):
+        raise CheckFailed("deepcopy", "eval output of the deep copy differs from the original")
+    del clone
+
+    # strip -----------------------------------------------------------------------------------------------------
+    result.stage = "strip"
+    returned = timm_drop.strip_regularizers(model)
+    if returned is not model or type(model) is not cls:
+        raise CheckFailed("strip", "strip_regularizers changed the object or its class")
+    if _regularizers(model):
+        raise CheckFailed("strip", f"{len(_regularizers(model))} regularizers remain after strip")
+    if list(model.state_dict().keys()) != keys0 and set(model.state_dict().keys()) != set(keys0):
+        raise CheckFailed("strip", "state_dict keys differ after strip")
+    if _hook_count(model) != hooks0:
+        raise CheckFailed("strip", f"hooks after strip: {_hook_count(model)}, before apply: {hooks0}")
+    if _module_signature(model) != sig0:
+        raise CheckFailed("strip", "module tree after strip differs from the original")
+    model.eval()
+    with torch.no_grad():
+        out = _flatten(model(x))
+    if not _same(out, out_eval):
+        raise CheckFailed(
+            "strip", f"eval output after strip differs (max abs diff {_max_diff(out, out_eval):.3g})"
+        )
+
+
+# -- many models ----------------------------------------------------------------------------------------------
+def select_models(
+    *,
+    filter: str | None = None,
+    limit: int | None = None,
+    sample: int | None = None,
+    seed: int = 0,
+) -> list[str]:
+    """``timm.list_models()`` narrowed by a glob ``filter``, then a seeded random ``sample``, then ``limit``."""
+    import timm
+
+    names = timm.list_models()
+    if filter:
+        names = [n for n in names if fnmatch.fnmatchcase(n, filter)]
+    if sample is not None and sample < len(names):
+        names = sorted(random.Random(seed).sample(names, sample))
+    if limit is not None:
+        names = names[:limit]
+    return names
+
+
+def _worker(conn: Any, kwargs: dict[str, Any], threads: int) -> None:
+    torch.set_num_threads(threads)
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    while True:
+        name = conn.recv()
+        if name is None:
+            return
+        conn.send(check_model(name, **kwargs).to_dict())
+
+
+def run_coverage(
+    names: Iterable[str],
+    *,
+    spec: Mapping[str, Any] = COVERAGE_SPEC,
+    timeout: float = 120.0,
+    max_params: int | None = 250_000_000,
+    threads: int = 1,
+    progress: Callable[[CoverageResult], None] | None = None,
+) -> Iterator[CoverageResult]:
+    """Run :func:`check_model` on each model in a worker subprocess; a model past ``timeout`` seconds (or one
+    that kills the worker, e.g. out of memory) is recorded as a failure and the worker is restarted."""
+    ctx = mp.get_context("spawn")
+    kwargs = {"spec": dict(spec), "max_params": max_params}
+    proc = conn = None
+
+    def start() -> tuple[Any, Any]:
+        parent, child = ctx.Pipe()
+        p = ctx.Process(target=_worker, args=(child, kwargs, threads), daemon=True)
+        p.start()
+        child.close()
+        return p, parent
+
+    try:
+        for name in names:
+            if proc is None or not proc.is_alive():
+                proc, conn = start()
+            t0 = time.perf_counter()
+            conn.send(name)
+            try:
+                ready = conn.poll(timeout)
+                res = CoverageResult(**conn.recv()) if ready else None
+            except (EOFError, ConnectionError, OSError):
+                res = CoverageResult(name, False, "crash", f"worker died (exit code {proc.exitcode})")
+                proc.join(1)
+                proc = None
+            if res is None:
+                res = CoverageResult(name, False, "timeout", f"no result within {timeout:.0f} s")
+                proc.kill()
+                proc.join(5)
+                proc = None
+            if res.input_size is not None:
+                res.input_size = tuple(res.input_size)
+            if res.stage in ("timeout", "crash"):
+                res.seconds = round(time.perf_counter() - t0, 3)
+            if progress is not None:
+                progress(res)
+            yield res
+    finally:
+        if proc is not None and proc.is_alive():
+            try:
+                conn.send(None)
+                proc.join(5)
+            except Exception:
+                pass
+            if proc.is_alive():
+                proc.kill()
+
+
+# -- report ---------------------------------------------------------------------------------------------------
+def _cause(res: CoverageResult) -> str:
+    """A failure's cause with numbers, shapes and names folded, for grouping."""
+    text = re.sub(r"'[^']*'", "'…'", res.reason)
+    text = re.sub(r"\d+(\.\d+)?(e-?\d+)?", "N", text)
+    where = re.sub(r":\d+", "", res.where)
+    return f"{res.stage}: {text[:160]}" + (f" @ {where}" if where else "")
+
+
+def _md(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def render_report(
+    results: Sequence[CoverageResult], *, command: str = "", elapsed: float | None = None
+) -> str:
+    """Markdown: date, versions, pass rate, failures grouped by cause, then one row per failing model."""
+    import timm
+
+    import timm_drop
+
+    checked = [r for r in results if not r.skipped]
+    passed = [r for r in checked if r.ok]
+    failed = [r for r in checked if not r.ok]
+    skipped = [r for r in results if r.skipped]
+    rate = 100.0 * len(passed) / len(checked) if checked else 0.0
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        "# timm_drop coverage over the timm registry",
+        "",
+        f"- date: {now}",
+        f"- versions: timm_drop {timm_drop.__version__}, timm {timm.__version__}, torch {torch.__version__}, "
+        f"Python {platform.python_version()}, {platform.machine()} CPU",
+    ]
+    if command:
+        lines.append(f"- command: `{command}`")
+    if elapsed is not None:
+        lines.append(f"- wall time: {elapsed / 60:.1f} min")
+    lines += [
+        f"- models: {len(results)} ({len(checked)} checked, {len(skipped)} skipped as too large for a CPU check)",
+        f"- **pass rate: {len(passed)}/{len(checked)} = {rate:.1f} %**",
+        "",
+        "Each model: `pretrained=False`, smallest accepted input, batch 2, `COVERAGE_SPEC` (every site kind; "
+        "dropblock on spatial stage outputs). Checks: plan is a dry run with >= 1 site; same object and class; "
+        "identical state_dict keys and strict loads both ways; bit-identical eval output; finite train "
+        "forward/backward with every regularizer running; strength-0 train output bit-identical to the "
+        "original and full strength different; deepcopy runs its own regularizers; strip restores class, "
+        "keys, hooks, modules and eval output.",
+        "",
+    ]
+    if failed:
+        lines += ["## Failures by cause", "", "| # | cause | example models |", "|---:|---|---|"]
+        groups: dict[str, list[CoverageResult]] = {}
+        for r in failed:
+            groups.setdefault(_cause(r), []).append(r)
+        for cause, rs in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+            example = ", ".join(r.name for r in rs[:6]) + (" …" if len(rs) > 6 else "")
+            lines.append(f"| {len(rs)} | {_md(cause)} | {_md(example)} |")
+        lines += [
+            "",
+            "## Failing models",
+            "",
+            "| model | stage | reason | where | input |",
+            "|---|---|---|---|---|",
+        ]
+        for r in sorted(failed, key=lambda r: (r.stage, r.name)):
+            size = "x".join(map(str, r.input_size)) if r.input_size else ""
+            lines.append(f"| {r.name} | {r.stage} | {_md(r.reason)} | {_md(r.where)} | {size} |")
+        lines.append("")
+    if skipped:
+        lines += ["## Skipped", "", ", ".join(f"{r.name} ({r.reason})" for r in skipped), ""]
+    notes = [r for r in checked if r.notes]
+    if notes:
+        lines += ["## Notes (non-fatal)", ""]
+        lines += [f"- {r.name}: {'; '.join(r.notes)}" for r in notes]
+        lines.append("")
+    if passed:
+        kinds = Counter()
+        for r in passed:
+            kinds.update({k: 1 for k, v in r.n_sites.items() if v})
+        secs = sorted(r.seconds for r in checked)
+        lines += [
+            "## Passing models",
+            "",
+            "Models with at least one site of each kind: "
+            + ", ".join(
+                f"{k} {kinds[k]}"
+                for k in ("stage", "block", "residual", "shortcut", "merge", "norm", "module")
+            ),
+            "",
+            f"Seconds per model: median {secs[len(secs) // 2]:.1f}, max {secs[-1]:.1f}.",
+            "",
+            ", ".join(r.name for r in sorted(passed, key=lambda r: r.name)),
+            "",
+        ]
+    return "\n".join(lines)

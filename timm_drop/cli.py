@@ -1,0 +1,277 @@
+"""``timm-drop``: the command line.
+
+::
+
+    timm-drop list                                   # registered regularizers and their parameters
+    timm-drop plan MODEL SPEC [--input-size 3 64 64] [--num-classes N]   # the site table; nothing changes
+    timm-drop apply MODEL SPEC --out ckpt.pth [--input-size ...] [--num-classes N]
+    timm-drop coverage [--limit N] [--sample N] [--seed S] [--filter GLOB] [--out PATH] [--timeout-per-model S]
+
+Models are built by timm name with ``pretrained=False`` (no network). Exit codes: 0 success, 1 coverage below
+``--min-pass-rate``, 2 usage errors: an unknown model (the message lists the nearest registered names) or an
+invalid spec (the message is the :class:`~timm_drop.spec.SpecError` text, naming the rule and field).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import inspect
+import os
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A problem with the command line's inputs; printed without a traceback, exit code 2."""
+
+
+def _nearest_models(name: str, n: int = 5) -> list[str]:
+    import timm
+
+    names = timm.list_models()
+    near = difflib.get_close_matches(name, names, n=n, cutoff=0.5)
+    if not near:
+        # Fall back to names sharing the family prefix (e.g. "resnet5" -> resnet50, resnet50d, ...).
+        stem = name.split("_")[0].rstrip("0123456789")
+        near = [m for m in names if stem and m.startswith(stem)][:n]
+    return near
+
+
+def check_model_name(name: str) -> None:
+    """An unknown timm model name is a :class:`UsageError` listing the nearest registered names."""
+    import timm
+
+    if not timm.is_model(name):
+        near = _nearest_models(name)
+        hint = f"; nearest registered names: {', '.join(near)}" if near else ""
+        raise UsageError(f"unknown timm model {name!r}{hint}")
+
+
+def create_model(name: str, num_classes: int | None = None):
+    """``timm.create_model(name, pretrained=False)``; an unknown name is a :class:`UsageError` with suggestions."""
+    import timm
+
+    check_model_name(name)
+    kwargs: dict[str, Any] = {}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def load_spec_or_exit(src: str):
+    """Parse SPEC (a path or YAML text); a :class:`SpecError` becomes a :class:`UsageError` with its text."""
+    from timm_drop.spec import SpecError, load_spec
+
+    try:
+        return load_spec(src)
+    except SpecError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _example_input(model, input_size: Sequence[int] | None):
+    import torch
+
+    if input_size is None:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        input_size = cfg.get("input_size", (3, 224, 224))
+    return torch.randn(1, *input_size)
+
+
+def _plan(model, spec, example):
+    """Run the dry run; a spec that cannot be placed on this model (e.g. a rule matching nothing) is a usage error."""
+    import timm_drop
+    from timm_drop.spec import SpecError
+
+    try:
+        return timm_drop.plan(model, spec, example_input=example)
+    except (SpecError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"cannot place the spec on this model: {exc}") from None
+
+
+# -- subcommands ------------------------------------------------------------------------------------------------
+def cmd_list(args: argparse.Namespace) -> int:
+    from timm_drop.regularizers import get_regularizer_class, list_regularizers, regularizer_params
+
+    for name in list_regularizers():
+        params = []
+        for key, default in regularizer_params(name).items():
+            params.append(key if default is inspect.Parameter.empty else f"{key}={default!r}")
+        doc = inspect.getdoc(get_regularizer_class(name)) or ""
+        summary = doc.strip().splitlines()[0] if doc.strip() else ""
+        print(f"{name}({', '.join(params)})" + (f"  - {summary}" if summary else ""))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    check_model_name(args.model)
+    spec = load_spec_or_exit(args.spec)
+    model = create_model(args.model, args.num_classes)
+    model.eval()
+    print(_plan(model, spec, _example_input(model, args.input_size)))
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    import torch
+
+    import timm_drop
+
+    if os.path.exists(args.out) and not args.overwrite:
+        raise UsageError(f"--out {args.out!r} exists; pass --overwrite to replace it")
+    check_model_name(args.model)
+    spec = load_spec_or_exit(args.spec)
+    model = create_model(args.model, args.num_classes)
+    model.eval()
+    example = _example_input(model, args.input_size)
+    plan = _plan(model, spec, example)
+    print(plan)
+    timm_drop.apply_regularizer(model, spec, example_input=example)
+    # The regularizers own no parameters or persistent buffers, so the state_dict is a plain timm checkpoint;
+    # the spec and plan ride along so the same placement can be re-applied before loading it.
+    torch.save(
+        {
+            "model_name": args.model,
+            "num_classes": args.num_classes,
+            "spec": spec.to_dict(),
+            "plan": plan.to_dict() if hasattr(plan, "to_dict") else str(plan),
+            "state_dict": model.state_dict(),
+        },
+        args.out,
+    )
+    print(f"saved {args.out}")
+    return 0
+
+
+def cmd_coverage(args: argparse.Namespace) -> int:
+    from timm_drop.coverage import render_report, run_coverage, select_models
+
+    names = select_models(filter=args.filter, limit=args.limit, sample=args.sample, seed=args.seed)
+    if not names:
+        raise UsageError(f"no timm model matches --filter {args.filter!r}")
+    total = len(names)
+    t0 = time.perf_counter()
+    results = []
+
+    def progress(res) -> None:
+        results_done = len(results) + 1
+        status = "ok" if res.ok else ("skip" if res.skipped else f"FAIL[{res.stage}] {res.reason[:120]}")
+        print(f"[{results_done}/{total}] {res.name} ({res.seconds:.1f}s): {status}", flush=True)
+
+    for res in run_coverage(
+        names,
+        timeout=args.timeout_per_model,
+        max_params=int(args.max_params * 1e6) if args.max_params else None,
+        progress=progress,
+    ):
+        results.append(res)
+    command = "timm-drop " + " ".join(shlex.quote(a) for a in args.argv)
+    report = render_report(results, command=command, elapsed=time.perf_counter() - t0)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(report)
+        print(f"wrote {args.out}")
+    else:
+        print(report)
+    checked = [r for r in results if not r.skipped]
+    rate = 100.0 * sum(r.ok for r in checked) / len(checked) if checked else 0.0
+    print(f"pass rate: {sum(r.ok for r in checked)}/{len(checked)} = {rate:.1f} %")
+    return 0 if rate >= args.min_pass_rate else 1
+
+
+# -- parser -----------------------------------------------------------------------------------------------------
+def _input_size(values: list[int]) -> tuple[int, ...]:
+    if any(v < 1 for v in values):
+        raise UsageError(f"--input-size values must be positive, got {values}")
+    return tuple(values)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="timm-drop", description="Place structured-dropout regularizers in timm models by YAML rules."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("list", help="list the registered regularizers and their parameters")
+    p.set_defaults(func=cmd_list)
+
+    for cmd, func, text in (
+        (
+            "plan",
+            cmd_plan,
+            "print the plan table (site, kind, stage, shape, regularizer, params); changes nothing",
+        ),
+        ("apply", cmd_apply, "apply a spec and save a checkpoint with the spec and plan"),
+    ):
+        p = sub.add_parser(cmd, help=text, description=text)
+        p.add_argument("model", metavar="MODEL", help="timm model name (built with pretrained=False)")
+        p.add_argument("spec", metavar="SPEC", help="spec file (.yaml) or YAML text")
+        p.add_argument(
+            "--input-size",
+            type=int,
+            nargs=3,
+            metavar=("C", "H", "W"),
+            help="example input size for the shape pass (default: the model's pretrained_cfg input_size)",
+        )
+        p.add_argument("--num-classes", type=int, default=None, help="classifier size (default: timm's)")
+        if cmd == "apply":
+            p.add_argument("--out", required=True, help="checkpoint path to write")
+            p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser(
+        "coverage",
+        help="check the rewriter's guarantees over timm.list_models() and write a Markdown report",
+        description="Run timm_drop.coverage.check_model over (a sample of) timm.list_models(), one worker "
+        "subprocess with a per-model timeout, and report failures with reasons and the pass rate.",
+    )
+    p.add_argument("--filter", default=None, metavar="GLOB", help="only model names matching this glob")
+    p.add_argument("--sample", type=int, default=None, metavar="N", help="a seeded random sample of N models")
+    p.add_argument("--seed", type=int, default=0, help="seed of --sample (default 0)")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="at most N models (after --sample)")
+    p.add_argument(
+        "--out", default=None, metavar="PATH", help="write the Markdown report here (default: stdout)"
+    )
+    p.add_argument(
+        "--timeout-per-model", type=float, default=120.0, metavar="S", help="seconds (default 120)"
+    )
+    p.add_argument(
+        "--max-params",
+        type=float,
+        default=250.0,
+        metavar="M",
+        help="skip models with more than M million parameters (default 250; 0 = no limit)",
+    )
+    p.add_argument(
+        "--min-pass-rate",
+        type=float,
+        default=0.0,
+        metavar="PCT",
+        help="exit 1 below this pass rate (percent)",
+    )
+    p.set_defaults(func=cmd_coverage)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.argv = argv
+    try:
+        if getattr(args, "input_size", None) is not None:
+            args.input_size = _input_size(args.input_size)
+        return int(args.func(args) or 0)
+    except UsageError as exc:
+        print(f"timm-drop {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -388,7 +388,7 @@ def load_spec(src: str | os.PathLike | Mapping[str, Any] | Spec) -> Spec:
 def _looks_like_path(text: str) -> bool:
     if "\n" in text:
         return False
-    return os.path.isfile(text) or text.strip().lower().endswith(_YAML_SUFFIXES)
+    return os.path.exists(text) or text.strip().lower().endswith(_YAML_SUFFIXES)
 
 
 def _load_file(path: str) -> Spec:
@@ -433,6 +433,7 @@ class _Collector:
         self.source = source
         self.root = root
         self.problems: list[SpecProblem] = []
+        self._order: list[tuple[int, int, int]] = []
 
     def add(
         self, message: str, path: tuple[Any, ...] = (), rule: str | None = None, fld: str | None = None
@@ -441,6 +442,21 @@ class _Collector:
         problem = SpecProblem(message, rule=rule, field=fld, line=line)
         if problem not in self.problems:
             self.problems.append(problem)
+            self._order.append(self._sort_key(line, path))
+
+    @staticmethod
+    def _sort_key(line: int | None, path: tuple[Any, ...]) -> tuple[int, int, int]:
+        # YAML: file order. Dicts: top level first, then rule by rule, fields in the documented order.
+        if line is not None:
+            return (line, 0, 0)
+        if len(path) >= 2 and path[0] == "rules" and isinstance(path[1], int):
+            rule, rest = path[1], path[2:]
+        elif path[:1] == ("rules",):
+            rule, rest = 0, path[1:]
+        else:
+            return (0, -1, 0)
+        first = rest[0] if rest else None
+        return (0, rule, RULE_KEYS.index(first) if first in RULE_KEYS else -1)
 
     def _line(self, path: tuple[Any, ...]) -> int | None:
         node = self.root
@@ -499,14 +515,10 @@ class _Collector:
         else:
             inner = [str(p) for p in path]
         fld = ".".join(inner + [key])
-        self.problems.append(
-            SpecProblem(
-                f"key {key!r} appears twice; YAML would silently keep only the last one",
-                rule=rule,
-                field=fld,
-                line=key_node.start_mark.line + 1,
-            )
-        )
+        line = key_node.start_mark.line + 1
+        message = f"key {key!r} appears twice; YAML would silently keep only the last one"
+        self.problems.append(SpecProblem(message, rule=rule, field=fld, line=line))
+        self._order.append((line, 0, 0))
 
     def _node(self, path: tuple[Any, ...]) -> yaml.Node | None:
         node = self.root
@@ -522,7 +534,7 @@ class _Collector:
     def raise_if_any(self) -> None:
         if self.problems:
             # file order reads best; problems without a line (dict input) keep the order they were found in
-            ordered = sorted(self.problems, key=lambda p: p.line if p.line is not None else 0)
+            ordered = [p for _, _, p in sorted(zip(self._order, range(len(self._order)), self.problems))]
             raise SpecError(self.source, ordered)
 
 
@@ -546,29 +558,35 @@ def _validate(data: Any, source: str, root: yaml.Node | None) -> Spec:
             hint = _did_you_mean(str(key), TOP_LEVEL_KEYS)
             if hint == "" and str(key) in RULE_KEYS:
                 hint = "; rule fields go inside an entry of the 'rules' list"
-            report.add(f"unknown top-level key {key!r}{hint} (allowed: {_fmt_list(TOP_LEVEL_KEYS)})", (key,))
+            report.add(
+                f"is not a top-level key{hint} (top-level keys: {_fmt_list(TOP_LEVEL_KEYS)})",
+                (key,),
+                fld=str(key),
+            )
 
     version = data.get("version", 1)
     if isinstance(version, bool) or version not in SPEC_VERSIONS:
         report.add(
-            f"unsupported spec version {version!r}; supported: {_fmt_list(SPEC_VERSIONS)}", ("version",)
+            f"unsupported spec version {version!r}; supported: {_fmt_list(SPEC_VERSIONS)}",
+            ("version",),
+            fld="version",
         )
     description = data.get("description")
     if description is not None and not isinstance(description, str):
-        report.add(f"'description' must be a string, got {type(description).__name__}", ("description",))
+        report.add(f"must be a string, got {type(description).__name__}", ("description",), fld="description")
 
     rules: list[Rule] = []
     raw_rules = data.get("rules")
     if "rules" not in data:
-        report.add("the spec has no 'rules' list", ())
+        report.add("is required: the spec has no 'rules' list", (), fld="rules")
     elif isinstance(raw_rules, Mapping) and "regularizer" in raw_rules:
         rule = _parse_rule(0, raw_rules, report, ("rules",))
         rules = [rule] if rule is not None else []
     elif not isinstance(raw_rules, list):
         got = "a mapping without a 'regularizer' key" if isinstance(raw_rules, Mapping) else repr(raw_rules)
-        report.add(f"'rules' must be a list of rules (or a single rule mapping), got {got}", ("rules",))
+        report.add(f"must be a list of rules (or a single rule mapping), got {got}", ("rules",), fld="rules")
     elif not raw_rules:
-        report.add("'rules' is empty; a spec needs at least one rule", ("rules",))
+        report.add("is empty; a spec needs at least one rule", ("rules",), fld="rules")
     else:
         for i, raw in enumerate(raw_rules):
             rule = _parse_rule(i, raw, report, ("rules", i))

@@ -47,7 +47,15 @@ class _Grumpy(Regularizer):
         raise ValueError("this regularizer refuses to exist")
 
 
+class _Controller(nn.Module):
+    is_controller = True
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+
+
 _TEST_REGULARIZERS = {
+    "sp_controller": _Controller,
     "sp_block": _Block,
     "sp_scale": _Scale,
     "sp_nostrength": _NoStrength,
@@ -392,6 +400,14 @@ def test_depth_scaling_needs_a_strength_parameter():
     )
 
 
+def test_controllers_like_layerout_cannot_be_placed_by_a_rule():
+    names = ["sp_controller"] + (["layerout"] if "layerout" in registry.list_regularizers() else [])
+    for name in names:
+        err = _error({"rules": [{"regularizer": name, "params": {}, "sites": "block"}]})
+        assert f"rule 1 ({name}), field 'regularizer': {name!r} is a training controller" in str(err)
+        assert len(err.problems) == 1  # no follow-up noise about its parameters
+
+
 def test_an_error_naming_no_parameter_is_put_on_the_params_field():
     err = _error({"rules": [{"regularizer": "sp_grumpy", "sites": "block"}]})
     assert "rule 1 (sp_grumpy), field 'params': this regularizer refuses to exist" in str(err)
@@ -428,7 +444,7 @@ def test_all_problems_of_all_rules_come_in_one_error():
 
 
 def test_builtin_regularizers_are_validated_against_their_own_signatures():
-    names = [n for n in registry.list_regularizers() if n not in _TEST_REGULARIZERS]
+    names = [n for n in registry.list_regularizers() if n not in _TEST_REGULARIZERS and n != "layerout"]
     for name in names:
         err = _error({"rules": [{"regularizer": name, "params": {"bogus_param": 1}, "sites": "block"}]})
         assert f"rule 1 ({name}), field 'params.bogus_param': {name} has no parameter 'bogus_param'" in str(

@@ -667,6 +667,14 @@ def _parse_rule(index: int, raw: Any, report: _Collector, path: tuple[Any, ...])
             f"(registered: {', '.join(names) or 'none'})",
         )
 
+    elif _is_controller(regularizer):
+        c.fail(
+            "regularizer",
+            f"{regularizer!r} is a training controller, not a regularizer a rule can place at sites; "
+            "configure it outside the spec (e.g. the recipe's 'layerout' section, or LayerOut(...).bind(model))",
+        )
+        reg_params = None
+
     # -- params --------------------------------------------------------------------------------------
     params = _check_params(c, raw.get("params", {}), "params", reg_params, regularizer)
 
@@ -802,6 +810,12 @@ def _known_params(regularizer: Any) -> dict[str, Any] | None:
     if regularizer not in list_regularizers():
         return None
     return regularizer_params(regularizer)
+
+
+def _is_controller(regularizer: str) -> bool:
+    from timm_drop.regularizers.registry import get_regularizer_class
+
+    return bool(getattr(get_regularizer_class(regularizer), "is_controller", False))
 
 
 def _plain(value: Any) -> Any:

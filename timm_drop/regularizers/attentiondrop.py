@@ -1,1 +1,200 @@
-"""(being written)"""
+"""AttentionDrop: drop the strongly activated units of each feature map, with a hard or a soft mask.
+
+Paper: Ouyang, Feng, He, Hao, Dai, Xia, "AttentionDrop for Convolutional Neural Networks", ICME 2019
+(pp. 1342-1347). Official code: ``Kira0096/smart-drop`` (see ``shared/research/seed-methods.md`` §3; it differs
+from the paper in several places, noted below). This module follows the paper.
+
+Implemented equations, on a channels-first tensor ``F`` of shape ``(N, C, *spatial)``; a "feature map" is
+``F[n, c]`` and ``i, j`` index its spatial positions:
+
+* Eq. (6) / Algorithm 1 step 3, min-max normalisation of each feature map over its spatial positions:
+  ``F^ = (F - min F) / (max F - min F)``, in float32, without gradient. A constant map has ``F^ = 0``.
+* Eq. (4) / Algorithm 1 step 4, the adaptive shape: the top ``top_rate`` fraction of the units of each map
+  (the paper's top-beta percentile, beta = 100 * top_rate).
+* ``mode="am"`` (adaptive mask, Eqs. (4)-(5)): gated top units are set to 0 (hard mask).
+* ``mode="sm"`` (soft mask, Eqs. (6)-(8)): every gated unit is multiplied by ``S = 1 - F^``, so a map's maximum
+  is removed, its minimum kept, and the attenuation grows with the activation.
+* ``mode="ad"`` (AttentionDrop, Algorithm 1, the paper's method and the default): the soft mask restricted to
+  the top units, ``S = 1 - [F > tau] * F^``; every other unit is kept.
+* The gate: Algorithm 1 step 6, "for each element in feature map F, get an initial dropout possibility gamma =
+  Bernoulli(alpha)"; ``M = S`` where gamma = 1, ``M = 1`` elsewhere; ``alpha = drop_prob``.
+
+All three modes are one formula: with a per-unit drop weight ``w`` in [0, 1] (``[F > tau]``, ``F^`` or
+``[F > tau] F^``) and a per-unit gate ``g ~ Bernoulli(drop_prob)``, the mask is ``M = 1 - g w``.
+
+Choices where the paper is ambiguous (they change results, so they are stated here):
+
+* **Rescale (Eq. (9))**. As printed, Eq. (9) divides ``F * M`` by ``sum(M)``, which would shrink activations
+  by about the number of units; the official code multiplies by ``numel / sum(M)`` over the whole batch (like
+  DropBlock). That normalises the mean of the mask, not of the activations: the mask removes the largest
+  activations, so the output's expectation still falls, and a batch-wide random sum couples samples (and DDP
+  ranks differ). We divide each unit by its own expected mask, ``E[M] = 1 - drop_prob * w``:
+  ``out = F * (1 - g w) / (1 - drop_prob * w)``. Then ``E[out] = F`` exactly for every unit, for every mode,
+  any batch size and any input; units with ``w = 0`` are returned bit for bit; the scale is a deterministic
+  function of the (detached) input, at most ``1 / (1 - drop_prob)``. For ``am`` this is inverted dropout on the
+  top units only.
+* **Normalisation axis**: the paper normalises "the current feature map" with spatial indices ``i, j``; the
+  official code normalises each position's vector over the channels instead. We follow the paper (per map,
+  over space).
+* **Gate granularity**: per element (Algorithm 1 step 6). Section 3.1 says the adaptive mask "drops / keeps the
+  units in the region altogether", and the official code draws one gate per (sample, channel); we follow the
+  algorithm, which is the paper's final statement of the method.
+* **Top units and ties**: ``k = ceil(top_rate * n)`` of the ``n`` spatial positions (clamped to [1, n], same
+  rule as SelectScale); a unit is "top" when strictly greater than ``tau``, the (k+1)-th largest value of its
+  map (one ``topk(k + 1)``), so at most ``k`` units are selected and ties at the boundary are left out: a
+  constant map has no top units (nothing stands out). ``top_rate = 1`` selects every unit. Scores
+  use the signed activation ("activation values"), not its magnitude. ``top_rate`` is unused by ``sm``.
+* Layouts: tokens ``(B, L, C)`` arrive from the base class as ``(B, C, L, 1)``: each embedding channel is a
+  map over the tokens (prefix tokens included). Any spatial rank works; a map with one unit has ``F^ = 0``.
+
+Numerics: scores, normalisation, gate and scale are float32; the threshold compares in the input dtype, which
+is exact. Output is finite for all-zero, constant, negative and huge inputs (up to half the float32 maximum,
+where ``max - min`` itself would overflow).
+
+Where the paper placed it: CIFAR ResNet-18; the official code applies one module to the outputs of ``layer1``
+and ``layer2`` (32x32 and 16x16 maps), ``drop_prob`` ramped linearly from 0 to 0.1 ("we use a linear scheduler
+to increase the value of alpha from 0 to 0.1"); the paper's example uses beta = 20 (``top_rate = 0.2``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from timm_drop.regularizers.base import Regularizer, check_probability
+from timm_drop.regularizers.registry import register_regularizer
+from timm_drop.regularizers.selectscale import check_top_rate, num_selected
+
+__all__ = ["ATTENTIONDROP_MODES", "AttentionDrop", "attention_drop", "attention_weights"]
+
+#: ``am``: adaptive (hard) mask; ``sm``: soft mask; ``ad``: both (the paper's AttentionDrop).
+ATTENTIONDROP_MODES: tuple[str, ...] = ("ad", "am", "sm")
+
+
+def check_mode(mode: str) -> str:
+    if mode not in ATTENTIONDROP_MODES:
+        raise ValueError(f"mode must be one of {list(ATTENTIONDROP_MODES)}, got {mode!r}")
+    return mode
+
+
+def _min_max_normalise(values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Eq. (6) in float32: ``(values - lo) / (hi - lo)``; 0 where the map is constant."""
+    lo = lo.float()
+    span = (hi.float() - lo).clamp_min_(torch.finfo(torch.float32).tiny)
+    return torch.sub(values, lo).div_(span)
+
+
+@torch.no_grad()
+def _top_units(xs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Indices, values and selection flags of the top ``k`` units of each row of ``xs`` ``(N, C, n)``, k < n.
+
+    One ``topk(k + 1)``: the (k+1)-th value is the threshold ``tau``; a unit among the first k is selected only
+    if strictly greater than ``tau``, so ties at the boundary (a constant map) select nothing.
+    """
+    vals, idx = xs.topk(k + 1, dim=-1, sorted=True)
+    top_vals = vals[..., :k]
+    return idx[..., :k], top_vals, top_vals > vals[..., k:]
+
+
+@torch.no_grad()
+def attention_weights(x: torch.Tensor, top_rate: float, mode: str = "ad") -> torch.Tensor:
+    """Per-unit drop weight ``w`` in [0, 1], float32, shape ``(N, C, n)`` with ``n`` = number of spatial units.
+
+    ``am``: 1 on the top units of each map, else 0; ``sm``: the min-max normalised activation ``F^``;
+    ``ad``: ``F^`` on the top units, else 0. Computed from ``x.detach()``; this is the full-size reference form
+    (:func:`attention_drop` touches only the top units in ``am``/``ad``).
+    """
+    mode = check_mode(mode)
+    xs = x.detach().reshape(x.shape[0], x.shape[1], -1)
+    n = xs.shape[-1]
+    k = num_selected(check_top_rate(top_rate), n)
+    if mode == "am":
+        w = torch.ones(xs.shape, device=x.device, dtype=torch.float32)
+    else:
+        lo, hi = torch.aminmax(xs, dim=-1, keepdim=True)
+        w = _min_max_normalise(xs, lo, hi)
+    if mode != "sm" and k < n:
+        idx, _, sel = _top_units(xs, k)
+        w = torch.zeros_like(w).scatter_(-1, idx, w.gather(-1, idx) * sel)
+    return w
+
+
+def _factor(w: torch.Tensor, drop_prob: float | torch.Tensor) -> torch.Tensor:
+    """``(1 - g w) / (1 - drop_prob w)`` with ``g ~ Bernoulli(drop_prob)`` per element; overwrites ``w``."""
+    # float32 uniforms: a low-precision rand is biased at small drop_prob (DESIGN §3).
+    dropped = torch.rand(w.shape, device=w.device, dtype=torch.float32) < drop_prob
+    kept = torch.where(dropped, 1.0 - w, 1.0)
+    return kept.div_(w.mul_(-drop_prob).add_(1.0))
+
+
+def attention_drop(
+    x: torch.Tensor,
+    drop_prob: float | torch.Tensor,
+    top_rate: float,
+    mode: str = "ad",
+    training: bool = True,
+) -> torch.Tensor:
+    """AttentionDrop (Algorithm 1): ``x * (1 - g w) / (1 - drop_prob * w)``, ``g ~ Bernoulli(drop_prob)``.
+
+    Args:
+        x: channels-first tensor ``(N, C, *spatial)``.
+        drop_prob: the gate probability alpha, in [0, 1); a float or a 0-dim tensor (a scheduled value).
+        top_rate: fraction of the units of each map that form the adaptive mask, in (0, 1] (``am``/``ad``).
+        mode: ``"ad"`` (default, the paper's method), ``"am"`` (hard mask on top units) or ``"sm"`` (soft mask).
+        training: identity when False.
+
+    ``w`` is :func:`attention_weights`; see the module docstring for the rescale and the other choices. In
+    ``am``/``ad`` only the top ``k`` units of each map are touched: the gate, the normalisation and the scale
+    are computed on ``(N, C, k)`` and scattered into a factor of ones, which keeps the work near one read and
+    one write of ``x`` plus a ``topk``.
+    """
+    if x.dim() < 2:
+        raise ValueError(
+            f"attention_drop expects a channels-first tensor (N, C, *spatial), got {tuple(x.shape)}"
+        )
+    top_rate = check_top_rate(top_rate)
+    mode = check_mode(mode)
+    if isinstance(drop_prob, (int, float)):
+        drop_prob = check_probability("drop_prob", drop_prob)
+        if drop_prob == 0.0:
+            return x
+    if not training:
+        return x
+    n_units = x[0, 0].numel()
+    k = num_selected(top_rate, n_units)
+    if mode == "sm" or k == n_units:
+        factor = _factor(attention_weights(x, top_rate, "sm" if mode == "ad" else mode), drop_prob)
+        return x * factor.view(x.shape).to(x.dtype)
+    with torch.no_grad():
+        xs = x.detach().reshape(x.shape[0], x.shape[1], -1)
+        idx, top_vals, sel = _top_units(xs, k)
+        if mode == "am":
+            w = sel.float()
+        else:
+            hi = top_vals[..., :1]
+            w = _min_max_normalise(top_vals, xs.amin(dim=-1, keepdim=True), hi).mul_(sel)
+        factor = torch.ones(xs.shape, device=x.device, dtype=x.dtype)
+        factor.scatter_(-1, idx, _factor(w, drop_prob).to(x.dtype))
+    return x * factor.view(x.shape)
+
+
+class AttentionDrop(Regularizer):
+    """AttentionDrop (Ouyang et al., ICME 2019, Algorithm 1); see :func:`attention_drop` and the module doc."""
+
+    def __init__(self, drop_prob: float, top_rate: float, mode: str = "ad") -> None:
+        super().__init__()
+        self.drop_prob = check_probability("drop_prob", drop_prob)
+        self.top_rate = check_top_rate(top_rate)
+        self.mode = check_mode(mode)
+
+    def is_noop(self) -> bool:
+        return self.drop_prob == 0.0
+
+    def regularize(self, x: torch.Tensor) -> torch.Tensor:
+        alpha = self.effective(self.drop_prob).to(x.device)
+        return attention_drop(x, alpha, self.top_rate, self.mode, training=True)
+
+    def _settings(self) -> str:
+        return f"drop_prob={self.drop_prob}, top_rate={self.top_rate}, mode={self.mode!r}"
+
+
+register_regularizer("attentiondrop", AttentionDrop)

@@ -1,0 +1,48 @@
+#!/usr/bin/env python
+"""Train a timm model with timm_drop regularizers from one YAML config.
+
+    python recipes/train.py --config recipes/configs/quickstart.yaml
+    python recipes/train.py --config recipes/configs/corrdrop_resnet20_cifar10.yaml data.root=/data train.epochs=30
+    accelerate launch --multi_gpu --num_processes 4 recipes/train.py --config ... train.precision=bf16
+    torchrun --nproc_per_node 2 recipes/train.py --config ... train.cpu=true      # 2 CPU processes (gloo)
+
+Overrides are ``key=value`` with dotted keys (values parsed as YAML). See recipes/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", "-c", help="YAML config (defaults apply for missing keys)")
+    ap.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted-key overrides, e.g. train.epochs=3"
+    )
+    ap.add_argument(
+        "--resume", metavar="latest|PATH", help="continue from this run's newest checkpoint or a folder"
+    )
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing run in output_dir")
+    ap.add_argument(
+        "--dry-run", action="store_true", help="validate and build everything, run one stub batch, exit"
+    )
+    args = ap.parse_args(argv)
+
+    from timm_drop.training import ConfigError, NonFiniteLossError, load_config, train
+
+    try:
+        cfg = load_config(args.config, args.overrides, check_paths=not args.dry_run)
+        train(cfg, overwrite=args.overwrite, resume=args.resume, dry_run=args.dry_run)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

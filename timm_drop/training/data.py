@@ -1,0 +1,505 @@
+"""Datasets and loaders for the recipes.
+
+Sources (``data.dataset``):
+
+* ``digits`` — the embedded default: scikit-learn's bundled ``load_digits`` (1,797 real 8x8 handwritten digits
+  shipped inside the sklearn wheel; no network, no download), upsampled bilinearly to ``image_size`` and
+  repeated to 3 channels; fixed stratified split (20% test, ``random_state=0``).
+* ``cifar10`` / ``cifar100`` — with ``download: true`` torchvision downloads and MD5-verifies the archive; otherwise
+  ``root`` must hold the python-pickle layout (``cifar-10-batches-py/`` or ``cifar-100-python/``), read with a
+  restricted unpickler that only admits numpy arrays (the CIFAR format is a pickle; a data file must not be able
+  to run code). Re-exported pickles (``/work/shared/data/export_cifar10.py``) fail torchvision's MD5 check, so
+  they are read this way.
+* ``npz`` — decoded arrays ``x_train (N,H,W,C) uint8, y_train, x_test, y_test`` (optional ``classes``), or the
+  JPEG-buffer format (``{split}_jpeg``, ``{split}_offsets``, ``{split}_labels``, ``classes``).
+* ``imagefolder`` — ``root/train/<class>/*`` and ``root/val/`` (or ``test/``), decoded by workers.
+
+Tensor datasets (all but imagefolder) can live on the accelerator (``data.device_resident``): a
+:class:`DeviceLoader` draws a per-epoch permutation, shards it by rank and augments whole batches there, so the
+loader is never the bottleneck. Every random choice of the data stream comes from generators seeded by
+``(seed, epoch)`` (the permutation: identical on every rank) and ``(seed, epoch, rank)`` (augmentation), so a
+run resumed at an epoch boundary sees exactly the batches the uninterrupted run saw.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import pickle
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from timm_drop.training.augment import cutout, random_crop, random_erasing, random_hflip
+from timm_drop.training.config import DataConfig
+
+__all__ = [
+    "ArrayData",
+    "DeviceLoader",
+    "FolderLoader",
+    "build_loaders",
+    "load_arrays",
+    "seeded_generator",
+]
+
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def seeded_generator(device: torch.device | str, *keys: int) -> torch.Generator:
+    """A generator on ``device`` seeded by a tuple of integers (e.g. ``(seed, epoch, rank)``)."""
+    # Mix the keys so that (seed=1, epoch=0) and (seed=0, epoch=1) give unrelated streams.
+    s = 0x9E3779B97F4A7C15
+    for k in keys:
+        s = (s ^ (int(k) + 0x632BE59BD9B4E019 + (s << 6) + (s >> 2))) & 0x7FFFFFFFFFFFFFFF
+    g = torch.Generator(device=device)
+    g.manual_seed(s)
+    return g
+
+
+@dataclass
+class ArrayData:
+    """One split as uint8 channels-last images and int64 labels."""
+
+    x: np.ndarray  # (N, H, W, C) uint8
+    y: np.ndarray  # (N,) int64
+    classes: list[str]
+
+
+# -- sources -------------------------------------------------------------------------------------------------
+
+
+def _digits(train: bool, image_size: int) -> ArrayData:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = d.images.astype(np.float32) / 16.0  # pixel values are 0..16
+    idx_tr, idx_te = train_test_split(np.arange(len(x)), test_size=0.2, random_state=0, stratify=d.target)
+    idx = idx_tr if train else idx_te
+    t = torch.from_numpy(x[idx])[:, None]
+    t = F.interpolate(t, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    t = (t.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).repeat(1, 1, 1, 3)
+    return ArrayData(t.numpy(), d.target[idx].astype(np.int64), [str(c) for c in d.target_names])
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays only; anything else (e.g. os.system) is refused."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str):  # noqa: D401
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name} from a CIFAR batch file")
+
+
+def _read_cifar_pickle(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"data.root: CIFAR file missing: {path}")
+    with open(path, "rb") as f:
+        d = _NumpyOnlyUnpickler(f, encoding="bytes").load()
+    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
+
+
+def _cifar(cfg: DataConfig, train: bool) -> ArrayData:
+    hundred = cfg.dataset == "cifar100"
+    root = Path(cfg.root) if cfg.root else Path("data")
+    if cfg.download:
+        import torchvision
+
+        cls = torchvision.datasets.CIFAR100 if hundred else torchvision.datasets.CIFAR10
+        ds = cls(str(root), train=train, download=True)
+        return ArrayData(
+            np.asarray(ds.data, dtype=np.uint8), np.asarray(ds.targets, dtype=np.int64), list(ds.classes)
+        )
+    sub = root / ("cifar-100-python" if hundred else "cifar-10-batches-py")
+    if not sub.is_dir() and (root.name == sub.name):
+        sub = root
+    if not sub.is_dir():
+        raise FileNotFoundError(
+            f"data.root: {root} has no {sub.name}/ folder (python-pickle CIFAR layout); "
+            "set data.download: true to fetch it with torchvision"
+        )
+    if hundred:
+        d = _read_cifar_pickle(sub / ("train" if train else "test"))
+        data, labels = d["data"], d["fine_labels"]
+        meta = _read_cifar_pickle(sub / "meta")
+        classes = [c.decode() if isinstance(c, bytes) else c for c in meta["fine_label_names"]]
+    else:
+        files = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+        parts = [_read_cifar_pickle(sub / f) for f in files]
+        data = np.concatenate([p["data"] for p in parts])
+        labels = sum((list(p["labels"]) for p in parts), [])
+        meta = _read_cifar_pickle(sub / "batches.meta")
+        classes = [c.decode() if isinstance(c, bytes) else c for c in meta["label_names"]]
+    x = np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return ArrayData(np.ascontiguousarray(x), np.asarray(labels, dtype=np.int64), classes)
+
+
+def _decode_jpegs(buf: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    from PIL import Image
+
+    def one(i: int) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(buf[offsets[i] : offsets[i + 1]].tobytes())).convert("RGB"))
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as ex:
+        return np.stack(list(ex.map(one, range(len(offsets) - 1))))
+
+
+def _npz(cfg: DataConfig, train: bool) -> ArrayData:
+    split = "train" if train else "test"
+    with np.load(cfg.root, allow_pickle=False) as d:
+        keys = set(d.files)
+        classes = [str(c) for c in d["classes"]] if "classes" in keys else None
+        if f"x_{split}" in keys:
+            x, y = d[f"x_{split}"], d[f"y_{split}"]
+        elif f"{split}_jpeg" in keys:
+            x = _decode_jpegs(d[f"{split}_jpeg"], d[f"{split}_offsets"])
+            y = d[f"{split}_labels"]
+        else:
+            raise KeyError(
+                f"data.root: {cfg.root} has neither x_{split}/y_{split} nor {split}_jpeg/{split}_offsets/{split}_labels "
+                f"(keys: {sorted(keys)})"
+            )
+    if x.dtype != np.uint8 or x.ndim not in (3, 4):
+        raise ValueError(
+            f"data.root: x_{split} in {cfg.root} must be uint8 (N,H,W[,C]), got {x.dtype} {x.shape}"
+        )
+    if x.ndim == 3:
+        x = x[..., None]
+    if classes is None:
+        classes = [str(i) for i in range(int(y.max()) + 1)]
+    return ArrayData(np.ascontiguousarray(x), np.asarray(y, dtype=np.int64), classes)
+
+
+def load_arrays(cfg: DataConfig, train: bool) -> ArrayData:
+    """Load one split of a tensor dataset as uint8 NHWC arrays (3 channels, ``image_size`` square)."""
+    if cfg.dataset == "digits":
+        data = _digits(train, cfg.image_size)
+    elif cfg.dataset in ("cifar10", "cifar100"):
+        data = _cifar(cfg, train)
+    elif cfg.dataset == "npz":
+        data = _npz(cfg, train)
+    else:
+        raise ValueError(f"data.dataset: {cfg.dataset!r} is not a tensor dataset")
+    subset = cfg.train_subset if train else cfg.eval_subset
+    if subset is not None and subset < len(data.y):
+        # A fixed permutation (independent of the run seed) so runs with different seeds see the same subset.
+        idx = np.sort(np.random.default_rng(0).permutation(len(data.y))[:subset])
+        data = ArrayData(data.x[idx], data.y[idx], data.classes)
+    x = data.x
+    if x.shape[-1] == 1:
+        x = np.repeat(x, 3, axis=-1)
+    if x.shape[1] != cfg.image_size or x.shape[2] != cfg.image_size:
+        t = torch.from_numpy(x).permute(0, 3, 1, 2).float()
+        t = F.interpolate(t, size=(cfg.image_size, cfg.image_size), mode="bilinear", antialias=True)
+        x = t.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+    return ArrayData(x, data.y, data.classes)
+
+
+def default_stats(cfg: DataConfig, train_x: np.ndarray | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Normalisation statistics: the config's, the usual ones for CIFAR/ImageNet, or the training split's own."""
+    if cfg.mean is not None and cfg.std is not None:
+        mean, std = tuple(cfg.mean), tuple(cfg.std)
+    elif cfg.dataset == "cifar10":
+        mean, std = CIFAR10_MEAN, CIFAR10_STD
+    elif cfg.dataset == "cifar100":
+        mean, std = CIFAR100_MEAN, CIFAR100_STD
+    elif cfg.dataset == "imagefolder" or train_x is None:
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    else:
+        xf = train_x.reshape(-1, train_x.shape[-1]).astype(np.float64) / 255.0
+        mean, std = tuple(xf.mean(0).tolist()), tuple(np.maximum(xf.std(0), 1e-3).tolist())
+    if cfg.mean is not None:
+        mean = tuple(cfg.mean)
+    if cfg.std is not None:
+        std = tuple(cfg.std)
+    if len(mean) == 1:
+        mean = mean * 3
+    if len(std) == 1:
+        std = std * 3
+    return mean, std
+
+
+# -- loaders -------------------------------------------------------------------------------------------------
+
+
+def shard_indices(
+    n: int, epoch_gen: torch.Generator | None, rank: int, world: int, *, pad: bool
+) -> torch.Tensor:
+    """This rank's share of ``range(n)``, shuffled by ``epoch_gen`` (identical on every rank) or in order.
+
+    ``pad=False`` (training): every rank gets ``n // world`` indices (a few samples skipped per epoch, different
+    ones each epoch). ``pad=True`` (eval): every rank gets ``ceil(n / world)`` entries, the padding encoded as
+    ``index + n`` so the consumer can mask it out of metrics.
+    """
+    order = torch.randperm(n, generator=epoch_gen) if epoch_gen is not None else torch.arange(n)
+    if pad:
+        per = -(-n // world)
+        extra = per * world - n
+        order = torch.cat([order, order[:extra] + n]) if extra else order
+    else:
+        per = n // world
+        order = order[: per * world]
+    return order[rank::world][:per]
+
+
+class _Normalizer:
+    def __init__(self, mean, std, device, channels_last: bool) -> None:
+        self.mean = torch.tensor(mean, device=device, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=device, dtype=torch.float32).view(1, -1, 1, 1)
+        self.channels_last = channels_last
+
+    def __call__(self, x_nchw_float01: torch.Tensor) -> torch.Tensor:
+        x = (x_nchw_float01 - self.mean) / self.std
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        return x.contiguous(memory_format=fmt)
+
+
+class DeviceLoader:
+    """Batches from a dataset held on ``device``; augmentation runs there on whole batches.
+
+    Yields ``(images, labels)`` for training, ``(images, labels, valid)`` for eval (``valid`` masks the padding
+    that gives every rank the same number of eval batches). Call :meth:`set_epoch` before each epoch.
+    """
+
+    def __init__(
+        self,
+        data: ArrayData,
+        cfg: DataConfig,
+        *,
+        train: bool,
+        device: torch.device,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        channels_last: bool = False,
+        batch_multiple: int = 1,
+    ) -> None:
+        self.x = torch.from_numpy(data.x).to(device)
+        self.y = torch.from_numpy(data.y).to(device)
+        self.n = len(data.y)
+        self.cfg, self.train, self.device = cfg, train, device
+        self.seed, self.rank, self.world = seed, rank, world
+        self.batch_size = cfg.batch_size if train else cfg.eval_batch_size
+        self.batch_multiple = batch_multiple
+        self.norm = _Normalizer(mean, std, device, channels_last)
+        self.epoch = 0
+        if train and self.n // world < self.batch_size * batch_multiple:
+            raise ValueError(
+                f"data.batch_size: {self.batch_size} x grad_accum {batch_multiple} exceeds the {self.n // world} "
+                f"training images per process"
+            )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        if self.train:
+            nb = (self.n // self.world) // self.batch_size
+            return nb - nb % self.batch_multiple
+        return math.ceil(math.ceil(self.n / self.world) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        if self.train:
+            idx = shard_indices(
+                self.n, seeded_generator("cpu", self.seed, self.epoch), self.rank, self.world, pad=False
+            )
+            aug_gen = seeded_generator(self.device, self.seed, self.epoch, self.rank, 1)
+        else:
+            idx = shard_indices(self.n, None, self.rank, self.world, pad=True)
+            aug_gen = None
+        idx = idx.to(self.device)
+        a = self.cfg.augment
+        for b in range(len(self)):
+            bi = idx[b * self.batch_size : (b + 1) * self.batch_size]
+            valid = bi < self.n
+            bi = bi % self.n
+            x = self.x[bi].float().div_(255.0)  # (B, H, W, C)
+            if self.train:
+                x = random_crop(x, a.crop_padding, aug_gen)
+                if a.hflip:
+                    x = random_hflip(x, aug_gen)
+            x = self.norm(x.permute(0, 3, 1, 2))
+            if self.train:
+                x = cutout(x, a.cutout, aug_gen)
+                x = random_erasing(x, a.random_erasing, aug_gen)
+                yield x, self.y[bi]
+            else:
+                yield x, self.y[bi], valid
+
+
+class _IndexSampler(torch.utils.data.Sampler):
+    def __init__(self, owner: FolderLoader) -> None:
+        self.owner = owner
+
+    def __iter__(self):
+        o = self.owner
+        gen = seeded_generator("cpu", o.seed, o.epoch) if o.train else None
+        idx = shard_indices(o.n, gen, o.rank, o.world, pad=not o.train)
+        if o.train:
+            idx = idx[: len(o) * o.batch_size]
+        return iter(idx.tolist())
+
+    def __len__(self) -> int:
+        return len(self.owner) * self.owner.batch_size
+
+
+class _PaddedDataset(torch.utils.data.Dataset):
+    def __init__(self, ds, n: int) -> None:
+        self.ds, self.n = ds, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        img, label = self.ds[i % self.n]
+        return img, label, i < self.n
+
+
+class FolderLoader:
+    """A worker-backed loader for image folders; normalisation, Cutout and Random Erasing run on ``device``."""
+
+    def __init__(
+        self,
+        root: str,
+        cfg: DataConfig,
+        *,
+        train: bool,
+        device: torch.device,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        channels_last: bool = False,
+        batch_multiple: int = 1,
+    ) -> None:
+        import torchvision
+        from torchvision import transforms as T
+
+        size, a = cfg.image_size, cfg.augment
+        if train:
+            tf = (
+                [T.RandomResizedCrop(size)] if a.random_resized_crop else [T.Resize(size), T.CenterCrop(size)]
+            )
+            if not a.random_resized_crop and a.crop_padding:
+                tf.append(T.RandomCrop(size, padding=a.crop_padding))
+            if a.hflip:
+                tf.append(T.RandomHorizontalFlip())
+        else:
+            # ImageNet convention: resize to size/0.875 then centre-crop, when training used resized crops.
+            resize = int(round(size / 0.875)) if a.random_resized_crop else size
+            tf = [T.Resize(resize), T.CenterCrop(size)]
+        tf.append(T.PILToTensor())
+        self.dataset = torchvision.datasets.ImageFolder(root, transform=T.Compose(tf))  # its loader gives RGB
+        self.classes = list(self.dataset.classes)
+        self.n = len(self.dataset)
+        self.cfg, self.train, self.device = cfg, train, device
+        self.seed, self.rank, self.world, self.epoch = seed, rank, world, 0
+        self.batch_size = cfg.batch_size if train else cfg.eval_batch_size
+        self.batch_multiple = batch_multiple
+        self.norm = _Normalizer(mean, std, device, channels_last)
+        if train and self.n // world < self.batch_size * batch_multiple:
+            raise ValueError(
+                f"data.batch_size: {self.batch_size} x grad_accum {batch_multiple} exceeds the {self.n // world} "
+                f"training images per process in {root}"
+            )
+        self._gen = torch.Generator()
+        self.loader = torch.utils.data.DataLoader(
+            _PaddedDataset(self.dataset, self.n),
+            batch_size=self.batch_size,
+            sampler=_IndexSampler(self),
+            num_workers=cfg.num_workers,
+            pin_memory=device.type == "cuda",
+            drop_last=False,
+            generator=self._gen,
+            persistent_workers=False,
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        if self.train:
+            nb = (self.n // self.world) // self.batch_size
+            return nb - nb % self.batch_multiple
+        return math.ceil(math.ceil(self.n / self.world) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        # Worker seeds derive from this generator: (seed, epoch, rank) fixes the augmentation stream.
+        self._gen.manual_seed(seeded_generator("cpu", self.seed, self.epoch, self.rank, 2).initial_seed())
+        aug_gen = seeded_generator(self.device, self.seed, self.epoch, self.rank, 3) if self.train else None
+        a = self.cfg.augment
+        for x, y, valid in self.loader:
+            x = x.to(self.device, non_blocking=True).float().div_(255.0)
+            y = y.to(self.device, non_blocking=True)
+            x = self.norm(x)
+            if self.train:
+                x = cutout(x, a.cutout, aug_gen)
+                x = random_erasing(x, a.random_erasing, aug_gen)
+                yield x, y
+            else:
+                yield x, y, valid.to(self.device)
+
+
+def _folder_split(root: Path, train: bool) -> Path:
+    names = ["train"] if train else ["val", "validation", "test"]
+    for n in names:
+        if (root / n).is_dir():
+            return root / n
+    raise FileNotFoundError(f"data.root: {root} has no {' or '.join(n + '/' for n in names)} folder")
+
+
+def build_loaders(
+    cfg: DataConfig,
+    *,
+    device: torch.device,
+    seed: int,
+    rank: int = 0,
+    world: int = 1,
+    channels_last: bool = False,
+    batch_multiple: int = 1,
+):
+    """``(train_loader, eval_loader, num_classes)`` for the configured dataset."""
+    resident = cfg.device_resident
+    if cfg.dataset == "imagefolder":
+        if resident is True:
+            raise ValueError("data.device_resident: image folders are decoded by workers; use false or auto")
+        root = Path(cfg.root)
+        mean, std = default_stats(cfg, None)
+        kw = dict(
+            device=device, seed=seed, rank=rank, world=world, mean=mean, std=std, channels_last=channels_last
+        )
+        tr = FolderLoader(
+            str(_folder_split(root, True)), cfg, train=True, batch_multiple=batch_multiple, **kw
+        )
+        ev = FolderLoader(str(_folder_split(root, False)), cfg, train=False, **kw)
+        return tr, ev, len(tr.classes)
+    train_data = load_arrays(cfg, True)
+    eval_data = load_arrays(cfg, False)
+    mean, std = default_stats(cfg, train_data.x)
+    # Without device residency the arrays stay in host memory and batches are moved per step.
+    dev = device if resident in ("auto", True) else torch.device("cpu")
+    kw = dict(seed=seed, rank=rank, world=world, mean=mean, std=std, channels_last=channels_last)
+    tr = DeviceLoader(train_data, cfg, train=True, device=dev, batch_multiple=batch_multiple, **kw)
+    ev = DeviceLoader(eval_data, cfg, train=False, device=dev, **kw)
+    num_classes = max(len(train_data.classes), int(train_data.y.max()) + 1)
+    return tr, ev, num_classes

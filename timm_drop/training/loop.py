@@ -1,0 +1,547 @@
+"""The Accelerate training loop behind ``recipes/train.py``.
+
+Build order (DESIGN §6): ``timm.create_model`` -> ``apply_regularizer`` -> channels_last -> SyncBN -> optimizer ->
+LayerOut ``bind``/``attach`` -> ``accelerator.prepare`` -> ``torch.compile`` -> EMA (a deepcopy of the unwrapped,
+already-regularized model, so the EMA carries its own regularizer modules).
+
+Clocks:
+
+* the LR is a pure function of the optimizer-step counter (:class:`LRSchedule`), applied before every step;
+* ``set_progress(model, step / total_steps)`` runs once per *optimizer* step (``accelerator.sync_gradients``), never
+  per micro-batch and never from eval, so regularizer schedules follow training and survive a resume exactly;
+* LayerOut's ``start_epoch(epoch)`` / ``end_epoch()`` bracket every epoch.
+
+Randomness: the model is initialised under ``set_seed(seed)`` (identical on every rank); after ``prepare`` the
+global RNG is re-seeded with ``seed + process_index`` (``device_specific=True``), so regularizer masks differ across
+ranks, while the data order (seeded by ``(seed, epoch)``) and LayerOut's frozen set (its own ``(seed, epoch)``
+generator) agree. Accelerate's ``rng_types`` is left at its default so it never re-broadcasts rank 0's global RNG.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from timm_drop.training.checkpoint import CheckpointManager, check_output_dir, save_weights
+from timm_drop.training.config import ConfigError, TrainConfig, config_to_dict, save_config
+from timm_drop.training.metrics import MetricsLog, plot_curves
+
+__all__ = ["LRSchedule", "NonFiniteLossError", "TrainState", "Trainer", "train"]
+
+KNOWN_NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}
+KNOWN_TRAIN_SIZES = {"digits": 1437, "cifar10": 50000, "cifar100": 50000}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN/Inf; the run stopped without writing a checkpoint for that epoch."""
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # finished epochs
+    step: int = 0  # optimizer steps taken
+    best_top1: float = -1.0
+    best_epoch: int = -1
+
+
+class LRSchedule:
+    """LR as a pure function of the optimizer step: warm-up, then multistep / cosine / constant.
+
+    Milestones and warm-up are in epochs (fractional epochs allowed); a multistep decay takes effect at the first
+    step of its milestone epoch, as PyTorch's ``MultiStepLR`` stepped per epoch does.
+    """
+
+    def __init__(self, cfg: TrainConfig, steps_per_epoch: int) -> None:
+        s, self.epochs = cfg.sched, cfg.train.epochs
+        self.kind, self.lr, self.gamma = s.name, cfg.optim.lr, s.gamma
+        self.warmup, self.warmup_lr, self.warmup_mode, self.min_lr = (
+            s.warmup_epochs,
+            s.warmup_lr,
+            s.warmup_mode,
+            s.min_lr,
+        )
+        if s.milestones is not None:
+            self.milestones = [float(m) for m in s.milestones]
+        elif s.milestone_fractions is not None:
+            self.milestones = [f * self.epochs for f in s.milestone_fractions]
+        else:
+            self.milestones = []
+        self.steps_per_epoch = steps_per_epoch
+
+    def __call__(self, step: int) -> float:
+        e = step / self.steps_per_epoch
+        if e < self.warmup:
+            if self.warmup_mode == "constant":
+                return self.warmup_lr
+            return self.warmup_lr + (self.lr - self.warmup_lr) * e / self.warmup
+        if self.kind == "multistep":
+            return self.lr * self.gamma ** sum(e >= m - 1e-9 for m in self.milestones)
+        if self.kind == "cosine":
+            t = min(1.0, (e - self.warmup) / max(1e-12, self.epochs - self.warmup))
+            return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + math.cos(math.pi * t))
+        return self.lr
+
+    def apply(self, optimizer, step: int) -> float:
+        lr = self(step)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        return lr
+
+
+def _apply_regularizer(model: nn.Module, spec: Any, example_input: torch.Tensor) -> nn.Module:
+    try:
+        from timm_drop.rewrite import apply_regularizer
+    except ImportError:  # pragma: no cover - older layouts export it at top level only
+        from timm_drop import apply_regularizer
+    return apply_regularizer(model, spec, example_input=example_input)
+
+
+def _regularizers(model: nn.Module) -> list[nn.Module]:
+    from timm_drop.regularizers.base import Regularizer
+
+    return [m for m in model.modules() if isinstance(m, Regularizer)]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    o = cfg.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    if o.no_decay_norm_bias and o.weight_decay > 0:
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        groups: Any = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    else:
+        groups = params
+    if o.name == "sgd":
+        return torch.optim.SGD(
+            groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
+        )
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+
+
+def _build_layerout(section: dict, model: nn.Module, distributed: bool, compiled: bool):
+    """``LayerOut(**section).bind(model)``; tells it whether the run is distributed/compiled so that its
+    ``skip_backward="auto"`` never toggles ``requires_grad`` where that is unsafe (DDP) or recompiles (compile)."""
+    from timm_drop.layerout import LayerOut
+
+    section = dict(section)
+    section.setdefault("distributed", distributed)
+    section.setdefault("compiled", compiled)
+    return LayerOut(**section).bind(model)
+
+
+class Trainer:
+    """One training run. ``Trainer(cfg).fit()``; pieces are attributes so tests can reach in."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        overwrite: bool = False,
+        resume: str | None = None,
+        dry_run: bool = False,
+    ) -> None:
+        self.cfg, self.overwrite, self.resume, self.dry_run = cfg, overwrite, resume, dry_run
+        self.state = TrainState()
+        self.out = Path(cfg.output_dir)
+        self._setup_done = False
+
+    # -- setup -------------------------------------------------------------------------------------------------
+    def setup(self) -> Trainer:
+        import timm
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs, set_seed
+
+        import timm_drop  # noqa: F401  (registers the CIFAR models)
+
+        try:
+            import timm_drop.models  # noqa: F401
+        except ImportError:  # pragma: no cover
+            pass
+        cfg = self.cfg
+        t = cfg.train
+        if t.precision == "fp16" and (t.cpu or not torch.cuda.is_available()):
+            raise ConfigError("train.precision: fp16 needs a CUDA device; use bf16 or no on CPU")
+        self.accelerator = acc = Accelerator(
+            cpu=t.cpu,
+            mixed_precision=t.precision,
+            gradient_accumulation_steps=t.grad_accum_steps,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=t.find_unused_parameters)],
+        )
+        self.device = acc.device
+        self.is_main = acc.is_main_process
+        self.rank, self.world = acc.process_index, acc.num_processes
+
+        cfg_dict = config_to_dict(cfg)
+        if not self.dry_run:
+            self.dir_mode = check_output_dir(self.out, cfg_dict, overwrite=self.overwrite, resume=self.resume)
+            acc.wait_for_everyone()
+            if self.is_main:
+                if self.dir_mode == "overwrite":
+                    shutil.rmtree(self.out)
+                self.out.mkdir(parents=True, exist_ok=True)
+                save_config(cfg, self.out / "config.yaml")
+            acc.wait_for_everyone()
+
+        # Data first: the number of classes may come from it.
+        set_seed(cfg.seed)
+        if self.dry_run:
+            self.train_loader = self.eval_loader = None
+            num_classes = cfg.data.num_classes or KNOWN_NUM_CLASSES.get(cfg.data.dataset)
+            if num_classes is None:
+                num_classes = cfg.model.kwargs.get("num_classes")
+            if num_classes is None:
+                raise ConfigError(f"data.num_classes: needed for a dry run of dataset {cfg.data.dataset!r}")
+            n_train = cfg.data.train_subset or KNOWN_TRAIN_SIZES.get(
+                cfg.data.dataset, 10 * cfg.data.batch_size
+            )
+            micro = max(1, (n_train // self.world) // cfg.data.batch_size)
+            self.steps_per_epoch = max(1, micro // t.grad_accum_steps)
+        else:
+            from timm_drop.training.data import build_loaders
+
+            self.train_loader, self.eval_loader, found = build_loaders(
+                cfg.data,
+                device=self.device,
+                seed=cfg.seed,
+                rank=self.rank,
+                world=self.world,
+                channels_last=t.channels_last,
+                batch_multiple=t.grad_accum_steps,
+            )
+            num_classes = cfg.data.num_classes or found
+            self.steps_per_epoch = len(self.train_loader) // t.grad_accum_steps
+        self.num_classes = num_classes
+        self.total_steps = self.steps_per_epoch * t.epochs
+
+        # Model: identical initialisation on every rank (seeded above, before any per-rank re-seed).
+        kwargs = dict(cfg.model.kwargs)
+        kwargs.setdefault("num_classes", num_classes)
+        kwargs.setdefault("pretrained", False)
+        try:
+            model = timm.create_model(cfg.model.name, **kwargs)
+        except RuntimeError as e:
+            if "Unknown model" in str(e):
+                raise ConfigError(f"model.name: {e}") from e
+            raise
+        except TypeError as e:
+            raise ConfigError(f"model.kwargs: {cfg.model.name} rejected them: {e}") from e
+        size = cfg.data.image_size
+        if cfg.regularizer is not None:
+            model.train()
+            _apply_regularizer(model, cfg.regularizer, torch.zeros(2, 3, size, size))
+        self.n_regularizers = len(_regularizers(model))
+        model.to(self.device)
+        if t.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if t.sync_bn and self.world > 1:
+            from timm.layers import convert_sync_batchnorm
+
+            model = convert_sync_batchnorm(model)
+        self.optimizer = build_optimizer(model, cfg)
+        self.layerout = None
+        if cfg.layerout is not None:
+            self.layerout = _build_layerout(
+                cfg.layerout, model, distributed=self.world > 1, compiled=t.compile
+            )
+            self.layerout.attach(self.optimizer)
+        self.lr_schedule = LRSchedule(cfg, self.steps_per_epoch)
+
+        self.model, self.optimizer = acc.prepare(model, self.optimizer)
+        if t.compile:
+            self.model = torch.compile(self.model, mode=t.compile_mode)
+        self.unwrapped = acc.unwrap_model(self.model)
+        self.ema = None
+        if t.ema.enabled:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.unwrapped, decay=t.ema.decay, use_warmup=t.ema.warmup)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+        # Per-rank noise from here on (regularizer masks); data order and LayerOut use their own generators.
+        set_seed(cfg.seed, device_specific=True)
+
+        self.ckpt = CheckpointManager(self.out, cfg.checkpoint.total_limit)
+        self.metrics = MetricsLog(self.out) if (self.is_main and not self.dry_run) else None
+        if self.resume is not None and not self.dry_run:
+            self._restore(self.ckpt.resolve(self.resume))
+        self._set_progress()
+        self._setup_done = True
+        return self
+
+    def _restore(self, path: Path) -> None:
+        extra = CheckpointManager.load(self.accelerator, path)
+        self.state = TrainState(**extra["train_state"])
+        if self.layerout is not None:
+            if "layerout" not in extra:
+                raise ValueError(
+                    f"--resume {path}: the checkpoint has no LayerOut state but the config has layerout"
+                )
+            self.layerout.load_state_dict(extra["layerout"])
+        if self.ema is not None:
+            if "ema" not in extra:
+                raise ValueError(
+                    f"--resume {path}: the checkpoint has no EMA state but train.ema.enabled is true"
+                )
+            self.ema.load_state_dict(extra["ema"])
+        if self.metrics is not None:
+            self.metrics.truncate(self.state.epoch)
+        self.accelerator.print(f"resumed from {path} at epoch {self.state.epoch}, step {self.state.step}")
+
+    def _set_progress(self) -> None:
+        from timm_drop.schedules import set_progress
+
+        progress = min(1.0, self.state.step / max(1, self.total_steps))
+        set_progress(self.unwrapped, progress, epoch=self.state.epoch)
+        if self.ema is not None:
+            set_progress(self.ema.module, progress, epoch=self.state.epoch)
+
+    def _extra_state(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"train_state": asdict(self.state), "format": 1}
+        if self.layerout is not None:
+            d["layerout"] = self.layerout.state_dict()
+        if self.ema is not None:
+            d["ema"] = self.ema.state_dict()
+        return d
+
+    # -- steps -------------------------------------------------------------------------------------------------
+    def _check_finite(self, value: torch.Tensor, where: str) -> None:
+        bad = (~torch.isfinite(value.detach().float())).any().float().reshape(1)
+        if self.world > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        if bad.item() > 0:
+            latest = self.ckpt.latest()
+            keep = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written yet"
+            raise NonFiniteLossError(
+                f"non-finite training loss ({where}, optimizer step {self.state.step}); stopping without saving this "
+                f"epoch: {keep}. Lower optim.lr, set train.clip_grad_norm, or use train.precision=bf16, then "
+                "--resume latest"
+            )
+
+    def train_one_epoch(self, epoch: int) -> dict[str, float]:
+        from tqdm.auto import tqdm
+
+        acc, cfg, t = self.accelerator, self.cfg, self.cfg.train
+        self.model.train()
+        self.train_loader.set_epoch(epoch)
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        correct = torch.zeros((), device=self.device, dtype=torch.float64)
+        seen = 0
+        n_batches = len(self.train_loader)
+        bar = tqdm(
+            total=n_batches,
+            desc=f"epoch {epoch + 1}/{t.epochs}",
+            leave=False,
+            dynamic_ncols=True,
+            disable=not (self.is_main and cfg.log.progress_bar),
+        )
+        check_every = cfg.log.log_interval * t.grad_accum_steps
+        lr = self.lr_schedule(self.state.step)
+        t0 = time.perf_counter()
+        for i, (x, y) in enumerate(self.train_loader):
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with acc.accumulate(self.model):
+                out = self.model(x)
+                loss = self.criterion(out.float(), y)
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    if t.clip_grad_norm is not None:
+                        acc.clip_grad_norm_(self.model.parameters(), t.clip_grad_norm)
+                    lr = self.lr_schedule.apply(self.optimizer, self.state.step)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            if acc.sync_gradients:
+                self.state.step += 1
+                self._set_progress()
+                if self.ema is not None:
+                    self.ema.update(self.unwrapped, step=self.state.step)
+            with torch.no_grad():
+                loss_sum += loss.detach().double() * y.shape[0]
+                correct += (out.detach().argmax(-1) == y).sum().double()
+            seen += y.shape[0]
+            bar.update(1)
+            if (i + 1) % check_every == 0:
+                self._check_finite(loss, f"epoch {epoch + 1}, batch {i + 1}")
+                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.4g}")
+        bar.close()
+        dt = time.perf_counter() - t0
+        totals = torch.stack(
+            [loss_sum, correct, torch.tensor(float(seen), device=self.device, dtype=torch.float64)]
+        )
+        if self.world > 1:
+            totals = acc.reduce(totals, reduction="sum")
+        self._check_finite(totals[0], f"epoch {epoch + 1} mean")
+        n = totals[2].item()
+        return {
+            "train_loss": totals[0].item() / n,
+            "train_top1": 100.0 * totals[1].item() / n,
+            "lr": lr,
+            "epoch_time_s": dt,
+            "train_images_per_s": n / dt,
+        }
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
+        """Top-1/top-5/loss over the eval split, every image counted once across ranks (``gather_for_metrics``)."""
+        acc = self.accelerator
+        model = self.model if model is None else model
+        was_training = model.training
+        model.eval()
+        stats = []
+        k = min(5, self.num_classes)
+        for x, y, valid in self.eval_loader:
+            x, y, valid = x.to(self.device), y.to(self.device), valid.to(self.device)
+            with acc.autocast():
+                out = model(x)
+            out = out.float()
+            loss = F.cross_entropy(out, y, reduction="none")
+            top1 = (out.argmax(-1) == y).float()
+            topk = (out.topk(k, dim=-1).indices == y[:, None]).any(-1).float()
+            stats.append(torch.stack([loss, top1, topk, valid.float()], dim=1))
+        local = torch.cat(stats) if stats else torch.zeros(0, 4, device=self.device)
+        allstats = acc.gather_for_metrics(local)
+        allstats = allstats[allstats[:, 3] > 0]
+        model.train(was_training)
+        n = max(1, allstats.shape[0])
+        s = allstats[:, :3].sum(0) / n
+        return {"eval_loss": s[0].item(), "eval_top1": 100.0 * s[1].item(), "eval_top5": 100.0 * s[2].item()}
+
+    # -- the run -------------------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        if not self._setup_done:
+            self.setup()
+        if self.dry_run:
+            return self.dry_run_check()
+        acc, cfg = self.accelerator, self.cfg
+        acc.print(
+            f"{cfg.name}: {cfg.model.name} on {cfg.data.dataset} ({self.num_classes} classes), {self.world} process(es) "
+            f"on {self.device}, {self.steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs, "
+            f"{self.n_regularizers} regularizer module(s)"
+            + (", LayerOut" if self.layerout is not None else "")
+        )
+        last = {}
+        for epoch in range(self.state.epoch, cfg.train.epochs):
+            frozen_fraction = None
+            if self.layerout is not None:
+                self.layerout.start_epoch(epoch)
+                frozen_fraction = float(self.layerout.frozen_fraction_of_model)
+                frozen_layers = float(self.layerout.frozen_fraction)
+            try:
+                row = {"epoch": epoch + 1, "step": 0}
+                row.update(self.train_one_epoch(epoch))
+            finally:
+                if self.layerout is not None:
+                    self.layerout.end_epoch()
+            row["step"] = self.state.step
+            if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+                row.update(self.evaluate())
+                if self.ema is not None:
+                    row.update({f"ema_{k}": v for k, v in self.evaluate(self.ema.module).items()})
+            if frozen_fraction is not None:
+                # the paper's figure: share of all trainable parameters frozen this epoch
+                row["frozen_fraction"] = frozen_fraction
+                row["frozen_fraction_units"] = frozen_layers
+            regs = _regularizers(self.unwrapped)
+            if regs:
+                row["reg_strength"] = sum(float(r.strength) for r in regs) / len(regs)
+            self.state.epoch = epoch + 1
+            top1 = row.get("eval_top1")
+            improved = top1 is not None and top1 > self.state.best_top1
+            if improved:
+                self.state.best_top1, self.state.best_epoch = top1, epoch + 1
+            if self.is_main:
+                self.metrics.append(row)
+                sd = self.unwrapped.state_dict()
+                save_weights(sd, self.out / "last_model.pth")
+                if improved and cfg.checkpoint.save_best:
+                    save_weights(sd, self.out / "best_model.pth")
+            if (epoch + 1) % cfg.checkpoint.every == 0 or epoch + 1 == cfg.train.epochs:
+                self.ckpt.save(acc, epoch + 1, self._extra_state())
+            acc.print(self._log_line(row))
+            last = row
+        summary = {
+            "best_top1": self.state.best_top1,
+            "best_epoch": self.state.best_epoch,
+            "last": last,
+            "output_dir": str(self.out),
+        }
+        if self.is_main:
+            rows = self.metrics.rows
+            if cfg.log.plot and rows:
+                plot_curves(
+                    rows, self.out / "curves.png", title=f"{cfg.name}: {cfg.model.name} on {cfg.data.dataset}"
+                )
+            (self.out / "result.json").write_text(json.dumps(summary, indent=2))
+            if last:
+                acc.print(
+                    f"done: final eval top-1 {last.get('eval_top1', float('nan')):.2f}%, best "
+                    f"{self.state.best_top1:.2f}% (epoch {self.state.best_epoch}); outputs in {self.out}"
+                )
+        acc.wait_for_everyone()
+        return summary
+
+    def _log_line(self, r: dict[str, Any]) -> str:
+        parts = [
+            f"epoch {r['epoch']:>3}/{self.cfg.train.epochs}",
+            f"train_loss {r['train_loss']:.4f}",
+            f"train_top1 {r['train_top1']:6.2f}",
+        ]
+        if "eval_top1" in r:
+            parts += [f"eval_loss {r['eval_loss']:.4f}", f"eval_top1 {r['eval_top1']:6.2f}"]
+        if "ema_eval_top1" in r:
+            parts.append(f"ema_top1 {r['ema_eval_top1']:6.2f}")
+        parts.append(f"lr {r['lr']:.4g}")
+        if "frozen_fraction" in r:
+            parts.append(f"frozen {100 * r['frozen_fraction']:.1f}%")
+        if "reg_strength" in r:
+            parts.append(f"reg {r['reg_strength']:.3f}")
+        parts.append(f"{r['epoch_time_s']:.1f}s ({r['train_images_per_s']:.0f} img/s)")
+        return "  ".join(parts)
+
+    def dry_run_check(self) -> dict[str, Any]:
+        """Build-only check: one forward/backward of a stub batch, no optimizer step, nothing written."""
+        size = self.cfg.data.image_size
+        x = torch.randn(2, 3, size, size, device=self.device)
+        y = torch.zeros(2, dtype=torch.long, device=self.device)
+        if self.cfg.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        self.model.train()
+        out = self.model(x)
+        if out.shape != (2, self.num_classes):
+            raise ConfigError(
+                f"model.name: {self.cfg.model.name} gave logits {tuple(out.shape)}, expected (2, {self.num_classes})"
+            )
+        self.accelerator.backward(self.criterion(out.float(), y))
+        self.optimizer.zero_grad(set_to_none=True)
+        n_params = sum(p.numel() for p in self.unwrapped.parameters())
+        info = {
+            "model": self.cfg.model.name,
+            "params": n_params,
+            "regularizers": self.n_regularizers,
+            "layerout": self.layerout is not None,
+            "num_classes": self.num_classes,
+            "steps_per_epoch": self.steps_per_epoch,
+            "lr_first": self.lr_schedule(0),
+            "lr_last": self.lr_schedule(max(0, self.total_steps - 1)),
+        }
+        self.accelerator.print("dry run ok: " + ", ".join(f"{k}={v}" for k, v in info.items()))
+        return info
+
+
+def train(
+    cfg: TrainConfig, *, overwrite: bool = False, resume: str | None = None, dry_run: bool = False
+) -> dict:
+    """Run (or dry-run) one config; returns a summary dict."""
+    return Trainer(cfg, overwrite=overwrite, resume=resume, dry_run=dry_run).fit()
+
+
+def _env_world_size() -> int:  # pragma: no cover - informational
+    return int(os.environ.get("WORLD_SIZE", "1"))

@@ -1,0 +1,90 @@
+"""Per-epoch metrics: ``metrics.jsonl`` (one JSON object per epoch), ``summary.csv`` and a curves PNG.
+
+``summary.csv`` starts with timm's ``summary.csv`` columns (``epoch, train_loss, eval_loss, eval_top1, eval_top5,
+lr``) so the two can be diffed, followed by the recipe's extras (train top-1, EMA metrics, LayerOut's frozen
+fraction, the mean regularizer schedule strength, throughput).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["MetricsLog", "plot_curves"]
+
+TIMM_COLUMNS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr"]
+
+
+class MetricsLog:
+    """Appends epoch rows; on resume, :meth:`truncate` drops rows the restored checkpoint had not reached."""
+
+    def __init__(self, output_dir: str | os.PathLike) -> None:
+        self.dir = Path(output_dir)
+        self.jsonl = self.dir / "metrics.jsonl"
+        self.csv = self.dir / "summary.csv"
+        self.rows: list[dict[str, Any]] = []
+        if self.jsonl.is_file():
+            self.rows = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
+
+    def truncate(self, last_epoch: int) -> None:
+        self.rows = [r for r in self.rows if r["epoch"] <= last_epoch]
+        self._rewrite()
+
+    def append(self, row: dict[str, Any]) -> None:
+        self.rows.append(dict(row))
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self._write_csv()
+
+    def _rewrite(self) -> None:
+        tmp = self.jsonl.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        os.replace(tmp, self.jsonl)
+        self._write_csv()
+
+    def _write_csv(self) -> None:
+        extra: list[str] = []
+        for r in self.rows:
+            extra += [k for k in r if k not in TIMM_COLUMNS and k not in extra]
+        cols = TIMM_COLUMNS + extra
+        tmp = self.csv.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols)
+            w.writeheader()
+            for r in self.rows:
+                w.writerow({k: r.get(k, "") for k in cols})
+        os.replace(tmp, self.csv)
+
+
+def plot_curves(rows: list[dict[str, Any]], path: str | os.PathLike, title: str = "") -> None:
+    """Loss and top-1 accuracy per epoch (train vs eval, EMA if present) as a PNG, with matplotlib's Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    ep = [r["epoch"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (("train_loss", "train"), ("eval_loss", "eval"), ("ema_eval_loss", "eval (EMA)")):
+        pts = [(e, r[key]) for e, r in zip(ep, rows) if r.get(key) is not None]
+        if pts:
+            ax1.plot(*zip(*pts), marker="o", ms=3, label=label)
+    for key, label in (("train_top1", "train"), ("eval_top1", "eval"), ("ema_eval_top1", "eval (EMA)")):
+        pts = [(e, r[key]) for e, r in zip(ep, rows) if r.get(key) is not None]
+        if pts:
+            ax2.plot(*zip(*pts), marker="o", ms=3, label=label)
+    ax1.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax2.set(xlabel="epoch", ylabel="top-1 accuracy (%)", title="accuracy")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    tmp = Path(str(path) + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -158,6 +158,19 @@ def test_to_dict_round_trips_through_load_spec_and_yaml():
     assert "!!python" not in spec.to_yaml()
 
 
+def test_to_dict_holds_only_plain_builtins_so_weights_only_checkpoints_can_carry_it():
+    def plain(value) -> bool:
+        if isinstance(value, dict):
+            return all(isinstance(k, (str, int)) and plain(v) for k, v in value.items())
+        if isinstance(value, list):
+            return all(plain(v) for v in value)
+        return value is None or isinstance(value, (str, int, float, bool))
+
+    assert plain(load_spec(FULL).to_dict())
+    hand = Spec(rules=(Rule(0, "sp_block", {"drop_prob": 0.1, "block_size": 3}, ("norm",), name=("a", "b")),))
+    assert yaml.safe_load(hand.to_yaml())["rules"][0]["name"] == ["a", "b"]
+
+
 def test_rules_given_as_a_single_mapping_are_one_rule():
     spec = load_spec({"rules": _rule()["rules"][0]})
     assert len(spec.rules) == 1 and spec.rules[0].regularizer == "sp_block"

@@ -348,7 +348,17 @@ class Spec:
         return out
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        """The spec as YAML text (same content as :meth:`to_dict`)."""
+        return yaml.safe_dump(_yaml_safe(self.to_dict()), sort_keys=False)
+
+
+def _yaml_safe(value: Any) -> Any:
+    # safe_dump has no representer for tuples (a hand-built param value may be one)
+    if isinstance(value, Mapping):
+        return {k: _yaml_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_yaml_safe(v) for v in value]
+    return value
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -48,8 +48,9 @@ Choices where the paper is ambiguous (they change results, so they are stated he
   map over the tokens (prefix tokens included). Any spatial rank works; a map with one unit has ``F^ = 0``.
 
 Numerics: scores, normalisation, gate and scale are float32; the threshold compares in the input dtype, which
-is exact. Output is finite for all-zero, constant, negative and huge inputs (up to half the float32 maximum,
-where ``max - min`` itself would overflow).
+is exact. Output is finite for all-zero, constant, negative and huge inputs: float32 up to half its maximum
+(where ``max - min`` itself would overflow); in float16, values up to ``65504 * (1 - drop_prob)``, since a kept
+unit is scaled by at most ``1 / (1 - drop_prob)`` (as in any inverted dropout).
 
 Where the paper placed it: CIFAR ResNet-18; the official code applies one module to the outputs of ``layer1``
 and ``layer2`` (32x32 and 16x16 maps), ``drop_prob`` ramped linearly from 0 to 0.1 ("we use a linear scheduler
@@ -153,7 +154,7 @@ def attention_drop(
         )
     top_rate = check_top_rate(top_rate)
     mode = check_mode(mode)
-    if isinstance(drop_prob, (int, float)):
+    if not isinstance(drop_prob, torch.Tensor):
         drop_prob = check_probability("drop_prob", drop_prob)
         if drop_prob == 0.0:
             return x

@@ -133,7 +133,7 @@ def spatial_scale(x: torch.Tensor, q: Number, training: bool = True) -> torch.Te
         training: identity when False.
     """
     _check_input(x, "spatial_scale")
-    if isinstance(q, (int, float)):
+    if not isinstance(q, torch.Tensor):
         q = check_probability("q", q, allow_one=True)
         if q == 0.0:
             return x
@@ -157,7 +157,7 @@ def select_scale(x: torch.Tensor, top_rate: float, q: Number, training: bool = T
     """
     _check_input(x, "select_scale")
     top_rate = check_top_rate(top_rate)
-    if isinstance(q, (int, float)):
+    if not isinstance(q, torch.Tensor):
         q = check_probability("q", q, allow_one=True)
         if q == 0.0:
             return x
@@ -189,7 +189,7 @@ def selectout(x: torch.Tensor, drop_prob: Number, top_rate: float, training: boo
     """
     _check_input(x, "selectout")
     top_rate = check_top_rate(top_rate)
-    if isinstance(drop_prob, (int, float)):
+    if not isinstance(drop_prob, torch.Tensor):
         drop_prob = check_probability("drop_prob", drop_prob)
         _check_drop_le_top(drop_prob, top_rate)
         if drop_prob == 0.0:

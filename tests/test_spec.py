@@ -396,6 +396,11 @@ def test_the_documented_stage_override_message_reads_exactly():
     )
 
 
+def test_spec_error_also_takes_a_single_message():
+    err = SpecError("rule 3 (dropblock) matched no site")
+    assert str(err) == "rule 3 (dropblock) matched no site" and err.problems[0].message == str(err)
+
+
 def test_a_missing_regularizer_or_sites_field_is_reported():
     err = _error({"rules": [{"params": {}, "sites": "norm"}, {"regularizer": "sp_block", "params": {}}]})
     text = str(err)

@@ -169,7 +169,12 @@ class SpecProblem:
 class SpecError(ValueError):
     """A spec that cannot be used. ``problems`` lists everything found, each naming rule, field and line."""
 
-    def __init__(self, source: str, problems: Sequence[SpecProblem] | SpecProblem | str):
+    def __init__(self, source: str, problems: Sequence[SpecProblem] | SpecProblem | str | None = None):
+        if problems is None:
+            # SpecError("whole message"): raised by code that has no structured problem to report
+            self.source, self.problems = "", (SpecProblem(source),)
+            ValueError.__init__(self, source)
+            return
         if isinstance(problems, str):
             problems = [SpecProblem(problems)]
         elif isinstance(problems, SpecProblem):

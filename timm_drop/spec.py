@@ -403,10 +403,11 @@ def load_spec(src: str | os.PathLike | Mapping[str, Any] | Spec) -> Spec:
 def _looks_like_path(text: str) -> bool:
     if "\n" in text:
         return False
-    return os.path.exists(text) or text.strip().lower().endswith(_YAML_SUFFIXES)
+    return os.path.exists(os.path.expanduser(text)) or text.strip().lower().endswith(_YAML_SUFFIXES)
 
 
-def _load_file(path: str) -> Spec:
+def _load_file(given: str) -> Spec:
+    path = os.path.expanduser(given)
     if not os.path.exists(path):
         raise SpecError(path, f"spec file {path!r} does not exist")
     if os.path.isdir(path):
@@ -681,7 +682,6 @@ def _parse_rule(index: int, raw: Any, report: _Collector, path: tuple[Any, ...])
             f"unknown regularizer {regularizer!r}{_did_you_mean(regularizer, names)} "
             f"(registered: {', '.join(names) or 'none'})",
         )
-
     elif _is_controller(regularizer):
         c.fail(
             "regularizer",

@@ -329,7 +329,8 @@ def build_model(
 ) -> tuple[nn.Module, torch.Tensor]:
     """Create ``name`` (``pretrained=False``) and an input of the smallest size it accepts.
 
-    With ``input_size`` given it is used as is. Otherwise the size comes from ``pretrained_cfg['input_size']``;
+    With ``input_size`` given it is used as is; with an ``img_size`` in ``model_kwargs`` the input has that size.
+    Otherwise the size comes from ``pretrained_cfg['input_size']``;
     models that accept any size (``fixed_input_size`` false) are tried at :data:`SMALL_SIZES` below it,
     smallest first, and fixed-size models (ViT-like, with position embeddings) are rebuilt with ``img_size``
     at those sizes where their constructor accepts it, else kept at their configured size.
@@ -339,11 +340,14 @@ def build_model(
     kwargs = dict(model_kwargs or {})
     model = timm.create_model(name, pretrained=False, **kwargs)
     model.eval()
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    chans, height, width = tuple(cfg.get("input_size", (3, 224, 224)))
+    if input_size is None and "img_size" in kwargs:
+        img = kwargs["img_size"]
+        input_size = (chans, *((img, img) if isinstance(img, int) else tuple(img)))
     if input_size is not None:
         size = tuple(int(s) for s in input_size)
         return model, torch.randn(batch_size, *size)
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    chans, height, width = tuple(cfg.get("input_size", (3, 224, 224)))
     min_size = tuple(cfg.get("min_input_size", (chans, 32, 32)))
     fixed = bool(cfg.get("fixed_input_size", False))
     candidates = [s for s in SMALL_SIZES if s < max(height, width) and s >= max(min_size[1:])]

@@ -573,7 +573,10 @@ class LayerOut:
             "frozen_fraction_of_model": self.frozen_fraction_of_model,
         }
         self.history = [h for h in self.history if h["epoch"] != epoch] + [record]
-        if record["n_frozen"] and not self._hooks and not self._warned_unattached:
+        # with requires_grad toggled the grads were nulled above and backward leaves them None; only the
+        # grad-nulling path depends on the step hook
+        unsafe = record["n_frozen"] and not self._hooks and not self.toggles_requires_grad
+        if unsafe and not self._warned_unattached:
             self._warned_unattached = True
             warnings.warn(
                 "LayerOut.start_epoch froze parameters but no optimizer is attached: momentum and weight decay "

@@ -137,6 +137,22 @@ def _gamma(p: torch.Tensor, h: int, w: int, kh: int, kw: int, cover: torch.Tenso
     return -torch.expm1(-lam)
 
 
+def _expand_seeds(seeds: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+    """Algorithm 1 line 6: a ``kh x kw`` block around every seed, as a stride-1 max-pool.
+
+    Output row ``o`` pools seed rows ``o - kh // 2 .. o + (kh - 1) // 2``, so a seed at row ``i`` drops rows
+    ``i - (kh - 1) // 2 .. i + kh // 2``; for even ``kh`` the pooled map has one extra, always empty, last row
+    that the caller crops. Large windows pool rows then columns (a max is separable): O(kh + kw) per unit
+    instead of O(kh * kw), which matters on CPU for block sizes near the map size.
+    """
+    if kh == 1 and kw == 1:
+        return seeds
+    if kh * kw <= 4 * (kh + kw):
+        return F.max_pool2d(seeds, (kh, kw), stride=1, padding=(kh // 2, kw // 2))
+    rows = F.max_pool2d(seeds, (kh, 1), stride=1, padding=(kh // 2, 0))
+    return F.max_pool2d(rows, (1, kw), stride=1, padding=(0, kw // 2))
+
+
 def drop_block2d(
     x: torch.Tensor,
     drop_prob: float | torch.Tensor,
@@ -169,14 +185,16 @@ def drop_block2d(
     cover, valid = _tables(h, w, kh, kw, x.device)
     gamma = _gamma(_as_prob_tensor(drop_prob, x.device), h, w, kh, kw, cover)
 
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    fmt = torch.channels_last if channels_last and per_channel else torch.contiguous_format
-    mask = torch.empty((n, c if per_channel else 1, h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
-    mask.bernoulli_(valid * gamma)  # seeds, only where a block fits (Figure 2a)
-    if kh > 1 or kw > 1:
-        # Output row o covers seeds o - kh//2 .. o + (kh-1)//2 of the map; for even kh the pooled map has one
-        # extra (always empty) last row, which the crop removes: the even-size anchoring of the docstring.
-        mask = F.max_pool2d(mask, (kh, kw), stride=1, padding=(kh // 2, kw // 2))[..., :h, :w]
+    mask_channels = c if per_channel else 1
+    if kh == h and kw == w:
+        # One valid seed per map and its block is the whole map: SpatialDropout, no pooling needed.
+        mask = x.new_empty((n, mask_channels, 1, 1)).bernoulli_(gamma)
+    else:
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        fmt = torch.channels_last if channels_last and per_channel else torch.contiguous_format
+        mask = torch.empty((n, mask_channels, h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
+        mask.bernoulli_(valid * gamma)  # seeds, only where a block fits (Figure 2a)
+        mask = _expand_seeds(mask, kh, kw)[..., :h, :w]
     count = float(mask.numel())
     count_ones = count - mask.sum(dtype=torch.float32)
     scale = count / count_ones.clamp_min(eps)

@@ -2,21 +2,34 @@
 
 import timm_drop.layerout  # noqa: F401  (registers "layerout")
 import timm_drop.models  # noqa: F401  (registers the CIFAR timm models)
+from timm_drop.layerout import LayerOut
 from timm_drop.regularizers import (
     Regularizer,
     create_regularizer,
     list_regularizers,
     register_regularizer,
 )
+from timm_drop.rewrite import Plan, RewriteError, apply_regularizer, plan, strip_regularizers
 from timm_drop.schedules import Schedule, set_progress
+from timm_drop.spec import Rule, Spec, SpecError, load_spec
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LayerOut",
+    "Plan",
     "Regularizer",
+    "RewriteError",
+    "Rule",
     "Schedule",
+    "Spec",
+    "SpecError",
+    "apply_regularizer",
     "create_regularizer",
     "list_regularizers",
+    "load_spec",
+    "plan",
     "register_regularizer",
     "set_progress",
+    "strip_regularizers",
 ]

@@ -12,7 +12,7 @@ import timm_drop
 from timm_drop.regularizers.dropblock import DropBlock2d, drop_block2d, dropblock_gamma
 
 MAPS = [(7, 7), (8, 8), (14, 14), (56, 56), (7, 11), (11, 7), (1, 1), (2, 3)]
-BLOCKS = [1, 2, 3, 5, 7, 8, 64]
+BLOCKS = [1, 2, 3, 5, 7, 8, 10, 64]  # 10: the separable-pool path
 
 
 def _brute_force_drop_fraction(gamma: float, h: int, w: int, block_size: int) -> float:
@@ -94,7 +94,7 @@ def _is_union_of_blocks(dropped: torch.Tensor, kh: int, kw: int) -> torch.Tensor
 
 
 @pytest.mark.parametrize(
-    "hw,block_size", [((14, 14), 3), ((14, 14), 4), ((7, 11), 5), ((8, 8), 2), ((9, 6), 7)]
+    "hw,block_size", [((14, 14), 3), ((14, 14), 4), ((7, 11), 5), ((8, 8), 2), ((9, 6), 7), ((30, 24), 10)]
 )
 def test_dropped_regions_are_unions_of_whole_blocks_inside_the_map(hw, block_size):
     h, w = hw

@@ -174,6 +174,15 @@ def test_low_precision_pure_and_autocast_are_finite_and_unbiased(dtype, mode):
     assert z.dtype == dtype and torch.isfinite(z).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_small_gate_probability_is_unbiased_in_low_precision(dtype):
+    # top_rate 1 in "am" is plain dropout; a bf16 uniform would give ~2x the zeros at 0.2%
+    torch.manual_seed(13)
+    x = (torch.rand(100, 10, 20, 20) + 1).to(dtype)
+    y = attention_drop(x, 0.002, 1.0, "am")
+    assert (y == 0).float().mean().item() == pytest.approx(0.002, rel=0.2)
+
+
 @pytest.mark.parametrize("mode", ["am", "sm", "ad"])
 @pytest.mark.parametrize("kind", ["zeros", "constant", "negative", "huge", "huge_fp16"])
 def test_degenerate_inputs_give_finite_outputs(mode, kind):

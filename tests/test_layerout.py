@@ -152,6 +152,11 @@ def test_bind_unwraps_compiled_model_and_selects_grad_nulling():
     lo = LayerOut().bind(compiled)
     assert lo.compiled and not lo.toggles_requires_grad
     assert lo.unit_names == ["0", "3", "6", "11"]
+    in_place = small_cnn()
+    lo = LayerOut().bind(in_place)
+    assert lo.toggles_requires_grad
+    in_place.compile(backend="eager")  # compiled after bind: seen through the module itself
+    assert not lo.toggles_requires_grad
 
 
 def _counting_backend():

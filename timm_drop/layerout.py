@@ -47,14 +47,16 @@ Choices where the paper is silent or where the official code differs from it
   statistics (``momentum`` is set to 0 for the epoch, so train-mode forwards still use batch statistics).
   ``freeze_norm="affine"`` freezes only the affine parameters. In block mode a frozen block's norm affine
   parameters are always frozen (they are block parameters); ``freeze_norm=True`` additionally holds its norms'
-  running statistics.
+  running statistics. Setting ``momentum`` is a Python attribute change that ``torch.compile`` guards on (one
+  recompile per frozen set): with compilation prefer ``False`` or ``"affine"``.
 
 How frozen parameters are kept still ("do not move at all", not by gradient, momentum nor weight decay):
 :meth:`LayerOut.attach` installs an optimizer step pre-hook that sets ``p.grad = None`` for every frozen
 parameter. Every ``torch.optim`` optimizer skips a parameter whose grad is None entirely: no momentum buffer
 update, no weight-decay term, no Adam step count. This holds whatever ``zero_grad(set_to_none=...)`` the loop
-uses. (Merely setting ``requires_grad=False`` is not enough: with ``zero_grad(set_to_none=False)`` the zeroed
-grad stays, and SGD momentum/weight decay and AdamW keep moving the "frozen" weight.)
+uses. (Merely setting ``requires_grad=False`` is not enough: with ``zero_grad(set_to_none=False)`` a stale zeroed
+grad stays, and SGD momentum/weight decay and AdamW keep moving the "frozen" weight; so :meth:`LayerOut.start_epoch`
+also sets ``grad = None`` on the parameters it freezes.)
 
 Skipping the backward work (``skip_backward``): with ``requires_grad_(False)`` on frozen weights autograd skips
 their weight-gradient computation (and the input gradient of a layer whose predecessors are all frozen). That is
@@ -69,7 +71,9 @@ only safe in a single process without compilation:
 gradients of frozen parameters are still computed (and, under DDP, all-reduced) and then discarded by the step
 pre-hook. ``True`` forces toggling (under DDP you must wrap with ``find_unused_parameters=True``), ``False``
 never toggles. ``distributed``/``compiled`` are detected (a DDP or ``torch.compile`` wrapper passed to
-:meth:`LayerOut.bind`, or an initialised process group with world size > 1) and can be passed explicitly.
+:meth:`LayerOut.bind`, an in-place ``model.compile()``, or an initialised process group with world size > 1) and
+can be passed explicitly; a model compiled *after* ``bind`` through a wrapper (Accelerate's ``dynamo_backend``)
+cannot be seen, so pass ``compiled=True`` then.
 
 Gradient clipping on the grad-nulling path sees the frozen parameters' gradients unless
 :meth:`LayerOut.discard_frozen_grads` is called before clipping.
@@ -79,6 +83,7 @@ from __future__ import annotations
 
 import fnmatch
 import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -428,6 +433,7 @@ class LayerOut:
         self._norm_saved: list[tuple[nn.Module, Any, torch.Tensor | None]] = []
         self._hooks: list[Any] = []
         self._pending_state: dict[str, Any] | None = None
+        self._model_ref: weakref.ReferenceType[nn.Module] | None = None
         self._warned_unattached = False
 
     # -- setup -------------------------------------------------------------------------------------------
@@ -490,6 +496,8 @@ class LayerOut:
             raise ValueError(f"LayerOut units of {type(model).__name__} have no trainable parameters")
         self._units = units
         self._model_numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        # weak: LayerOut must not keep the model alive nor be copied with it (timm's EMA deep-copies models)
+        self._model_ref = weakref.ref(model)
         self._probs = freeze_probabilities(self.freeze_probs, len(units), self.seed)
         self._mask = torch.zeros(len(units), dtype=torch.bool)
         self._bound = True
@@ -540,7 +548,10 @@ class LayerOut:
         if self.skip_backward != "auto":
             return bool(self.skip_backward)
         distributed = _world_size_gt_one() if self.distributed is None else self.distributed
-        return not distributed and not self.compiled
+        model = self._model_ref() if self._model_ref is not None else None
+        # nn.Module.compile() compiles in place; torch.compile(model) wrappers are seen by bind()
+        compiled = self.compiled or getattr(model, "_compiled_call_impl", None) is not None
+        return not distributed and not compiled
 
     def draw(self, epoch: int) -> torch.Tensor:
         """The frozen mask for ``epoch`` (True = frozen) without applying it: a pure function of

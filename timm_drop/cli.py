@@ -85,11 +85,11 @@ def _example_input(model, input_size: Sequence[int] | None):
 
 def _plan(model, spec, example):
     """Run the dry run; a spec that cannot be placed on this model (e.g. a rule matching nothing) is a usage error."""
-    import timm_drop
+    from timm_drop.coverage import _api
     from timm_drop.spec import SpecError
 
     try:
-        return timm_drop.plan(model, spec, example_input=example)
+        return _api("plan")(model, spec, example_input=example)
     except (SpecError, ValueError, KeyError, TypeError) as exc:
         raise UsageError(f"cannot place the spec on this model: {exc}") from None
 
@@ -120,7 +120,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_apply(args: argparse.Namespace) -> int:
     import torch
 
-    import timm_drop
+    from timm_drop.coverage import _api
 
     if os.path.exists(args.out) and not args.overwrite:
         raise UsageError(f"--out {args.out!r} exists; pass --overwrite to replace it")
@@ -131,7 +131,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     example = _example_input(model, args.input_size)
     plan = _plan(model, spec, example)
     print(plan)
-    timm_drop.apply_regularizer(model, spec, example_input=example)
+    _api("apply_regularizer")(model, spec, example_input=example)
     # The regularizers own no parameters or persistent buffers, so the state_dict is a plain timm checkpoint;
     # the spec and plan ride along so the same placement can be re-applied before loading it.
     torch.save(

@@ -257,3 +257,19 @@ def test_bad_parameters_are_rejected_by_name(params, exc, match):
         attention_drop(
             torch.randn(1, 2, 3, 3), params["drop_prob"], params["top_rate"], params.get("mode", "ad")
         )
+
+
+def test_compiles_in_one_graph_and_strength_changes_do_not_recompile():
+    import torch._dynamo.testing
+
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+    m = AttentionDrop(0.3, 0.25, "ad").train()
+    compiled = torch.compile(m, fullgraph=True, backend=counter)
+    x, _ = ranked_maps()
+    compiled(x)
+    m.strength.fill_(0.5)
+    compiled(x)
+    m.strength.fill_(0.0)
+    assert torch.equal(compiled(x), x)
+    assert counter.frame_count == 1

@@ -321,3 +321,19 @@ def test_functional_forms_validate_too():
         create_regularizer("selectscale", top_rate="0.2", q=0.5)
     with pytest.raises(ValueError, match="channels-first"):
         select_scale(torch.randn(5), 0.5, 0.5)
+
+
+def test_compiles_in_one_graph_and_strength_changes_do_not_recompile():
+    import torch._dynamo.testing
+
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+    m = Selectout(drop_prob=0.2, top_rate=0.3).train()
+    compiled = torch.compile(m, fullgraph=True, backend=counter)
+    x, _ = ranked_input()
+    compiled(x)
+    m.strength.fill_(0.5)
+    compiled(x)
+    m.strength.fill_(0.0)
+    assert torch.equal(compiled(x), x)
+    assert counter.frame_count == 1

@@ -95,20 +95,19 @@ def _cell_scores(x: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
     with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
         pooled = F.avg_pool2d(x.detach(), (kh, kw), stride=(kh, kw), ceil_mode=True)
         n, _, hc, wc = pooled.shape
-        # (N, N', C) float32; an overflowed fp16 mean becomes the largest finite value, not NaN.
-        v = torch.nan_to_num(pooled.flatten(2).transpose(1, 2).float())
-        # Divide by the largest entry first so the squared norm cannot overflow for huge activations.
-        v = v / v.abs().amax(dim=-1, keepdim=True).clamp_min(_NORM_EPS)
-        v = v / torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min(_NORM_EPS)
+        v = pooled.flatten(2).float()  # (N, C, N'): one column per cell
+        # Divide by the largest entry first so the squared norm cannot overflow for huge activations; every
+        # column is then exactly unit-norm or exactly zero.
+        v = v / v.abs().amax(dim=1, keepdim=True).clamp_min(_NORM_EPS)
+        v = v / torch.linalg.vector_norm(v, dim=1, keepdim=True).clamp_min(_NORM_EPS)
         cells = hc * wc
         rows = max(1, _CHUNK_ELEMENTS // max(1, n * cells))
         vt = v.transpose(1, 2)
-        parts = []
-        for start in range(0, cells, rows):
-            parts.append(torch.bmm(v[:, start : start + rows], vt).abs().sum(dim=-1))
+        parts = [torch.bmm(vt[:, s : s + rows], v).abs().sum(dim=-1) for s in range(0, cells, rows)]
         row_sums = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        # Remove the self term (the "- I" of Eq. (2)); ||v_i||^2 is 1, or 0 for an all-zero cell.
-        scores = (row_sums - v.square().sum(dim=-1)).clamp_min(0.0) / cells
+        # The "- I" of Eq. (2) removes the self term |cos(i, i)| = 1; an all-zero cell has row sum 0 and
+        # clamps to the score 0.
+        scores = (row_sums - 1.0).clamp_min(0.0) / cells
     return scores.view(n, hc, wc)
 
 
@@ -172,15 +171,17 @@ def corr_drop2d(
         candidate = torch.rand(n, hc * wc, device=x.device) < gamma  # M == 0
         # Eqs. (6), (11), counted in units: expected dropped units = p * H * W per sample. When the candidates
         # cover less than that, the paper's p^ exceeds 1; the remainder spills over the other cells.
-        area = torch.outer(_cell_areas(h, kh, hc, x.device), _cell_areas(w, kw, wc, x.device)).flatten()
         budget = p * float(h * w)
+        if h % kh == 0 and w % kw == 0:
+            area: torch.Tensor | float = float(kh * kw)
+        else:
+            area = torch.outer(_cell_areas(h, kh, hc, x.device), _cell_areas(w, kw, wc, x.device)).flatten()
         candidate_area = (candidate * area).sum(dim=1, keepdim=True)
         p_hat = (budget / candidate_area.clamp_min(1.0)).clamp(max=1.0)
         rest_area = (float(h * w) - candidate_area).clamp_min(1.0)
         p_rest = ((budget - candidate_area).clamp_min(0.0) / rest_area).clamp(max=1.0)
         # Eqs. (7)-(8): a candidate cell is dropped when B == 0 too.
-        drop = torch.rand(n, hc * wc, device=x.device) < torch.where(candidate, p_hat, p_rest)
-        keep = (~drop).float()
+        keep = torch.rand(n, hc * wc, device=x.device) >= torch.where(candidate, p_hat, p_rest)
 
         # Per-batch rescale from the kept area (no full-resolution reduction), float32, never / 0.
         kept_units = (keep * area).sum()

@@ -1,0 +1,327 @@
+"""Forward + backward time of every registered regularizer next to the reference ops, in one run.
+
+Rows: every name in ``timm_drop.list_regularizers()`` except ``layerout`` (an optimizer-side controller, not an
+activation op), built with ``create_regularizer`` and representative paper settings; then the references
+``timm.layers.DropBlock2d`` (its default channel-coupled mask, and per channel like Algorithm 1),
+``torchvision.ops.drop_block2d``, ``torch.nn.functional.dropout2d`` and a plain multiply by a 0-dim tensor.
+
+Every row is timed as ``y = op(x); y.backward(g)`` on the same input, median over repeats, eager and (optionally)
+``torch.compile``d. Ratios are reported against timm's DropBlock2d (eager vs eager, compiled vs compiled) and
+against the memory-bound floor: a forward+backward of an elementwise op must at least read and write the
+activation once each way, 4 x numel x itemsize bytes, at the bandwidth measured by ``copy_`` on the same
+tensor in this run (floor = 2 x copy time).
+
+    python benchmarks/ops.py --device cuda                     # (256,1024,14,14) and (256,256,56,56), bf16
+    python benchmarks/ops.py --device cpu --small --no-compile # small shapes, < 60 s on a 2-core box
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import inspect
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import timm_drop
+from timm_drop.regularizers import regularizer_params
+
+SHAPES = [(256, 1024, 14, 14), (256, 256, 56, 56)]
+SMALL_SHAPES = [(4, 256, 14, 14), (4, 64, 56, 56)]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SKIP = {"layerout"}  # not an activation op
+
+#: Values for parameters, by parameter name (DropBlock paper: p 0.1, bs 7; SelectScale: t 0.2, q 0.4).
+PARAM_VALUES: dict[str, object] = {"drop_prob": 0.1, "block_size": 7, "q": 0.4, "top_rate": 0.2}
+#: Extra settings benchmarked as separate rows.
+VARIANTS: dict[str, list[dict[str, object]]] = {
+    "dropblock": [{}, {"per_channel": False}],
+    "attentiondrop": [{"mode": "ad"}, {"mode": "am"}, {"mode": "sm"}],
+}
+REFERENCE = "timm DropBlock2d"
+
+
+class _Fn(nn.Module):
+    """Wraps a functional reference so it can be compiled and called like the regularizers."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+class _Scale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("s", torch.tensor(1.0 / 0.9), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.s
+
+
+def registered_rows() -> list[tuple[str, str, Callable[[], nn.Module]]]:
+    rows = []
+    for name in timm_drop.list_regularizers():
+        if name in SKIP:
+            continue
+        params = regularizer_params(name)
+        required = [k for k, v in params.items() if v is inspect.Parameter.empty]
+        missing = [k for k in required if k not in PARAM_VALUES]
+        if missing:
+            print(
+                f"skipping {name!r}: no benchmark value for required parameter(s) {missing}", file=sys.stderr
+            )
+            continue
+        # Shared vocabulary: every parameter we have a value for is set, so rows are comparable.
+        base = {k: PARAM_VALUES[k] for k in params if k in PARAM_VALUES}
+        for extra in VARIANTS.get(name, [{}]):
+            kwargs = {**base, **{k: v for k, v in extra.items() if k in params}}
+            label = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+            rows.append((name, label, lambda n=name, kw=kwargs: timm_drop.create_regularizer(n, **kw)))
+    return rows
+
+
+def reference_rows() -> list[tuple[str, str, Callable[[], nn.Module]]]:
+    from timm.layers import DropBlock2d as TimmDropBlock2d
+    from torchvision.ops import drop_block2d as tv_drop_block2d
+
+    return [
+        (
+            REFERENCE,
+            "drop_prob=0.1, block_size=7 (default: channels coupled)",
+            lambda: TimmDropBlock2d(0.1, 7),
+        ),
+        (
+            "timm DropBlock2d",
+            "drop_prob=0.1, block_size=7, couple_channels=False",
+            lambda: TimmDropBlock2d(0.1, 7, couple_channels=False),
+        ),
+        (
+            "torchvision drop_block2d",
+            "p=0.1, block_size=7",
+            lambda: _Fn(lambda x: tv_drop_block2d(x, 0.1, 7)),
+        ),
+        ("F.dropout2d", "p=0.1", lambda: _Fn(lambda x: F.dropout2d(x, 0.1, training=True))),
+        ("plain multiply", "x * s (0-dim)", _Scale),
+    ]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(step: Callable[[], None], device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    step()
+    _sync(device)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def round_robin_ms(
+    steps: dict[str, Callable[[], None]], device: torch.device, repeats: int, warmup: int
+) -> dict[str, float]:
+    """Median time per step, interleaving the steps so that load changes hit every row alike."""
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {key: [] for key in steps}
+    for _ in range(repeats):
+        for key, step in steps.items():
+            times[key].append(_timed(step, device))
+    return {key: statistics.median(v) for key, v in times.items()}
+
+
+def fwd_bwd_step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
+    def step() -> None:
+        x.grad = None
+        module(x).backward(grad)
+
+    return step
+
+
+def _short_error(exc: BaseException) -> str:
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {msg[:80]}".replace("|", "/")
+
+
+def run(args: argparse.Namespace) -> str:
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    shapes = args.shapes or (SMALL_SHAPES if args.small else SHAPES)
+    compile_on = args.compile if args.compile is not None else device.type == "cuda"
+    rows = registered_rows() + reference_rows()
+    torch.manual_seed(0)
+
+    sections = []
+    for shape in shapes:
+        x = torch.randn(shape, device=device, dtype=dtype).requires_grad_(True)
+        grad = torch.randn_like(x)
+        copy_dst = torch.empty_like(x)
+        results = [
+            {"name": n, "label": lab, "eager": None, "compiled": None, "error": ""} for n, lab, _ in rows
+        ]
+        for mode in ("eager", "compiled") if compile_on else ("eager",):
+            steps: dict[str, Callable[[], None]] = {"copy": partial(copy_dst.copy_, x.detach())}
+            for i, (_, _, make) in enumerate(rows):
+                if results[i]["error"]:
+                    continue
+                try:
+                    module = make().train().to(device)
+                    if mode == "compiled":
+                        module = torch.compile(module, dynamic=False)
+                    step = fwd_bwd_step(module, x, grad)
+                    step()  # first call: compiles, and surfaces a method that cannot serve this shape
+                    steps[str(i)] = step
+                except Exception as exc:  # reported in the table, not fatal
+                    results[i]["error"] = ("compile: " if mode == "compiled" else "") + _short_error(exc)
+            medians = round_robin_ms(steps, device, args.repeats, args.warmup)
+            if mode == "eager":
+                t_copy = medians["copy"]
+            for i in range(len(rows)):
+                results[i][mode] = medians.get(str(i))
+            if args.verbose:
+                print(
+                    f"{shape} {mode}: "
+                    + ", ".join(f"{rows[int(k)][0]}={v:.3g}" for k, v in medians.items() if k != "copy")
+                )
+        floor = 2.0 * t_copy
+        gbps = 2 * x.numel() * x.element_size() / (t_copy * 1e-3) / 1e9
+        sections.append(_table(shape, results, floor, t_copy, gbps, compile_on))
+    return _header(args, device, dtype, compile_on) + "\n".join(sections)
+
+
+def _fmt(v: float | None, digits: int = 3) -> str:
+    return "—" if v is None else f"{v:.{digits}g}" if v < 100 else f"{v:.0f}"
+
+
+def _ratio(v: float | None, ref: float | None) -> str:
+    return "—" if v is None or not ref else f"{v / ref:.2f}x"
+
+
+def _table(shape, results, floor, t_copy, gbps, compile_on) -> str:
+    ref = next(r for r in results if r["name"] == REFERENCE)
+    lines = [
+        f"## Input {tuple(shape)}",
+        "",
+        f"copy_: {t_copy:.3f} ms ({gbps:.0f} GB/s); memory-bound floor for forward+backward "
+        f"(4 x bytes at that bandwidth): **{floor:.3f} ms**",
+        "",
+    ]
+    head = "| op | settings | eager ms | eager / timm | eager / floor |"
+    sep = "|---|---|---:|---:|---:|"
+    if compile_on:
+        head += " compiled ms | compiled / timm compiled | compiled / floor |"
+        sep += "---:|---:|---:|"
+    lines += [head + " note |", sep + "---|"]
+    for r in results:
+        cells = [
+            r["name"],
+            r["label"],
+            _fmt(r["eager"]),
+            _ratio(r["eager"], ref["eager"]),
+            _ratio(r["eager"], floor),
+        ]
+        if compile_on:
+            cells += [
+                _fmt(r["compiled"]),
+                _ratio(r["compiled"], ref["compiled"]),
+                _ratio(r["compiled"], floor),
+            ]
+        cells.append(r["error"])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _header(args, device, dtype, compile_on) -> str:
+    if device.type == "cuda":
+        dev = torch.cuda.get_device_name(device)
+    else:
+        dev = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return "\n".join(
+        [
+            "# Regularizer ops: forward + backward time",
+            "",
+            f"- date: {now}",
+            f"- device: {dev}",
+            f"- torch {torch.__version__}, timm {timm.__version__}, torchvision {torchvision.__version__}, "
+            f"timm_drop {timm_drop.__version__}, Python {platform.python_version()}",
+            f"- dtype: {args.dtype}; median of {args.repeats} round-robin repeats after {args.warmup} warm-up; "
+            f"torch.compile: {'yes (dynamic=False)' if compile_on else 'no'}",
+            f"- command: `python benchmarks/ops.py {' '.join(args.argv)}`",
+            "- time = `y = op(x); y.backward(g)` including mask generation; ratios: vs timm's default "
+            "DropBlock2d (same mode) and vs the memory-bound floor",
+            "",
+            "",
+        ]
+    )
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shapes entries are N,C,H,W integers, got {text!r}") from None
+    if len(shape) != 4 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"--shapes entries need 4 positive integers N,C,H,W, got {text!r}")
+    return shape
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--small", action="store_true", help=f"small shapes {SMALL_SHAPES} (CPU smoke/benchmark)")
+    ap.add_argument(
+        "--shapes", type=parse_shape, nargs="+", default=None, help="N,C,H,W ... (overrides --small)"
+    )
+    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="default: on for cuda, off for cpu",
+    )
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = default)")
+    ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/ops_<device>.md")
+    ap.add_argument("--verbose", action="store_true")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> Path:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    if args.repeats < 1 or args.warmup < 0:
+        raise SystemExit("--repeats must be >= 1 and --warmup >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = args.out or Path(__file__).resolve().parent / "results" / f"ops_{args.device}.md"
+    report = run(args)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report)
+    print(report)
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Smoke test of benchmarks/ops.py: the CPU mode on tiny shapes, one repeat."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import timm_drop
+
+OPS = Path(__file__).resolve().parents[1] / "benchmarks" / "ops.py"
+
+
+@pytest.fixture(scope="module")
+def ops():
+    spec = importlib.util.spec_from_file_location("timm_drop_bench_ops", OPS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(report: str, name: str, settings_start: str = "") -> list[str]:
+    for line in report.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) > 2 and cells[0] == name and cells[1].startswith(settings_start):
+            return cells
+    raise AssertionError(f"no row for {name!r} in:\n{report}")
+
+
+def test_cpu_mode_times_every_registered_regularizer_and_the_references(ops, tmp_path):
+    out = tmp_path / "ops.md"
+    threads = torch.get_num_threads()
+    ops.main(["--device", "cpu", "--shapes", "2,8,7,7", "--repeats", "1", "--warmup", "0", "--out", str(out)])
+    assert torch.get_num_threads() == threads
+    report = out.read_text()
+    for field in ("device: CPU", f"torch {torch.__version__}", "timm ", "torchvision ", "date: ", "floor"):
+        assert field in report
+    assert "## Input (2, 8, 7, 7)" in report
+    registered = [n for n in timm_drop.list_regularizers() if n != "layerout"]
+    for name in registered:
+        _row(report, name)
+    assert not any(line.startswith("| layerout ") for line in report.splitlines())
+    # Our rows and the references must carry a time and both ratios (other methods may report errors).
+    for name in ("dropblock", "dropout", "spatial_dropout", "droppath", "timm DropBlock2d",
+                 "torchvision drop_block2d", "F.dropout2d", "plain multiply"):  # fmt: skip
+        cells = _row(report, name)
+        assert re.fullmatch(r"[0-9.]+", cells[2]), cells
+        assert cells[3].endswith("x") and cells[4].endswith("x"), cells
+    assert _row(report, "timm DropBlock2d", "drop_prob=0.1, block_size=7 (default")[3] == "1.00x"
+
+
+def test_bad_shape_argument_is_rejected_naming_the_flag(ops):
+    with pytest.raises(argparse.ArgumentTypeError, match="--shapes"):
+        ops.parse_shape("2,8,7")
+    with pytest.raises(argparse.ArgumentTypeError, match="--shapes"):
+        ops.parse_shape("2,8,x,7")

@@ -20,9 +20,9 @@
 Kinds (``Site.kind``):
 
 * ``stage`` — output of a ``feature_info`` module. The stem entry is excluded from stage numbering; entry 0
-  is the stem when its module name has a ``stem`` component, is the model root (TResNet), or is a single
-  layer without submodules while the next entry is a composite module (ResNet's ``act1``, MobileNetV3's
-  ``bn1``). Stages are numbered from 1 (resnet50 stage 3 = ``layer3``).
+  is the stem when its module name has a ``stem`` component, is the model root (TResNet), or has a shallower
+  module tree than the next entry (ResNet's ``act1``, MobileNetV3's ``bn1``, DenseNet's ``features.norm0``
+  against stages holding blocks). Stages are numbered from 1 (resnet50 stage 3 = ``layer3``).
 * ``block`` — output of each block of a stage: the members of the stage's block container (a torch
   container itself, the container child holding composite modules, e.g. ConvNeXt's ``stages.N.blocks``,
   or repeated composite children like RegNet's ``b1..bN``); a stage that owns skip adds itself (ViT's
@@ -52,6 +52,7 @@ regularizer accepts them).
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import operator
 import re
@@ -147,20 +148,48 @@ class LocalTracer(fx.Tracer):
         return m is not self._owner
 
 
-def trace_local(module: nn.Module, training: bool) -> tuple[fx.Graph, dict[str, torch.Tensor]]:
+def none_inputs(module: nn.Module, inputs: Any) -> tuple[str, ...]:
+    """Names of ``forward`` parameters that were None (passed or by default) in the recorded call."""
+    if inputs is None:
+        return ()
+    args, kwargs = inputs
+    try:
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return ()
+    bound.apply_defaults()
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    params = inspect.signature(module.forward).parameters
+    return tuple(k for k, v in bound.arguments.items() if v is None and params[k].kind in kinds)
+
+
+def trace_local(
+    module: nn.Module, training: bool, none_args: tuple[str, ...] = ()
+) -> tuple[fx.Graph, dict[str, torch.Tensor]]:
     """Trace ``module.forward`` with only ``module.training`` set to ``training``.
 
-    Returns the graph and the tensor constants the tracer had to attach to the module (removed again, so that
-    analysis leaves no trace; the rewriter re-attaches them).
+    ``none_args`` are specialised to None (as recorded in the shape pass): FX would otherwise take every
+    ``if arg is None`` branch the wrong way. The generated code asserts they are still None at run time, and
+    keeps the original parameter names so keyword callers work. Returns the graph and the tensor constants the
+    tracer had to attach to the module (removed again, so that analysis leaves no trace; the rewriter
+    re-attaches them).
     """
     before = set(module.__dict__)
     was = module.training
     module.training = training
     try:
-        graph = LocalTracer(module).trace(module)
+        graph = LocalTracer(module).trace(module, concrete_args=dict.fromkeys(none_args) or None)
     finally:
         module.training = was
         consts = {k: module.__dict__.pop(k) for k in list(module.__dict__) if k not in before}
+    if none_args:
+        # FX renames specialised placeholders (``mask`` -> ``mask_1``); restore the signature's names.
+        params = [p for p in inspect.signature(module.forward).parameters.values()]
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        if len(params) == len(placeholders):
+            for p, n in zip(params, placeholders):
+                star = "*" if p.kind == p.VAR_POSITIONAL else "**" if p.kind == p.VAR_KEYWORD else ""
+                n.target = star + p.name
     return graph, consts
 
 
@@ -282,14 +311,18 @@ def infer_layout(
     return "NCHW"
 
 
+def _subtree_depth(module: nn.Module) -> int:
+    children = list(module.children())
+    return 0 if not children else 1 + max(_subtree_depth(c) for c in children)
+
+
 def _is_stem_entry(name: str, module: nn.Module, next_module: nn.Module | None) -> bool:
     if name == "":
         return True
     if any(part.startswith("stem") or part.endswith("stem") for part in name.split(".")):
         return True
-    has_children = next(module.children(), None) is not None
-    next_has = next_module is not None and next(next_module.children(), None) is not None
-    return not has_children and next_has
+    # A stage holds blocks, a stem is a layer or two: a shallower module tree than the next entry's.
+    return next_module is not None and _subtree_depth(module) < _subtree_depth(next_module)
 
 
 def _is_container(module: nn.Module) -> bool:
@@ -319,6 +352,7 @@ class LocalGraph:
     adds: list[tuple[str, int, int]]
     verified: bool = False
     train_checked: bool = False
+    none_args: tuple[str, ...] = ()
 
 
 @dataclass
@@ -350,7 +384,7 @@ class Analysis:
                 return None, reason
         if not lg.train_checked:
             try:
-                g_train, consts = trace_local(m, True)
+                g_train, consts = trace_local(m, True, lg.none_args)
             except Exception as exc:
                 self.opaque[name] = (
                     f"{type(m).__name__} is not FX-traceable in training mode ({_first_line(exc)})"
@@ -580,14 +614,14 @@ def analyze_model(model: nn.Module, example_input: Any = None) -> Analysis:
             continue  # never ran
         m = named[name]
         try:
-            g_eval, consts = trace_local(m, False)
+            g_eval, consts = trace_local(m, False, none_inputs(m, rec.inputs[name]))
         except Exception as exc:
             opaque[name] = (
                 f"{type(m).__name__} is not FX-traceable ({type(exc).__name__}: {_first_line(exc)})"
             )
             rec.inputs.pop(name, None)
             continue
-        lg = LocalGraph(g_eval, None, consts, {}, [])
+        lg = LocalGraph(g_eval, None, consts, {}, [], none_args=none_inputs(m, rec.inputs[name]))
         graphs[name] = lg
         if _candidate_adds(g_eval):
             reason = _verify(model, m, lg, rec.inputs[name], rec.out.get("\0" + name))

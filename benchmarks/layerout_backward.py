@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import platform
 import statistics
 import time
@@ -124,6 +125,7 @@ def run(args: argparse.Namespace) -> str:
         results.append((name, how, dict(frozen=frozen, fwd=fwd, bwd=bwd, opt=opt)))
     baseline = results[0][2]
 
+    fwds = [r["fwd"] for _, _, r in results]
     base_bwd, base_total = baseline["bwd"], baseline["fwd"] + baseline["bwd"] + baseline["opt"]
     lines = [
         f"# LayerOut backward-time saving vs fraction frozen ({device.type})",
@@ -138,6 +140,13 @@ def run(args: argparse.Namespace) -> str:
         f"{args.iters} iterations after {args.warmup} warm-up; the table shows the median over rounds and "
         f"{args.draws} frozen-set draws (random rows); SGD momentum 0.9, wd 5e-4",
         f"- command: `python benchmarks/layerout_backward.py {' '.join(args.argv)}`",
+        f"- noise: the forward pass does (nearly) identical work in every row; its spread across rows "
+        f"({min(fwds):.1f}-{max(fwds):.1f} ms, {100 * (max(fwds) / min(fwds) - 1):.0f}%) bounds the timing noise"
+        + (
+            f"; 1-min load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+            if device.type == "cpu"
+            else ""
+        ),
         "",
         "| strategy | frozen by | params frozen | fwd ms | bwd ms | step ms | bwd saving | train-step saving |",
         "|---|---|---:|---:|---:|---:|---:|---:|",

@@ -417,9 +417,9 @@ def test_invalid_settings_name_the_parameter():
 
 # --- DDP: the same frozen set on every rank ------------------------------------------------------------------
 def _ddp_worker(rank: int, world: int, port: int, queue) -> None:
+    torch.set_num_threads(1)  # first: a forked child must not use the parent's OpenMP pool
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
     try:
         model = small_cnn(seed=0)
         lo = LayerOut(freeze_probs="random", seed=11).bind(model)  # auto: world size 2 -> grad nulling
@@ -446,13 +446,17 @@ def test_ddp_ranks_freeze_the_same_layers_and_stay_in_sync():
         port = s.getsockname()[1]
     # fork: a spawned worker re-imports torch and timm (20+ s on a loaded runner)
     ctx = mp.get_context("fork")
-    queue = ctx.SimpleQueue()
+    queue = ctx.Queue()
     procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    results = dict(queue.get() for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
+    try:
+        results = dict(queue.get(timeout=120) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.terminate()
     r0, r1 = results[0], results[1]
     assert not r0["toggles"] and not r1["toggles"]
     assert r0["frozen"] == r1["frozen"] and any(r0["frozen"])

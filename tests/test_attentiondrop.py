@@ -200,9 +200,9 @@ def test_degenerate_inputs_give_finite_outputs(mode, kind):
         assert torch.equal(y, x)  # nothing stands out in a constant map: no top units, F^ = 0
 
 
-@pytest.mark.parametrize("shape", [(1, 4, 1, 1), (2, 3, 2, 3), (1, 1, 5, 1), (2, 4)])
+@pytest.mark.parametrize("shape", [(1, 4, 1, 1), (2, 3, 2, 3), (1, 1, 5, 1), (2, 4), (2, 3, 2, 3, 2)])
 @pytest.mark.parametrize("mode", ["am", "sm", "ad"])
-def test_tiny_maps_and_single_sample(shape, mode):
+def test_tiny_maps_single_sample_and_any_spatial_rank(shape, mode):
     torch.manual_seed(10)
     x = torch.randn(shape)
     y = AttentionDrop(0.5, 0.3, mode).train()(x)

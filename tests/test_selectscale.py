@@ -223,8 +223,8 @@ def test_degenerate_inputs_give_finite_outputs(name, kind):
         assert torch.equal(y, x)
 
 
-@pytest.mark.parametrize("shape", [(1, 6, 1, 1), (2, 6, 2, 3), (1, 1, 3, 3), (3, 5)])
-def test_tiny_maps_single_sample_and_single_channel(shape):
+@pytest.mark.parametrize("shape", [(1, 6, 1, 1), (2, 6, 2, 3), (1, 1, 3, 3), (3, 5), (2, 6, 2, 3, 2)])
+def test_tiny_maps_single_sample_single_channel_and_any_spatial_rank(shape):
     torch.manual_seed(5)
     x = torch.randn(shape)
     for m in (SelectScale(0.5, 0.5), Selectout(0.3, 0.5), SpatialScale(0.5)):

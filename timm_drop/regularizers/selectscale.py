@@ -48,11 +48,17 @@ Choices where the paper is silent or ambiguous (documented here because they cha
   channel over all tokens (prefix tokens included) and its score is the max over tokens. NHWC arrives as a
   permuted view and comes back in the same memory format.
 
-Where the paper placed it: CIFAR ResNets/WRNs, after every convolution; ResNeXt, before and after the grouped
-3x3 convolutions; ImageNet ResNet-50, after every BN of stages 3 and 4 with stage 3 at half the rate, with a
-curriculum (ramped) schedule. Hyper-parameters: top rate 0.1-0.2 in most tuned runs (section 4); CIFAR-100
-WRN-20-4 ``top_rate=0.1``, retaining 0.1 (``q = 0.9``); ImageNet ResNet-50 ``top_rate=0.1``, retaining 0.2
-(``q = 0.8``); CIFAR-10 WRN-20-4 ``top_rate=0.2``, retaining 0 (``q = 1``).
+Cost: one fused ``aminmax`` read of ``x`` for the scores, a ``topk`` and a scatter on the small ``(N, C)``
+score matrix, and one broadcast multiply; SpatialScale (or ``top_rate = 1``) skips the scores.
+
+Where the paper placed it (section 3): CIFAR ResNets/WRNs, after every convolution; ResNeXt-29, before and
+after the grouped 3x3 convolutions; ImageNet ResNet-50, after every BN of the bottlenecks of stages 3 and 4,
+stage 3 at half the rate, with a curriculum (ramped) schedule. SelectScale hyper-parameters, tables' retaining
+rate converted to ``q = 1 - retaining``: ImageNet ResNet-50 ``top_rate=0.1, q=0.8``; CIFAR-10 (Table 1)
+ResNet-110 / WRN-20-4 / WRN-20-8 ``top_rate`` 0.4 / 0.2 / 0.2 with ``q`` 0.6 / 1.0 / 0.9; CIFAR-100 (Table 2
+caption) ``top_rate`` 0.1 / 0.1 / 0.2 with ``q = 0.9`` (the text of section 3.3 says top rates 0.1 / 0.2 / 0.1).
+SpatialScale baseline: ``q = 0.6`` (``0.8`` for CIFAR-100 WRN-20-8). Section 4: most tuned top rates are 0.1 or
+0.2. Selectout has no table of its own; Fig. 3 shows that dropping 6% of the maps almost disables a trained net.
 """
 
 from __future__ import annotations

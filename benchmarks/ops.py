@@ -115,8 +115,58 @@ def reference_rows() -> list[tuple[str, str, Callable[[], nn.Module]]]:
             lambda: _Fn(lambda x: tv_drop_block2d(x, 0.1, 7)),
         ),
         ("F.dropout2d", "p=0.1", lambda: _Fn(lambda x: F.dropout2d(x, 0.1, training=True))),
+        ("F.dropout", "p=0.1", lambda: _Fn(lambda x: F.dropout(x, 0.1, training=True))),
         ("plain multiply", "x * s (0-dim)", _Scale),
     ]
+
+
+#: (H, W, block_size) for the realised-drop-fraction table; drop_prob 0.1 throughout.
+FRACTION_CASES = [
+    (7, 7, 3),
+    (7, 7, 5),
+    (8, 8, 7),
+    (14, 14, 5),
+    (14, 14, 7),
+    (28, 28, 7),
+    (56, 56, 7),
+    (7, 11, 5),
+]
+
+
+def fraction_table(device: torch.device, maps: int = 2048) -> str:
+    """Realised fraction of zeroed units at drop_prob 0.1 (requested), same inputs for every implementation."""
+    from timm.layers import drop_block_2d as timm_drop_block
+    from torchvision.ops import drop_block2d as tv_drop_block2d
+
+    from timm_drop.regularizers.dropblock import drop_block2d
+
+    impls = {
+        "timm_drop dropblock": lambda x, bs: drop_block2d(x, 0.1, bs),
+        "timm DropBlock2d (default)": lambda x, bs: timm_drop_block(x, 0.1, bs),
+        "timm DropBlock2d (couple_channels=False)": lambda x, bs: timm_drop_block(
+            x, 0.1, bs, couple_channels=False
+        ),
+        "torchvision drop_block2d": lambda x, bs: tv_drop_block2d(x, 0.1, bs),
+    }
+    lines = [
+        "## Realised drop fraction (requested 0.1)",
+        "",
+        f"Fraction of zeroed units of a ones tensor ({maps} maps of H x W), float32, one draw per cell.",
+        "",
+        "| H x W, block | " + " | ".join(impls) + " |",
+        "|---|" + "---:|" * len(impls),
+    ]
+    torch.manual_seed(0)
+    for h, w, bs in FRACTION_CASES:
+        x = torch.ones(maps // 16, 16, h, w, device=device)
+        cells = []
+        for fn in impls.values():
+            try:
+                cells.append(f"{(fn(x, bs) == 0).float().mean().item():.3f}")
+            except Exception as exc:
+                cells.append(_short_error(exc)[:40])
+        lines.append(f"| {h}x{w}, {bs} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _sync(device: torch.device) -> None:
@@ -202,7 +252,11 @@ def run(args: argparse.Namespace) -> str:
         floor = 2.0 * t_copy
         gbps = 2 * x.numel() * x.element_size() / (t_copy * 1e-3) / 1e9
         sections.append(_table(shape, results, floor, t_copy, gbps, compile_on))
-    return _header(args, device, dtype, compile_on) + "\n".join(sections)
+    return (
+        _header(args, device, dtype, compile_on)
+        + "\n".join(sections)
+        + ("\n" + fraction_table(device, args.fraction_maps) if args.fraction_maps else "")
+    )
 
 
 def _fmt(v: float | None, digits: int = 3) -> str:
@@ -299,6 +353,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: on for cuda, off for cpu",
     )
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = default)")
+    ap.add_argument(
+        "--fraction-maps",
+        type=int,
+        default=2048,
+        help="maps per cell of the drop-fraction table (0 = skip it)",
+    )
     ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/ops_<device>.md")
     ap.add_argument("--verbose", action="store_true")
     return ap
@@ -308,8 +368,8 @@ def main(argv: list[str] | None = None) -> Path:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
-    if args.repeats < 1 or args.warmup < 0:
-        raise SystemExit("--repeats must be >= 1 and --warmup >= 0")
+    if args.repeats < 1 or args.warmup < 0 or args.fraction_maps < 0:
+        raise SystemExit("--repeats must be >= 1, --warmup and --fraction-maps >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
     if args.threads:

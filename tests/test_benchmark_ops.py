@@ -34,7 +34,22 @@ def _row(report: str, name: str, settings_start: str = "") -> list[str]:
 def test_cpu_mode_times_every_registered_regularizer_and_the_references(ops, tmp_path):
     out = tmp_path / "ops.md"
     threads = torch.get_num_threads()
-    ops.main(["--device", "cpu", "--shapes", "2,8,7,7", "--repeats", "1", "--warmup", "0", "--out", str(out)])
+    ops.main(
+        [
+            "--device",
+            "cpu",
+            "--shapes",
+            "2,8,7,7",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--fraction-maps",
+            "32",
+            "--out",
+            str(out),
+        ]
+    )
     assert torch.get_num_threads() == threads
     report = out.read_text()
     for field in ("device: CPU", f"torch {torch.__version__}", "timm ", "torchvision ", "date: ", "floor"):
@@ -51,6 +66,9 @@ def test_cpu_mode_times_every_registered_regularizer_and_the_references(ops, tmp
         assert re.fullmatch(r"[0-9.]+", cells[2]), cells
         assert cells[3].endswith("x") and cells[4].endswith("x"), cells
     assert _row(report, "timm DropBlock2d", "drop_prob=0.1, block_size=7 (default")[3] == "1.00x"
+    assert "## Realised drop fraction (requested 0.1)" in report
+    fractions = _row(report, "8x8, 7")
+    assert len(fractions) == 5 and all(re.fullmatch(r"[0-9.]+", c) for c in fractions[1:]), fractions
 
 
 def test_bad_shape_argument_is_rejected_naming_the_flag(ops):

@@ -201,9 +201,10 @@ def drop_block2d(
     count = float(mask.numel())
     count_ones = count - mask.sum(dtype=torch.float32)
     scale = count / count_ones.clamp_min(eps)
-    # x - x * mask == x * (1 - mask) exactly (mask is 0/1) without materialising the keep mask; the float32
-    # rescale is applied in place in the op's float32 compute type, then rounded once to x.dtype.
-    return torch.addcmul(x, x, mask, value=-1).mul_(scale)
+    keep = 1 - mask  # 0/1, exact in every float dtype; the only tensor autograd keeps for backward
+    # The float32 rescale is applied in place in the multiply's float32 compute type and rounded once to
+    # x.dtype (folding it into a bf16 mask would bias the expectation by up to 0.4 %).
+    return torch.mul(x, keep).mul_(scale)
 
 
 @register_regularizer("dropblock")

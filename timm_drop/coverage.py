@@ -40,8 +40,9 @@ from torch import nn
 #: A spec that uses every site kind (DESIGN §4) with layout-agnostic regularizers, so NCHW, NHWC and token
 #: sites are all exercised. ``allow_empty`` everywhere: a family may lack a kind (VGG has no skip adds), but
 #: :func:`check_model` requires at least one site per model. Later rules ``stack`` because different kinds
-#: can name the same tensor (the last block's output is also the stage output). :func:`check_model` adds a
-#: ``dropblock`` rule on the stage sites whose layout is spatial (see ``spatial_stage_rule``).
+#: can name the same tensor (the last block's output is also the stage output). :func:`check_model` fits it
+#: to each model with :func:`adapt_spec`: sites whose layout a rule's regularizer refuses are excluded, and
+#: the stage sites with a spatial layout get ``dropblock``.
 COVERAGE_SPEC: dict[str, Any] = {
     "version": 1,
     "description": "timm_drop coverage: every site kind, layout-agnostic regularizers",
@@ -231,30 +232,6 @@ def _site_kind(entry: Any) -> str:
     return str(kind)
 
 
-def _site_module(entry: Any) -> str | None:
-    """Qualified module name of an entry's site, as the spec's ``name`` selector sees it."""
-    for key in ("module", "module_name", "qualname"):
-        value = _entry_field(entry, key)
-        if isinstance(value, str):
-            return value
-    site = _entry_field(entry, "site")
-    if site is not None and not isinstance(site, str):
-        for key in ("module", "module_name", "qualname", "name"):
-            value = _entry_field(site, key)
-            if isinstance(value, str):
-                return value
-    return site if isinstance(site, str) else _entry_field(entry, "name")
-
-
-def _site_layout(entry: Any) -> str | None:
-    layout = _entry_field(entry, "layout")
-    if layout is None:
-        site = _entry_field(entry, "site")
-        if site is not None and not isinstance(site, str):
-            layout = _entry_field(site, "layout")
-    return layout
-
-
 def _exc_reason(exc: BaseException) -> str:
     msg = str(exc).strip().splitlines()
     text = f"{type(exc).__name__}: {msg[0] if msg else ''}"
@@ -294,14 +271,15 @@ def disable_builtin_stochasticity(model: nn.Module) -> int:
 
 
 def _api(name: str) -> Callable[..., Any]:
-    """``timm_drop.<name>`` (plan / apply_regularizer / strip_regularizers), else the rewriter's own."""
+    """``timm_drop.<name>`` (plan / apply_regularizer / strip_regularizers / find_sites), else the
+    rewriter's own from ``timm_drop.rewrite`` / ``timm_drop.sites``."""
     import timm_drop
 
     fn = getattr(timm_drop, name, None)
     if fn is None:
-        from timm_drop import rewrite
+        from timm_drop import rewrite, sites
 
-        fn = getattr(rewrite, name)
+        fn = getattr(rewrite, name, None) or getattr(sites, name)
     return fn
 
 
@@ -378,47 +356,83 @@ def build_model(
     return model, torch.randn(batch_size, chans, height, width)
 
 
-def _spatial_stage_spec(
-    spec: Mapping[str, Any], plan_entries: list[Any], dropblock_params: Mapping[str, Any]
-) -> tuple[dict[str, Any], list[str]]:
-    """Put ``dropblock`` on the stage sites whose layout it accepts; the rest keep the spec's stage rule."""
+def _exact(name: str) -> str:
+    """A glob matching exactly ``name`` (module names may not contain glob metacharacters, but be safe)."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def _rule_kinds(rule: Mapping[str, Any]) -> list[str]:
+    sites = rule.get("sites", [])
+    return [sites] if isinstance(sites, str) else list(sites)
+
+
+def adapt_spec(
+    spec: Mapping[str, Any],
+    sites: Iterable[Any],
+    *,
+    dropblock_params: Mapping[str, Any] | None = DROPBLOCK_STAGE_PARAMS,
+) -> dict[str, Any]:
+    """Fit a generic spec to one model's sites (from ``find_sites``) the way a user would, by ``exclude``.
+
+    * Each rule excludes the modules of its kinds' sites whose layout its regularizer does not accept (e.g.
+      2-D ``NC`` head norms after pooling), since the rewriter rightly refuses to place it there.
+    * With ``dropblock_params``, the stage sites with a layout ``dropblock`` accepts get a ``dropblock`` rule
+      inserted before the first stage-only rule, which then excludes them.
+    """
     from timm_drop.regularizers import get_regularizer_class
 
-    layouts = tuple(getattr(get_regularizer_class("dropblock"), "layouts", ("NCHW",)))
-    names = []
-    for entry in plan_entries:
-        if _site_kind(entry) != "stage":
-            continue
-        layout = _site_layout(entry)
-        module = _site_module(entry)
-        if module and layout in layouts and module not in names:
-            names.append(module)
+    sites = list(sites)
     spec = copy.deepcopy(dict(spec))
-    if not names:
-        return spec, names
-    # Escape glob metacharacters so that each name matches exactly itself.
-    exact = [re.sub(r"([*?\[])", r"[\1]", n) for n in names]
-    rules = []
-    for rule in spec["rules"]:
-        sites = rule.get("sites", [])
-        sites = [sites] if isinstance(sites, str) else list(sites)
-        if sites == ["stage"]:
-            rules.append(
-                {
-                    "regularizer": "dropblock",
-                    "params": dict(dropblock_params),
-                    "sites": ["stage"],
-                    "name": exact,
-                    "allow_empty": True,
-                    "label": "dropblock on spatial stage outputs",
-                }
-            )
-            rule = dict(rule)
-            rule["exclude"] = list(rule.get("exclude", [])) + exact
-            rule["on_conflict"] = "stack"
+    rules: list[dict[str, Any]] = []
+    for raw in spec["rules"]:
+        rule = dict(raw)
+        kinds = _rule_kinds(rule)
+        layouts = tuple(getattr(get_regularizer_class(rule["regularizer"]), "layouts", ()) or ())
+        bad = sorted({s.module for s in sites if s.kind in kinds and layouts and s.layout not in layouts})
+        if bad:
+            rule["exclude"] = list(rule.get("exclude", [])) + [_exact(n) for n in bad]
+        if (
+            dropblock_params is not None
+            and kinds == ["stage"]
+            and not any(r["regularizer"] == "dropblock" for r in rules)
+        ):
+            db_layouts = tuple(getattr(get_regularizer_class("dropblock"), "layouts", ("NCHW",)))
+            spatial = sorted({s.module for s in sites if s.kind == "stage" and s.layout in db_layouts})
+            if spatial:
+                names = [_exact(n) for n in spatial]
+                rules.append(
+                    {
+                        "regularizer": "dropblock",
+                        "params": dict(dropblock_params),
+                        "sites": ["stage"],
+                        "name": names,
+                        "allow_empty": True,
+                        "label": "dropblock on spatial stage outputs",
+                    }
+                )
+                rule["exclude"] = list(rule.get("exclude", [])) + names
+                rule["on_conflict"] = "stack"
         rules.append(rule)
     spec["rules"] = rules
-    return spec, names
+    return spec
+
+
+def wake_zero_params(model: nn.Module, std: float = 0.02, seed: int = 0) -> int:
+    """Give every all-zero floating-point parameter small random values; returns how many were changed.
+
+    timm zero-initialises the last BN of residual branches, NF-nets' skip gains and some classifier heads
+    (MLP-Mixer, ResMLP). A zero branch or head hides everything behind it: a regularizer there cannot change
+    the output, so neither a wrong rewrite nor a missing effect would show. The weights are random anyway
+    (``pretrained=False``).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    changed = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point() and p.numel() and not p.any():
+                p.copy_((torch.randn(p.shape, generator=gen) * std).to(p.dtype))
+                changed += 1
+    return changed
 
 
 # -- the check ------------------------------------------------------------------------------------------------
@@ -430,6 +444,8 @@ def check_model(
     model_kwargs: Mapping[str, Any] | None = None,
     batch_size: int = 2,
     spatial_stage_rule: bool = True,
+    adapt: bool = True,
+    wake_zero_init: bool = True,
     max_params: int | None = None,
     seed: int = 0,
 ) -> CoverageResult:
@@ -437,13 +453,26 @@ def check_model(
 
     Never raises for a model-level problem: the first failing check is reported in the result. ``max_params``
     skips (``stage="skipped"``) models larger than that, counted on the meta device before building.
-    ``spatial_stage_rule`` adds a ``dropblock`` rule on stage sites with a spatial layout (only meaningful for
-    a spec shaped like :data:`COVERAGE_SPEC`).
+    ``adapt`` fits the spec to the model's sites with :func:`adapt_spec` (layout exclusions, and with
+    ``spatial_stage_rule`` a ``dropblock`` rule on spatial stage sites); ``wake_zero_init`` runs
+    :func:`wake_zero_params` first so that no zero-initialised branch hides a regularizer.
     """
     t0 = time.perf_counter()
     result = CoverageResult(name=name, ok=False, stage="create")
     try:
-        _check(result, name, spec, input_size, model_kwargs, batch_size, spatial_stage_rule, max_params, seed)
+        _check(
+            result,
+            name,
+            spec,
+            input_size,
+            model_kwargs,
+            batch_size,
+            spatial_stage_rule,
+            adapt,
+            wake_zero_init,
+            max_params,
+            seed,
+        )
         result.ok, result.stage = True, "ok"
     except _Skip as exc:
         result.stage, result.reason = "skipped", str(exc)
@@ -465,6 +494,8 @@ def _check(
     model_kwargs: Mapping[str, Any] | None,
     batch_size: int,
     spatial_stage_rule: bool,
+    adapt: bool,
+    wake_zero_init: bool,
     max_params: int | None,
     seed: int,
 ) -> None:
@@ -483,6 +514,8 @@ def _check(
     result.input_size = tuple(x.shape[1:])
     result.params = sum(p.numel() for p in model.parameters())
     disable_builtin_stochasticity(model)
+    if wake_zero_init:
+        wake_zero_params(model, seed=seed)
     model.eval()
     cls = type(model)
     ref = copy.deepcopy(model)
@@ -502,11 +535,12 @@ def _check(
         spec_obj = spec
     else:
         spec_obj = load_spec(spec).to_dict()
+    if adapt:
+        sites = _api("find_sites")(model, x[:1])
+        spec_obj = adapt_spec(
+            spec_obj, sites, dropblock_params=DROPBLOCK_STAGE_PARAMS if spatial_stage_rule else None
+        )
     entries = _plan_entries(_api("plan")(model, spec_obj, example_input=x[:1]))
-    if spatial_stage_rule:
-        # The dropblock rule takes over exactly the spatial stage sites the stage rule then excludes, so the
-        # number and kinds of entries stay those of this plan (one shape pass + trace less per model).
-        spec_obj, _ = _spatial_stage_spec(spec_obj, entries, DROPBLOCK_STAGE_PARAMS)
     result.n_sites = dict(Counter(_site_kind(e) for e in entries))
     if not entries:
         raise CheckFailed("plan", "no site matched any rule (every model must get at least one)")

@@ -187,8 +187,9 @@ def corr_drop2d(
         kept_units = (keep * area).sum()
         scale = float(n * h * w) / kept_units.clamp_min(1.0)
         cell_mask = (keep * scale).to(x.dtype).view(n, hc, 1, wc, 1)
-        # Nearest-neighbour upsampling by the block size, then crop to H x W.
-        mask = cell_mask.expand(n, hc, kh, wc, kw).reshape(n, 1, hc * kh, wc * kw)[:, :, :h, :w]
+        # Nearest-neighbour upsampling by the block size, then crop to H x W. The mask is small (one channel);
+        # making it contiguous keeps the broadcast multiply on the fast path (a cropped view is ~5x slower).
+        mask = cell_mask.expand(n, hc, kh, wc, kw).reshape(n, 1, hc * kh, wc * kw)[:, :, :h, :w].contiguous()
     return x * mask
 
 

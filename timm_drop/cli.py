@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import inspect
+import json
 import os
 import shlex
 import sys
@@ -163,13 +164,21 @@ def cmd_coverage(args: argparse.Namespace) -> int:
         status = "ok" if res.ok else ("skip" if res.skipped else f"FAIL[{res.stage}] {res.reason[:120]}")
         print(f"[{results_done}/{total}] {res.name} ({res.seconds:.1f}s): {status}", flush=True)
 
-    for res in run_coverage(
-        names,
-        timeout=args.timeout_per_model,
-        max_params=int(args.max_params * 1e6) if args.max_params else None,
-        progress=progress,
-    ):
-        results.append(res)
+    jsonl = open(args.jsonl, "w") if args.jsonl else None  # noqa: SIM115  (closed below)
+    try:
+        for res in run_coverage(
+            names,
+            timeout=args.timeout_per_model,
+            max_params=int(args.max_params * 1e6) if args.max_params else None,
+            progress=progress,
+        ):
+            results.append(res)
+            if jsonl is not None:  # one line per model as it finishes, so a cut-short run keeps its results
+                jsonl.write(json.dumps(res.to_dict()) + "\n")
+                jsonl.flush()
+    finally:
+        if jsonl is not None:
+            jsonl.close()
     command = "timm-drop " + " ".join(shlex.quote(a) for a in args.argv)
     report = render_report(results, command=command, elapsed=time.perf_counter() - t0)
     if args.out:
@@ -238,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", default=None, metavar="PATH", help="write the Markdown report here (default: stdout)"
     )
+    p.add_argument("--jsonl", default=None, metavar="PATH", help="also write each result as a JSON line here")
     p.add_argument(
         "--timeout-per-model", type=float, default=120.0, metavar="S", help="seconds (default 120)"
     )

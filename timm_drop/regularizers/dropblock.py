@@ -20,12 +20,12 @@ Choices where the paper is silent or only approximate:
   map degenerates to SpatialDropout, as the paper says it should.
 * **Even block sizes** have no centre unit. A seed at ``(i, j)`` drops rows ``i - (kh - 1) // 2 ..
   i + kh // 2`` (and likewise for columns): the seed is the upper-left unit of the central 2x2 for even
-  sizes and the exact centre for odd ones. Valid seeds are therefore rows ``(kh - 1) // 2 .. H - 1 - kh // 2``;
-  there are always ``H - kh + 1`` of them, as in Eq. (1).
+  sizes and the exact centre for odd ones. Valid seeds are therefore rows
+  ``(kh - 1) // 2 .. H - 1 - kh // 2``; there are always ``H - kh + 1`` of them, as in Eq. (1).
 * **gamma.** Eq. (1), ``gamma = p / bs^2 * feat^2 / (feat - bs + 1)^2``, counts every seed's block as if
-  blocks never overlapped; the paper itself calls it "only an approximation". It under-drops for large blocks
-  (e.g. 0.87 p for p = 0.5, bs = 20 on 56x56). Here gamma is solved so that the *expected* dropped fraction
-  equals ``p`` exactly, overlaps included:
+  blocks never overlapped; the paper itself calls it "only an approximation". It under-drops for large
+  blocks (0.93 p at p = 0.1 and 0.71 p at p = 0.5 for bs = 20 on 56x56; 0.81 p at p = 0.3, bs = 7 on 14x14).
+  Here gamma is solved so that the *expected* dropped fraction equals ``p`` exactly, overlaps included:
 
   A unit at row ``r`` is covered by ``a(r) = min(r, H - kh) - max(0, r - kh + 1) + 1`` valid seed rows, and
   likewise ``b(c)`` columns, so it lies in ``n(r, c) = a(r) b(c)`` candidate blocks and is kept only if none

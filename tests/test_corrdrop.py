@@ -78,6 +78,19 @@ def test_chunked_similarity_rows_give_the_same_scores(monkeypatch):
     torch.testing.assert_close(correlation_map(x, 2), whole)
 
 
+def test_scores_are_float32_and_unaffected_by_autocast_or_huge_values():
+    torch.manual_seed(14)
+    x = torch.randn(2, 16, 10, 10)
+    ref = correlation_map(x, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = correlation_map(x, 3)
+    assert auto.dtype == torch.float32
+    torch.testing.assert_close(auto, ref)
+    # Scale invariance of Eq. (1), with no overflow of the squared norm in float32.
+    torch.testing.assert_close(correlation_map(x * 1e30, 3), ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(correlation_map((x * 1e4).half(), 3), ref, atol=1e-3, rtol=1e-2)
+
+
 # -- how much ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "h, w, k",

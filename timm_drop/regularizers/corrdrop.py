@@ -53,6 +53,13 @@ Choices where the paper is ambiguous or its formula does not hold
 * **Grid alignment.** Cells start at the top-left corner (PyTorch ceil-mode pooling); the cropped partial
   cells are the last row/column. The official code pads symmetrically and centre-crops.
 
+Differences from the official code (``Sandy-Zeng/CorrDrop``, see ``shared/research/seed-methods.md`` §2), whose
+bugs are not inherited: it replaces Eq. (4) by a softmax over cells (which protects about one cell per sample,
+so the correlation hardly matters) where we use Eq. (4); it ramps ``p`` with a per-forward counter (a silent
+no-op under ``DataParallel``) where we use the ``strength`` buffer driven by ``set_progress``; it mutates
+``block_size`` when the map is small, derives padding from ``H`` only (square maps), rescales per batch without an
+epsilon and normalises with an epsilon that underflows in fp16.
+
 Cost: scores are computed under ``no_grad`` on the pooled map only, in float32 with autocast disabled:
 ``O(N C H W)`` for the pooling plus ``O(N N'^2 C)`` for the cosine matrix, never the ``O(N (HW)^2 C)`` matrix of
 Eq. (2) at full resolution. The pooling divisor of Eq. (10) cancels in Eq. (1), so partial cells need no

@@ -1,15 +1,16 @@
 """Forward + backward time of every registered regularizer next to the reference ops, in one run.
 
-Rows: every name in ``timm_drop.list_regularizers()`` except ``layerout`` (an optimizer-side controller, not an
-activation op), built with ``create_regularizer`` and representative paper settings; then the references
+Rows: every name in ``timm_drop.list_regularizers()`` except ``layerout`` (an optimizer-side controller, not
+an activation op), built with ``create_regularizer`` and representative paper settings; then the references
 ``timm.layers.DropBlock2d`` (its default channel-coupled mask, and per channel like Algorithm 1),
-``torchvision.ops.drop_block2d``, ``torch.nn.functional.dropout2d`` and a plain multiply by a 0-dim tensor.
+``torchvision.ops.drop_block2d``, ``F.dropout2d``, ``F.dropout`` and a plain multiply by a 0-dim tensor.
+A last table gives the realised DropBlock drop fraction of timm_drop, timm and torchvision at p = 0.1.
 
-Every row is timed as ``y = op(x); y.backward(g)`` on the same input, median over repeats, eager and (optionally)
-``torch.compile``d. Ratios are reported against timm's DropBlock2d (eager vs eager, compiled vs compiled) and
-against the memory-bound floor: a forward+backward of an elementwise op must at least read and write the
-activation once each way, 4 x numel x itemsize bytes, at the bandwidth measured by ``copy_`` on the same
-tensor in this run (floor = 2 x copy time).
+Every row is timed as ``y = op(x); y.backward(g)`` on the same input, median over repeats interleaved across
+rows, eager and (optionally) ``torch.compile``d. Ratios are reported against timm's DropBlock2d (eager vs
+eager, compiled vs compiled) and against the memory-bound floor: a forward+backward of an elementwise op
+must at least read and write the activation once each way, 4 x numel x itemsize bytes, at the bandwidth
+measured by ``copy_`` on the same tensor in this run (floor = 2 x copy time).
 
     python benchmarks/ops.py --device cuda                     # (256,1024,14,14) and (256,256,56,56), bf16
     python benchmarks/ops.py --device cpu --small --no-compile # small shapes, < 60 s on a 2-core box
@@ -134,7 +135,7 @@ FRACTION_CASES = [
 
 
 def fraction_table(device: torch.device, maps: int = 2048) -> str:
-    """Realised fraction of zeroed units at drop_prob 0.1 (requested), same inputs for every implementation."""
+    """Realised fraction of zeroed units at requested drop_prob 0.1; one input shared by all implementations."""
     from timm.layers import drop_block_2d as timm_drop_block
     from torchvision.ops import drop_block2d as tv_drop_block2d
 
@@ -315,7 +316,8 @@ def _header(args, device, dtype, compile_on) -> str:
             f"- device: {dev}",
             f"- torch {torch.__version__}, timm {timm.__version__}, torchvision {torchvision.__version__}, "
             f"timm_drop {timm_drop.__version__}, Python {platform.python_version()}",
-            f"- dtype: {args.dtype}; median of {args.repeats} round-robin repeats after {args.warmup} warm-up; "
+            f"- dtype: {args.dtype}; median of {args.repeats} round-robin repeats after {args.warmup} "
+            "warm-up; "
             f"torch.compile: {'yes (dynamic=False)' if compile_on else 'no'}",
             f"- command: `python benchmarks/ops.py {' '.join(args.argv)}`",
             "- time = `y = op(x); y.backward(g)` including mask generation; ratios: vs timm's default "

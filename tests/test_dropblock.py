@@ -31,7 +31,7 @@ def _brute_force_drop_fraction(gamma: float, h: int, w: int, block_size: int) ->
 
 
 def _maps_needed(h: int, w: int, block_size: int, p: float, blocks: int = 1200) -> int:
-    """Enough maps that ~``blocks`` blocks are dropped: relative std of the fraction ~3 %, a 10 % band is 3 sigma."""
+    """Maps for ~``blocks`` dropped blocks: relative std of the fraction ~3 %, so a 10 % band is ~3 sigma."""
     kh, kw = min(block_size, h), min(block_size, w)
     return max(16, math.ceil(blocks * kh * kw / (p * h * w)))
 

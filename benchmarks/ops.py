@@ -135,7 +135,7 @@ FRACTION_CASES = [
 
 
 def fraction_table(device: torch.device, maps: int = 2048) -> str:
-    """Realised fraction of zeroed units at requested drop_prob 0.1; one input shared by all implementations."""
+    """Realised fraction of zeroed units at drop_prob 0.1; one input shared by all implementations."""
     from timm.layers import drop_block_2d as timm_drop_block
     from torchvision.ops import drop_block2d as tv_drop_block2d
 

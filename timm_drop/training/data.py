@@ -409,7 +409,8 @@ class FolderLoader:
             resize = int(round(size / 0.875)) if a.random_resized_crop else size
             tf = [T.Resize(resize), T.CenterCrop(size)]
         tf.append(T.PILToTensor())
-        self.dataset = torchvision.datasets.ImageFolder(root, transform=T.Compose(tf))  # its loader gives RGB
+        # its loader gives RGB; empty class folders are kept so train and eval agree on the class indices
+        self.dataset = torchvision.datasets.ImageFolder(root, transform=T.Compose(tf), allow_empty=True)
         self.classes = list(self.dataset.classes)
         self.n = len(self.dataset)
         self.cfg, self.train, self.device = cfg, train, device

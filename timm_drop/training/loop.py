@@ -415,7 +415,8 @@ class Trainer:
         return {"eval_loss": s[0].item(), "eval_top1": 100.0 * s[1].item(), "eval_top5": 100.0 * s[2].item()}
 
     # -- the run -------------------------------------------------------------------------------------------------
-    def fit(self) -> dict[str, Any]:
+    def fit(self, max_epochs: int | None = None) -> dict[str, Any]:
+        """Train to ``train.epochs`` (or only ``max_epochs`` more epochs: a time-sliced job, resumable later)."""
         if not self._setup_done:
             self.setup()
         if self.dry_run:
@@ -428,7 +429,8 @@ class Trainer:
             + (", LayerOut" if self.layerout is not None else "")
         )
         last = {}
-        for epoch in range(self.state.epoch, cfg.train.epochs):
+        end = cfg.train.epochs if max_epochs is None else min(cfg.train.epochs, self.state.epoch + max_epochs)
+        for epoch in range(self.state.epoch, end):
             frozen_fraction = None
             if self.layerout is not None:
                 self.layerout.start_epoch(epoch)

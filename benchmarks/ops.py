@@ -216,6 +216,14 @@ def run(args: argparse.Namespace) -> str:
     shapes = args.shapes or (SMALL_SHAPES if args.small else SHAPES)
     compile_on = args.compile if args.compile is not None else device.type == "cuda"
     rows = registered_rows() + reference_rows()
+    if compile_on:
+        # All regularizers share Regularizer.forward (and the references _Fn.forward): one code object with
+        # dozens of guard sets. Past dynamo's default limit of 8 it silently runs eager, so raise it.
+        name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 4 * len(rows)))
+        torch._dynamo.config.accumulated_cache_size_limit = max(
+            torch._dynamo.config.accumulated_cache_size_limit, 16 * len(rows)
+        )
     torch.manual_seed(0)
 
     sections = []

@@ -128,7 +128,8 @@ def _gamma(p: torch.Tensor, h: int, w: int, kh: int, kw: int, cover: torch.Tenso
     if uniform:  # every unit lies in exactly one candidate block: gamma = p exactly
         return p
     target = -torch.log1p(-p)  # -log(1 - p)
-    lam = target * (h * w / cover.sum())
+    # mean(n) in closed form: every one of the (h-kh+1)(w-kw+1) valid seeds covers kh*kw units.
+    lam = target * (h * w / ((h - kh + 1) * (w - kw + 1) * kh * kw))
     for _ in range(_NEWTON_STEPS):
         e = torch.exp(-lam * cover)
         kept = e.mean()  # 1 - F(lambda)

@@ -86,6 +86,17 @@ KNOWN_REFUSALS: dict[str, str] = {}
 
 SKIP_KINDS = ("residual", "shortcut", "merge")
 
+#: Families that legitimately lack a site kind the test otherwise requires (stage and norm).
+NO_SITES: dict[str, set[str]] = {
+    "nf_regnet_b0": {"norm"},  # normalizer-free by design
+    "resmlp_12_224": {"norm"},  # ResMLP replaces LayerNorm by an Affine layer
+    "hrnet_w18_small": {
+        "stage"
+    },  # stages return lists of multi-resolution maps; feature_info names no modules
+    "pit_ti_224": {"stage"},  # stages return (tokens, cls_token) tuples
+    "twins_svt_small": {"stage"},  # stage ModuleLists are iterated by the model's forward, never called
+}
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -107,9 +118,8 @@ def test_family_keeps_rewrite_guarantees(family, model_name, kwargs, size, has_s
         pytest.xfail(f"{family}: rewriter refuses ({res.stage}): {res.reason}")
     assert res.ok, f"{family} ({model_name}) failed at {res.stage}: {res.reason} [{res.where}]"
     assert sum(res.n_sites.values()) >= 1
-    # stage + norm sites exist in every family; block outputs too
-    assert res.n_sites.get("stage", 0) >= 1, res.n_sites
-    assert res.n_sites.get("norm", 0) >= 1, res.n_sites
+    for kind in {"stage", "norm"} - NO_SITES.get(model_name, set()):
+        assert res.n_sites.get(kind, 0) >= 1, f"no {kind} site found: {res.n_sites}"
     if has_skips is True:
         assert all(res.n_sites.get(k, 0) >= 1 for k in SKIP_KINDS), f"skip adds not found: {res.n_sites}"
     elif has_skips is False:

@@ -699,7 +699,8 @@ def select_models(
     if filter:
         names = [n for n in names if fnmatch.fnmatchcase(n, filter)]
     if sample is not None and sample < len(names):
-        names = sorted(random.Random(seed).sample(names, sample))
+        # kept in the sampled (random) order, so a run cut short still covers an unbiased subset
+        names = random.Random(seed).sample(names, sample)
     if limit is not None:
         names = names[:limit]
     return names

@@ -412,7 +412,12 @@ class Trainer:
         model.train(was_training)
         n = max(1, allstats.shape[0])
         s = allstats[:, :3].sum(0) / n
-        return {"eval_loss": s[0].item(), "eval_top1": 100.0 * s[1].item(), "eval_top5": 100.0 * s[2].item()}
+        return {
+            "eval_loss": s[0].item(),
+            "eval_top1": 100.0 * s[1].item(),
+            "eval_top5": 100.0 * s[2].item(),
+            "eval_images": int(allstats.shape[0]),
+        }
 
     # -- the run -------------------------------------------------------------------------------------------------
     def fit(self, max_epochs: int | None = None) -> dict[str, Any]:

@@ -1,0 +1,193 @@
+"""The Accelerate training loop: outputs, per-optimizer-step schedules, exact resume, NaN stop, crash-safe checkpoints.
+
+Runs are tiny (digits at 8x8 px, a CIFAR ResNet-20, a few optimizer steps) so the whole file stays fast on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import timm_drop  # noqa: F401  (registers the CIFAR models)
+from timm_drop.regularizers.base import Regularizer
+from timm_drop.training import NonFiniteLossError, Trainer, load_config
+from timm_drop.training.checkpoint import CheckpointManager, load_weights
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "name": "tiny",
+    "seed": 3,
+    "model": {"name": "resnet20_cifar"},
+    "regularizer": {
+        "rules": [
+            {
+                "regularizer": "dropblock",
+                "params": {"drop_prob": 0.2, "block_size": 3},
+                "sites": ["stage"],
+                "stages": [1, 2],
+                "schedule": {"kind": "linear", "start": 0.0, "end": 1.0},
+            }
+        ]
+    },
+    "data": {
+        "dataset": "digits",
+        "image_size": 8,
+        "batch_size": 16,
+        "eval_batch_size": 32,
+        "train_subset": 64,
+        "eval_subset": 40,
+        "augment": {"crop_padding": 1, "hflip": False, "cutout": 2},
+    },
+    "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
+    "sched": {"name": "multistep", "milestones": [1], "gamma": 0.1},
+    "train": {
+        "epochs": 2,
+        "label_smoothing": 0.1,
+        "grad_accum_steps": 2,
+        "ema": {"enabled": True, "decay": 0.9},
+    },
+    "layerout": {"freeze_probs": "random", "seed": 1},
+    "log": {"progress_bar": False, "log_interval": 1},
+    "checkpoint": {"total_limit": 1},
+}
+
+
+def tiny_cfg(out: Path, **over):
+    raw = json.loads(json.dumps(TINY))
+    raw["output_dir"] = str(out)
+    for k, v in over.items():
+        raw[k] = v
+    return load_config(raw)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "full"
+    trainer = Trainer(tiny_cfg(out))
+    summary = trainer.fit()
+    return trainer, summary, out
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_writes_config_metrics_summary_curves_and_weights(full_run):
+    trainer, summary, out = full_run
+    assert (out / "config.yaml").is_file() and (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    rows = _rows(out)
+    assert [r["epoch"] for r in rows] == [1, 2] and all("frozen_fraction" in r for r in rows)
+    assert all(r["eval_images"] == 40 for r in rows)  # every eval image counted once
+    header = (out / "summary.csv").read_text().splitlines()[0].split(",")
+    assert header[:6] == ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr"]
+    assert [p.name for p in CheckpointManager(out).list()] == ["epoch_0002"]  # rotation, total_limit 1
+    # exported weights load with weights_only=True into a plain timm model, strictly: regularizers add no keys
+    plain = timm.create_model("resnet20_cifar", num_classes=10)
+    plain.load_state_dict(load_weights(out / "best_model.pth"), strict=True)
+    plain.load_state_dict(load_weights(out / "last_model.pth"), strict=True)
+    assert summary["best_top1"] == max(r["eval_top1"] for r in rows)
+
+
+def test_schedules_advance_once_per_optimizer_step_not_per_micro_batch(full_run):
+    trainer, _, out = full_run
+    rows = _rows(out)
+    # 64 images / batch 16 = 4 micro-batches = 2 optimizer steps per epoch (grad_accum 2)
+    assert trainer.steps_per_epoch == 2 and [r["step"] for r in rows] == [2, 4]
+    # linear schedule on progress = step / total_steps: 0.5 after epoch 1 (1.0 if it counted micro-batches)
+    assert [r["reg_strength"] for r in rows] == pytest.approx([0.5, 1.0])
+    # milestone 1 = after one finished epoch (MultiStepLR semantics): epoch 2 runs at 0.1x
+    assert [r["lr"] for r in rows] == pytest.approx([0.05, 0.005])
+    before = [float(m.strength) for m in trainer.unwrapped.modules() if isinstance(m, Regularizer)]
+    trainer.evaluate()
+    after = [float(m.strength) for m in trainer.unwrapped.modules() if isinstance(m, Regularizer)]
+    assert before == after and trainer.state.step == 4
+
+
+def test_ema_copy_keeps_its_own_regularizers(full_run):
+    trainer, _, out = full_run
+    ours = [m for m in trainer.unwrapped.modules() if isinstance(m, Regularizer)]
+    ema = [m for m in trainer.ema.module.modules() if isinstance(m, Regularizer)]
+    assert len(ours) == len(ema) == 2 and not {id(m) for m in ours} & {id(m) for m in ema}
+    assert all("ema_eval_top1" in r for r in _rows(out))
+
+
+def test_resume_continues_the_same_curve_and_weights(full_run, tmp_path):
+    _, _, full_out = full_run
+    out = tmp_path / "split"
+    Trainer(tiny_cfg(out)).fit(max_epochs=1)
+    assert [p.name for p in CheckpointManager(out).list()] == ["epoch_0001"]
+    resumed = Trainer(tiny_cfg(out), resume="latest")
+    resumed.fit()
+    assert resumed.state.epoch == 2
+    keys = [
+        "epoch",
+        "step",
+        "train_loss",
+        "train_top1",
+        "eval_loss",
+        "eval_top1",
+        "ema_eval_loss",
+        "lr",
+        "frozen_fraction",
+        "reg_strength",
+    ]
+    a, b = _rows(full_out), _rows(out)
+    assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
+    wa, wb = load_weights(full_out / "last_model.pth"), load_weights(out / "last_model.pth")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_with_a_changed_config_is_refused(full_run):
+    _, _, out = full_run
+    with pytest.raises(ValueError, match=r"differs in \['optim.lr'\]"):
+        Trainer(tiny_cfg(out, optim={"name": "sgd", "lr": 0.5}), resume="latest").setup()
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = tmp_path / "nan"
+    trainer = Trainer(tiny_cfg(out, layerout=None, train={"epochs": 3})).setup()
+
+    def poison(module, args, output):
+        if trainer.state.step >= 2 * trainer.steps_per_epoch - 1:  # inside epoch 2
+            return output * float("nan")
+        return output
+
+    trainer.unwrapped.get_classifier().register_forward_hook(poison)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite training loss .*epoch_0001"):
+        trainer.fit()
+    assert [p.name for p in CheckpointManager(out).list()] == ["epoch_0001"]
+    assert [r["epoch"] for r in _rows(out)] == [1]
+    # the kept checkpoint is complete and loadable: a resumed trainer restores epoch 1
+    resumed = Trainer(tiny_cfg(out, layerout=None, train={"epochs": 3}), resume="latest").setup()
+    assert resumed.state.epoch == 1 and torch.isfinite(next(resumed.unwrapped.parameters())).all()
+
+
+def test_half_written_checkpoints_are_never_the_latest(tmp_path):
+    mgr = CheckpointManager(tmp_path)
+    for name in ("epoch_0001", "epoch_0002", ".tmp-epoch_0003", "epoch_0004.partial"):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+    assert mgr.latest().name == "epoch_0002"
+    with pytest.raises(FileNotFoundError, match="not a timm_drop checkpoint"):
+        mgr.resolve(str(tmp_path / "checkpoints" / "epoch_0002"))
+
+
+def test_cli_rejects_a_bad_key_before_any_work(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_script", REPO / "recipes/train.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    argv = [
+        "--config",
+        str(REPO / "recipes/configs/quickstart.yaml"),
+        f"output_dir={tmp_path / 'x'}",
+        "train.epoch=3",
+    ]
+    assert script.main(argv) == 2
+    assert "train.epoch: unknown key; did you mean train.epochs" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

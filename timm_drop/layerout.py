@@ -29,6 +29,12 @@ Choices where the paper is silent or where the official code differs from it
   (section 5.1/5.2: early resp. deep layers frozen more), built as ``linspace(0.9, 0.1, K)`` and its reverse for
   any K. The paper's exact vectors are :data:`PAPER_VGG16_EFREEZE` and :data:`PAPER_MNIST_EFREEZE`; pass them (or
   their reverse) as a list.
+* Expected frozen share of the parameters, ``sum_k v_k n_k / sum_k n_k``
+  (:meth:`LayerOut.expected_frozen_fraction`), against the paper's tables: ``vgg16_bn_cifar`` with the paper's
+  dfreeze vector 70.4% (paper, Tables 2/4: 69.91% / 70.05%); ``resnet110_cifar`` with ``"random"`` 46.7-47.7%
+  for seeds 0-2 (paper, Tables 3/5: 47.34-50.07%). The paper's efreeze figure (53.66%) is not reproducible
+  from its stated vector on this architecture (29.6%): the fc layers, 56% of VGG-16's parameters, get the
+  lowest freeze probabilities.
 * "Never all layers" (section 5: "we do not consider a complete LayerOut of all layers"): a draw that freezes
   every unit, or more than ``max_freeze_fraction`` of the units' parameters, is rejected and redrawn (so the
   frozen set follows Eq. 1 conditioned on the constraint); after 100 rejections (e.g. every ``v_k = 1``) units

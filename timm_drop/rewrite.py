@@ -20,8 +20,11 @@ Insertion, least invasive first (DESIGN §4, §6):
   rewritten forward no longer reads config flags the trace resolved (e.g. a block-level ``grad_checkpointing``
   switched on afterwards), and pickling the whole model object (``torch.save(model)``) is not supported while
   rewritten (``state_dict`` is; strip first otherwise).
+* ``norm`` sites inside an ``nn.Sequential`` (e.g. ResNet's ``downsample``): a forward hook on the container when
+  the norm is its last layer, else a forward pre-hook on the following layer (each run once in the shape pass),
+  so that SyncBN conversion, which replaces norm modules together with their hooks, keeps the regularizer.
 * ``stage`` / ``block`` / ``module`` sites, and ``norm`` sites whose caller cannot be rewritten (the model root,
-  an ``nn.Sequential``, an opaque module): a forward hook on the module whose callable is a bound method of a
+  an opaque module): a forward hook on the module whose callable is a bound method of a
   small holder module registered in ``model._timm_drop_regularizers`` (an ``nn.ModuleDict`` on the root), so
   ``copy.deepcopy`` (timm's EMA) rebinds it to the copy's own regularizers. Hooks on plain BatchNorm modules are
   replaced away by SyncBN conversion; convert before applying in that rare case (stem / final norms).
@@ -88,7 +91,7 @@ class PlanEntry:
     regularizer: str
     params: dict[str, Any]
     schedule: str | None
-    insertion: str  # "slot", "rewrite" or "hook"
+    insertion: str  # "slot", "rewrite", "hook" (forward hook on owner) or "pre_hook" (on the next layer)
     depth: int
     node: str | None = None
     norm_position: str | None = None
@@ -252,6 +255,18 @@ def _norm_insertion(model: nn.Module, site: Site, rule: Rule, analysis: Analysis
             if ok is not None:
                 return "rewrite", caller
             break
+    # Inside an nn.Sequential: hook the container (norm last) or pre-hook the next layer, which SyncBN
+    # conversion keeps, instead of the norm itself.
+    parent_name, _, local = site.module.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if parent_name and type(parent).forward is nn.Sequential.forward and analysis.calls.get(site.module) == 1:
+        keys = [k for k, v in parent._modules.items() if v is not None]
+        i = keys.index(local)
+        if i == len(keys) - 1:
+            return "hook", parent_name
+        following = f"{parent_name}.{keys[i + 1]}"
+        if analysis.calls.get(following) == 1:
+            return "pre_hook", following
     return "hook", site.module
 
 
@@ -400,6 +415,12 @@ class _SiteHook(nn.Module):
             output = reg(output)
         return output
 
+    def forward_pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        x = args[0]
+        for reg in self.regs:
+            x = reg(x)
+        return (x, *args[1:])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for reg in self.regs:
             x = reg(x)
@@ -501,7 +522,7 @@ def apply_regularizer(
     # hooks -----------------------------------------------------------------------------------------------
     side = getattr(model, SIDE_DICT, None)
     for (insertion, site), entries in by_site.items():
-        if insertion != "hook":
+        if insertion not in ("hook", "pre_hook"):
             continue
         if side is None:
             side = nn.ModuleDict()
@@ -509,9 +530,12 @@ def apply_regularizer(
         key = _unique_attr(side, site.replace(":", "_").replace(".", "_"))
         holder = _SiteHook([e.reg for e in entries])
         side[key] = holder
-        target = named[entries[0].module]
-        handle = target.register_forward_hook(holder.forward_hook)
-        records.append(("hook", entries[0].module, handle.id, key))
+        owner = entries[0].owner
+        if insertion == "hook":
+            handle = named[owner].register_forward_hook(holder.forward_hook)
+        else:
+            handle = named[owner].register_forward_pre_hook(holder.forward_pre_hook)
+        records.append((insertion, owner, handle.id, key))
 
     # slots -------------------------------------------------------------------------------------------------
     for (insertion, _site), entries in by_site.items():
@@ -588,6 +612,9 @@ def strip_regularizers(model: nn.Module) -> nn.Module:
                 module._forward_hooks_always_called,
             ):
                 hooks.pop(rec[2], None)
+        elif kind == "pre_hook":
+            module._forward_pre_hooks.pop(rec[2], None)
+            module._forward_pre_hooks_with_kwargs.pop(rec[2], None)
         elif kind == "slot":
             drop = module.drop
             module.drop = drop[0] if rec[2] == "kept" and isinstance(drop, _SlotStack) else nn.Identity()

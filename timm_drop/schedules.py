@@ -76,7 +76,11 @@ class Schedule:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        keep = {"constant": ("kind",), "linear": ("kind", "start", "end", "initial"), "curriculum": ("kind", "gamma")}
+        keep = {
+            "constant": ("kind",),
+            "linear": ("kind", "start", "end", "initial"),
+            "curriculum": ("kind", "gamma"),
+        }
         return {k: d[k] for k in keep[self.kind]}
 
     def __str__(self) -> str:

@@ -1,5 +1,6 @@
 """The regularizer library: one file per method family, each a functional form plus an ``nn.Module``."""
 
+from timm_drop.regularizers import attentiondrop, baselines, corrdrop, dropblock, selectscale  # noqa: F401,E402  (registers)
 from timm_drop.regularizers.base import LAYOUTS, Regularizer
 from timm_drop.regularizers.registry import (
     create_regularizer,
@@ -8,7 +9,6 @@ from timm_drop.regularizers.registry import (
     register_regularizer,
     regularizer_params,
 )
-from timm_drop.regularizers import baselines, dropblock, corrdrop, selectscale, attentiondrop  # noqa: F401,E402  (registers)
 
 __all__ = [
     "LAYOUTS",

@@ -71,9 +71,7 @@ class Regularizer(nn.Module):
     # -- configuration -------------------------------------------------------------------------------
     def set_layout(self, layout: str) -> None:
         if layout not in self.layouts:
-            raise ValueError(
-                f"{type(self).__name__} accepts layouts {list(self.layouts)}, not {layout!r}"
-            )
+            raise ValueError(f"{type(self).__name__} accepts layouts {list(self.layouts)}, not {layout!r}")
         self.layout = layout
 
     def is_noop(self) -> bool:

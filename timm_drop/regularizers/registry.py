@@ -18,7 +18,9 @@ from torch import nn
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 
-def register_regularizer(name: str, factory: Callable[..., nn.Module] | None = None, *, overwrite: bool = False):
+def register_regularizer(
+    name: str, factory: Callable[..., nn.Module] | None = None, *, overwrite: bool = False
+):
     """Register ``factory`` (a class or function returning an ``nn.Module``) under ``name``.
 
     Usable as ``register_regularizer("name", Cls)`` or as a decorator ``@register_regularizer("name")``.
@@ -28,7 +30,9 @@ def register_regularizer(name: str, factory: Callable[..., nn.Module] | None = N
 
     def _register(obj: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY and _REGISTRY[name] is not obj and not overwrite:
-            raise ValueError(f"regularizer {name!r} is already registered ({_REGISTRY[name]!r}); pass overwrite=True")
+            raise ValueError(
+                f"regularizer {name!r} is already registered ({_REGISTRY[name]!r}); pass overwrite=True"
+            )
         _REGISTRY[name] = obj
         if isinstance(obj, type) and not getattr(obj, "registry_name", ""):
             obj.registry_name = name

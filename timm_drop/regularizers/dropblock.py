@@ -64,7 +64,7 @@ __all__ = ["DropBlock2d", "drop_block2d", "dropblock_gamma"]
 #: Newton steps on the overlap-aware drop fraction (see the module docstring for the accuracy they buy).
 _NEWTON_STEPS = 2
 #: Per-shape tables built once per (H, W, kh, kw, device) in eager mode; bounded so odd shapes cannot leak.
-_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_TABLES: dict[tuple, tuple[torch.Tensor, ...]] = {}
 _TABLES_MAX = 256
 
 
@@ -76,15 +76,19 @@ def _axis_tables(length: int, k: int, device: torch.device) -> tuple[torch.Tenso
     return cover, valid.float()
 
 
-def _tables(h: int, w: int, kh: int, kw: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(coverage n(r, c) flattened, valid-seed map (h, w))`` as float32 tensors on ``device``."""
+def _tables(h: int, w: int, kh: int, kw: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Float32 tables on ``device``: ``-n(r, c)`` flattened; the (2, HW) matrix ``[1, n]``, whose product
+    with ``exp(-lambda n)`` gives ``HW (1 - F, F')`` in one kernel; the (h, w) valid-seed map."""
     key = (h, w, kh, kw, device)
     compiling = torch.compiler.is_compiling()
     if not compiling and key in _TABLES:
         return _TABLES[key]
     cover_h, valid_h = _axis_tables(h, kh, device)
     cover_w, valid_w = _axis_tables(w, kw, device)
-    out = (torch.outer(cover_h, cover_w).reshape(-1), torch.outer(valid_h, valid_w))
+    cover = torch.outer(cover_h, cover_w).reshape(-1)
+    # Unnormalised sums: at lambda = 0 the first is exactly HW, so p = 0 gives gamma = 0 bit for bit.
+    moments = torch.stack([torch.ones_like(cover), cover])
+    out = (-cover, moments, torch.outer(valid_h, valid_w))
     if not compiling:
         if len(_TABLES) >= _TABLES_MAX:
             _TABLES.clear()
@@ -110,7 +114,7 @@ def dropblock_gamma(
     kh, kw = _clip_block(block_size, height, width)
     dev = torch.device(device) if device is not None else None
     p = _as_prob_tensor(drop_prob, dev)
-    return _gamma(p, height, width, kh, kw, _tables(height, width, kh, kw, p.device)[0])
+    return _gamma(p, height, width, kh, kw, _tables(height, width, kh, kw, p.device))
 
 
 def _as_prob_tensor(drop_prob: float | torch.Tensor, device: torch.device | None) -> torch.Tensor:
@@ -123,19 +127,21 @@ def _as_prob_tensor(drop_prob: float | torch.Tensor, device: torch.device | None
     return p.clamp(0.0, 1.0 - 1e-6)
 
 
-def _gamma(p: torch.Tensor, h: int, w: int, kh: int, kw: int, cover: torch.Tensor) -> torch.Tensor:
+def _gamma(
+    p: torch.Tensor, h: int, w: int, kh: int, kw: int, tables: tuple[torch.Tensor, ...]
+) -> torch.Tensor:
     uniform = (kh == 1 or kh == h) and (kw == 1 or kw == w)
     if uniform:  # every unit lies in exactly one candidate block: gamma = p exactly
         return p
-    target = -torch.log1p(-p)  # -log(1 - p)
-    # mean(n) in closed form: every one of the (h-kh+1)(w-kw+1) valid seeds covers kh*kw units.
-    lam = target * (h * w / ((h - kh + 1) * (w - kw + 1) * kh * kw))
+    neg_cover, moments = tables[0], tables[1]
+    # lambda_0 = -log(1 - p) / mean(n); mean(n) in closed form: each valid seed covers kh*kw units.
+    lam = torch.log1p(-p) * (-h * w / ((h - kh + 1) * (w - kw + 1) * kh * kw))
+    target = (p - 1.0) * (h * w)
+    # Few, fused kernels: this runs on every forward, and in eager mode on a GPU each op is a launch.
     for _ in range(_NEWTON_STEPS):
-        e = torch.exp(-lam * cover)
-        kept = e.mean()  # 1 - F(lambda)
-        slope = (cover * e).mean()  # F'(lambda)
-        lam = lam + (p - 1.0 + kept) / slope
-    return -torch.expm1(-lam)
+        kept_slope = torch.mv(moments, torch.exp(neg_cover * lam))  # HW (1 - F(lambda), F'(lambda))
+        lam = torch.addcdiv(lam, kept_slope[0] + target, kept_slope[1])  # lam + (p - F) / F'
+    return -torch.expm1(-lam.clamp_min(0.0))
 
 
 def _expand_seeds(seeds: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
@@ -183,8 +189,9 @@ def drop_block2d(
         raise ValueError(f"drop_block2d expects a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
     n, c, h, w = x.shape
     kh, kw = _clip_block(block_size, h, w)
-    cover, valid = _tables(h, w, kh, kw, x.device)
-    gamma = _gamma(_as_prob_tensor(drop_prob, x.device), h, w, kh, kw, cover)
+    tables = _tables(h, w, kh, kw, x.device)
+    gamma = _gamma(_as_prob_tensor(drop_prob, x.device), h, w, kh, kw, tables)
+    valid = tables[2]
 
     mask_channels = c if per_channel else 1
     if kh == h and kw == w:

@@ -177,13 +177,15 @@ def test_half_precision_inputs_give_finite_output_and_right_fraction(dtype):
     assert y.float().mean().item() == pytest.approx(1.0, rel=0.01)
 
 
-def test_autocast_region_gives_finite_output_and_right_fraction():
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_region_gives_finite_output_and_right_fraction(dtype):
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(4, 32, 1)
     module = DropBlock2d(0.1, 5).train()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         h = conv(torch.rand(128, 4, 14, 14) + 1.0)
         y = module(h)
+    assert h.dtype == dtype and y.dtype == dtype
     assert torch.isfinite(y).all()
     assert _dropped_fraction(y) == pytest.approx(0.1, rel=0.1)
 

@@ -66,6 +66,8 @@ _NEWTON_STEPS = 2
 #: Per-shape tables built once per (H, W, kh, kw, device) in eager mode; bounded so odd shapes cannot leak.
 _TABLES: dict[tuple, tuple[torch.Tensor, ...]] = {}
 _TABLES_MAX = 256
+# torch.compiler.is_compiling is torch >= 2.3; the project supports torch >= 2.1.
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or torch._dynamo.is_compiling
 
 
 def _axis_tables(length: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,7 +82,7 @@ def _tables(h: int, w: int, kh: int, kw: int, device: torch.device) -> tuple[tor
     """Float32 tables on ``device``: ``-n(r, c)`` flattened; the (2, HW) matrix ``[1, n]``, whose product
     with ``exp(-lambda n)`` gives ``HW (1 - F, F')`` in one kernel; the (h, w) valid-seed map."""
     key = (h, w, kh, kw, device)
-    compiling = torch.compiler.is_compiling()
+    compiling = _is_compiling()
     if not compiling and key in _TABLES:
         return _TABLES[key]
     cover_h, valid_h = _axis_tables(h, kh, device)

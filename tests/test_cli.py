@@ -153,3 +153,25 @@ def test_console_script_is_installed():
     proc = subprocess.run([exe, "list"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "dropblock" in proc.stdout
+
+
+def test_coverage_report_renders_from_jsonl_with_failures_grouped(tmp_path, capsys):
+    import json
+
+    from timm_drop.coverage import CoverageResult
+
+    rows = [
+        CoverageResult("net_a", True, "ok", n_sites={"stage": 4}, seconds=1.0, input_size=(3, 64, 64)),
+        CoverageResult("net_b", False, "eval", "eval output differs from the original (max abs diff 0.5)"),
+        CoverageResult("net_c", False, "eval", "eval output differs from the original (max abs diff 0.25)"),
+        CoverageResult("net_d", False, "skipped", "300M parameters > max_params 100M"),
+    ]
+    path = tmp_path / "cov.jsonl"
+    path.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in rows))
+    assert main(["coverage", "--from-jsonl", str(path), "--command-note", "unit test"]) == 0
+    out = capsys.readouterr().out
+    assert "pass rate: 1/3 = 33.3 %" in out  # skipped models are not counted
+    assert "`unit test`" in out
+    # both eval failures fold into one cause (numbers abstracted)
+    assert "| 2 | eval: eval output differs from the original (max abs diff N) | net_b, net_c |" in out
+    assert "net_d (300M parameters > max_params 100M)" in out

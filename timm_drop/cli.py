@@ -152,6 +152,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
 def cmd_coverage(args: argparse.Namespace) -> int:
     from timm_drop.coverage import render_report, run_coverage, select_models
 
+    if args.from_jsonl:
+        return _coverage_from_jsonl(args)
     names = select_models(filter=args.filter, limit=args.limit, sample=args.sample, seed=args.seed)
     if not names:
         raise UsageError(f"no timm model matches --filter {args.filter!r}")
@@ -192,6 +194,27 @@ def cmd_coverage(args: argparse.Namespace) -> int:
     rate = 100.0 * sum(r.ok for r in checked) / len(checked) if checked else 0.0
     print(f"pass rate: {sum(r.ok for r in checked)}/{len(checked)} = {rate:.1f} %")
     return 0 if rate >= args.min_pass_rate else 1
+
+
+def _coverage_from_jsonl(args: argparse.Namespace) -> int:
+    """Re-render a report from the JSON lines of an earlier (possibly cut-short) ``--jsonl`` run."""
+    from timm_drop.coverage import CoverageResult, render_report
+
+    try:
+        with open(args.from_jsonl) as f:
+            results = [CoverageResult(**json.loads(line)) for line in f if line.strip()]
+    except (OSError, ValueError, TypeError) as exc:
+        raise UsageError(f"--from-jsonl {args.from_jsonl!r}: {exc}") from None
+    for r in results:
+        r.input_size = tuple(r.input_size) if r.input_size is not None else None
+    report = render_report(results, command=args.command_note or "")
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(report)
+        print(f"wrote {args.out}")
+    else:
+        print(report)
+    return 0
 
 
 # -- parser -----------------------------------------------------------------------------------------------------
@@ -248,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default=None, metavar="PATH", help="write the Markdown report here (default: stdout)"
     )
     p.add_argument("--jsonl", default=None, metavar="PATH", help="also write each result as a JSON line here")
+    p.add_argument(
+        "--from-jsonl", default=None, metavar="PATH", help="only render a report from a --jsonl file"
+    )
+    p.add_argument("--command-note", default=None, help="with --from-jsonl: how the results were produced")
     p.add_argument(
         "--timeout-per-model", type=float, default=120.0, metavar="S", help="seconds (default 120)"
     )

@@ -14,8 +14,10 @@
    :class:`LocalTracer` whose leaves are *all* of that module's submodules. Each operation therefore appears
    in the graph of exactly the module whose ``forward`` executes it. The eval-mode graph is re-run on the
    recorded inputs (an :class:`torch.fx.Interpreter`) to get every node's shape and to prove that the graph
-   reproduces the module bit for bit; a module that fails to trace or to reproduce is *opaque*, with a
-   reason, and offers no residual sites and no rewrite.
+   reproduces the module bit for bit (modules with the same class, generated code and input/output shapes,
+   like the blocks of a ViT, share one such run); a module that fails to trace or to reproduce is *opaque*,
+   with a reason, and offers no residual sites and no rewrite. Inputs that are None in the recorded call are
+   specialised to None (FX would otherwise take ``if mask is not None`` branches the wrong way).
 
 Kinds (``Site.kind``):
 
@@ -368,6 +370,7 @@ class Analysis:
     input_shape: tuple[int, ...]
     inputs: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=dict, repr=False)
     outputs: dict[str, Any] = field(default_factory=dict, repr=False)
+    twins: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     def rewritable(self, model: nn.Module, name: str) -> tuple[LocalGraph | None, str | None]:
         """The verified local graph of ``name`` (train graph traced too), or None and the reason it is opaque."""
@@ -378,7 +381,7 @@ class Analysis:
             return None, f"module {name!r} was not traced"
         m = model.get_submodule(name)
         if not lg.verified:
-            reason = _verify(model, m, lg, self.inputs.get(name), self.outputs.get(name))
+            reason = _verify(model, m, lg, self.inputs.get(name), self.outputs.get(name), self.twins)
             if reason:
                 self.opaque[name] = reason
                 return None, reason
@@ -609,6 +612,7 @@ def analyze_model(model: nn.Module, example_input: Any = None) -> Analysis:
 
     # -- local graphs -------------------------------------------------------------------------------------
     graphs: dict[str, LocalGraph] = {}
+    twins: dict[Any, Any] = {}
     for name in sorted(traceable, key=lambda n: rec.start.get(n, 1 << 60)):
         if name not in rec.inputs:
             continue  # never ran
@@ -624,7 +628,7 @@ def analyze_model(model: nn.Module, example_input: Any = None) -> Analysis:
         lg = LocalGraph(g_eval, None, consts, {}, [], none_args=none_inputs(m, rec.inputs[name]))
         graphs[name] = lg
         if _candidate_adds(g_eval):
-            reason = _verify(model, m, lg, rec.inputs[name], rec.out.get("\0" + name))
+            reason = _verify(model, m, lg, rec.inputs[name], rec.out.get("\0" + name), twins)
             if reason:
                 opaque[name] = reason
                 del graphs[name]
@@ -692,7 +696,7 @@ def analyze_model(model: nn.Module, example_input: Any = None) -> Analysis:
     ]
     outputs = {k[1:]: v for k, v in rec.out.items() if k.startswith("\0")}
     return Analysis(
-        sites, stages, module_stage, graphs, opaque, dict(rec.calls), input_shape, rec.inputs, outputs
+        sites, stages, module_stage, graphs, opaque, dict(rec.calls), input_shape, rec.inputs, outputs, twins
     )
 
 
@@ -710,10 +714,38 @@ def _candidate_adds(graph: fx.Graph) -> bool:
     return False
 
 
-def _verify(model: nn.Module, m: nn.Module, lg: LocalGraph, inputs: Any, expected: Any) -> str | None:
-    """Run the eval graph on the recorded inputs in eval mode; fill shapes; None if it reproduces ``m``."""
+def _signature(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return (tuple(value.shape), value.dtype)
+    if isinstance(value, (tuple, list)):
+        return tuple(_signature(v) for v in value)
+    if isinstance(value, dict):
+        return tuple((k, _signature(v)) for k, v in value.items())
+    return value if isinstance(value, (int, float, bool, str, type(None))) else type(value)
+
+
+def _verify(
+    model: nn.Module, m: nn.Module, lg: LocalGraph, inputs: Any, expected: Any, twins: dict[Any, Any]
+) -> str | None:
+    """Run the eval graph on the recorded inputs in eval mode; fill shapes; None if it reproduces ``m``.
+
+    Twins (same class, same generated code, same input and output shapes; e.g. the 24 blocks of a ViT-L)
+    share one verification: their graphs are the same program on same-shaped tensors.
+    """
     if inputs is None:
         return f"{type(m).__name__} did not run in the shape pass"
+    key = (type(m), lg.eval_graph.python_code("self").src, _signature(inputs), _signature(expected))
+    if key in twins:
+        if isinstance(twins[key], str):
+            return twins[key]
+        lg.shapes, lg.verified = dict(twins[key]), True
+        return None
+    reason = _verify_run(model, m, lg, inputs, expected)
+    twins[key] = reason if reason else lg.shapes
+    return reason
+
+
+def _verify_run(model: nn.Module, m: nn.Module, lg: LocalGraph, inputs: Any, expected: Any) -> str | None:
     args, kwargs = inputs
     modes = {mod: mod.training for mod in model.modules()}
     added = [k for k in lg.constants if k not in m.__dict__]

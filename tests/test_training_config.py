@@ -152,3 +152,45 @@ def test_cosine_with_linear_warmup_ramps_up_then_anneals_to_min_lr():
     mid = 10 + 45  # halfway through the cosine part
     assert s(mid) == pytest.approx(0.001 + 0.5 * 0.099 * (1 + math.cos(math.pi * 0.5)))
     assert s(100) == pytest.approx(0.001)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_recipe_config_builds_in_a_dry_run(path):
+    """Model + spec + LayerOut + optimizer + one stub forward/backward, without data files or outputs."""
+    from timm_drop.training import Trainer
+
+    over = ["output_dir=/nonexistent/never-written"]
+    if "imagenet" in path.stem:
+        # same model, spec sites and optimizer; a 64 px stub keeps the 224 px forward out of the test budget
+        over.append("data.image_size=64")
+    cfg = load_config(path, over, check_paths=False)
+    info = Trainer(cfg, dry_run=True).fit()
+    assert info["num_classes"] in (10, 100, 1000)
+    assert (info["regularizers"] > 0 or info["layerout"]) == (
+        cfg.regularizer is not None or cfg.layerout is not None
+    )
+    assert not Path("/nonexistent/never-written").exists()
+
+
+def test_reproduce_table_variants_are_valid_configs():
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("reproduce", REPO / "recipes/reproduce.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert set(mod.VARIANTS) == {
+        "baseline",
+        "dropblock",
+        "corrdrop",
+        "selectscale",
+        "attentiondrop",
+        "layerout",
+    }
+    for v in mod.VARIANTS.values():
+        cfg = load_config(
+            REPO / "recipes/configs/baseline_resnet20_cifar10.yaml",
+            [f"regularizer={json.dumps(v.get('regularizer'))}", f"layerout={json.dumps(v.get('layerout'))}"],
+            check_paths=False,
+        )
+        assert (cfg.regularizer is None) != (cfg.layerout is None) or v == mod.VARIANTS["baseline"]

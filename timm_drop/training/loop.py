@@ -139,6 +139,19 @@ def _build_layerout(section: dict, model: nn.Module, distributed: bool, compiled
     return LayerOut(**section).bind(model)
 
 
+def _release_accelerator_state() -> None:
+    """Let a second Trainer in the same process (tests, benchmarks, notebooks) choose its own precision.
+
+    Accelerate keeps mixed precision in a process-wide singleton and refuses a different value later; the
+    distributed part (``PartialState``: process group, device) is kept, only the per-run settings are dropped.
+    """
+    from accelerate.state import AcceleratorState, GradientState
+
+    if AcceleratorState._shared_state:
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
+
+
 class Trainer:
     """One training run. ``Trainer(cfg).fit()``; pieces are attributes so tests can reach in."""
 
@@ -171,6 +184,7 @@ class Trainer:
         t = cfg.train
         if t.precision == "fp16" and (t.cpu or not torch.cuda.is_available()):
             raise ConfigError("train.precision: fp16 needs a CUDA device; use bf16 or no on CPU")
+        _release_accelerator_state()
         self.accelerator = acc = Accelerator(
             cpu=t.cpu,
             mixed_precision=t.precision,
@@ -514,20 +528,21 @@ class Trainer:
         return "  ".join(parts)
 
     def dry_run_check(self) -> dict[str, Any]:
-        """Build-only check: one forward/backward of a stub batch, no optimizer step, nothing written."""
+        """Build-only check: one train-mode forward of a stub batch, no optimizer step, nothing written."""
         size = self.cfg.data.image_size
         x = torch.randn(2, 3, size, size, device=self.device)
         y = torch.zeros(2, dtype=torch.long, device=self.device)
         if self.cfg.train.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         self.model.train()
-        out = self.model(x)
+        with torch.no_grad():  # a build check: train-mode forward through every regularizer, no backward
+            out = self.model(x)
         if out.shape != (2, self.num_classes):
             raise ConfigError(
                 f"model.name: {self.cfg.model.name} gave logits {tuple(out.shape)}, expected (2, {self.num_classes})"
             )
-        self.accelerator.backward(self.criterion(out.float(), y))
-        self.optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(self.criterion(out.float(), y)):
+            raise ConfigError(f"model.name: {self.cfg.model.name} gave a non-finite loss on a stub batch")
         n_params = sum(p.numel() for p in self.unwrapped.parameters())
         info = {
             "model": self.cfg.model.name,

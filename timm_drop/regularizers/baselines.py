@@ -41,10 +41,9 @@ def _keep_prob(drop_prob: float | torch.Tensor, device: torch.device) -> torch.T
 
 def _masked(x: torch.Tensor, drop_prob: float | torch.Tensor, mask_shape: tuple[int, ...]) -> torch.Tensor:
     keep = _keep_prob(drop_prob, x.device)
-    if mask_shape == tuple(x.shape):
-        mask = torch.empty_like(x, memory_format=torch.preserve_format)
-    else:
-        mask = x.new_empty(mask_shape)
+    # Drawn in the logical (contiguous) shape, not x's memory order, so a channels-last or NHWC-layout input
+    # gets the same mask as its NCHW twin under the same seed.
+    mask = x.new_empty(mask_shape)
     mask.bernoulli_(keep)
     return torch.mul(x, mask).mul_(1.0 / keep)
 

@@ -151,7 +151,8 @@ class _Adds(nn.Module):
         if mask is not None:
             y = y + mask  # another input
         n = x.shape[0] + 1  # shape arithmetic
-        return y.add(self.f(y)) * n  # the skip: y is the shortcut
+        out = y.add(self.f(y))  # the skip: y is the shortcut
+        return (out * 0.5 + torch.flip(out, dims=[1]) * 0.5) * n  # rotary-style sum of two products
 
 
 class _Wrapper(nn.Module):

@@ -33,7 +33,8 @@ Kinds (``Site.kind``):
 * ``residual`` / ``shortcut`` / ``merge`` — a skip add: ``operator.add``, ``operator.iadd``, ``torch.add``
   or ``Tensor.add`` of two tensors of equal shape that both descend from the owning module's first input, one
   (the *shortcut*: identity or projection) strictly closer to that input than the other (the *residual*
-  branch), counted in graph operations along the longest path. This excludes positional embeddings and
+  branch), counted in graph operations along the longest path, and reached from the input only through
+  submodules, layout ops (view, permute, pooling, ...) or earlier skip merges. This excludes positional embeddings and
   attention biases (get_attr / constants), masks (other inputs), shape arithmetic (not tensors), broadcast
   adds, and parallel branches of equal depth (RepVGG's ``conv_kxk(x) + conv_1x1(x)``). Skip adds in the
   model root's own ``forward`` are not sites (rewriting the root would replace the model's class).
@@ -265,8 +266,76 @@ def skip_adds(graph: fx.Graph, shapes: dict[str, tuple[int, ...] | None]) -> lis
             continue
         if depth[a] == depth[b]:
             continue
+        shortcut = b if depth[a] > depth[b] else a
+        if not _stream_path(shortcut, source, depth, {}):
+            continue
         found.append((n, 0, 1) if depth[a] > depth[b] else (n, 1, 0))
     return found
+
+
+_LAYOUT_METHODS = frozenset(
+    {
+        "view",
+        "reshape",
+        "permute",
+        "transpose",
+        "flatten",
+        "contiguous",
+        "unsqueeze",
+        "squeeze",
+        "to",
+        "float",
+        "type",
+        "type_as",
+        "clone",
+        "__getitem__",
+        "unflatten",
+        "expand_as",
+        "view_as",
+        "reshape_as",
+    }
+)
+_LAYOUT_FUNCTIONS = frozenset(
+    {
+        operator.getitem,
+        torch.flatten,
+        torch.reshape,
+        torch.permute,
+        torch.transpose,
+        torch.squeeze,
+        torch.unsqueeze,
+        torch.nn.functional.avg_pool2d,
+        torch.nn.functional.max_pool2d,
+        torch.nn.functional.adaptive_avg_pool2d,
+        torch.nn.functional.interpolate,
+        torch.nn.functional.pad,
+    }
+)
+
+
+def _stream_path(
+    node: fx.Node, source: fx.Node, depth: dict[fx.Node, int], memo: dict[fx.Node, bool]
+) -> bool:
+    """Whether ``node`` carries the block's input stream: reached from it only through submodules (identity,
+    projection, pooling, scaling modules), layout ops, or earlier skip merges. This rejects the sum of two
+    computed terms, e.g. rotary embeddings' ``q * cos + rotate(q) * sin``, whose shorter term is a product."""
+    if node is source:
+        return True
+    if node in memo:
+        return memo[node]
+    memo[node] = False
+    inputs = [p for p in node.all_input_nodes if p in depth]
+    ok = False
+    if (
+        node.op == "call_module"
+        or (node.op == "call_method" and node.target in _LAYOUT_METHODS)
+        or (node.op == "call_function" and node.target in _LAYOUT_FUNCTIONS)
+    ):
+        ok = bool(inputs) and _stream_path(inputs[0], source, depth, memo)
+    elif _is_add(node):
+        ok = any(_stream_path(p, source, depth, memo) for p in inputs)
+    memo[node] = ok
+    return ok
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -849,7 +918,13 @@ def _stage_blocks(name: str, named: dict[str, nn.Module], graphs: dict[str, Loca
         return _flatten_container(cn, c)
     comps = [(cn, c) for cn, c in _children(name, m) if _composite(c) and not is_norm(c)]
     classes = {type(c) for _, c in comps}
-    if comps and len(classes) == 1:
+
+    def block_like(cn: str, c: nn.Module) -> bool:
+        # a block owns a skip add or several composite layers (RegNet's b1..bN); a conv-norm-act branch
+        # (Inception's Mixed_* children) does not
+        return bool(cn in graphs and graphs[cn].adds) or sum(1 for g in c.children() if _composite(g)) >= 2
+
+    if comps and len(classes) == 1 and all(block_like(cn, c) for cn, c in comps):
         return [cn for cn, _ in comps]
     return [name]
 

@@ -34,10 +34,11 @@ Kinds (``Site.kind``):
   or ``Tensor.add`` of two tensors of equal shape that both descend from the owning module's first input, one
   (the *shortcut*: identity or projection) strictly closer to that input than the other (the *residual*
   branch), counted in graph operations along the longest path, and reached from the input only through
-  submodules, layout ops (view, permute, pooling, ...) or earlier skip merges. This excludes positional embeddings and
-  attention biases (get_attr / constants), masks (other inputs), shape arithmetic (not tensors), broadcast
-  adds, and parallel branches of equal depth (RepVGG's ``conv_kxk(x) + conv_1x1(x)``). Skip adds in the
-  model root's own ``forward`` are not sites (rewriting the root would replace the model's class).
+  submodules, layout ops (view, permute, pooling, ...) or earlier skip merges. This excludes positional
+  embeddings and attention biases (get_attr / constants), masks (other inputs), shape arithmetic (not
+  tensors), broadcast adds, parallel branches of equal depth (RepVGG's ``conv_kxk(x) + conv_1x1(x)``) and
+  sums of computed terms (rotary embeddings' ``q * cos + rotate(q) * sin``). Skip adds in the model root's
+  own ``forward`` are not sites (rewriting the root would replace the model's class).
 * ``norm`` — output of a normalization module (torch norm base classes, or any class in the MRO named
   ``...Norm``, ``...Norm2d``, ``...NormAct2d``, ``EvoNorm...``).
 * ``module`` — output of any executed module (the root excluded) that returns a single tensor.

@@ -226,7 +226,7 @@ def test_channels_last_and_non_contiguous_give_the_contiguous_result(case):
     torch.testing.assert_close(_same_seed(lambda: m(view)), ref)
 
 
-def test_nhwc_and_token_layouts_match_channels_first_under_the_same_seed(case):
+def test_nhwc_token_and_pooled_layouts_match_channels_first_under_the_same_seed(case):
     m = build(case)
     layouts = type(m).layouts
     x = torch.randn(4, 8, 6, 10)
@@ -242,6 +242,15 @@ def test_nhwc_and_token_layouts_match_channels_first_under_the_same_seed(case):
         m.set_layout("NLC")
         out = _same_seed(lambda: m(tokens))
         torch.testing.assert_close(out, ref.squeeze(-1).transpose(1, 2))
+    if "NC" in layouts:
+        pooled = positive(16, 8)  # (B, C) is the (B, C, 1, 1) map
+        m.set_layout("NCHW")
+        ref = _same_seed(lambda: m(pooled[:, :, None, None]))
+        m.set_layout("NC")
+        out = _same_seed(lambda: m(pooled))
+        torch.testing.assert_close(out, ref.flatten(1))
+        # accepting pooled features must mean acting on them, never a silent identity
+        assert not torch.equal(out, pooled)
 
 
 # -- randomness -------------------------------------------------------------------------------------------------

@@ -181,6 +181,10 @@ def attention_drop(
 class AttentionDrop(Regularizer):
     """AttentionDrop (Ouyang et al., ICME 2019, Algorithm 1); see :func:`attention_drop` and the module doc."""
 
+    # Its attention is a normalisation over each map's positions: pooled (N, C) features have one position per
+    # map, where every mode would silently do nothing, so that layout is refused.
+    layouts = ("NCHW", "NHWC", "NLC")
+
     def __init__(self, drop_prob: float, top_rate: float, mode: str = "ad") -> None:
         super().__init__()
         self.drop_prob = check_probability("drop_prob", drop_prob)

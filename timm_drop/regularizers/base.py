@@ -6,8 +6,9 @@ A regularizer is a parameter-free ``nn.Module`` that
 * keeps its schedule strength in a non-persistent 0-dim float32 buffer named ``strength`` (a multiplier in
   [0, 1] on the configured drop probability or scale range), so that moving a schedule neither adds
   ``state_dict`` keys nor recompiles a ``torch.compile``d model, and DDP's buffer broadcast keeps ranks in step;
-* knows the layout of the tensor it receives (``"NCHW"``, ``"NHWC"`` or ``"NLC"`` tokens) and adapts to it by
-  viewing the input as channels-first; a layout it cannot serve is refused by name.
+* knows the layout of the tensor it receives (``"NCHW"``, ``"NHWC"``, ``"NLC"`` tokens or ``"NC"`` pooled
+  features) and adapts to it by viewing the input as channels-first ``(N, C, *spatial)`` (tokens become
+  ``(N, C, L, 1)``, pooled features ``(N, C, 1)``); a layout it cannot serve is refused by name.
 
 Subclasses implement :meth:`Regularizer.regularize` on a channels-first view ``(N, C, *spatial)`` and
 declare the layouts they accept in ``layouts``.
@@ -20,8 +21,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-#: Every layout a site can have: channels-first maps, channels-last maps, and token sequences ``(B, L, C)``.
-LAYOUTS: tuple[str, ...] = ("NCHW", "NHWC", "NLC")
+#: Every layout a site can have: channels-first maps, channels-last maps, token sequences ``(B, L, C)`` and
+#: pooled features ``(B, C)`` (seen as one spatial position per channel).
+LAYOUTS: tuple[str, ...] = ("NCHW", "NHWC", "NLC", "NC")
 
 
 def check_probability(name: str, value: float, *, allow_one: bool = False) -> float:
@@ -99,6 +101,8 @@ class Regularizer(nn.Module):
             return self.regularize(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         if self.layout == "NLC" and x.dim() == 3:
             return self.regularize(x.transpose(1, 2).unsqueeze(-1)).squeeze(-1).transpose(1, 2)
+        if self.layout == "NC" and x.dim() == 2:
+            return self.regularize(x.unsqueeze(-1)).squeeze(-1)
         return self.regularize(x)
 
     def _settings(self) -> str:

@@ -11,6 +11,7 @@ from timm_drop.regularizers import (
 )
 from timm_drop.rewrite import Plan, RewriteError, apply_regularizer, plan, strip_regularizers
 from timm_drop.schedules import Schedule, set_progress
+from timm_drop.sites import Site, find_sites
 from timm_drop.spec import Rule, Spec, SpecError, load_spec
 
 __version__ = "0.1.0"
@@ -22,10 +23,12 @@ __all__ = [
     "RewriteError",
     "Rule",
     "Schedule",
+    "Site",
     "Spec",
     "SpecError",
     "apply_regularizer",
     "create_regularizer",
+    "find_sites",
     "list_regularizers",
     "load_spec",
     "plan",

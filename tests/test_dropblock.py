@@ -149,6 +149,16 @@ def test_eval_and_zero_probability_are_bitwise_identity():
     assert torch.equal(scheduled(x), x)
 
 
+@pytest.mark.parametrize("shape", [(2, 61, 8, 8), (1, 13, 7, 11), (3, 5, 9, 9)])
+def test_zero_strength_is_bitwise_identity_whatever_the_mask_size(shape):
+    # count / count_ones must be exactly 1 when nothing is dropped: a float numerator over a tensor is computed
+    # as count * reciprocal(count_ones), which is 0.99999994 for e.g. 7808 units.
+    module = DropBlock2d(0.1, 3).train()
+    module.strength.fill_(0.0)
+    x = torch.randn(shape)
+    assert torch.equal(module(x), x)
+
+
 def test_schedule_strength_scales_the_drop_fraction():
     torch.manual_seed(0)
     module = DropBlock2d(0.2, 3).train()

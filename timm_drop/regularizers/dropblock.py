@@ -210,7 +210,9 @@ def drop_block2d(
         mask = _expand_seeds(mask, kh, kw)[..., :h, :w]
     count = float(mask.numel())
     count_ones = count - mask.sum(dtype=torch.float32)
-    scale = count / count_ones.clamp_min(eps)
+    # tensor / tensor, not float / tensor: the latter is computed as count * reciprocal(count_ones), which is
+    # not exactly 1 when nothing is dropped (strength 0 must be the identity bit for bit).
+    scale = count_ones.new_tensor(count) / count_ones.clamp_min(eps)
     keep = 1 - mask  # 0/1, exact in every float dtype; the only tensor autograd keeps for backward
     # The float32 rescale is applied in place in the multiply's float32 compute type and rounded once to
     # x.dtype (folding it into a bf16 mask would bias the expectation by up to 0.4 %).

@@ -114,6 +114,20 @@ def test_zero_strength_is_identity_in_training(case):
     assert torch.equal(build(case, zero=True)(x), x)
 
 
+@pytest.mark.parametrize("strength", [0.0, 1.0])
+def test_output_keeps_the_input_strides_even_on_size_one_dims(case, strength):
+    # A LayerNorm2d output of shape (N, C, 1, 1) carries strides (C, 1, C, C); an elementwise result would get
+    # (C, 1, 1, 1), and downstream kernels then round differently, so strength 0 would not be an exact identity.
+    m = build(case)
+    m.strength.fill_(strength)
+    x = torch.rand(4, 8, 1, 1) + 0.5
+    x = x.as_strided(x.shape, (8, 1, 8, 8))
+    y = m(x)
+    assert y.stride() == x.stride()
+    if strength == 0.0:
+        assert torch.equal(y, x)
+
+
 def test_schedule_at_zero_strength_is_identity_and_full_strength_is_not(case):
     m = build(case)
     m.schedule = make_schedule({"kind": "linear", "start": 0.0, "end": 1.0})

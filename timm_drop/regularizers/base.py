@@ -47,6 +47,21 @@ def check_positive_int(name: str, value: int) -> int:
     return value
 
 
+def restride_like(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``out`` viewed with ``x``'s strides when both lay their elements out in the same memory order.
+
+    Strides of size-1 dimensions are arbitrary: a LayerNorm2d output of shape (N, C, 1, 1) may carry
+    (C, 1, C, C) while an elementwise result gets (C, 1, 1, 1). Kernels downstream pick code paths from strides
+    and can then round differently (seen: 4.7e-10 in EfficientViM's mixer), so a regularizer at strength 0
+    would not be the identity bit for bit. Re-viewing is free; a different real layout is left alone.
+    """
+    if out.shape != x.shape or out.stride() == x.stride():
+        return out
+    if any(so != sx for so, sx, n in zip(out.stride(), x.stride(), x.shape) if n > 1):
+        return out
+    return out.as_strided(x.shape, x.stride(), out.storage_offset())
+
+
 class Regularizer(nn.Module):
     """Base class: eval identity, schedule strength buffer, layout adaptation.
 
@@ -98,12 +113,14 @@ class Regularizer(nn.Module):
         if not self.training or self.is_noop():
             return x
         if self.layout == "NHWC" and x.dim() == 4:
-            return self.regularize(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        if self.layout == "NLC" and x.dim() == 3:
-            return self.regularize(x.transpose(1, 2).unsqueeze(-1)).squeeze(-1).transpose(1, 2)
-        if self.layout == "NC" and x.dim() == 2:
-            return self.regularize(x.unsqueeze(-1)).squeeze(-1)
-        return self.regularize(x)
+            out = self.regularize(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        elif self.layout == "NLC" and x.dim() == 3:
+            out = self.regularize(x.transpose(1, 2).unsqueeze(-1)).squeeze(-1).transpose(1, 2)
+        elif self.layout == "NC" and x.dim() == 2:
+            out = self.regularize(x.unsqueeze(-1)).squeeze(-1)
+        else:
+            out = self.regularize(x)
+        return restride_like(out, x)
 
     def _settings(self) -> str:
         return ""

@@ -15,12 +15,7 @@ CIFAR_RESNETS = ["resnet20_cifar", "resnet32_cifar", "resnet44_cifar", "resnet56
 SMALL = ["resnet20_cifar", "resnet18_cifar", "wrn20_4_cifar", "vgg16_bn_cifar"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def count(model: nn.Module) -> int:

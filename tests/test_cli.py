@@ -16,12 +16,7 @@ from timm_drop.regularizers import list_regularizers, regularizer_params
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_list_prints_every_regularizer_with_its_params(capsys):

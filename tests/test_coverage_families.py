@@ -98,14 +98,7 @@ NO_SITES: dict[str, set[str]] = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # On the shared 2-core box intra-op threads spin against other test processes (7 s of CPU instead of
-    # 0.5 s for one small check); one thread is the fastest setting here.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize(

@@ -21,14 +21,7 @@ from timm_drop.layerout import (
 )
 from timm_drop.regularizers import create_regularizer, list_regularizers, regularizer_params
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: intra-op threads only add spin-wait overhead (and stall badly on a loaded 2-core runner)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_cnn(seed: int = 0) -> nn.Module:

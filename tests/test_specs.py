@@ -26,13 +26,7 @@ EXPECTED_SPECS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # one intra-op thread is the fastest setting on the shared 2-core test box
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 _MODELS: dict[str, torch.nn.Module] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import subprocess
 import sys
@@ -16,7 +17,10 @@ from timm_drop.training.augment import cutout, random_crop, random_erasing, rand
 from timm_drop.training.config import DataConfig, load_config
 from timm_drop.training.data import DeviceLoader, FolderLoader, build_loaders, load_arrays, shard_indices
 
-SHARED = Path("/work/shared/data")
+# The shared data sits beside the checkout (../shared/data); TIMM_DROP_SHARED_DATA points elsewhere.
+SHARED = Path(
+    os.environ.get("TIMM_DROP_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+)
 JPEG_NPZ = SHARED / "cifar10-jpeg.npz"
 needs_cifar = pytest.mark.skipif(
     not JPEG_NPZ.is_file(), reason=f"{JPEG_NPZ} (shared CIFAR-10 JPEG export) is absent"

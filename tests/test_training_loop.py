@@ -191,3 +191,27 @@ def test_cli_rejects_a_bad_key_before_any_work(tmp_path, capsys):
     assert script.main(argv) == 2
     assert "train.epoch: unknown key; did you mean train.epochs" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_gradient_clipping_never_counts_layerout_frozen_gradients(tmp_path):
+    # In grad-nulling mode (DDP / compile) frozen layers still get gradients from backward; the clipping norm
+    # must be computed without them, or LayerOut would shrink the trainable layers' steps.
+    cfg = tiny_cfg(
+        tmp_path / "clip",
+        layerout={"freeze_probs": "random", "seed": 1, "skip_backward": False},
+        train={"epochs": 1, "clip_grad_norm": 1.0},
+    )
+    trainer = Trainer(cfg).setup()
+    clip = trainer.accelerator.clip_grad_norm_
+    seen = []
+
+    def spy(params, max_norm, *args, **kwargs):
+        params = list(params)
+        frozen = {id(p) for p in trainer.layerout._frozen_params}
+        seen.append((len(frozen), sum(p.grad is not None for p in params if id(p) in frozen)))
+        return clip(params, max_norm, *args, **kwargs)
+
+    trainer.accelerator.clip_grad_norm_ = spy
+    trainer.fit()
+    assert seen and all(n_frozen > 0 for n_frozen, _ in seen)
+    assert all(with_grad == 0 for _, with_grad in seen)

@@ -368,6 +368,9 @@ class Trainer:
                 acc.backward(loss)
                 if acc.sync_gradients:
                     if t.clip_grad_norm is not None:
+                        if self.layerout is not None:
+                            # frozen gradients (kept under DDP/compile) must not count in the clipping norm
+                            self.layerout.discard_frozen_grads()
                         acc.clip_grad_norm_(self.model.parameters(), t.clip_grad_norm)
                     lr = self.lr_schedule.apply(self.optimizer, self.state.step)
                 self.optimizer.step()

@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import torch
 
-from timm_drop.regularizers.base import Regularizer, check_probability
+from timm_drop.regularizers.base import Regularizer, check_probability, check_strength, is_static_zero
 from timm_drop.regularizers.registry import register_regularizer
 from timm_drop.regularizers.selectscale import check_top_rate, num_selected
 
@@ -154,11 +154,8 @@ def attention_drop(
         )
     top_rate = check_top_rate(top_rate)
     mode = check_mode(mode)
-    if not isinstance(drop_prob, torch.Tensor):
-        drop_prob = check_probability("drop_prob", drop_prob)
-        if drop_prob == 0.0:
-            return x
-    if not training:
+    drop_prob = check_strength("drop_prob", drop_prob)
+    if not training or is_static_zero(drop_prob):
         return x
     n_units = x[0, 0].numel()
     k = num_selected(top_rate, n_units)

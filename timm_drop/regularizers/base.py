@@ -38,6 +38,21 @@ def check_probability(name: str, value: float, *, allow_one: bool = False) -> fl
     return value
 
 
+def check_strength(
+    name: str, value: float | torch.Tensor, *, allow_one: bool = False
+) -> float | torch.Tensor:
+    """Validate a strength given as a number; a 0-dim tensor (a scheduled value the module built from an already
+    validated number) passes through untouched, so no device sync or recompile happens in forward."""
+    if isinstance(value, torch.Tensor):
+        return value
+    return check_probability(name, value, allow_one=allow_one)
+
+
+def is_static_zero(value: float | torch.Tensor) -> bool:
+    """True for a plain-number strength of 0: the functional forms then return their input unchanged."""
+    return not isinstance(value, torch.Tensor) and value == 0.0
+
+
 def check_positive_int(name: str, value: int) -> int:
     """Validate an integer hyper-parameter that must be >= 1."""
     if isinstance(value, bool) or not isinstance(value, int):

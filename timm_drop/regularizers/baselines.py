@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from timm_drop.regularizers.base import Regularizer, check_probability
+from timm_drop.regularizers.base import Regularizer, check_probability, check_strength, is_static_zero
 from timm_drop.regularizers.registry import register_regularizer
 
 __all__ = ["DropPath", "Dropout", "SpatialDropout", "drop_path", "dropout", "spatial_dropout"]
@@ -48,28 +48,18 @@ def _masked(x: torch.Tensor, drop_prob: float | torch.Tensor, mask_shape: tuple[
     return torch.mul(x, mask).mul_(1.0 / keep)
 
 
-def _check(drop_prob: float | torch.Tensor) -> float | torch.Tensor:
-    if isinstance(drop_prob, torch.Tensor):
-        return drop_prob
-    return check_probability("drop_prob", drop_prob)
-
-
-def _identity(drop_prob: float | torch.Tensor, training: bool) -> bool:
-    return not training or (not isinstance(drop_prob, torch.Tensor) and drop_prob == 0.0)
-
-
 def dropout(x: torch.Tensor, drop_prob: float | torch.Tensor, training: bool = True) -> torch.Tensor:
     """Elementwise inverted dropout: drop each unit with ``drop_prob``, scale kept units by ``1/(1-p)``."""
-    drop_prob = _check(drop_prob)
-    if _identity(drop_prob, training):
+    drop_prob = check_strength("drop_prob", drop_prob)
+    if not training or is_static_zero(drop_prob):
         return x
     return _masked(x, drop_prob, tuple(x.shape))
 
 
 def spatial_dropout(x: torch.Tensor, drop_prob: float | torch.Tensor, training: bool = True) -> torch.Tensor:
     """SpatialDropout on ``(N, C, *spatial)``: one draw per (sample, channel), kept channels ``x 1/(1-p)``."""
-    drop_prob = _check(drop_prob)
-    if _identity(drop_prob, training):
+    drop_prob = check_strength("drop_prob", drop_prob)
+    if not training or is_static_zero(drop_prob):
         return x
     if x.dim() < 2:
         raise ValueError(f"spatial_dropout expects (N, C, *spatial) input, got shape {tuple(x.shape)}")
@@ -78,8 +68,8 @@ def spatial_dropout(x: torch.Tensor, drop_prob: float | torch.Tensor, training: 
 
 def drop_path(x: torch.Tensor, drop_prob: float | torch.Tensor, training: bool = True) -> torch.Tensor:
     """DropPath / stochastic depth: drop the whole tensor of a sample (dim 0), kept samples ``x 1/(1-p)``."""
-    drop_prob = _check(drop_prob)
-    if _identity(drop_prob, training):
+    drop_prob = check_strength("drop_prob", drop_prob)
+    if not training or is_static_zero(drop_prob):
         return x
     if x.dim() < 1:
         raise ValueError("drop_path expects a batched input with the sample on dim 0, got a 0-dim tensor")

@@ -81,7 +81,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from timm_drop.regularizers.base import Regularizer, check_positive_int, check_probability
+from timm_drop.regularizers.base import (
+    Regularizer,
+    check_positive_int,
+    check_probability,
+    check_strength,
+    is_static_zero,
+)
 from timm_drop.regularizers.registry import register_regularizer
 
 __all__ = ["CorrDrop2d", "corr_drop2d", "correlation_map"]
@@ -157,11 +163,8 @@ def corr_drop2d(
         ``x`` times one ``{0, scale}`` mask per sample shared by all channels, same dtype and shape as ``x``.
     """
     _check_input(x, block_size)
-    if not isinstance(drop_prob, torch.Tensor):
-        drop_prob = check_probability("drop_prob", drop_prob)
-        if drop_prob == 0.0:
-            return x
-    if not training:
+    drop_prob = check_strength("drop_prob", drop_prob)
+    if not training or is_static_zero(drop_prob):
         return x
     n, _, h, w = x.shape
     kh, kw = min(block_size, h), min(block_size, w)

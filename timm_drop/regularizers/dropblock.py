@@ -56,7 +56,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from timm_drop.regularizers.base import Regularizer, check_positive_int, check_probability
+from timm_drop.regularizers.base import (
+    Regularizer,
+    check_positive_int,
+    check_probability,
+    check_strength,
+    is_static_zero,
+)
 from timm_drop.regularizers.registry import register_regularizer
 
 __all__ = ["DropBlock2d", "drop_block2d", "dropblock_gamma"]
@@ -182,10 +188,9 @@ def drop_block2d(
         training: identity when False.
         eps: lower bound of the kept count in the ``count / count_ones`` rescale.
     """
-    if not isinstance(drop_prob, torch.Tensor):
-        drop_prob = check_probability("drop_prob", drop_prob)
+    drop_prob = check_strength("drop_prob", drop_prob)
     block_size = check_positive_int("block_size", block_size)
-    if not training or (not isinstance(drop_prob, torch.Tensor) and drop_prob == 0.0):
+    if not training or is_static_zero(drop_prob):
         return x
     if x.dim() != 4:
         raise ValueError(f"drop_block2d expects a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")

@@ -67,7 +67,7 @@ import math
 
 import torch
 
-from timm_drop.regularizers.base import Regularizer, check_probability
+from timm_drop.regularizers.base import Regularizer, check_probability, check_strength, is_static_zero
 from timm_drop.regularizers.registry import register_regularizer
 
 __all__ = [
@@ -139,11 +139,8 @@ def spatial_scale(x: torch.Tensor, q: Number, training: bool = True) -> torch.Te
         training: identity when False.
     """
     _check_input(x, "spatial_scale")
-    if not isinstance(q, torch.Tensor):
-        q = check_probability("q", q, allow_one=True)
-        if q == 0.0:
-            return x
-    if not training:
+    q = check_strength("q", q, allow_one=True)
+    if not training or is_static_zero(q):
         return x
     r = _uniform_factors(tuple(x.shape[:2]), q, x.device)
     return _apply_channel_factor(x, r)
@@ -163,11 +160,8 @@ def select_scale(x: torch.Tensor, top_rate: float, q: Number, training: bool = T
     """
     _check_input(x, "select_scale")
     top_rate = check_top_rate(top_rate)
-    if not isinstance(q, torch.Tensor):
-        q = check_probability("q", q, allow_one=True)
-        if q == 0.0:
-            return x
-    if not training:
+    q = check_strength("q", q, allow_one=True)
+    if not training or is_static_zero(q):
         return x
     n, c = x.shape[:2]
     k = num_selected(top_rate, c)
@@ -195,12 +189,10 @@ def selectout(x: torch.Tensor, drop_prob: Number, top_rate: float, training: boo
     """
     _check_input(x, "selectout")
     top_rate = check_top_rate(top_rate)
+    drop_prob = check_strength("drop_prob", drop_prob)
     if not isinstance(drop_prob, torch.Tensor):
-        drop_prob = check_probability("drop_prob", drop_prob)
         _check_drop_le_top(drop_prob, top_rate)
-        if drop_prob == 0.0:
-            return x
-    if not training:
+    if not training or is_static_zero(drop_prob):
         return x
     n, c = x.shape[:2]
     k = num_selected(top_rate, c)

@@ -271,7 +271,48 @@ class _Normalizer:
         return x.contiguous(memory_format=fmt)
 
 
-class DeviceLoader:
+class _ShardedLoader:
+    """What both loaders share: per-rank sharding, batch sizes, normalisation on ``device`` and the epoch."""
+
+    def _setup(
+        self,
+        n: int,
+        cfg: DataConfig,
+        *,
+        train: bool,
+        device: torch.device,
+        seed: int,
+        rank: int,
+        world: int,
+        mean,
+        std,
+        channels_last: bool,
+        batch_multiple: int,
+        where: str = "",
+    ) -> None:
+        self.n = n
+        self.cfg, self.train, self.device = cfg, train, device
+        self.seed, self.rank, self.world, self.epoch = seed, rank, world, 0
+        self.batch_size = cfg.batch_size if train else cfg.eval_batch_size
+        self.batch_multiple = batch_multiple
+        self.norm = _Normalizer(mean, std, device, channels_last)
+        if train and n // world < self.batch_size * batch_multiple:
+            raise ValueError(
+                f"data.batch_size: {self.batch_size} x grad_accum {batch_multiple} exceeds the {n // world} "
+                f"training images per process{where}"
+            )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        if self.train:
+            nb = (self.n // self.world) // self.batch_size
+            return nb - nb % self.batch_multiple
+        return math.ceil(math.ceil(self.n / self.world) / self.batch_size)
+
+
+class DeviceLoader(_ShardedLoader):
     """Batches from a dataset held on ``device``; augmentation runs there on whole batches.
 
     Yields ``(images, labels)`` for training, ``(images, labels, valid)`` for eval (``valid`` masks the padding
@@ -293,29 +334,21 @@ class DeviceLoader:
         channels_last: bool = False,
         batch_multiple: int = 1,
     ) -> None:
+        self._setup(
+            len(data.y),
+            cfg,
+            train=train,
+            device=device,
+            seed=seed,
+            rank=rank,
+            world=world,
+            mean=mean,
+            std=std,
+            channels_last=channels_last,
+            batch_multiple=batch_multiple,
+        )
         self.x = torch.from_numpy(data.x).to(device)
         self.y = torch.from_numpy(data.y).to(device)
-        self.n = len(data.y)
-        self.cfg, self.train, self.device = cfg, train, device
-        self.seed, self.rank, self.world = seed, rank, world
-        self.batch_size = cfg.batch_size if train else cfg.eval_batch_size
-        self.batch_multiple = batch_multiple
-        self.norm = _Normalizer(mean, std, device, channels_last)
-        self.epoch = 0
-        if train and self.n // world < self.batch_size * batch_multiple:
-            raise ValueError(
-                f"data.batch_size: {self.batch_size} x grad_accum {batch_multiple} exceeds the {self.n // world} "
-                f"training images per process"
-            )
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        if self.train:
-            nb = (self.n // self.world) // self.batch_size
-            return nb - nb % self.batch_multiple
-        return math.ceil(math.ceil(self.n / self.world) / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         if self.train:
@@ -374,7 +407,7 @@ class _PaddedDataset(torch.utils.data.Dataset):
         return img, label, i < self.n
 
 
-class FolderLoader:
+class FolderLoader(_ShardedLoader):
     """A worker-backed loader for image folders; normalisation, Cutout and Random Erasing run on ``device``."""
 
     def __init__(
@@ -412,17 +445,20 @@ class FolderLoader:
         # its loader gives RGB; empty class folders are kept so train and eval agree on the class indices
         self.dataset = torchvision.datasets.ImageFolder(root, transform=T.Compose(tf), allow_empty=True)
         self.classes = list(self.dataset.classes)
-        self.n = len(self.dataset)
-        self.cfg, self.train, self.device = cfg, train, device
-        self.seed, self.rank, self.world, self.epoch = seed, rank, world, 0
-        self.batch_size = cfg.batch_size if train else cfg.eval_batch_size
-        self.batch_multiple = batch_multiple
-        self.norm = _Normalizer(mean, std, device, channels_last)
-        if train and self.n // world < self.batch_size * batch_multiple:
-            raise ValueError(
-                f"data.batch_size: {self.batch_size} x grad_accum {batch_multiple} exceeds the {self.n // world} "
-                f"training images per process in {root}"
-            )
+        self._setup(
+            len(self.dataset),
+            cfg,
+            train=train,
+            device=device,
+            seed=seed,
+            rank=rank,
+            world=world,
+            mean=mean,
+            std=std,
+            channels_last=channels_last,
+            batch_multiple=batch_multiple,
+            where=f" in {root}",
+        )
         self._gen = torch.Generator()
         self.loader = torch.utils.data.DataLoader(
             _PaddedDataset(self.dataset, self.n),
@@ -434,15 +470,6 @@ class FolderLoader:
             generator=self._gen,
             persistent_workers=False,
         )
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        if self.train:
-            nb = (self.n // self.world) // self.batch_size
-            return nb - nb % self.batch_multiple
-        return math.ceil(math.ceil(self.n / self.world) / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         # Worker seeds derive from this generator: (seed, epoch, rank) fixes the augmentation stream.

@@ -573,13 +573,7 @@ def _check(
 
     # eval ------------------------------------------------------------------------------------------------------
     result.stage = "eval"
-    model.eval()
-    with torch.no_grad():
-        out = _flatten(model(x))
-    if not _same(out, out_eval):
-        raise CheckFailed(
-            "eval", f"eval output differs from the original (max abs diff {_max_diff(out, out_eval):.3g})"
-        )
+    _expect_eval_output(model, x, out_eval, "eval", "eval output differs from the original")
 
     # train: forward + backward finite, every regularizer runs, full strength has an effect ---------------------
     result.stage = "train"
@@ -675,13 +669,16 @@ def _check(
         raise CheckFailed("strip", f"hooks after strip: {_hook_count(model)}, before apply: {hooks0}")
     if _module_signature(model) != sig0:
         raise CheckFailed("strip", "module tree after strip differs from the original")
+    _expect_eval_output(model, x, out_eval, "strip", "eval output after strip differs")
+
+
+def _expect_eval_output(model: nn.Module, x: torch.Tensor, expected: Any, stage: str, message: str) -> None:
+    """Run ``model`` in eval on ``x`` and fail ``stage`` unless the output is bit-identical to ``expected``."""
     model.eval()
     with torch.no_grad():
         out = _flatten(model(x))
-    if not _same(out, out_eval):
-        raise CheckFailed(
-            "strip", f"eval output after strip differs (max abs diff {_max_diff(out, out_eval):.3g})"
-        )
+    if not _same(out, expected):
+        raise CheckFailed(stage, f"{message} (max abs diff {_max_diff(out, expected):.3g})")
 
 
 # -- many models ----------------------------------------------------------------------------------------------

@@ -68,7 +68,6 @@ from torch import fx, nn
 
 __all__ = ["LocalTracer", "Site", "SiteError", "find_sites", "analyze_model"]
 
-SITE_KINDS: tuple[str, ...] = ("stage", "block", "residual", "shortcut", "merge", "norm", "module")
 SKIP_KINDS: tuple[str, ...] = ("residual", "shortcut", "merge")
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _NORM_NAME = re.compile(
@@ -88,7 +87,7 @@ class Site:
     Attributes:
         name: unique ``"<kind>:<path>"``; ``path`` is the module's qualified name, or for skip sites the
             owning module's name plus the add node (``"merge:layer3.0.add"``).
-        kind: one of :data:`SITE_KINDS`.
+        kind: one of :data:`timm_drop.spec.SITE_KINDS`.
         stage: 1-based stage (stem excluded), None for stem / head.
         module: qualified name of the owning module (the module whose output it is, or that executes the add).
         classes: class names of that module's MRO, most derived first.

@@ -59,13 +59,12 @@ from torch import fx, nn
 from timm_drop.regularizers.base import Regularizer
 from timm_drop.regularizers.registry import create_regularizer
 from timm_drop.sites import SKIP_KINDS, Analysis, Site, analyze_model
-from timm_drop.spec import Rule, Spec, load_spec
+from timm_drop.spec import STRENGTH_PARAMS, Rule, Spec, load_spec
 
 __all__ = ["Plan", "PlanEntry", "RewriteError", "apply_regularizer", "plan", "strip_regularizers"]
 
 SIDE_DICT = "_timm_drop_regularizers"
 _RECORD = "_timm_drop_record"
-_STRENGTH_PARAMS = ("drop_prob", "q")
 _counter = itertools.count()
 
 
@@ -283,7 +282,7 @@ def _build(model: nn.Module, spec: Spec, analysis: Analysis) -> Plan:
         for i, site in enumerate(selected):
             params = rule.params_for_stage(site.stage)
             if rule.depth_scaling == "linear":
-                for k in _STRENGTH_PARAMS:
+                for k in STRENGTH_PARAMS:
                     if isinstance(params.get(k), (int, float)) and not isinstance(params.get(k), bool):
                         params[k] = float(params[k]) * (i + 1) / n
             try:

@@ -295,6 +295,9 @@ def validate(cfg: TrainConfig, *, check_paths: bool = True) -> None:
     d, o, s, t = cfg.data, cfg.optim, cfg.sched, cfg.train
     _check(bool(cfg.output_dir), "output_dir", "must not be empty")
     _check(bool(cfg.model.name), "model.name", "must name a timm model")
+    _check_model_name(cfg.model.name)
+    # numpy's seed range: anything else fails deep inside set_seed, after the run directory exists
+    _check(0 <= cfg.seed <= 2**32 - 1, "seed", f"must be in [0, 2**32 - 1], got {cfg.seed}")
     _check(
         "num_classes" not in cfg.model.kwargs or isinstance(cfg.model.kwargs["num_classes"], int),
         "model.kwargs.num_classes",
@@ -413,6 +416,27 @@ def validate(cfg: TrainConfig, *, check_paths: bool = True) -> None:
         _validate_layerout(cfg.layerout)
 
 
+def _check_model_name(name: str) -> None:
+    """The name must be in timm's registry (the CIFAR models register on ``import timm_drop``)."""
+    if ":" in name:  # ``hf-hub:...`` / ``local-dir:...``: timm resolves these itself when building
+        return
+    import timm
+
+    import timm_drop  # noqa: F401
+
+    try:
+        import timm_drop.models  # noqa: F401
+    except ImportError:  # pragma: no cover
+        pass
+    if timm.is_model(name):
+        return
+    import difflib
+
+    near = difflib.get_close_matches(name, timm.list_models(), n=3)
+    hint = f"; did you mean {', '.join(near)}?" if near else " (see timm.list_models())"
+    raise ConfigError(f"model.name: {name!r} is not a timm model{hint}")
+
+
 def _validate_layerout(section: dict) -> None:
     import inspect
 
@@ -425,10 +449,20 @@ def _validate_layerout(section: dict) -> None:
     known = [n for n in params if n != "self"]
     for k in section:
         _check(accepts_any or k in known, f"layerout.{k}", f"unknown LayerOut argument (known: {known})")
+    probs = section.get("freeze_probs", "random")
+    if not isinstance(probs, str):
+        _check(
+            isinstance(probs, list)
+            and all(isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p <= 1 for p in probs),
+            "layerout.freeze_probs",
+            f"must be a preset name or a list of probabilities in [0, 1], got {probs!r}",
+        )
     try:
         LayerOut(**section)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"layerout: {e}") from e
+        # LayerOut's messages start with the argument's name: make it the dotted key
+        first, _, rest = str(e).partition(" ")
+        raise ConfigError(f"layerout.{first}: {rest}" if first in known else f"layerout: {e}") from e
 
 
 def resolve_regularizer(cfg: TrainConfig, base_dir: str | os.PathLike | None = None) -> None:

@@ -365,11 +365,17 @@ class Trainer:
             bad = self.accelerator.reduce(bad, reduction="sum")
         if bad.item() > 0:
             latest = self.ckpt.latest()
-            keep = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written yet"
+            if latest is not None:
+                keep, then = f"the last good checkpoint is {latest}", "--resume latest"
+            else:  # nothing to resume: advising --resume latest would only fail
+                keep, then = (
+                    "no checkpoint was written yet",
+                    "start the run again (--overwrite replaces this one)",
+                )
             raise NonFiniteLossError(
                 f"non-finite training loss ({where}, optimizer step {self.state.step}); stopping without saving this "
                 f"epoch: {keep}. Lower optim.lr, set train.clip_grad_norm, or use train.precision=bf16, then "
-                "--resume latest"
+                f"{then}"
             )
 
     def train_one_epoch(self, epoch: int) -> dict[str, float]:

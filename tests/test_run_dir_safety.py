@@ -134,3 +134,15 @@ def test_a_start_that_failed_inside_the_first_epoch_does_not_block_the_corrected
     assert "never finished an epoch" in out
     assert (in_tmp / "r" / "notes.txt").read_text() == "mine\n"
     assert "optim:\n  name: sgd\n  lr: 0.05" in (in_tmp / "r" / "config.yaml").read_text()
+
+
+def test_resume_path_from_another_model_is_refused_before_creating_anything(in_tmp, capsys):
+    main = train_cli()
+    assert main(["--config", QUICKSTART, "output_dir=a", *FAST, "train.epochs=1"]) == 0
+    ckpt = str(in_tmp / "a" / "checkpoints" / "epoch_0001")
+    rc = main(["--config", QUICKSTART, "output_dir=b", *FAST, "model.name=resnet32_cifar", "--resume", ckpt])
+    err = capsys.readouterr().err
+    assert rc == 2 and "epoch_0001" in err and "Traceback" not in err
+    assert not (in_tmp / "b").exists()
+    assert main(["--config", QUICKSTART, "output_dir=b", *FAST, "train.epochs=2", "--resume", ckpt]) == 0
+    assert [p.name for p in sorted((in_tmp / "b" / "checkpoints").iterdir())] == ["epoch_0002"]

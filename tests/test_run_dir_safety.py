@@ -146,3 +146,28 @@ def test_resume_path_from_another_model_is_refused_before_creating_anything(in_t
     assert not (in_tmp / "b").exists()
     assert main(["--config", QUICKSTART, "output_dir=b", *FAST, "train.epochs=2", "--resume", ckpt]) == 0
     assert [p.name for p in sorted((in_tmp / "b" / "checkpoints").iterdir())] == ["epoch_0002"]
+
+
+def test_a_run_that_may_still_be_running_is_not_replaced(in_tmp, capsys):
+    import subprocess
+    import sys
+
+    main = train_cli()
+    assert main(["--config", QUICKSTART, "output_dir=r", *FAST, "train.epochs=1", "optim.lr=1e30"]) == 3
+    marker_path = in_tmp / "r" / ".timm_drop_run.json"
+    marker = json.loads(marker_path.read_text())
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        # its process is alive on this host: neither a plain rerun nor --overwrite touches it
+        marker_path.write_text(json.dumps({**marker, "pid": live.pid}))
+        for flags in ([], ["--overwrite"]):
+            assert main(["--config", QUICKSTART, "output_dir=r", *FAST, "train.epochs=1", *flags]) == 2
+            assert f"process {live.pid} is still alive" in capsys.readouterr().err
+    finally:
+        live.kill()
+        live.wait()
+    # started on another host (a shared filesystem): only an explicit --overwrite replaces it
+    marker_path.write_text(json.dumps({**marker, "host": "some-other-host"}))
+    assert main(["--config", QUICKSTART, "output_dir=r", *FAST, "train.epochs=1"]) == 2
+    assert "may still be running there" in capsys.readouterr().err
+    assert main(["--config", QUICKSTART, "output_dir=r", *FAST, "train.epochs=1", "--overwrite"]) == 0

@@ -26,15 +26,31 @@ from torch import nn
 LAYOUTS: tuple[str, ...] = ("NCHW", "NHWC", "NLC", "NC")
 
 
+class ParamError(ValueError):
+    """A hyper-parameter with a bad value. ``param`` names it, so a spec error lands on that field whatever
+    the message says."""
+
+    def __init__(self, message: str, param: str = "") -> None:
+        super().__init__(message)
+        self.param = param
+
+    def __reduce__(self):  # keep ``param`` when pickled (coverage worker processes)
+        return type(self), (str(self), self.param)
+
+
+class ParamTypeError(ParamError, TypeError):
+    """A hyper-parameter of the wrong type (still a ``TypeError`` for callers that catch one)."""
+
+
 def check_probability(name: str, value: float, *, allow_one: bool = False) -> float:
     """Validate a probability-like hyper-parameter and return it as a float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} ({value!r})")
+        raise ParamTypeError(f"{name} must be a number, got {type(value).__name__} ({value!r})", name)
     value = float(value)
     upper_ok = value <= 1.0 if allow_one else value < 1.0
     if not (value >= 0.0 and upper_ok):
         bound = "[0, 1]" if allow_one else "[0, 1)"
-        raise ValueError(f"{name} must be in {bound}, got {value}")
+        raise ParamError(f"{name} must be in {bound}, got {value}", name)
     return value
 
 
@@ -56,9 +72,9 @@ def is_static_zero(value: float | torch.Tensor) -> bool:
 def check_positive_int(name: str, value: int) -> int:
     """Validate an integer hyper-parameter that must be >= 1."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__} ({value!r})")
+        raise ParamTypeError(f"{name} must be an integer, got {type(value).__name__} ({value!r})", name)
     if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
+        raise ParamError(f"{name} must be >= 1, got {value}", name)
     return value
 
 

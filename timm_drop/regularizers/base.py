@@ -8,7 +8,11 @@ A regularizer is a parameter-free ``nn.Module`` that
   ``state_dict`` keys nor recompiles a ``torch.compile``d model, and DDP's buffer broadcast keeps ranks in step;
 * knows the layout of the tensor it receives (``"NCHW"``, ``"NHWC"``, ``"NLC"`` tokens or ``"NC"`` pooled
   features) and adapts to it by viewing the input as channels-first ``(N, C, *spatial)`` (tokens become
-  ``(N, C, L, 1)``, pooled features ``(N, C, 1)``); a layout it cannot serve is refused by name.
+  ``(N, C, L, 1)``, pooled features ``(N, C, 1)``); a layout it cannot serve is refused by name;
+* on ViT tokens whose sequence is ``num_prefix_tokens`` prefix tokens plus an ``H x W`` patch grid
+  (:meth:`Regularizer.set_token_grid`, set by the rewriter from the model), a method that needs a 2-D map
+  (``grid_layouts = ("NLC",)``: DropBlock, CorrDrop) acts on the grid as a channels-last map and returns the prefix
+  tokens untouched; without a grid such a method refuses ``NLC``.
 
 Subclasses implement :meth:`Regularizer.regularize` on a channels-first view ``(N, C, *spatial)`` and
 declare the layouts they accept in ``layouts``.

@@ -213,6 +213,8 @@ class CorrDrop2d(Regularizer):
     """
 
     layouts = ("NCHW", "NHWC")
+    # ViT tokens are served as the map they come from once the site's patch grid is known (set_token_grid).
+    grid_layouts = ("NLC",)
 
     def __init__(self, drop_prob: float = 0.1, block_size: int = 7) -> None:
         super().__init__()

@@ -235,6 +235,8 @@ class DropBlock2d(Regularizer):
     """
 
     layouts = ("NCHW", "NHWC")
+    # ViT tokens are served as the map they come from once the site's patch grid is known (set_token_grid).
+    grid_layouts = ("NLC",)
 
     def __init__(self, drop_prob: float, block_size: int, per_channel: bool = True) -> None:
         super().__init__()

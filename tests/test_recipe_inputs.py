@@ -43,19 +43,23 @@ def test_override_numbers_in_exponent_form_are_numbers():
             "sched.warmup_lr=1E-5",
             "train.clip_grad_norm=1E3",
             "model.kwargs.drop_rate=1e-1",
+            "model.kwargs.extra={a: [2e-2, '3e-3']}",
             "name='1e3'",  # quoted: stays a string
         ],
     )
     assert cfg.optim.lr == 1e-4 and cfg.optim.weight_decay == 5e-4 and cfg.sched.warmup_lr == 1e-5
     assert cfg.train.clip_grad_norm == 1000.0
-    assert cfg.model.kwargs["drop_rate"] == 0.1
+    assert cfg.model.kwargs["drop_rate"] == 0.1 and cfg.model.kwargs["extra"] == {"a": [0.02, "3e-3"]}
     assert cfg.name == "1e3"
 
 
 def test_config_file_numbers_in_exponent_form_are_numbers(tmp_path):
-    (tmp_path / "c.yaml").write_text("optim:\n  lr: 1e-4\n  weight_decay: 5e-4\n  betas: [0.9, 1E-3]\n")
+    (tmp_path / "c.yaml").write_text(
+        "optim:\n  lr: 1e-4\n  weight_decay: 5e-4\n  betas: [0.9, 1E-3]\nmodel:\n  kwargs: {drop_rate: 1e-1}\n"
+    )
     cfg = load_config(tmp_path / "c.yaml")
     assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas) == (1e-4, 5e-4, [0.9, 1e-3])
+    assert cfg.model.kwargs == {"drop_rate": 0.1}
 
 
 def test_a_non_number_string_for_a_float_field_is_still_refused():

@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -242,8 +241,6 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: must be an integer, got {type(value).__name__} ({value!r})")
         return value
     if tp is float:
-        if _is_yaml12_float(value):  # ``lr: 1e-4`` in a config file (YAML 1.1 reads it as a string)
-            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: must be a number, got {type(value).__name__} ({value!r})")
         return float(value)
@@ -506,21 +503,12 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
         if not key or any(not p for p in key.split(".")):
             raise ConfigError(f"override {item!r}: empty key part")
         try:
-            value, node = load_yaml_bounded(text, f"override {key}") if text.strip() else ("", None)
+            # ``lr=1e-4`` is a number (YAML 1.2), anywhere in the value; quoted (``name='1e3'``) it stays a string
+            value = load_yaml_bounded(text, f"override {key}", yaml12_floats=True)[0] if text.strip() else ""
         except YAMLInputError as e:
             raise ConfigError(f"{key}: cannot parse override value {text!r}: {e}") from e
-        if isinstance(node, yaml.ScalarNode) and node.style is None and _is_yaml12_float(value):
-            value = float(value)  # ``lr=1e-4``: unquoted, so meant as a number
         out.append((key, value))
     return out
-
-
-#: YAML 1.2 floats that YAML 1.1 (PyYAML) reads as strings: an exponent without a dot (``1e-4``, ``1E3``)
-_YAML12_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)[eE][-+]?[0-9]+")
-
-
-def _is_yaml12_float(value: Any) -> bool:
-    return isinstance(value, str) and _YAML12_FLOAT.fullmatch(value.strip()) is not None
 
 
 def apply_overrides(raw: dict, overrides: list[tuple[str, Any]]) -> dict:
@@ -579,7 +567,7 @@ def _read_yaml(path: Path, what: str) -> Any:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{what}: cannot read {path}: {e}") from e
     try:
-        return load_yaml_bounded(text, str(path))[0]
+        return load_yaml_bounded(text, str(path), yaml12_floats=True)[0]
     except YAMLInputError as e:
         raise ConfigError(f"{what}: invalid YAML: {e}") from e
 

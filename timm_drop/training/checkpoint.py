@@ -8,12 +8,18 @@ Layout of a run directory::
     <output_dir>/last_model.pth           weights after the last finished epoch
     <output_dir>/checkpoints/epoch_0007/  full training state (Accelerate ``save_state``: model, optimizer, scaler,
                                           per-process RNG) + ``timm_drop_state.pt`` (epoch/step counters, LayerOut,
-                                          EMA, best metric)
+                                          EMA, best metric) + ``manifest.json`` (size + sha256 of each file)
+    <output_dir>/.timm_drop_run.json      marker: the entries above that the recipe created (:class:`RunDir`)
 
 A checkpoint is written into ``checkpoints/.tmp-epoch_0007`` and only renamed to its final name (an atomic
-``os.replace`` on one filesystem) once every process has written its part, so a kill during a write can never
-leave a half-written "latest". Rotation deletes the oldest complete checkpoints beyond ``total_limit`` only after
-the new one is in place.
+``os.replace`` on one filesystem) once every process has written its part and the manifest has been written last,
+so a kill during a write can never leave a half-written "latest". Rotation deletes the oldest complete checkpoints
+beyond ``total_limit`` only after the new one is in place. The rename alone does not protect against what happens
+to the files later (a disk, a copy, a sync cut short, a power loss before the data reached the disk), so resume
+checks every file against the manifest before loading anything (:func:`verify_checkpoint`).
+
+The marker is what makes a directory provably a run: ``--overwrite`` removes only what it lists, and a directory
+without one (a ``config.yaml`` alone proves nothing) is never removed.
 
 Loading: Accelerate's ``load_state`` reads weights from safetensors and the optimizer/RNG files with
 ``torch.load(weights_only=True)``; our own state and the exported weights are loaded with ``weights_only=True``

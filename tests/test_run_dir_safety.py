@@ -160,7 +160,7 @@ def test_a_run_that_may_still_be_running_is_not_replaced(in_tmp, capsys):
     try:
         # its process is alive on this host: neither a plain rerun nor --overwrite touches it
         marker_path.write_text(json.dumps({**marker, "pid": live.pid}))
-        for flags in ([], ["--overwrite"]):
+        for flags in ([], ["--overwrite"], ["--resume", "latest"]):
             assert main(["--config", QUICKSTART, "output_dir=r", *FAST, "train.epochs=1", *flags]) == 2
             assert f"process {live.pid} is still alive" in capsys.readouterr().err
     finally:

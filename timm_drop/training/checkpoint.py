@@ -431,6 +431,12 @@ def check_output_dir(
             f"output_dir: {str(out)!r} is not empty and holds no timm_drop run (no {MARKER}, no config.yaml); "
             "refusing to write into it (choose another output_dir)"
         )
+    owner = None if marker is None else run.owner(marker)
+    if owner == "alive":  # resuming it too: two processes would write the same files
+        raise ConfigError(
+            f"output_dir: {str(out)!r} belongs to a run whose process {marker.get('pid')} is still alive on this "
+            "host; refusing to touch it (choose another output_dir)"
+        )
     if resume is None:
         if marker is None:
             what = "--overwrite cannot replace it" if overwrite else "refusing to replace it"
@@ -438,12 +444,6 @@ def check_output_dir(
                 f"output_dir: {str(out)!r} holds a config.yaml but no {MARKER} listing what a timm_drop run created "
                 f"there, so nothing in it is provably ours: {what}. Remove what you no longer need yourself, or "
                 "choose another output_dir"
-            )
-        owner = run.owner(marker)
-        if owner == "alive":
-            raise ConfigError(
-                f"output_dir: {str(out)!r} belongs to a run whose process {marker.get('pid')} is still alive on this "
-                "host; refusing to touch it (choose another output_dir)"
             )
         clash = sorted(set(run.unlisted(marker)) & RUN_ENTRIES)
         if clash:

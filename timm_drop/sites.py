@@ -228,18 +228,24 @@ class _ShapeInterpreter(fx.Interpreter):
 
 
 def _outputs_equal(a: Any, b: Any) -> bool:
+    """Bit-identical (NaNs in the same places); on the meta device only shapes and dtypes can be compared
+    (block discovery for LayerOut works there; the rewriter refuses meta models)."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return (
             isinstance(a, torch.Tensor)
             and isinstance(b, torch.Tensor)
             and a.shape == b.shape
             and a.dtype == b.dtype
-            and bool(
-                torch.equal(a, b)
-                or (
-                    a.is_floating_point()
-                    and torch.equal(a.isnan(), b.isnan())
-                    and torch.equal(a.nan_to_num(), b.nan_to_num())
+            and (
+                a.is_meta
+                or b.is_meta
+                or bool(
+                    torch.equal(a, b)
+                    or (
+                        a.is_floating_point()
+                        and torch.equal(a.isnan(), b.isnan())
+                        and torch.equal(a.nan_to_num(), b.nan_to_num())
+                    )
                 )
             )
         )

@@ -33,7 +33,9 @@ def test_spec_blocks_and_layerout_blocks_are_the_same_modules(name, kwargs):
 def test_layerout_block_units_on_the_meta_device():
     with torch.device("meta"):
         model = timm.create_model("resnet20_cifar")
-    assert LayerOut(unit="block").bind(model).unit_names == [f"layer{i}.{j}" for i in (1, 2, 3) for j in range(3)]
+    assert LayerOut(unit="block").bind(model).unit_names == [
+        f"layer{i}.{j}" for i in (1, 2, 3) for j in range(3)
+    ]
 
 
 def test_one_wrapper_detection_for_the_rewriter_and_layerout(tmp_path):

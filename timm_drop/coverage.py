@@ -500,6 +500,7 @@ def _check(
     seed: int,
 ) -> None:
     from timm_drop.schedules import set_progress
+    from timm_drop.sites import SiteError
     from timm_drop.spec import load_spec
 
     if max_params is not None:
@@ -535,12 +536,21 @@ def _check(
         spec_obj = spec
     else:
         spec_obj = load_spec(spec).to_dict()
+    # The shape pass runs on the default input users get; only a size timm does not record is passed on (an
+    # explicit input_size, or an img_size kwarg the default path could not find).
+    example = x[:1] if input_size is not None else None
+    try:
+        sites = _api("find_sites")(model, example)
+    except SiteError:
+        if example is not None or "img_size" not in (model_kwargs or {}):
+            raise
+        example = x[:1]
+        sites = _api("find_sites")(model, example)
     if adapt:
-        sites = _api("find_sites")(model, x[:1])
         spec_obj = adapt_spec(
             spec_obj, sites, dropblock_params=DROPBLOCK_STAGE_PARAMS if spatial_stage_rule else None
         )
-    entries = _plan_entries(_api("plan")(model, spec_obj, example_input=x[:1]))
+    entries = _plan_entries(_api("plan")(model, spec_obj, example_input=example))
     result.n_sites = dict(Counter(_site_kind(e) for e in entries))
     if not entries:
         raise CheckFailed("plan", "no site matched any rule (every model must get at least one)")
@@ -549,7 +559,7 @@ def _check(
 
     # apply ---------------------------------------------------------------------------------------------------
     result.stage = "apply"
-    returned = _api("apply_regularizer")(model, spec_obj, example_input=x[:1])
+    returned = _api("apply_regularizer")(model, spec_obj, example_input=example)
     if returned is not model:
         raise CheckFailed("apply", "apply_regularizer returned a different object")
     if type(model) is not cls:

@@ -1,7 +1,8 @@
 """Coverage check: does the rewriter keep its guarantees on a given timm model?
 
 :func:`check_model` builds one timm model (``pretrained=False``, the smallest input it accepts), applies a spec
-that touches every site kind (:data:`COVERAGE_SPEC`), and checks the guarantees DESIGN §1-§4 promise:
+that touches every site kind (:data:`COVERAGE_SPEC`) through the public API (``timm_drop.plan``,
+``apply_regularizer``, ``strip_regularizers``), and checks the guarantees the rewriter promises:
 
 1. ``plan`` is a dry run (the module tree and hooks are unchanged after it) and finds at least one site;
 2. ``apply_regularizer`` returns the same object with the same class;
@@ -37,7 +38,11 @@ from typing import Any
 import torch
 from torch import nn
 
-#: A spec that uses every site kind (DESIGN §4) with layout-agnostic regularizers, so NCHW, NHWC and token
+import timm_drop
+from timm_drop.regularizers import Regularizer, get_regularizer_class
+from timm_drop.spec import load_spec
+
+#: A spec that uses every site kind (``timm_drop.spec.SITE_KINDS``) with layout-agnostic regularizers, so NCHW, NHWC and token
 #: sites are all exercised. ``allow_empty`` everywhere: a family may lack a kind (VGG has no skip adds), but
 #: :func:`check_model` requires at least one site per model. Later rules ``stack`` because different kinds
 #: can name the same tensor (the last block's output is also the stage output). :func:`check_model` fits it
@@ -195,8 +200,6 @@ def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 
 
 def _regularizers(model: nn.Module) -> list[nn.Module]:
-    from timm_drop.regularizers.base import Regularizer
-
     return [m for m in model.modules() if isinstance(m, Regularizer)]
 
 
@@ -209,27 +212,6 @@ def _hook_count(model: nn.Module) -> int:
 
 def _module_signature(model: nn.Module) -> list[tuple[str, str]]:
     return [(n, type(m).__name__) for n, m in model.named_modules()]
-
-
-def _entry_field(entry: Any, name: str, default: Any = None) -> Any:
-    if isinstance(entry, Mapping):
-        return entry.get(name, default)
-    return getattr(entry, name, default)
-
-
-def _plan_entries(plan_obj: Any) -> list[Any]:
-    entries = getattr(plan_obj, "entries", None)
-    if entries is None and hasattr(plan_obj, "to_dict"):
-        entries = plan_obj.to_dict().get("entries", [])
-    return list(entries or [])
-
-
-def _site_kind(entry: Any) -> str:
-    kind = _entry_field(entry, "kind")
-    if kind is None:
-        site = _entry_field(entry, "site")
-        kind = _entry_field(site, "kind") if site is not None and not isinstance(site, str) else None
-    return str(kind)
 
 
 def _exc_reason(exc: BaseException) -> str:
@@ -264,29 +246,10 @@ def disable_builtin_stochasticity(model: nn.Module) -> int:
             changed += 1
         for attr in ("drop_prob", "drop_rate", "drop_path_rate", "drop_block_rate", "attn_drop_rate"):
             value = getattr(module, attr, None)
-            if isinstance(value, float) and value > 0.0 and not isinstance(module, _regularizer_base()):
+            if isinstance(value, float) and value > 0.0 and not isinstance(module, Regularizer):
                 setattr(module, attr, 0.0)
                 changed += 1
     return changed
-
-
-def _api(name: str) -> Callable[..., Any]:
-    """``timm_drop.<name>`` (plan / apply_regularizer / strip_regularizers / find_sites), else the
-    rewriter's own from ``timm_drop.rewrite`` / ``timm_drop.sites``."""
-    import timm_drop
-
-    fn = getattr(timm_drop, name, None)
-    if fn is None:
-        from timm_drop import rewrite, sites
-
-        fn = getattr(rewrite, name, None) or getattr(sites, name)
-    return fn
-
-
-def _regularizer_base() -> type:
-    from timm_drop.regularizers.base import Regularizer
-
-    return Regularizer
 
 
 def count_params_meta(name: str, **model_kwargs: Any) -> int | None:
@@ -379,8 +342,6 @@ def adapt_spec(
     * With ``dropblock_params``, the stage sites with a layout ``dropblock`` accepts get a ``dropblock`` rule
       inserted before the first stage-only rule, which then excludes them.
     """
-    from timm_drop.regularizers import get_regularizer_class
-
     sites = list(sites)
     spec = copy.deepcopy(dict(spec))
     rules: list[dict[str, Any]] = []
@@ -499,9 +460,6 @@ def _check(
     max_params: int | None,
     seed: int,
 ) -> None:
-    from timm_drop.schedules import set_progress
-    from timm_drop.spec import load_spec
-
     if max_params is not None:
         n = count_params_meta(name, **dict(model_kwargs or {}))
         result.params = n
@@ -536,12 +494,12 @@ def _check(
     else:
         spec_obj = load_spec(spec).to_dict()
     if adapt:
-        sites = _api("find_sites")(model, x[:1])
+        sites = timm_drop.find_sites(model, x[:1])
         spec_obj = adapt_spec(
             spec_obj, sites, dropblock_params=DROPBLOCK_STAGE_PARAMS if spatial_stage_rule else None
         )
-    entries = _plan_entries(_api("plan")(model, spec_obj, example_input=x[:1]))
-    result.n_sites = dict(Counter(_site_kind(e) for e in entries))
+    entries = timm_drop.plan(model, spec_obj, example_input=x[:1]).entries
+    result.n_sites = dict(Counter(e.kind for e in entries))
     if not entries:
         raise CheckFailed("plan", "no site matched any rule (every model must get at least one)")
     if _module_signature(model) != sig0 or _hook_count(model) != hooks0:
@@ -549,7 +507,7 @@ def _check(
 
     # apply ---------------------------------------------------------------------------------------------------
     result.stage = "apply"
-    returned = _api("apply_regularizer")(model, spec_obj, example_input=x[:1])
+    returned = timm_drop.apply_regularizer(model, spec_obj, example_input=x[:1])
     if returned is not model:
         raise CheckFailed("apply", "apply_regularizer returned a different object")
     if type(model) is not cls:
@@ -580,7 +538,7 @@ def _check(
     calls: Counter[int] = Counter()
     handles = [r.register_forward_pre_hook(lambda m, a: calls.update([id(m)])) for r in regs]
     try:
-        set_progress(model, 1.0)
+        timm_drop.set_progress(model, 1.0)
         model.train()
         torch.manual_seed(seed)
         out_full = _flatten(model(x))
@@ -658,7 +616,7 @@ def _check(
 
     # strip -----------------------------------------------------------------------------------------------------
     result.stage = "strip"
-    returned = _api("strip_regularizers")(model)
+    returned = timm_drop.strip_regularizers(model)
     if returned is not model or type(model) is not cls:
         raise CheckFailed("strip", "strip_regularizers changed the object or its class")
     if _regularizers(model):
@@ -791,8 +749,6 @@ def render_report(
 ) -> str:
     """Markdown: date, versions, pass rate, failures grouped by cause, then one row per failing model."""
     import timm
-
-    import timm_drop
 
     checked = [r for r in results if not r.skipped]
     passed = [r for r in checked if r.ok]

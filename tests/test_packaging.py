@@ -112,8 +112,6 @@ print("loaded:", loaded)
 @pytest.mark.timeout(300)
 def test_import_timm_drop_and_apply_work_without_the_recipe_dependencies():
     code = _BLOCKED_IMPORT.format(blocked=set(TRAIN_ONLY))
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=280
-    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "loaded: []" in proc.stdout  # neither the recipe nor the coverage tool is imported by the core

@@ -447,6 +447,30 @@ def check_model(
     return result
 
 
+@dataclass
+class _Original:
+    """The model as it was before ``apply``: what every later check compares against."""
+
+    model_class: type
+    copy: nn.Module  # an untouched deep copy, run side by side with the rewritten model
+    keys: list[str]
+    state: dict[str, torch.Tensor]
+    hooks: int
+    signature: list[tuple[str, str]]
+    eval_out: list[torch.Tensor] = field(default_factory=list)
+
+    @classmethod
+    def record(cls, model: nn.Module) -> _Original:
+        return cls(
+            model_class=type(model),
+            copy=copy.deepcopy(model),
+            keys=list(model.state_dict().keys()),
+            state={k: v.detach().clone() for k, v in model.state_dict().items()},
+            hooks=_hook_count(model),
+            signature=_module_signature(model),
+        )
+
+
 def _check(
     result: CoverageResult,
     name: str,
@@ -460,13 +484,13 @@ def _check(
     max_params: int | None,
     seed: int,
 ) -> None:
+    """Every guarantee in order; ``result.stage`` names the check running when something raises."""
     if max_params is not None:
         n = count_params_meta(name, **dict(model_kwargs or {}))
         result.params = n
         if n is not None and n > max_params:
             raise _Skip(f"{n / 1e6:.0f}M parameters > max_params {max_params / 1e6:.0f}M")
 
-    # create ------------------------------------------------------------------------------------------------
     result.stage = "create"
     model, x = build_model(name, input_size=input_size, model_kwargs=model_kwargs, batch_size=batch_size)
     result.input_size = tuple(x.shape[1:])
@@ -475,68 +499,92 @@ def _check(
     if wake_zero_init:
         wake_zero_params(model, seed=seed)
     model.eval()
-    cls = type(model)
-    ref = copy.deepcopy(model)
-    keys0 = list(model.state_dict().keys())
-    sd0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    hooks0 = _hook_count(model)
-    sig0 = _module_signature(model)
+    orig = _Original.record(model)
     result.stage = "input"
     with torch.no_grad():
-        out_eval = _flatten(ref(x))
-    if not out_eval:
+        orig.eval_out = _flatten(orig.copy(x))
+    if not orig.eval_out:
         raise CheckFailed("input", "model output has no tensors")
 
-    # plan ----------------------------------------------------------------------------------------------------
     result.stage = "plan"
-    if isinstance(spec, Mapping):
-        spec_obj = spec
-    else:
-        spec_obj = load_spec(spec).to_dict()
+    spec_obj = _fit_spec(spec, model, x, adapt, spatial_stage_rule)
+    n_entries = _check_plan(result, model, orig, spec_obj, x)
+    result.stage = "apply"
+    regs = _check_apply(model, orig, spec_obj, x, n_entries)
+    result.stage = "state_dict"
+    _check_state_dict(result, model, orig)
+    result.stage = "eval"
+    _expect_eval_output(model, x, orig.eval_out, "eval", "eval output differs from the original")
+    result.stage = "train"
+    out_full = _check_train(model, x, regs, seed)
+    result.stage = "strength0"
+    _check_strength0(model, orig, x, regs, out_full, seed)
+    result.stage = "deepcopy"
+    _check_deepcopy(model, orig, x, regs)
+    result.stage = "strip"
+    _check_strip(model, orig, x)
+
+
+def _fit_spec(spec: Any, model: nn.Module, x: torch.Tensor, adapt: bool, spatial_stage_rule: bool) -> Any:
+    spec_obj = spec if isinstance(spec, Mapping) else load_spec(spec).to_dict()
     if adapt:
         sites = timm_drop.find_sites(model, x[:1])
-        spec_obj = adapt_spec(
-            spec_obj, sites, dropblock_params=DROPBLOCK_STAGE_PARAMS if spatial_stage_rule else None
-        )
-    entries = timm_drop.plan(model, spec_obj, example_input=x[:1]).entries
+        dropblock = DROPBLOCK_STAGE_PARAMS if spatial_stage_rule else None
+        spec_obj = adapt_spec(spec_obj, sites, dropblock_params=dropblock)
+    return spec_obj
+
+
+def _check_plan(result: CoverageResult, model: nn.Module, orig: _Original, spec: Any, x: torch.Tensor) -> int:
+    """``plan`` finds at least one site and is a dry run; returns the number of entries."""
+    entries = timm_drop.plan(model, spec, example_input=x[:1]).entries
     result.n_sites = dict(Counter(e.kind for e in entries))
     if not entries:
         raise CheckFailed("plan", "no site matched any rule (every model must get at least one)")
-    if _module_signature(model) != sig0 or _hook_count(model) != hooks0:
+    if _module_signature(model) != orig.signature or _hook_count(model) != orig.hooks:
         raise CheckFailed("plan", "plan() changed the model (modules or hooks); it must be a dry run")
+    return len(entries)
 
-    # apply ---------------------------------------------------------------------------------------------------
-    result.stage = "apply"
-    returned = timm_drop.apply_regularizer(model, spec_obj, example_input=x[:1])
+
+def _check_apply(
+    model: nn.Module, orig: _Original, spec: Any, x: torch.Tensor, n_entries: int
+) -> list[nn.Module]:
+    """``apply_regularizer`` rewrites in place, keeps the class and inserts one module per plan entry."""
+    returned = timm_drop.apply_regularizer(model, spec, example_input=x[:1])
     if returned is not model:
         raise CheckFailed("apply", "apply_regularizer returned a different object")
+    cls = orig.model_class
     if type(model) is not cls:
         raise CheckFailed("apply", f"model class changed from {cls.__name__} to {type(model).__name__}")
     regs = _regularizers(model)
-    if len(regs) != len(entries):
+    if len(regs) != n_entries:
         raise CheckFailed(
-            "apply", f"plan has {len(entries)} entries but the model holds {len(regs)} regularizer modules"
+            "apply", f"plan has {n_entries} entries but the model holds {len(regs)} regularizer modules"
         )
+    return regs
 
-    # state_dict ----------------------------------------------------------------------------------------------
-    result.stage = "state_dict"
-    keys1 = list(model.state_dict().keys())
-    if set(keys1) != set(keys0):
-        added, removed = sorted(set(keys1) - set(keys0)), sorted(set(keys0) - set(keys1))
+
+def _check_state_dict(result: CoverageResult, model: nn.Module, orig: _Original) -> None:
+    """Same keys, and checkpoints load strictly in both directions."""
+    keys = list(model.state_dict().keys())
+    if set(keys) != set(orig.keys):
+        added, removed = sorted(set(keys) - set(orig.keys)), sorted(set(orig.keys) - set(keys))
         raise CheckFailed("state_dict", f"state_dict keys changed: added {added[:5]}, removed {removed[:5]}")
-    if keys1 != keys0:
+    if keys != orig.keys:
         result.notes.append("state_dict key order changed")
-    model.load_state_dict(ref.state_dict(), strict=True)
-    ref.load_state_dict(model.state_dict(), strict=True)
+    model.load_state_dict(orig.copy.state_dict(), strict=True)
+    orig.copy.load_state_dict(model.state_dict(), strict=True)
 
-    # eval ------------------------------------------------------------------------------------------------------
-    result.stage = "eval"
-    _expect_eval_output(model, x, out_eval, "eval", "eval output differs from the original")
 
-    # train: forward + backward finite, every regularizer runs, full strength has an effect ---------------------
-    result.stage = "train"
+def _count_calls(regs: list[nn.Module]) -> tuple[Counter[int], list[Any]]:
+    """A counter of forward calls per regularizer (by id) and the hook handles to remove afterwards."""
     calls: Counter[int] = Counter()
     handles = [r.register_forward_pre_hook(lambda m, a: calls.update([id(m)])) for r in regs]
+    return calls, handles
+
+
+def _check_train(model: nn.Module, x: torch.Tensor, regs: list[nn.Module], seed: int) -> list[torch.Tensor]:
+    """A training forward + backward at full strength is finite and runs every regularizer; returns the output."""
+    calls, handles = _count_calls(regs)
     try:
         timm_drop.set_progress(model, 1.0)
         model.train()
@@ -560,9 +608,19 @@ def _check(
         for h in handles:
             h.remove()
     model.zero_grad(set_to_none=True)
+    return out_full
 
-    # strength 0: training output identical to the original's ---------------------------------------------------
-    result.stage = "strength0"
+
+def _check_strength0(
+    model: nn.Module,
+    orig: _Original,
+    x: torch.Tensor,
+    regs: list[nn.Module],
+    out_full: list[torch.Tensor],
+    seed: int,
+) -> None:
+    """At strength 0 the training output is the original's bit for bit; at full strength it is not."""
+    ref = orig.copy
     for r in regs:
         r.strength.fill_(0.0)
     ref.train()
@@ -585,17 +643,17 @@ def _check(
         r.strength.fill_(1.0)
     model.eval()
     ref.eval()
-    model.load_state_dict(sd0, strict=True)  # undo the BN statistics the train passes updated
-    ref.load_state_dict(sd0, strict=True)
+    model.load_state_dict(orig.state, strict=True)  # undo the BN statistics the train passes updated
+    ref.load_state_dict(orig.state, strict=True)
 
-    # deepcopy (timm EMA): the copy runs its own regularizers --------------------------------------------------
-    result.stage = "deepcopy"
+
+def _check_deepcopy(model: nn.Module, orig: _Original, x: torch.Tensor, regs: list[nn.Module]) -> None:
+    """A deep copy (timm's EMA) owns and runs its own regularizers, never the original's."""
     clone = copy.deepcopy(model)
     clone_regs = _regularizers(clone)
     if len(clone_regs) != len(regs) or {id(r) for r in clone_regs} & {id(r) for r in regs}:
         raise CheckFailed("deepcopy", "the deep copy does not own a fresh set of regularizers")
-    calls.clear()
-    handles = [r.register_forward_pre_hook(lambda m, a: calls.update([id(m)])) for r in regs + clone_regs]
+    calls, handles = _count_calls(regs + clone_regs)
     try:
         with torch.no_grad():
             out_copy_eval = _flatten(clone.eval()(x))
@@ -610,24 +668,25 @@ def _check(
         )
     if not all(calls[id(r)] for r in clone_regs):
         raise CheckFailed("deepcopy", "some regularizers of the deep copy never ran")
-    if not _same(out_copy_eval, out_eval):
+    if not _same(out_copy_eval, orig.eval_out):
         raise CheckFailed("deepcopy", "eval output of the deep copy differs from the original")
-    del clone
 
-    # strip -----------------------------------------------------------------------------------------------------
-    result.stage = "strip"
+
+def _check_strip(model: nn.Module, orig: _Original, x: torch.Tensor) -> None:
+    """``strip_regularizers`` restores the class, keys, hooks, module tree and eval output."""
     returned = timm_drop.strip_regularizers(model)
-    if returned is not model or type(model) is not cls:
+    if returned is not model or type(model) is not orig.model_class:
         raise CheckFailed("strip", "strip_regularizers changed the object or its class")
     if _regularizers(model):
         raise CheckFailed("strip", f"{len(_regularizers(model))} regularizers remain after strip")
-    if list(model.state_dict().keys()) != keys0 and set(model.state_dict().keys()) != set(keys0):
+    keys = list(model.state_dict().keys())
+    if keys != orig.keys and set(keys) != set(orig.keys):
         raise CheckFailed("strip", "state_dict keys differ after strip")
-    if _hook_count(model) != hooks0:
-        raise CheckFailed("strip", f"hooks after strip: {_hook_count(model)}, before apply: {hooks0}")
-    if _module_signature(model) != sig0:
+    if _hook_count(model) != orig.hooks:
+        raise CheckFailed("strip", f"hooks after strip: {_hook_count(model)}, before apply: {orig.hooks}")
+    if _module_signature(model) != orig.signature:
         raise CheckFailed("strip", "module tree after strip differs from the original")
-    _expect_eval_output(model, x, out_eval, "strip", "eval output after strip differs")
+    _expect_eval_output(model, x, orig.eval_out, "strip", "eval output after strip differs")
 
 
 def _expect_eval_output(model: nn.Module, x: torch.Tensor, expected: Any, stage: str, message: str) -> None:

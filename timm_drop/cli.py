@@ -15,7 +15,6 @@ invalid spec (the message is the :class:`~timm_drop.spec.SpecError` text, naming
 from __future__ import annotations
 
 import argparse
-import difflib
 import inspect
 import json
 import os
@@ -35,8 +34,10 @@ class UsageError(Exception):
 def _nearest_models(name: str, n: int = 5) -> list[str]:
     import timm
 
+    from timm_drop.suggest import nearest
+
     names = timm.list_models()
-    near = difflib.get_close_matches(name, names, n=n, cutoff=0.5)
+    near = nearest(name, names, n)
     if not near:
         # Fall back to names sharing the family prefix (e.g. "resnet5" -> resnet50, resnet50d, ...).
         stem = name.split("_")[0].rstrip("0123456789")
@@ -86,11 +87,11 @@ def _example_input(model, input_size: Sequence[int] | None):
 
 def _plan(model, spec, example):
     """Run the dry run; a spec that cannot be placed on this model (e.g. a rule matching nothing) is a usage error."""
-    from timm_drop.coverage import _api
+    import timm_drop
     from timm_drop.spec import SpecError
 
     try:
-        return _api("plan")(model, spec, example_input=example)
+        return timm_drop.plan(model, spec, example_input=example)
     except (SpecError, ValueError, KeyError, TypeError) as exc:
         raise UsageError(f"cannot place the spec on this model: {exc}") from None
 
@@ -121,7 +122,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_apply(args: argparse.Namespace) -> int:
     import torch
 
-    from timm_drop.coverage import _api
+    import timm_drop
 
     if os.path.exists(args.out) and not args.overwrite:
         raise UsageError(f"--out {args.out!r} exists; pass --overwrite to replace it")
@@ -132,7 +133,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     example = _example_input(model, args.input_size)
     plan = _plan(model, spec, example)
     print(plan)
-    _api("apply_regularizer")(model, spec, example_input=example)
+    timm_drop.apply_regularizer(model, spec, example_input=example)
     # The regularizers own no parameters or persistent buffers, so the state_dict is a plain timm checkpoint;
     # the spec and plan ride along so the same placement can be re-applied before loading it.
     torch.save(
@@ -140,7 +141,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
             "model_name": args.model,
             "num_classes": args.num_classes,
             "spec": spec.to_dict(),
-            "plan": plan.to_dict() if hasattr(plan, "to_dict") else str(plan),
+            "plan": plan.to_dict(),
             "state_dict": model.state_dict(),
         },
         args.out,
@@ -150,7 +151,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_coverage(args: argparse.Namespace) -> int:
-    from timm_drop.coverage import render_report, run_coverage, select_models
+    from timm_drop.tools.coverage import render_report, run_coverage, select_models
 
     if args.from_jsonl:
         return _coverage_from_jsonl(args)
@@ -198,7 +199,7 @@ def cmd_coverage(args: argparse.Namespace) -> int:
 
 def _coverage_from_jsonl(args: argparse.Namespace) -> int:
     """Re-render a report from the JSON lines of an earlier (possibly cut-short) ``--jsonl`` run."""
-    from timm_drop.coverage import CoverageResult, render_report
+    from timm_drop.tools.coverage import CoverageResult, render_report
 
     try:
         with open(args.from_jsonl) as f:
@@ -260,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "coverage",
         help="check the rewriter's guarantees over timm.list_models() and write a Markdown report",
-        description="Run timm_drop.coverage.check_model over (a sample of) timm.list_models(), one worker "
+        description="Run timm_drop.tools.coverage.check_model over (a sample of) timm.list_models(), one worker "
         "subprocess with a per-model timeout, and report failures with reasons and the pass rate.",
     )
     p.add_argument("--filter", default=None, metavar="GLOB", help="only model names matching this glob")

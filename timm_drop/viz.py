@@ -146,7 +146,9 @@ class SiteCapture:
 
 
 def _rng_devices(x: torch.Tensor) -> list[int]:
-    return [x.device.index if x.device.index is not None else torch.cuda.current_device()] if x.is_cuda else []
+    return (
+        [x.device.index if x.device.index is not None else torch.cuda.current_device()] if x.is_cuda else []
+    )
 
 
 class _Recorder:
@@ -171,7 +173,9 @@ class _Recorder:
         x = args[0]
         mask, exact = self._replay(module, x, output, state)
         k = self.keep
-        self.captures[module] = SiteCapture(x[:k].detach().float().cpu(), mask[:k].float().cpu(), exact, x.shape[0])
+        self.captures[module] = SiteCapture(
+            x[:k].detach().float().cpu(), mask[:k].float().cpu(), exact, x.shape[0]
+        )
 
     @staticmethod
     def _replay(module, x, output, state) -> tuple[torch.Tensor, bool]:
@@ -404,7 +408,9 @@ def _select(entries: list[Any], sites: str | Sequence[str] | None, max_sites: in
     if sites is not None:
         globs = [sites] if isinstance(sites, str) else list(sites)
         chosen = [
-            n for n in names if any(fnmatch.fnmatchcase(n, g) or fnmatch.fnmatchcase(n.split(":", 1)[1], g) for g in globs)
+            n
+            for n in names
+            if any(fnmatch.fnmatchcase(n, g) or fnmatch.fnmatchcase(n.split(":", 1)[1], g) for g in globs)
         ]
         if not chosen:
             raise ValueError(f"--sites {globs}: no site of the plan matches; sites: {', '.join(names[:12])}")
@@ -518,7 +524,9 @@ def _cell_grid(ax: Any, h: int, w: int, kh: int, kw: int) -> None:
         ax.axvline(c - 0.5, color="white", lw=0.5, alpha=0.6)
 
 
-def _score_maps(name: str, params: dict[str, Any], cap: SiteCapture, layout: str, conv) -> tuple[torch.Tensor, str] | None:
+def _score_maps(
+    name: str, params: dict[str, Any], cap: SiteCapture, layout: str, conv
+) -> tuple[torch.Tensor, str] | None:
     """The method's own score on the captured input, as (N, C or 1, H, W) maps, and its title."""
     view = _op_view(cap.input, layout)
     if name == "corrdrop" and view.dim() == 4:
@@ -615,9 +623,15 @@ def _row_panels(
             "array": _unit(img.permute(1, 2, 0)) if img.shape[0] == 3 else _unit_rgb(img[0]),
         },
         {
-            "panel": Panel(0, 0, "activation", site, map_shape=(h, w),
-                           title=f"{site}\n{layout} {shape_txt}: {act.shape[0]} ch, {h}x{w}\nchannel mean"
-                           + (f"; {note}" if note else "")),
+            "panel": Panel(
+                0,
+                0,
+                "activation",
+                site,
+                map_shape=(h, w),
+                title=f"{site}\n{layout} {shape_txt}: {act.shape[0]} ch, {h}x{w}\nchannel mean"
+                + (f"; {note}" if note else ""),
+            ),
             "array": act.mean(0).numpy(),
             "cmap": "viridis",
         },
@@ -627,8 +641,12 @@ def _row_panels(
         ptxt = _fmt_params(slot.params)
         if cap is None or slot.reg is None:
             why = slot.note or f"{slot.name}: nothing captured (site not reached)"
-            out.append({"panel": Panel(0, 0, "text", site, slot.name, title=slot.name, params=slot.params),
-                        "text": why})
+            out.append(
+                {
+                    "panel": Panel(0, 0, "text", site, slot.name, title=slot.name, params=slot.params),
+                    "text": why,
+                }
+            )
             continue
         mask_maps, _ = conv(cap.mask)
         m = mask_maps[i]  # (C, H, W)
@@ -653,11 +671,24 @@ def _row_panels(
             if kh is not None:
                 overlays.append(lambda ax, kh=kh, kw=kw: _cell_grid(ax, h, w, kh, kw))
             overlays.append(lambda ax, d=dropped_c: _outline(ax, d, color="red"))
-            out.append({
-                "panel": Panel(0, 0, "score", site, slot.name, title=f"{slot.name}: {stitle}\nch {channel}",
-                               map_shape=(h, w), channel=channel, params=slot.params),
-                "array": s, "cmap": "magma", "overlays": overlays,
-            })
+            out.append(
+                {
+                    "panel": Panel(
+                        0,
+                        0,
+                        "score",
+                        site,
+                        slot.name,
+                        title=f"{slot.name}: {stitle}\nch {channel}",
+                        map_shape=(h, w),
+                        channel=channel,
+                        params=slot.params,
+                    ),
+                    "array": s,
+                    "cmap": "magma",
+                    "overlays": overlays,
+                }
+            )
         overlays = []
         if kh is not None:
             overlays.append(lambda ax, kh=kh, kw=kw: _cell_grid(ax, h, w, kh, kw))
@@ -668,12 +699,26 @@ def _row_panels(
             stats += f"\nscaled {scaled_all:.1%}"
         if not cap.exact:
             stats += "\nratio out/in (not a product)"
-        out.append({
-            "panel": Panel(0, 0, "mask", site, slot.name, title=f"{slot.name}\n{ptxt}\n{stats}",
-                           map_shape=(h, w), channel=channel, dropped=dropped_all,
-                           map_dropped=map_dropped, scaled=scaled_all, params=slot.params),
-            "array": _mask_rgb(act[channel], rel_c), "overlays": overlays,
-        })
+        out.append(
+            {
+                "panel": Panel(
+                    0,
+                    0,
+                    "mask",
+                    site,
+                    slot.name,
+                    title=f"{slot.name}\n{ptxt}\n{stats}",
+                    map_shape=(h, w),
+                    channel=channel,
+                    dropped=dropped_all,
+                    map_dropped=map_dropped,
+                    scaled=scaled_all,
+                    params=slot.params,
+                ),
+                "array": _mask_rgb(act[channel], rel_c),
+                "overlays": overlays,
+            }
+        )
     return out
 
 
@@ -726,6 +771,25 @@ def render_masks(
     device = next(iter(model.parameters()), torch.empty(0)).device
     dtype = next(iter(model.parameters()), torch.empty(0)).dtype
     x = x.to(device=device, dtype=dtype if dtype.is_floating_point else torch.float32)
+    # The caller's random stream goes on as if nothing ran: the seeds below are set inside a fork.
+    with torch.random.fork_rng(devices=_rng_devices(x)):
+        return _render_batch(model, spec, x, sites, strength, seed, compare, progress, out, max_sites, dpi)
+
+
+def _render_batch(
+    model: nn.Module,
+    spec: Any,
+    x: torch.Tensor,
+    sites: str | Sequence[str] | None,
+    strength: float | None,
+    seed: int,
+    compare: str | Sequence[str] | None,
+    progress: float | None,
+    out: str | os.PathLike | None,
+    max_sites: int,
+    dpi: int,
+) -> MaskFigure:
+    device = x.device
     work = copy.deepcopy(model)
     _quiet_collectives(work)
     if spec is not None:
@@ -735,7 +799,9 @@ def render_masks(
     entries = _plan_entries(work)
     chosen = _select(entries, sites, max_sites)
     stages = {e.site: e.stage for e in entries}
-    layouts = {e.site: (e.reg.layout if isinstance(e.reg, Regularizer) else e.layout) or "NCHW" for e in entries}
+    layouts = {
+        e.site: (e.reg.layout if isinstance(e.reg, Regularizer) else e.layout) or "NCHW" for e in entries
+    }
     shapes = {e.site: e.shape for e in entries}
     work.train()
     if progress is not None:
@@ -808,13 +874,28 @@ def render_masks(
         if first.batch_size != x.shape[0]:
             continue  # windowed / regrouped tokens: the batch axis is not the images'
         for i in range(x.shape[0]):
-            rows.append({"panels": _row_panels(site, [s for s, _ in pairs], [c for _, c in pairs], x[i], i,
-                                               conv_for(layout), first, layout, shapes[site])})
+            rows.append(
+                {
+                    "panels": _row_panels(
+                        site,
+                        [s for s, _ in pairs],
+                        [c for _, c in pairs],
+                        x[i],
+                        i,
+                        conv_for(layout),
+                        first,
+                        layout,
+                        shapes[site],
+                    )
+                }
+            )
     if not rows:
         raise ValueError(f"nothing to draw at sites {chosen}: no regularizer there saw the images")
     label = getattr(model, "default_cfg", {}).get("architecture", type(model).__name__)
-    title = f"{label}: seed {seed}" + (f", strength {strength}" if strength is not None else "") + (
-        f", progress {progress}" if progress is not None else ""
+    title = (
+        f"{label}: seed {seed}"
+        + (f", strength {strength}" if strength is not None else "")
+        + (f", progress {progress}" if progress is not None else "")
     )
     return _draw(rows, out, dpi, title)
 
@@ -844,7 +925,7 @@ def log_epoch_masks(trainer: Any, epoch: int, num_images: int = 2) -> Path | Non
     """Every ``log.mask_every`` epochs: the mask grid of a fixed batch (the first eval images) at the run's current
     schedule strength, written to ``<output_dir>/masks/epoch_NNN.png`` by the main process.
 
-    Runs on a copy of the unwrapped model inside ``fork_rng``, so training (weights, BatchNorm statistics, the random
+    Runs on a copy of the unwrapped model inside ``fork_rng`` (see :func:`render_masks`), so training (weights, BatchNorm statistics, the random
     stream that draws the next masks) is exactly what it is without it.
     """
     every = getattr(trainer.cfg.log, "mask_every", 0) or 0
@@ -856,9 +937,7 @@ def log_epoch_masks(trainer: Any, epoch: int, num_images: int = 2) -> Path | Non
         batch = x[:num_images].detach().float().contiguous().clone()
         trainer._viz_batch = batch
     path = Path(trainer.out) / "masks" / f"epoch_{epoch + 1:03d}.png"
-    device = batch.device
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-        render_masks(trainer.unwrapped, None, batch, seed=trainer.cfg.seed, progress=None, out=path)
+    render_masks(trainer.unwrapped, None, batch, seed=trainer.cfg.seed, progress=None, out=path)
     return path
 
 
@@ -881,7 +960,9 @@ def cmd_viz(args: Any) -> int:
     if args.model_kwargs:
         kwargs = yaml.safe_load(args.model_kwargs)
         if not isinstance(kwargs, dict):
-            raise UsageError(f"--model-kwargs must be a YAML mapping like '{{img_size: 64}}', got {args.model_kwargs!r}")
+            raise UsageError(
+                f"--model-kwargs must be a YAML mapping like '{{img_size: 64}}', got {args.model_kwargs!r}"
+            )
     for f in args.image or ():
         if not os.path.isfile(f):
             raise UsageError(f"--image {f!r}: no such file")

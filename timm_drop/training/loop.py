@@ -490,6 +490,10 @@ class Trainer:
             if (epoch + 1) % cfg.checkpoint.every == 0 or epoch + 1 == cfg.train.epochs:
                 self.ckpt.save(acc, epoch + 1, self._extra_state())
             acc.print(self._log_line(row))
+            if cfg.log.mask_every:
+                from timm_drop.viz import log_epoch_masks
+
+                log_epoch_masks(self, epoch)
             last = row
         summary = {
             "best_top1": self.state.best_top1,

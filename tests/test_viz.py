@@ -75,28 +75,25 @@ def test_capturing_masks_does_not_change_what_the_model_computes():
         assert torch.equal(cap.mask, cap.mask[:, :1].expand_as(cap.mask))
 
 
-def test_render_masks_does_not_touch_the_model_or_the_callers_random_stream(tmp_path):
+def test_cnn_compare_figure_panels_and_dropped_fractions(tmp_path):
+    out = tmp_path / "cnn.png"
     model = _cifar_model()
     state = copy.deepcopy(model.state_dict())
     torch.manual_seed(1)
     expected = torch.rand(3)
     torch.manual_seed(1)
-    render_masks(model, CORRDROP_SPEC, sites="stage:layer3", num_images=1)
-    assert torch.equal(torch.rand(3), expected)
-    assert not any(isinstance(m, timm_drop.Regularizer) for m in model.modules())
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # BN statistics unchanged
-
-
-def test_cnn_compare_figure_panels_and_dropped_fractions(tmp_path):
-    out = tmp_path / "cnn.png"
     fig = render_masks(
-        _cifar_model(),
+        model,
         CORRDROP_SPEC,
         sites="stage:layer1",
         compare="dropblock,corrdrop,attentiondrop",
         strength=0.3,
         out=out,
     )
+    # the caller's model (weights, BN statistics, no regularizers) and random stream are untouched
+    assert torch.equal(torch.rand(3), expected)
+    assert not any(isinstance(m, timm_drop.Regularizer) for m in model.modules())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     img = _png(out)
     assert img.shape[1::-1] == fig.size
     # one row per image: image, activation, dropblock mask, corrdrop score + mask, attentiondrop weight + mask
@@ -126,9 +123,7 @@ def test_cnn_compare_figure_panels_and_dropped_fractions(tmp_path):
 def test_vit_token_sites_are_drawn_on_the_patch_grid(tmp_path):
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=2)
     spec = {
-        "rules": [
-            {"regularizer": "dropout", "params": {"drop_prob": 0.4}, "sites": ["block"], "stages": [1]}
-        ]
+        "rules": [{"regularizer": "dropout", "params": {"drop_prob": 0.4}, "sites": ["block"], "stages": [1]}]
     }
     fig = render_masks(vit, spec, compare="dropout,attentiondrop", out=tmp_path / "vit.png", num_images=1)
     act = fig.find("activation")[0]
@@ -201,7 +196,15 @@ def test_swin_nhwc_site_is_drawn_upright_on_a_non_square_input(tmp_path):
 
 def test_cli_viz_writes_the_figure_and_refuses_bad_input(tmp_path, capsys):
     out = tmp_path / "fig.png"
-    args = ["viz", "resnet20_cifar", CORRDROP_SPEC, "--sites", "stage:layer3", "--compare", "dropblock,corrdrop"]
+    args = [
+        "viz",
+        "resnet20_cifar",
+        CORRDROP_SPEC,
+        "--sites",
+        "stage:layer3",
+        "--compare",
+        "dropblock,corrdrop",
+    ]
     assert main([*args, "--seed", "3", "--out", str(out)]) == 0
     assert out.read_bytes()[:4] == b"\x89PNG" and "mask panel" in capsys.readouterr().out
     assert main([*args, "--out", str(out)]) == 2  # exists, no --overwrite
@@ -261,10 +264,14 @@ def test_recipe_mask_every_writes_grids_without_changing_training(tmp_path):
         raw["log"]["mask_every"] = every
         Trainer(load_config(raw)).fit()
         rows = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
-        return [{k: v for k, v in json.loads(r).items() if "time" not in k and "per_s" not in k} for r in rows]
+        return [
+            {k: v for k, v in json.loads(r).items() if "time" not in k and "per_s" not in k} for r in rows
+        ]
 
     with_masks, without = run("masks", 1), run("plain", 0)
-    assert with_masks == without  # same losses, accuracies and strengths: the grid consumed no training randomness
+    assert (
+        with_masks == without
+    )  # same losses, accuracies and strengths: the grid consumed no training randomness
     for epoch in (1, 2):
         assert (tmp_path / "masks" / "masks" / f"epoch_{epoch:03d}.png").read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "plain" / "masks").exists()

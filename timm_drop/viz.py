@@ -363,15 +363,6 @@ def _replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
         raise ValueError(f"regularizer {old!r} is not in the model")
 
 
-def _params_of(reg: nn.Module, fallback: dict[str, Any]) -> dict[str, Any]:
-    from timm_drop.regularizers.registry import regularizer_params
-
-    name = getattr(reg, "registry_name", "")
-    if not name:
-        return dict(fallback)
-    return {k: getattr(reg, k) for k in regularizer_params(name) if hasattr(reg, k)}
-
-
 def _build_method(
     name: str, params: dict[str, Any], layout: str, strength: float | None
 ) -> tuple[nn.Module | None, dict[str, Any], str]:
@@ -557,7 +548,8 @@ def _draw(
     from matplotlib.figure import Figure
 
     ncols = max(len(r["panels"]) for r in rows)
-    fig = Figure(figsize=(2.0 * ncols, _ROW_IN * len(rows) + 0.35), dpi=dpi)
+    # Constrained layout reserves room for every (multi-line) title above its image, aspect-locked panels included.
+    fig = Figure(figsize=(2.0 * ncols, _ROW_IN * len(rows) + 0.35), dpi=dpi, layout="constrained")
     canvas = FigureCanvasAgg(fig)
     axes = fig.subplots(len(rows), ncols, squeeze=False)
     panels: list[Panel] = []
@@ -586,7 +578,6 @@ def _draw(
                 drawn.append((ax, p))
             panels.append(p)
     fig.suptitle(title, fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / (_ROW_IN * len(rows) + 0.35)), h_pad=0.2)
     canvas.draw()
     width, height = canvas.get_width_height()
     renderer = canvas.get_renderer()
@@ -670,7 +661,7 @@ def _row_panels(
             overlays = []
             if kh is not None:
                 overlays.append(lambda ax, kh=kh, kw=kw: _cell_grid(ax, h, w, kh, kw))
-            overlays.append(lambda ax, d=dropped_c: _outline(ax, d, color="red"))
+            overlays.append(lambda ax, d=dropped_c: _outline(ax, d, color="cyan"))
             out.append(
                 {
                     "panel": Panel(
@@ -970,6 +961,7 @@ def cmd_viz(args: Any) -> int:
     spec = load_spec_or_exit(args.spec)
     import timm
 
+    torch.manual_seed(args.seed)  # the random initialisation too: the same command draws the same figure
     try:
         model = timm.create_model(args.model, pretrained=False, **kwargs)
     except TypeError as exc:

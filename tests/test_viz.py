@@ -125,12 +125,17 @@ def test_vit_token_sites_are_drawn_on_the_patch_grid(tmp_path):
     spec = {
         "rules": [{"regularizer": "dropout", "params": {"drop_prob": 0.4}, "sites": ["block"], "stages": [1]}]
     }
-    fig = render_masks(vit, spec, compare="dropout,attentiondrop", out=tmp_path / "vit.png", num_images=1)
+    fig = render_masks(
+        vit, spec, compare="dropout,attentiondrop,dropblock", out=tmp_path / "vit.png", num_images=1
+    )
     act = fig.find("activation")[0]
     assert act.map_shape == (4, 4) and "NLC 17x192" in act.title and "1 prefix token" in act.title
     left, top, right, bottom = act.bbox
     assert (right - left) == pytest.approx(bottom - top, abs=2)
-    assert [p.map_shape for p in fig.find("mask")] == [(4, 4), (4, 4)]
+    assert [p.map_shape for p in fig.find("mask")][:2] == [(4, 4), (4, 4)]
+    # a method that needs a 2-D map either acts on the patch grid or gets a panel saying why it cannot
+    block = fig.find("mask", method="dropblock") or fig.find("text", method="dropblock")
+    assert len(block) == 1 and (block[0].kind == "mask" or "NLC" in block[0].note)
     _check_mask_panels(fig)
     drop = fig.find("mask", method="dropout")[0]
     assert abs(drop.dropped - 0.4) < 0.08  # 16 patch tokens x 192 channels

@@ -364,27 +364,33 @@ def _replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
 
 
 def _build_method(
-    name: str, params: dict[str, Any], layout: str, strength: float | None
+    name: str,
+    params: dict[str, Any],
+    layout: str,
+    strength: float | None,
+    *,
+    like: nn.Module | None = None,
+    fill: bool = False,
 ) -> tuple[nn.Module | None, dict[str, Any], str]:
-    """``create_regularizer(name, ...)`` with ``params`` it accepts, defaults for the rest, ``strength`` applied."""
+    """``create_regularizer(name, ...)`` with the ``params`` it accepts and ``strength`` applied; ``fill`` adds
+    :data:`COMPARE_DEFAULTS`; ``like`` (the site's own regularizer) lends its token grid, if it has one."""
     from timm_drop.regularizers.registry import create_regularizer, regularizer_params
     from timm_drop.spec import STRENGTH_PARAMS
 
     accepted = regularizer_params(name)
     chosen = {k: v for k, v in params.items() if k in accepted}
-    # Shared defaults even where a method has its own, so methods side by side use one block size and rate.
-    for k in accepted:
-        if k not in chosen and k in COMPARE_DEFAULTS:
-            chosen[k] = COMPARE_DEFAULTS[k]
+    if fill:  # shared values even where a method has its own default: one block size and rate side by side
+        chosen.update({k: v for k, v in COMPARE_DEFAULTS.items() if k in accepted and k not in chosen})
     if strength is not None:
-        for k in STRENGTH_PARAMS:
-            if k in accepted:
-                chosen[k] = strength
+        chosen.update({k: strength for k in STRENGTH_PARAMS if k in accepted})
     if name == "selectout" and "top_rate" in chosen and "drop_prob" in chosen:
         chosen["top_rate"] = max(chosen["top_rate"], chosen["drop_prob"])
     try:
         reg = create_regularizer(name, **chosen)
         if isinstance(reg, Regularizer):
+            grid = getattr(like, "token_grid", None)
+            if grid is not None and hasattr(reg, "set_token_grid"):
+                reg.set_token_grid(grid, getattr(like, "num_prefix_tokens", 0))
             reg.set_layout(layout)
     except (TypeError, ValueError) as exc:
         return None, chosen, f"{name} not applicable here: {exc}"
@@ -433,6 +439,7 @@ class Panel:
     map_dropped: float | None = None  # dropped fraction of the drawn feature map (channel ``channel``)
     scaled: float | None = None  # fraction of units scaled (factor neither 0 nor the kept scale)
     params: dict[str, Any] = field(default_factory=dict)
+    note: str = ""  # a text panel's message (why a method could not be drawn here)
 
 
 @dataclass
@@ -519,19 +526,22 @@ def _score_maps(
     name: str, params: dict[str, Any], cap: SiteCapture, layout: str, conv
 ) -> tuple[torch.Tensor, str] | None:
     """The method's own score on the captured input, as (N, C or 1, H, W) maps, and its title."""
-    view = _op_view(cap.input, layout)
-    if name == "corrdrop" and view.dim() == 4:
+    if name == "corrdrop":
         from timm_drop.regularizers.corrdrop import correlation_map
 
+        # CorrDrop acts on the map as drawn (a token site only through its patch grid)
+        maps = conv(cap.input)
         k = params.get("block_size", 7)
-        h, w = view.shape[-2:]
+        h, w = maps.shape[-2:]
         kh, kw = min(k, h), min(k, w)
-        cells = correlation_map(view, k)
+        cells = correlation_map(maps, k)
         full = cells.repeat_interleave(kh, 1).repeat_interleave(kw, 2)[:, :h, :w]
         return full[:, None], "correlation score F (Eq. 3)"
     if name == "attentiondrop":
         from timm_drop.regularizers.attentiondrop import attention_weights
 
+        # AttentionDrop normalises over every position the op sees (prefix tokens included)
+        view = _op_view(cap.input, layout)
         w = attention_weights(view, params.get("top_rate", 1.0), params.get("mode", "ad"))
         return conv(_from_op_view(w.view(view.shape), layout)), f"drop weight w ({params.get('mode', 'ad')})"
     return None
@@ -630,11 +640,16 @@ def _row_panels(
     channel = int(act.abs().flatten(1).mean(1).argmax())
     for slot, cap in zip(slots, caps):
         ptxt = _fmt_params(slot.params)
+        mult = float(slot.reg.strength) if isinstance(slot.reg, Regularizer) else 1.0
+        if mult != 1.0:  # a schedule part-way: the configured strength times this
+            ptxt += f" x{mult:.2f}"
         if cap is None or slot.reg is None:
             why = slot.note or f"{slot.name}: nothing captured (site not reached)"
             out.append(
                 {
-                    "panel": Panel(0, 0, "text", site, slot.name, title=slot.name, params=slot.params),
+                    "panel": Panel(
+                        0, 0, "text", site, slot.name, title=slot.name, params=slot.params, note=why
+                    ),
                     "text": why,
                 }
             )
@@ -724,6 +739,7 @@ def render_masks(
     compare: str | Sequence[str] | None = None,
     progress: float | None = 1.0,
     out: str | os.PathLike | None = None,
+    label: str = "",
     num_images: int = 2,
     max_sites: int = 4,
     input_size: Sequence[int] | None = None,
@@ -746,6 +762,7 @@ def render_masks(
             and :data:`COMPARE_DEFAULTS`.
         progress: schedule progress for the copy (1.0: full strength); None keeps the model's current strengths.
         out: PNG path to write (parent folders are created); None draws without saving.
+        label: appended to the figure's title (the recipe puts the epoch there).
         num_images: how many digits when ``images`` is None.
         max_sites: cap on the number of sites when ``sites`` is None.
         input_size: (C, H, W) for image files / digits (default: the model's).
@@ -758,13 +775,16 @@ def render_masks(
         import timm
 
         model = timm.create_model(model, pretrained=False)
+    model = getattr(model, "_orig_mod", model)  # a torch.compile'd model: draw its original module
     x = load_images(model, images, num_images=num_images, input_size=input_size)
     device = next(iter(model.parameters()), torch.empty(0)).device
     dtype = next(iter(model.parameters()), torch.empty(0)).dtype
     x = x.to(device=device, dtype=dtype if dtype.is_floating_point else torch.float32)
     # The caller's random stream goes on as if nothing ran: the seeds below are set inside a fork.
     with torch.random.fork_rng(devices=_rng_devices(x)):
-        return _render_batch(model, spec, x, sites, strength, seed, compare, progress, out, max_sites, dpi)
+        return _render_batch(
+            model, spec, x, sites, strength, seed, compare, progress, out, label, max_sites, dpi
+        )
 
 
 def _render_batch(
@@ -777,12 +797,12 @@ def _render_batch(
     compare: str | Sequence[str] | None,
     progress: float | None,
     out: str | os.PathLike | None,
+    label: str,
     max_sites: int,
     dpi: int,
 ) -> MaskFigure:
     device = x.device
     work = copy.deepcopy(model)
-    _quiet_collectives(work)
     if spec is not None:
         from timm_drop.rewrite import apply_regularizer
 
@@ -794,7 +814,10 @@ def _render_batch(
         e.site: (e.reg.layout if isinstance(e.reg, Regularizer) else e.layout) or "NCHW" for e in entries
     }
     shapes = {e.site: e.shape for e in entries}
-    work.train()
+    own: dict[str, nn.Module] = {}
+    for e in entries:
+        own.setdefault(e.site, e.reg)
+    _train_mode(work)
     if progress is not None:
         from timm_drop.schedules import set_progress
 
@@ -813,7 +836,7 @@ def _render_batch(
                 continue
             reg, params = e.reg, dict(e.params)
             if strength is not None:
-                new, params, note = _build_method(e.regularizer, params, layouts[e.site], strength)
+                new, params, note = _build_method(e.regularizer, params, layouts[e.site], strength, like=reg)
                 if new is None:
                     raise ValueError(f"--strength {strength} at site {e.site}: {note}")
                 new.to(device)
@@ -839,7 +862,9 @@ def _render_batch(
                     if rule.regularizer == name:
                         params = {**site_params, **rule.params_for_stage(stages[site])}
                         break
-                reg, params, note = _build_method(name, params, layouts[site], strength)
+                reg, params, note = _build_method(
+                    name, params, layouts[site], strength, like=own[site], fill=True
+                )
                 slot = _Slot(site, layouts[site], shapes[site], stages[site], name, params, reg, note)
                 if reg is None:
                     per_site[site].append((slot, None))
@@ -882,11 +907,12 @@ def _render_batch(
             )
     if not rows:
         raise ValueError(f"nothing to draw at sites {chosen}: no regularizer there saw the images")
-    label = getattr(model, "default_cfg", {}).get("architecture", type(model).__name__)
+    arch = getattr(model, "default_cfg", {}).get("architecture", type(model).__name__)
     title = (
-        f"{label}: seed {seed}"
+        f"{arch}: seed {seed}"
         + (f", strength {strength}" if strength is not None else "")
         + (f", progress {progress}" if progress is not None else "")
+        + (f", {label}" if label else "")
     )
     return _draw(rows, out, dpi, title)
 
@@ -899,14 +925,13 @@ def _spec_rules(spec: Any) -> tuple[Any, ...]:
     return load_spec(spec).rules
 
 
-def _quiet_collectives(model: nn.Module) -> None:
-    """SyncBatchNorm in train mode all-reduces: only the main process draws, so the copy uses batch statistics
-    through plain BatchNorm semantics instead of waiting for ranks that never come."""
+def _train_mode(model: nn.Module) -> None:
+    """Train mode for the copy, except SyncBatchNorm: in train mode it all-reduces across ranks, and only the main
+    process draws, so it would wait for ranks that never come; it uses its running statistics instead."""
+    model.train()
     for m in model.modules():
         if isinstance(m, nn.SyncBatchNorm):
-            m.forward = lambda x, _m=m: F.batch_norm(  # type: ignore[method-assign]
-                x, None, None, _m.weight, _m.bias, True, 0.0, _m.eps
-            )
+            m.eval()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -928,7 +953,15 @@ def log_epoch_masks(trainer: Any, epoch: int, num_images: int = 2) -> Path | Non
         batch = x[:num_images].detach().float().contiguous().clone()
         trainer._viz_batch = batch
     path = Path(trainer.out) / "masks" / f"epoch_{epoch + 1:03d}.png"
-    render_masks(trainer.unwrapped, None, batch, seed=trainer.cfg.seed, progress=None, out=path)
+    render_masks(
+        trainer.unwrapped,
+        None,
+        batch,
+        seed=trainer.cfg.seed,
+        progress=None,
+        out=path,
+        label=f"epoch {epoch + 1}",
+    )
     return path
 
 

@@ -341,13 +341,36 @@ class _Slot:
     note: str = ""  # why nothing could be placed (compare mode)
 
 
-def _plan_entries(model: nn.Module) -> list[Any]:
+def _site_regularizers(model: nn.Module) -> list[tuple[Any, nn.Module]]:
+    """(plan entry, regularizer module) for every regularizer the last ``apply_regularizer`` put in, in depth order.
+
+    The plan names sites, the model's insertion record holds the modules (one insertion per hooked / slotted site,
+    one per rewritten module, its regularizers in plan order); the latest insertions are matched first, so an
+    earlier stacked application cannot take this plan's entries.
+    """
+    from timm_drop.insertions import record_of
+
     the_plan = getattr(model, "_timm_drop_plan", None)
     if the_plan is None:
         raise ValueError(
             "the model carries no regularizers: pass a spec (path, YAML text or dict), or apply_regularizer first"
         )
-    return list(the_plan.entries)
+    pool = list(the_plan.entries)
+    pairs = []
+    for ins in reversed(record_of(model)):
+        if ins.kind == "rewrite":
+            cands = [e for e in pool if e.insertion == "rewrite" and e.owner == ins.owner]
+        elif ins.kind == "slot":
+            cands = [e for e in pool if e.insertion == "slot" and e.module == ins.norm]
+        else:
+            cands = [e for e in pool if e.insertion == ins.kind and e.site == ins.site]
+        for e, reg in zip(cands, ins.regs):
+            if (getattr(reg, "registry_name", "") or e.regularizer) != e.regularizer:
+                break
+            pairs.append((e, reg))
+            pool.remove(e)
+    order = {id(e): i for i, e in enumerate(the_plan.entries)}
+    return sorted(pairs, key=lambda p: order[id(p[0])])
 
 
 def _replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
@@ -807,16 +830,15 @@ def _render_batch(
         from timm_drop.rewrite import apply_regularizer
 
         apply_regularizer(work, spec, example_input=x[:1])
-    entries = _plan_entries(work)
+    pairs = _site_regularizers(work)
+    entries = [e for e, _ in pairs]
     chosen = _select(entries, sites, max_sites)
     stages = {e.site: e.stage for e in entries}
-    layouts = {
-        e.site: (e.reg.layout if isinstance(e.reg, Regularizer) else e.layout) or "NCHW" for e in entries
-    }
+    layouts = {e.site: (r.layout if isinstance(r, Regularizer) else e.layout) or "NCHW" for e, r in pairs}
     shapes = {e.site: e.shape for e in entries}
     own: dict[str, nn.Module] = {}
-    for e in entries:
-        own.setdefault(e.site, e.reg)
+    for e, r in pairs:
+        own.setdefault(e.site, r)
     _train_mode(work)
     if progress is not None:
         from timm_drop.schedules import set_progress
@@ -831,10 +853,10 @@ def _render_batch(
     per_site: dict[str, list[tuple[_Slot, SiteCapture | None]]] = {s: [] for s in chosen}
     if compare is None:
         slots: list[_Slot] = []
-        for e in entries:
+        for e, reg in pairs:
             if e.site not in per_site:
                 continue
-            reg, params = e.reg, dict(e.params)
+            params = dict(e.params)
             if strength is not None:
                 new, params, note = _build_method(e.regularizer, params, layouts[e.site], strength, like=reg)
                 if new is None:
@@ -851,6 +873,7 @@ def _render_batch(
         if not methods or any(not m for m in methods):
             raise ValueError(f"--compare {compare!r}: give registry names separated by commas")
         rules = list(_spec_rules(spec))
+        paths = {id(m): name for name, m in work.named_modules(remove_duplicate=False)}
         for site in chosen:
             site_params: dict[str, Any] = {}
             for e in entries:
@@ -869,13 +892,13 @@ def _render_batch(
                 if reg is None:
                     per_site[site].append((slot, None))
                     continue
+                # This method alone in the model: the site's first regularizer replaced, every other one an identity.
                 alone = copy.deepcopy(work)
-                site_regs = [e2.reg for e2 in _plan_entries(alone) if e2.site == site]
-                for e2 in _plan_entries(alone):
-                    if e2.reg not in site_regs[:1]:
-                        _replace_module(alone, e2.reg, nn.Identity())
+                for _, other in pairs:
+                    if other is not own[site]:
+                        _replace_module(alone, alone.get_submodule(paths[id(other)]), nn.Identity())
                 reg.to(device)
-                _replace_module(alone, site_regs[0], reg)
+                _replace_module(alone, alone.get_submodule(paths[id(own[site])]), reg)
                 reg.train()
                 _, caps = capture_masks(alone, x, seed=seed, modules=[reg])
                 per_site[site].append((slot, caps.get(reg)))

@@ -141,6 +141,21 @@ def test_vit_token_sites_are_drawn_on_the_patch_grid(tmp_path):
     assert abs(drop.dropped - 0.4) < 0.08  # 16 patch tokens x 192 channels
 
 
+def test_a_regularizer_that_is_not_a_product_falls_back_to_the_ratio():
+    class Shift(timm_drop.Regularizer):
+        def regularize(self, x):
+            return x + 1.0
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), Shift()).train()
+    x = torch.randn(2, 3, 5, 6)
+    out, caps = capture_masks(model, x)
+    (cap,) = caps.values()
+    assert torch.equal(out, model(x)) and not cap.exact
+    conv_out = model[0](x)
+    known = conv_out != 0
+    assert torch.allclose(cap.mask[known], ((conv_out + 1) / conv_out)[known].detach())
+
+
 def test_to_maps_folds_tokens_row_major_and_permutes_nhwc():
     n, gh, gw, c = 2, 3, 5, 4
     grid = torch.arange(n * gh * gw * c, dtype=torch.float32).view(n, gh, gw, c)

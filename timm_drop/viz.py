@@ -539,10 +539,13 @@ def _outline(ax: Any, dropped: Any, color: str = "yellow") -> None:
 
 
 def _cell_grid(ax: Any, h: int, w: int, kh: int, kw: int) -> None:
-    for r in range(kh, h, kh):
-        ax.axhline(r - 0.5, color="white", lw=0.5, alpha=0.6)
-    for c in range(kw, w, kw):
-        ax.axvline(c - 0.5, color="white", lw=0.5, alpha=0.6)
+    """CorrDrop's pooling cells (Eq. (10)): one line collection, not one artist per line (drawing cost)."""
+    from matplotlib.collections import LineCollection
+
+    segs = [((-0.5, r - 0.5), (w - 0.5, r - 0.5)) for r in range(kh, h, kh)]
+    segs += [((c - 0.5, -0.5), (c - 0.5, h - 0.5)) for c in range(kw, w, kw)]
+    if segs:
+        ax.add_collection(LineCollection(segs, colors="white", linewidths=0.5, alpha=0.6))
 
 
 def _score_maps(
@@ -577,6 +580,7 @@ def _draw(
     title: str,
 ) -> MaskFigure:
     # The Agg canvas directly, not pyplot: no global backend switch, no figure registry to leak into.
+    import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -619,9 +623,13 @@ def _draw(
         p.bbox = (round(bb.x0), round(height - bb.y1), round(bb.x1), round(height - bb.y0))
     path = None
     if out is not None:
+        from matplotlib.image import imsave
+
         path = Path(out)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=dpi)
+        # The pixels just drawn (savefig would lay out and render everything a second time), so the recorded
+        # panel boxes are exact for the file by construction.
+        imsave(path, np.asarray(canvas.buffer_rgba()), format="png")
     return MaskFigure(path, (width, height), panels)
 
 
@@ -799,6 +807,8 @@ def render_masks(
 
         model = timm.create_model(model, pretrained=False)
     model = getattr(model, "_orig_mod", model)  # a torch.compile'd model: draw its original module
+    if compare is not None:
+        _compare_methods(compare)  # an unknown name fails before any work
     x = load_images(model, images, num_images=num_images, input_size=input_size)
     device = next(iter(model.parameters()), torch.empty(0)).device
     dtype = next(iter(model.parameters()), torch.empty(0)).dtype
@@ -869,9 +879,7 @@ def _render_batch(
         for s in slots:
             per_site[s.site].append((s, caps.get(s.reg)))
     else:
-        methods = [m.strip() for m in compare.split(",")] if isinstance(compare, str) else list(compare)
-        if not methods or any(not m for m in methods):
-            raise ValueError(f"--compare {compare!r}: give registry names separated by commas")
+        methods = _compare_methods(compare)
         rules = list(_spec_rules(spec))
         paths = {id(m): name for name, m in work.named_modules(remove_duplicate=False)}
         for site in chosen:
@@ -938,6 +946,18 @@ def _render_batch(
         + (f", {label}" if label else "")
     )
     return _draw(rows, out, dpi, title)
+
+
+def _compare_methods(compare: str | Sequence[str]) -> list[str]:
+    """Registry names from ``"a,b"`` or a list; an unknown one is a KeyError naming the nearest ones."""
+    from timm_drop.regularizers.registry import get_regularizer_class
+
+    methods = [m.strip() for m in compare.split(",")] if isinstance(compare, str) else list(compare)
+    if not methods or any(not m for m in methods):
+        raise ValueError(f"compare {compare!r}: give registry names separated by commas")
+    for m in methods:
+        get_regularizer_class(m)
+    return methods
 
 
 def _spec_rules(spec: Any) -> tuple[Any, ...]:

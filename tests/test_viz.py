@@ -120,6 +120,15 @@ def test_cnn_compare_figure_panels_and_dropped_fractions(tmp_path):
     assert all(p.params == {"drop_prob": 0.3, "block_size": 9} for p in blocks)
 
 
+def test_strength_replaces_only_the_strength_of_the_specs_own_regularizers():
+    fig = render_masks(_cifar_model(), CORRDROP_SPEC, sites="stage:layer2", strength=0.5, num_images=1)
+    (mask,) = fig.find("mask")
+    assert fig.path is None and mask.method == "corrdrop"
+    assert mask.params == {"drop_prob": 0.5, "block_size": 7}  # the spec's stage-2 block size is kept
+    with pytest.raises(ValueError, match="stage:layer1"):  # an unmatched glob lists the plan's sites
+        render_masks(_cifar_model(), CORRDROP_SPEC, sites="stage:head*")
+
+
 def test_vit_token_sites_are_drawn_on_the_patch_grid(tmp_path):
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=2)
     spec = {

@@ -5,6 +5,7 @@
     timm-drop list                                   # registered regularizers and their parameters
     timm-drop plan MODEL SPEC [--input-size 3 64 64] [--num-classes N]   # the site table; nothing changes
     timm-drop apply MODEL SPEC --out ckpt.pth [--input-size ...] [--num-classes N]
+    timm-drop viz MODEL SPEC [--image FILE ...] [--sites GLOB] [--strength P] [--seed S] [--compare A,B] --out F.png
     timm-drop coverage [--limit N] [--sample N] [--seed S] [--filter GLOB] [--out PATH] [--timeout-per-model S]
 
 Models are built by timm name with ``pretrained=False`` (no network). Exit codes: 0 success, 1 coverage below
@@ -197,6 +198,12 @@ def cmd_coverage(args: argparse.Namespace) -> int:
     return 0 if rate >= args.min_pass_rate else 1
 
 
+def cmd_viz(args: argparse.Namespace) -> int:
+    from timm_drop.viz import cmd_viz as run
+
+    return run(args)
+
+
 def _coverage_from_jsonl(args: argparse.Namespace) -> int:
     """Re-render a report from the JSON lines of an earlier (possibly cut-short) ``--jsonl`` run."""
     from timm_drop.tools.coverage import CoverageResult, render_report
@@ -294,6 +301,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit 1 below this pass rate (percent)",
     )
     p.set_defaults(func=cmd_coverage)
+
+    text = "draw what the spec's regularizers do to a few images: activation, realised mask, score map (PNG)"
+    p = sub.add_parser("viz", help=text, description=text + "; see timm_drop.viz.render_masks")
+    p.add_argument("model", metavar="MODEL", help="timm model name (built with pretrained=False)")
+    p.add_argument("spec", metavar="SPEC", help="spec file (.yaml) or YAML text")
+    p.add_argument(
+        "--image", nargs="+", action="extend", metavar="FILE", help="image files (default: 2 digits)"
+    )
+    p.add_argument("--sites", default=None, metavar="GLOB", help="site names to draw (default: up to 4)")
+    p.add_argument("--strength", type=float, default=None, metavar="P", help="replace drop_prob / q")
+    p.add_argument("--seed", type=int, default=0, help="torch seed of the forward (default 0)")
+    p.add_argument("--compare", default=None, metavar="A,B", help="methods side by side at each site")
+    p.add_argument(
+        "--model-kwargs", default=None, metavar="YAML", help="timm.create_model kwargs, '{img_size: 64}'"
+    )
+    p.add_argument("--out", required=True, metavar="FILE.png", help="figure to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_viz)
     return parser
 
 

@@ -31,8 +31,8 @@ Insertion, least invasive first (DESIGN §4, §6):
 
 Parameters of an entry: ``rule.params_for_stage(site.stage)``; with ``depth_scaling: linear`` the strength
 parameters (``drop_prob``, ``q``) are multiplied by ``(i + 1) / n`` over the rule's ``n`` matched sites in depth
-order (timm's drop-path rule). Each regularizer gets ``schedule = rule.schedule`` (moved to progress 0 when there
-is one) and ``set_layout(site.layout)``; a layout it does not accept is an error naming the site, its layout and
+order (timm's drop-path rule). Each regularizer gets ``schedule = rule.schedule`` (left at full strength until the
+first ``set_progress``, see :mod:`timm_drop.schedules`) and ``set_layout(site.layout)``; a layout it does not accept is an error naming the site, its layout and
 the rule.
 
 Conflicts: when a rule selects a site that an earlier rule already holds, the *later* rule's ``on_conflict``
@@ -303,6 +303,7 @@ def _build(model: nn.Module, spec: Spec, analysis: Analysis) -> Plan:
                         f"shape {site.shape}): {exc}; exclude it or pick a layout-agnostic regularizer"
                     ) from exc
                 reg.schedule = rule.schedule
+                reg.rule_label = rule.describe()
             insertion, owner = "hook", site.module
             if site.kind in SKIP_KINDS:
                 lg, reason = analysis.rewritable(model, site.module)
@@ -511,8 +512,6 @@ def apply_regularizer(
     for e in the_plan.entries:
         e.reg.to(device)
         e.reg.train(named[e.module].training)
-        if isinstance(e.reg, Regularizer) and e.reg.schedule is not None:
-            e.reg.set_progress(0.0)
 
     by_site: dict[tuple[str, str], list[PlanEntry]] = {}
     for e in the_plan.entries:

@@ -2,6 +2,7 @@
 
 import timm_drop.layerout  # noqa: F401  (registers "layerout")
 import timm_drop.models  # noqa: F401  (registers the CIFAR timm models)
+from timm_drop.drive import Driver, drive
 from timm_drop.layerout import LayerOut
 from timm_drop.regularizers import (
     Regularizer,
@@ -17,6 +18,7 @@ from timm_drop.spec import Rule, Spec, SpecError, load_spec
 __version__ = "0.1.0"
 
 __all__ = [
+    "Driver",
     "LayerOut",
     "Plan",
     "Regularizer",
@@ -28,6 +30,7 @@ __all__ = [
     "SpecError",
     "apply_regularizer",
     "create_regularizer",
+    "drive",
     "find_sites",
     "list_regularizers",
     "load_spec",

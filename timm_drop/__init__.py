@@ -2,6 +2,7 @@
 
 import timm_drop.layerout  # noqa: F401  (registers "layerout")
 import timm_drop.models  # noqa: F401  (registers the CIFAR timm models)
+from timm_drop.create import create_model
 from timm_drop.drive import Driver, drive
 from timm_drop.layerout import LayerOut
 from timm_drop.regularizers import (
@@ -29,6 +30,7 @@ __all__ = [
     "Spec",
     "SpecError",
     "apply_regularizer",
+    "create_model",
     "create_regularizer",
     "drive",
     "find_sites",

@@ -15,6 +15,7 @@ from timm_drop.rewrite import Plan, RewriteError, apply_regularizer, plan, strip
 from timm_drop.schedules import Schedule, set_progress
 from timm_drop.sites import Site, find_sites
 from timm_drop.spec import Rule, Spec, SpecError, load_spec
+from timm_drop.summary import summary, track_drops
 
 __version__ = "0.1.0"
 
@@ -40,4 +41,6 @@ __all__ = [
     "register_regularizer",
     "set_progress",
     "strip_regularizers",
+    "summary",
+    "track_drops",
 ]

@@ -146,6 +146,7 @@ def set_progress(model: nn.Module, progress: float, epoch: int | None = None) ->
     for module in model.modules():
         if isinstance(module, Regularizer):
             module.set_progress(float(progress), epoch)
+            module.schedule_progress = float(progress)  # read by timm_drop.summary only
             schedule = module.schedule
             if schedule is not None and schedule.steps is not None:
                 # a caller overrides a self-counting schedule's position; it keeps counting from there

@@ -14,14 +14,14 @@ from timm_drop import LayerOut  # noqa: E402
 from timm_drop.integrations.lightning import TimmDropCallback  # noqa: E402
 from timm_drop.regularizers import Regularizer  # noqa: E402
 
-# Stage sites use forward-hook insertions only: those models pickle today, which ddp_spawn needs.
+# ddp_spawn pickles the LightningModule: stage sites are hook insertions, shortcut sites block-local rewrites.
 SPEC = {
     "rules": [
         {
             "regularizer": "dropblock",
             "label": "pl dropblock",
             "params": {"drop_prob": 0.2, "block_size": 3},
-            "sites": ["stage"],
+            "sites": ["stage", "shortcut"],
             "schedule": {"kind": "linear", "start": 0.0, "end": 1.0},
         }
     ]

@@ -329,7 +329,8 @@ def _make_regularizer(
                 f"shape {shape}): {exc}; exclude it or pick a layout-agnostic regularizer"
             ) from exc
         reg.schedule = rule.schedule
-        reg.rule_label = rule.describe()
+        reg.rule_label = rule.describe()  # named by warnings and timm_drop.summary
+        reg.site_name = site_name
     return reg
 
 

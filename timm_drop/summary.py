@@ -125,19 +125,17 @@ def _position(regs: list[Regularizer]) -> str:
 def summary(model: nn.Module) -> Summary:
     """Per-rule state of the regularizers in ``model`` (one host read per regularizer: call it per epoch, not
     per step)."""
-    entries = getattr(model, "_timm_drop_plan", None)
-    site_of: dict[int, str] = {}
-    rule_of: dict[int, int] = {}
-    if entries is not None:
-        site_of = {id(e.reg): e.site for e in entries.entries if e.reg is not None}
-        rule_of = {id(e.reg): e.rule for e in entries.entries if e.reg is not None}
+    the_plan = getattr(model, "_timm_drop_plan", None)
+    entries = the_plan.entries if the_plan is not None else []
+    rule_index = {e.rule_label: e.rule for e in entries}
+    reg_name = {e.rule_label: e.regularizer for e in entries}
     groups: dict[str, list[tuple[str, Regularizer]]] = {}
     for name, reg in model.named_modules():
         if isinstance(reg, Regularizer):
             label = reg.rule_label or f"{reg.registry_name or type(reg).__name__} (no rule)"
-            groups.setdefault(label, []).append((site_of.get(id(reg), name), reg))
+            groups.setdefault(label, []).append((reg.__dict__.get("site_name") or name, reg))
     rules = []
-    order = sorted(groups, key=lambda k: min(rule_of.get(id(r), 1 << 30) for _, r in groups[k]))
+    order = sorted(groups, key=lambda label: rule_index.get(label, 1 << 30))
     for label in order:
         members = groups[label]
         regs = [r for _, r in members]
@@ -156,7 +154,7 @@ def summary(model: nn.Module) -> Summary:
         rules.append(
             RuleSummary(
                 rule=label,
-                regularizer=regs[0].registry_name or type(regs[0]).__name__,
+                regularizer=reg_name.get(label) or regs[0].registry_name or type(regs[0]).__name__,
                 sites=[s for s, _ in members],
                 strength=strength,
                 multiplier=multipliers[0] if len(multipliers) == 1 else None,

@@ -6,6 +6,7 @@
     timm-drop plan MODEL SPEC [--input-size 3 64 64] [--num-classes N]   # the site table; nothing changes
     timm-drop apply MODEL SPEC --out ckpt.pth [--input-size ...] [--num-classes N]
     timm-drop viz MODEL SPEC [--image FILE ...] [--sites GLOB] [--strength P] [--seed S] [--compare A,B] --out F.png
+    timm-drop summary MODEL SPEC [--input-size ...] [--num-classes N]   # per rule: sites, strength, schedule
     timm-drop coverage [--limit N] [--sample N] [--seed S] [--filter GLOB] [--out PATH] [--timeout-per-model S]
 
 Models are built by timm name with ``pretrained=False`` (no network). Exit codes: 0 success, 1 coverage below
@@ -151,6 +152,20 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_summary(args: argparse.Namespace) -> int:
+    import timm_drop
+    from timm_drop.summary import summary
+
+    check_model_name(args.model)
+    spec = load_spec_or_exit(args.spec)
+    model = create_model(args.model, args.num_classes)
+    example = _example_input(model, args.input_size)
+    _plan(model, spec, example)  # a spec that does not fit is a usage error, as for plan
+    timm_drop.apply_regularizer(model, spec, example_input=example)
+    print(summary(model))
+    return 0
+
+
 def cmd_coverage(args: argparse.Namespace) -> int:
     from timm_drop.tools.coverage import render_report, run_coverage, select_models
 
@@ -248,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
             "print the plan table (site, kind, stage, shape, regularizer, params); changes nothing",
         ),
         ("apply", cmd_apply, "apply a spec and save a checkpoint with the spec and plan"),
+        ("summary", cmd_summary, "apply a spec and print per rule: sites, strength, schedule position"),
     ):
         p = sub.add_parser(cmd, help=text, description=text)
         p.add_argument("model", metavar="MODEL", help="timm model name (built with pretrained=False)")

@@ -14,9 +14,9 @@ module) gets a forward hook.
 
 Parameters of an entry: ``rule.params_for_stage(site.stage)``; with ``depth_scaling: linear`` the strength
 parameters (``drop_prob``, ``q``) are multiplied by ``(i + 1) / n`` over the rule's ``n`` matched sites in depth
-order (timm's drop-path rule). Each regularizer gets ``schedule = rule.schedule`` (moved to progress 0 when there
-is one) and ``set_layout(site.layout)``; a layout it does not accept is an error naming the site, its layout and
-the rule.
+order (timm's drop-path rule). Each regularizer gets ``schedule = rule.schedule`` (left at full strength until the
+first ``set_progress``, see :mod:`timm_drop.schedules`) and ``set_layout(site.layout)``; a layout it does not accept
+is an error naming the site, its layout and the rule.
 
 Conflicts: when a rule selects a site that an earlier rule already holds, the *later* rule's ``on_conflict``
 decides: ``error`` (default) raises naming both rules and the site, ``stack`` runs both (earlier rule first),
@@ -313,6 +313,8 @@ def _make_regularizer(
                 f"shape {shape}): {exc}; exclude it or pick a layout-agnostic regularizer"
             ) from exc
         reg.schedule = rule.schedule
+        reg.rule_label = rule.describe()  # named by warnings and timm_drop.summary
+        reg.site_name = site_name
     return reg
 
 
@@ -445,8 +447,6 @@ def _materialize(the_plan: Plan, spec: Spec, model: nn.Module) -> list[nn.Module
         reg = _make_regularizer(rules[e.rule], e.site, e.layout, e.shape, dict(e.params))
         reg.to(device)
         reg.train(model.get_submodule(e.module).training)
-        if isinstance(reg, Regularizer) and reg.schedule is not None:
-            reg.set_progress(0.0)
         regs.append(reg)
     return regs
 

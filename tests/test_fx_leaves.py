@@ -130,19 +130,3 @@ def test_a_tracer_that_enters_a_regularizer_gets_one_call_module_node_not_its_br
     y = gm(x)
     torch.manual_seed(0)
     assert torch.equal(y, net.train()(x)) and not torch.equal(y, net.eval()(x))
-
-
-def test_tracing_a_module_whose_hook_calls_a_regularizer_it_does_not_hold_names_the_problem():
-    class Stage(torch.nn.Module):  # not a torch.nn class, so tracers enter it and run its hooks
-        def __init__(self):
-            super().__init__()
-            self.conv = torch.nn.Conv2d(3, 4, 3)
-
-        def forward(self, x):
-            return self.conv(x)
-
-    outside = DropBlock2d(drop_prob=0.5, block_size=3)
-    net = torch.nn.Sequential(Stage())
-    net[0].register_forward_hook(lambda module, args, out: outside(out))
-    with pytest.raises(fx.proxy.TraceError, match="not a submodule of the traced module"):
-        tv_fx.get_graph_node_names(net)

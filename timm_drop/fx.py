@@ -38,12 +38,6 @@ def register_leaf(cls: type[nn.Module]) -> type[nn.Module]:
 
 def leaf_node(module: nn.Module, x: Any) -> fx.Proxy:
     """The ``call_module`` node a leaf ``module`` applied to the traced value ``x`` would give."""
+    # The tracer resolved the module's path before entering its forward (Tracer.call_module), so it exists.
     tracer = x.tracer
-    try:
-        path = tracer.path_of_module(module)
-    except NameError as exc:
-        raise fx.proxy.TraceError(
-            f"{type(module).__name__} is not a submodule of the traced module ({exc}); trace the model that "
-            f"apply_regularizer was given, or strip_regularizers first"
-        ) from exc
-    return tracer.create_proxy("call_module", path, (x,), {})
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), (x,), {})

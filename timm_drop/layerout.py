@@ -97,7 +97,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from timm_drop.regularizers.registry import nearest_names, register_regularizer
+from timm_drop.regularizers.registry import nearest_names
 
 __all__ = [
     "FREEZE_PRESETS",
@@ -729,6 +729,3 @@ class LayerOut:
             f"max_freeze_fraction={self.max_freeze_fraction}, freeze_norm={self.freeze_norm}, "
             f"skip_backward={self.skip_backward}{bound})"
         )
-
-
-register_regularizer("layerout", LayerOut)

@@ -140,12 +140,21 @@ def test_features_only_stage_numbering_is_the_classifiers(name, spec, kwargs, ch
 # every timm feature wrapper
 # ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "feature_cls,expected",
-    [("list", "FeatureListNet"), ("dict", "FeatureDictNet"), ("hook", "FeatureHookNet"), ("fx", "FeatureGraphNet")],
+    "feature_cls,expected", [("list", "FeatureListNet"), ("dict", "FeatureDictNet"), ("hook", "FeatureHookNet")]
 )
 def test_every_feature_wrapper_takes_a_stage_spec(feature_cls, expected):
     model = check_backbone("resnet18", DROPBLOCK_34, feature_cls=feature_cls)
     assert type(model).__name__ == expected
+
+
+def test_fx_feature_wrapper_is_refused_by_name_and_left_unchanged():
+    """``feature_cls='fx'`` holds a traced graph that never calls its stage modules: hooks there would be a silent
+    no-op. The error says to apply first and build the graph afterwards (tested below)."""
+    model = create("resnet18", features_only=True, feature_cls="fx")
+    before = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(timm_drop.RewriteError, match="FX GraphModule.*apply regularizers to the model first"):
+        timm_drop.apply_regularizer(model, DROPBLOCK_34)
+    assert {n: type(m) for n, m in model.named_modules()} == before
 
 
 def test_out_indices_subset_keeps_its_outputs_and_numbering():
@@ -173,17 +182,19 @@ def test_features_only_from_create_model_starts_without_regularizers_of_an_earli
     timm_drop.apply_regularizer(backbone, DROPBLOCK_34)  # and the same spec applies to it
 
 
-@pytest.mark.parametrize("wrapper", ["FeatureListNet", "FeatureDictNet", "FeatureHookNet"])
+@pytest.mark.parametrize("wrapper", ["FeatureListNet", "FeatureDictNet", "FeatureHookNet", "FeatureGraphNet"])
 def test_wrapping_a_rewritten_classifier_keeps_its_regularizers_and_their_mode(wrapper):
-    """``timm.models.FeatureListNet(model)`` & co. on a rewritten classifier: the regularizers come along, follow
-    the wrapper's ``train()`` / ``eval()``, and the wrapper's forward never calls timm_drop's own modules."""
-    from timm.models import _features
+    """``timm.models.FeatureListNet(model)`` & co. on a rewritten classifier: the regularizers come along, act on
+    the stage outputs the wrapper returns, follow the wrapper's ``train()`` / ``eval()``, and the wrapper's forward
+    never calls timm_drop's own modules. ``FeatureGraphNet`` traces the rewritten model (timm_drop.fx)."""
+    from timm.models import _features, _features_fx
 
+    module = _features_fx if wrapper == "FeatureGraphNet" else _features
     ref = create("resnet18", zero_init_last=False)
     clf = timm_drop.apply_regularizer(create("resnet18", zero_init_last=False), DROPBLOCK_34)
     kwargs = {"out_indices": (1, 2, 3, 4)}
-    wrapped = getattr(_features, wrapper)(clf, **kwargs)
-    wrapped_ref = getattr(_features, wrapper)(ref, **kwargs)
+    wrapped = getattr(module, wrapper)(clf, **kwargs)
+    wrapped_ref = getattr(module, wrapper)(ref, **kwargs)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         wrapped.eval(), wrapped_ref.eval()

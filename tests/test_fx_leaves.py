@@ -59,7 +59,11 @@ def test_graph_node_names_work_and_show_each_regularizer_as_one_node(rewritten, 
     assert train_names == eval_names  # the same graph in both modes: nothing mode-dependent was traced in
     regs = [n for n, m in rewritten.named_modules() if isinstance(m, timm_drop.Regularizer)]
     assert len(regs) == len(timm_drop.plan(_resnet(), SPEC))
-    for name in regs:
+    # block-local regularizers are nodes named by their path; a stage hook's regularizer is the node named by
+    # its stage (it is that stage's output)
+    hooked = [n for n in regs if n.startswith("_timm_drop_regularizers.")]
+    assert len(hooked) == 2 and "layer3" in train_names and "layer4" in train_names
+    for name in set(regs) - set(hooked):
         assert name in train_names, f"{name} is not one call_module node in the {tracer} graph"
     # and nothing inside a regularizer's forward leaked into the graph
     assert not any(n.startswith(tuple(r + "." for r in regs)) for n in train_names)
@@ -85,12 +89,16 @@ def test_extracted_model_regularizes_in_train_and_is_exact_in_eval(tracer, mode)
         b = feats(x)
         reference.train()
         c = reference.forward_intermediates(x, indices=[2, 3, 4], intermediates_only=True)
-    # c3: the norm site inside layer2; c4: the residual sites of layer3; c5: those plus the stage-3 hook (a stage
-    # hook's node follows the node the tracers name "layer3", so it reaches the extracted model through layer4)
+    # c3: the norm site inside layer2; c4: the residual sites of layer3 and its stage hook; c5: all of them
     for key in ("c3", "c4", "c5"):
         assert not torch.equal(a[key], b[key]), f"{key} is not regularized by the {tracer}-extracted model"
     assert not torch.equal(a["c4"], c[1])
     assert isinstance(feats, fx.GraphModule)
+    # the node the tracers call "layer3" is the stage hook's regularizer: the returned stage is regularized
+    out_node = next(n for n in feats.graph.nodes if n.op == "output")
+    c4 = out_node.args[0]["c4"]
+    assert c4.op == "call_module" and isinstance(feats.get_submodule(c4.target), DropBlock2d)
+    assert c4.target.startswith("_timm_drop_regularizers.")
     assert any(isinstance(m, DropBlock2d) for m in feats.modules())
 
 

@@ -140,17 +140,23 @@ class _SiteHook(nn.Module):
             if reg.training != module.training:
                 reg.train(module.training)
 
+    @staticmethod
+    def _run(reg: nn.Module, x: Any) -> Any:
+        # Under an FX tracer, call forward directly: the regularizer's node (timm_drop.fx) is then recorded in
+        # the hooked module's scope, so torchvision's node "layer3" (FeatureGraphNet's stage 3) is its output.
+        return reg.forward(x) if isinstance(x, fx.Proxy) else reg(x)
+
     def forward_hook(self, module: nn.Module, args: Any, output: Any) -> Any:
         self._follow(module)
         for reg in self.regs:
-            output = reg(output)
+            output = self._run(reg, output)
         return output
 
     def forward_pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         self._follow(module)
         x = args[0]
         for reg in self.regs:
-            x = reg(x)
+            x = self._run(reg, x)
         return (x, *args[1:])
 
 

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from timm_drop.insertions import (
     CHILD_PREFIX,
@@ -422,6 +422,15 @@ def _refuse(model: nn.Module, stack: bool) -> None:
             raise RewriteError(
                 f"{where} is a torch.compile'd module: apply regularizers before torch.compile "
                 f"(to the original module, e.g. compiled._orig_mod)"
+            )
+        if isinstance(m, fx.GraphModule):
+            # Its forward is generated code calling only the traced leaves: the stage and block modules it
+            # still holds never run, so their sites (hooks, block rewrites) would be silent no-ops.
+            raise RewriteError(
+                f"{where} is an FX GraphModule ({type(m).__name__}, e.g. features_only=True with "
+                f"feature_cls='fx' or create_feature_extractor): apply regularizers to the model first, then build "
+                f"the graph from it (FeatureGraphNet(model, out_indices) or create_feature_extractor(model, ...)); "
+                f"regularizers stay nodes of that graph"
             )
     meta = next(
         (n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta), None

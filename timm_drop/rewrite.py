@@ -70,7 +70,7 @@ from timm_drop.regularizers.base import Regularizer
 from timm_drop.regularizers.registry import create_regularizer
 from timm_drop.sites import SKIP_KINDS, Analysis, RewriteTarget, Site, analyze_model, rewrite_target
 from timm_drop.spec import STRENGTH_PARAMS, Rule, Spec, load_spec
-from timm_drop.structure import wrapper_kind
+from timm_drop.structure import feature_info, feature_module, wrapper_kind
 
 __all__ = ["Plan", "PlanEntry", "RewriteError", "apply_regularizer", "plan", "strip_regularizers"]
 
@@ -225,6 +225,8 @@ def _no_match_error(
         if reasons:
             more = f" (+{len(reasons) - 3} more)" if len(reasons) > 3 else ""
             parts.append("; ".join(reasons[:3]) + more)
+    if "stage" in rule.sites:
+        parts += _stage_gaps(model, analysis)
     if rule.name is not None:
         candidates = [n for n in named if n]
         near: list[str] = []
@@ -237,6 +239,24 @@ def _no_match_error(
         f"site kinds in this model: {', '.join(kinds_found)}; set allow_empty: true to accept no match"
     )
     return RewriteError(". ".join(parts))
+
+
+def _stage_gaps(model: nn.Module, analysis: Analysis) -> list[str]:
+    """Why ``feature_info`` entries gave no stage site: a stage whose output is not one tensor (HRNet's stages
+    return one map per resolution branch: which branch is "the stage" is the user's call, so it is refused rather
+    than guessed), or a module this model does not run (a features_only wrapper that rebuilt the outputs)."""
+    with_site = {s.module for s in analysis.sites if s.kind == "stage"}
+    multi = [f"{n} (stage {k})" for n, k in analysis.stages.items() if k is not None and n not in with_site]
+    missing = [d["module"] for d in feature_info(model) if feature_module(model, d["module"]) is None]
+    parts = []
+    if multi:
+        parts.append(
+            f"stage modules whose output is not a single tensor (e.g. one map per resolution branch): "
+            f"{', '.join(multi)}; select their branches with block, norm or module sites instead"
+        )
+    if missing:
+        parts.append(f"feature_info names modules this {type(model).__name__} does not hold: {', '.join(missing)}")
+    return parts
 
 
 class _Targets:

@@ -202,11 +202,25 @@ def feature_stages(
 ) -> dict[str, int | None]:
     """``feature_info`` module name -> stage (1-based; None for the stem entry), in ``feature_info`` order.
 
-    ``keep`` filters entries before numbering (site discovery keeps only modules that ran).
+    ``keep`` filters entries before numbering (site discovery keeps only modules that ran); a container entry
+    that ``keep`` rejects stands for its last kept descendant.
     """
     named = dict(model.named_modules())
-    resolved = (feature_module(model, d["module"], named) for d in feature_info(model))
-    names = [n for n in resolved if n is not None and keep(n)]
+
+    def kept(name: str | None) -> str | None:
+        if name is None or keep(name):
+            return name
+        if is_container(named[name]):
+            # a container its owner iterates but never calls (CoaT's serial_blocksN): the stage output is the
+            # output of its last block that ran
+            for key in reversed([k for k, c in named[name]._modules.items() if c is not None]):
+                found = kept(f"{name}.{key}")
+                if found is not None:
+                    return found
+        return None
+
+    resolved = (kept(feature_module(model, d["module"], named)) for d in feature_info(model))
+    names = [n for n in resolved if n is not None]
     stages: dict[str, int | None] = {}
     stem = len(names) > 1 and _is_stem_entry(names[0], named[names[0]], named[names[1]])
     k = 0

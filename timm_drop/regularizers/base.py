@@ -26,7 +26,6 @@ import torch
 from torch import fx, nn
 
 from timm_drop import fx as _fx
-
 from timm_drop.schedules import on_train_forward
 
 #: Every layout a site can have: channels-first maps, channels-last maps, token sequences ``(B, L, C)`` and

@@ -160,6 +160,8 @@ class LogConfig:
     #: optimizer steps between progress-bar loss updates and NaN checks (each one syncs the device)
     log_interval: int = 20
     plot: bool = True
+    #: every N epochs draw the regularizers' masks on a fixed eval batch into masks/epoch_NNN.png (0 = never)
+    mask_every: int = 0
 
 
 @dataclass
@@ -396,6 +398,7 @@ def validate(cfg: TrainConfig, *, check_paths: bool = True) -> None:
     _check(0 <= s.min_lr <= o.lr, "sched.min_lr", f"must be in [0, optim.lr], got {s.min_lr}")
 
     _check(cfg.log.log_interval >= 1, "log.log_interval", f"must be >= 1, got {cfg.log.log_interval}")
+    _check(cfg.log.mask_every >= 0, "log.mask_every", f"must be >= 0 (0 = never), got {cfg.log.mask_every}")
     _check(
         cfg.checkpoint.total_limit >= 1,
         "checkpoint.total_limit",

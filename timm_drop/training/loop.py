@@ -536,6 +536,10 @@ class Trainer:
                     self.run_dir.claim("checkpoints")
                 self.ckpt.save(acc, epoch + 1, self._extra_state())
             acc.print(self._log_line(row))
+            if cfg.log.mask_every:
+                from timm_drop.viz import log_epoch_masks
+
+                log_epoch_masks(self, epoch)
             last = row
         if not last and self.metrics is not None and self.metrics.rows:
             # nothing left to train (a finished run resumed): report its last epoch, not an empty one

@@ -539,6 +539,9 @@ class Trainer:
             if cfg.log.mask_every:
                 from timm_drop.viz import log_epoch_masks
 
+                if self.is_main:
+                    self.run_dir.claim("masks")
+
                 log_epoch_masks(self, epoch)
             last = row
         if not last and self.metrics is not None and self.metrics.rows:

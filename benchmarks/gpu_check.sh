@@ -11,6 +11,8 @@
 # the exit status is the number of failed steps.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# The scripts run as benchmarks/*.py, so without this an installed timm_drop would shadow this checkout's.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 mode=cuda
 if [[ "${1:-}" == "--cpu" || "${GPU_CHECK_CPU:-0}" == "1" ]]; then mode=cpu; fi

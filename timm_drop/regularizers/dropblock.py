@@ -63,6 +63,7 @@ from timm_drop.regularizers.base import (
     check_positive_int,
     check_probability,
     check_strength,
+    ones,
     passes_through,
 )
 from timm_drop.regularizers.registry import register_regularizer
@@ -261,19 +262,6 @@ def _sparse_seeds(positions: int, gamma: float) -> torch.Tensor:
     return ends[ends <= positions].long().sub_(1)
 
 
-_SAME_SIZE_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _ones(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """``torch.ones`` written as the bit pattern of 1 in a same-size integer type: CPU fills bf16/fp16 with a
-    scalar loop but integers with vector stores (~3x faster, and this fill is a large part of a sparse mask)."""
-    int_dtype = _SAME_SIZE_INT.get(torch.finfo(dtype).bits // 8)
-    if int_dtype is None:
-        return torch.ones(shape, dtype=dtype)
-    bits = torch.ones((), dtype=dtype).view(int_dtype).item()
-    return torch.empty(shape, dtype=int_dtype).fill_(bits).view(dtype)
-
-
 def _sparse_keep(x: torch.Tensor, gamma: float, kh: int, kw: int, mask_channels: int) -> torch.Tensor:
     """Keep mask with every seed's ``kh x kw`` block written directly: seeds ~ Bernoulli(gamma) at each valid
     position of each map, a valid position being the block's top-left corner (Figure 2a)."""
@@ -288,11 +276,11 @@ def _sparse_keep(x: torch.Tensor, gamma: float, kh: int, kw: int, mask_channels:
         sample, channel = maps.div(mask_channels, rounding_mode="floor"), maps.remainder(mask_channels)
         corner = sample * (h * w * mask_channels) + (row * w + col) * mask_channels + channel
         offsets = ((rows * w + cols) * mask_channels).flatten()
-        keep = _ones((n, h, w, mask_channels), x.dtype).permute(0, 3, 1, 2)
+        keep = ones((n, h, w, mask_channels), x.dtype, x.device).permute(0, 3, 1, 2)
     else:
         corner = maps * (h * w) + row * w + col
         offsets = (rows * w + cols).flatten()
-        keep = _ones((n, mask_channels, h, w), x.dtype)
+        keep = ones((n, mask_channels, h, w), x.dtype, x.device)
     # The permuted view shares storage with a contiguous buffer, so flat indices address it in memory order.
     flat = keep.as_strided((keep.numel(),), (1,))
     flat.index_fill_(0, (corner.unsqueeze(1) + offsets).flatten(), 0)
@@ -343,7 +331,9 @@ def _keep_mask_eager(
 # torch.library.custom_op is torch >= 2.4; older versions trace the eager code (slower compiled, same result).
 _keep_mask_op = None
 if hasattr(torch.library, "custom_op"):
-    _keep_mask_op = torch.library.custom_op("timm_drop::dropblock_keep_mask", mutates_args=())(_keep_mask_eager)
+    _keep_mask_op = torch.library.custom_op("timm_drop::dropblock_keep_mask", mutates_args=())(
+        _keep_mask_eager
+    )
     _keep_mask_op.register_fake(_keep_mask_fake)
 
 

@@ -23,22 +23,41 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
+from torch import fx, nn
+
+from timm_drop import fx as _fx
+from timm_drop.schedules import on_train_forward
 
 #: Every layout a site can have: channels-first maps, channels-last maps, token sequences ``(B, L, C)`` and
 #: pooled features ``(B, C)`` (seen as one spatial position per channel).
 LAYOUTS: tuple[str, ...] = ("NCHW", "NHWC", "NLC", "NC")
 
 
+class ParamError(ValueError):
+    """A hyper-parameter with a bad value. ``param`` names it, so a spec error lands on that field whatever
+    the message says."""
+
+    def __init__(self, message: str, param: str = "") -> None:
+        super().__init__(message)
+        self.param = param
+
+    def __reduce__(self):  # keep ``param`` when pickled (coverage worker processes)
+        return type(self), (str(self), self.param)
+
+
+class ParamTypeError(ParamError, TypeError):
+    """A hyper-parameter of the wrong type (still a ``TypeError`` for callers that catch one)."""
+
+
 def check_probability(name: str, value: float, *, allow_one: bool = False) -> float:
     """Validate a probability-like hyper-parameter and return it as a float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} ({value!r})")
+        raise ParamTypeError(f"{name} must be a number, got {type(value).__name__} ({value!r})", name)
     value = float(value)
     upper_ok = value <= 1.0 if allow_one else value < 1.0
     if not (value >= 0.0 and upper_ok):
         bound = "[0, 1]" if allow_one else "[0, 1)"
-        raise ValueError(f"{name} must be in {bound}, got {value}")
+        raise ParamError(f"{name} must be in {bound}, got {value}", name)
     return value
 
 
@@ -60,9 +79,9 @@ def is_static_zero(value: float | torch.Tensor) -> bool:
 def check_positive_int(name: str, value: int) -> int:
     """Validate an integer hyper-parameter that must be >= 1."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__} ({value!r})")
+        raise ParamTypeError(f"{name} must be an integer, got {type(value).__name__} ({value!r})", name)
     if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
+        raise ParamError(f"{name} must be >= 1, got {value}", name)
     return value
 
 
@@ -150,11 +169,21 @@ class Regularizer(nn.Module):
 
     strength: torch.Tensor
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _fx.register_leaf(cls)  # an FX leaf for timm's tracers (timm_drop.fx)
+
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("strength", torch.ones((), dtype=torch.float32), persistent=False)
         self.schedule: Any = None
         self.layout: str = "NCHW"
+        # Schedule plumbing (timm_drop.schedules): a forward counter for self-counting schedules, whether any
+        # set_progress call reached this module (else a scheduled one warns once), and the rule for messages.
+        self.register_buffer("schedule_count", torch.zeros((), dtype=torch.int64), persistent=False)
+        self.progress_set = False
+        self.rule_label: str | None = None
+        self.register_forward_pre_hook(on_train_forward)
         # Plain attributes, not buffers: a grid is a property of the site, never of a checkpoint.
         self.token_grid: tuple[int, int] | None = None
         self.num_prefix_tokens: int = 0
@@ -189,6 +218,7 @@ class Regularizer(nn.Module):
         """Move the schedule to ``progress`` in [0, 1]: writes ``strength`` in place (no recompile)."""
         value = 1.0 if self.schedule is None else float(self.schedule(progress))
         self.strength.fill_(value)
+        self.progress_set = True
 
     def effective(self, value: float) -> torch.Tensor:
         """``value * strength`` as a float32 0-dim tensor (robust to ``model.half()`` casting buffers)."""
@@ -200,6 +230,8 @@ class Regularizer(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, fx.Proxy):  # traced through by an FX tracer: one call_module node (timm_drop.fx)
+            return _fx.leaf_node(self, x)
         if not self.training:
             return x
         check_float_input(self.display_name, x)

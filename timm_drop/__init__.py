@@ -1,6 +1,5 @@
 """timm_drop: structured-dropout regularizers placed into any timm model by YAML rules."""
 
-import timm_drop.layerout  # noqa: F401  (registers "layerout")
 import timm_drop.models  # noqa: F401  (registers the CIFAR timm models)
 from timm_drop.layerout import LayerOut
 from timm_drop.regularizers import (

@@ -97,7 +97,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from timm_drop.regularizers.registry import nearest_names, register_regularizer
+from timm_drop.regularizers.registry import nearest_names
 from timm_drop.sites import find_blocks
 from timm_drop.structure import feature_info, is_norm, match_pattern, unwrap
 
@@ -650,6 +650,3 @@ class LayerOut:
             f"max_freeze_fraction={self.max_freeze_fraction}, freeze_norm={self.freeze_norm}, "
             f"skip_backward={self.skip_backward}{bound})"
         )
-
-
-register_regularizer("layerout", LayerOut)

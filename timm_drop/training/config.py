@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from timm_drop.yaml_io import YAMLInputError, load_yaml_bounded
 
 __all__ = [
     "ConfigError",
@@ -239,6 +242,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: must be an integer, got {type(value).__name__} ({value!r})")
         return value
     if tp is float:
+        if _is_yaml12_float(value):  # ``lr: 1e-4`` in a config file (YAML 1.1 reads it as a string)
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: must be a number, got {type(value).__name__} ({value!r})")
         return float(value)
@@ -467,11 +472,21 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
         if not key or any(not p for p in key.split(".")):
             raise ConfigError(f"override {item!r}: empty key part")
         try:
-            value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError as e:
+            value, node = load_yaml_bounded(text, f"override {key}") if text.strip() else ("", None)
+        except YAMLInputError as e:
             raise ConfigError(f"{key}: cannot parse override value {text!r}: {e}") from e
+        if isinstance(node, yaml.ScalarNode) and node.style is None and _is_yaml12_float(value):
+            value = float(value)  # ``lr=1e-4``: unquoted, so meant as a number
         out.append((key, value))
     return out
+
+
+#: YAML 1.2 floats that YAML 1.1 (PyYAML) reads as strings: an exponent without a dot (``1e-4``, ``1E3``)
+_YAML12_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)[eE][-+]?[0-9]+")
+
+
+def _is_yaml12_float(value: Any) -> bool:
+    return isinstance(value, str) and _YAML12_FLOAT.fullmatch(value.strip()) is not None
 
 
 def apply_overrides(raw: dict, overrides: list[tuple[str, Any]]) -> dict:
@@ -515,6 +530,26 @@ def _merge(base: dict, child: dict) -> dict:
     return out
 
 
+def _read_yaml(path: Path, what: str) -> Any:
+    """A config file's data, bounded in size and alias expansion (an alias bomb would otherwise grow memory
+    without limit in ``dataclasses.asdict``/``deepcopy``); errors start with ``what`` and name the file."""
+    from timm_drop.yaml_io import DEFAULT_MAX_BYTES
+
+    try:
+        size = path.stat().st_size
+        if size > DEFAULT_MAX_BYTES:  # refuse before reading a huge file into memory
+            raise ConfigError(
+                f"{what}: {path}: file is {size} bytes, over the limit of {DEFAULT_MAX_BYTES} bytes"
+            )
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{what}: cannot read {path}: {e}") from e
+    try:
+        return load_yaml_bounded(text, str(path))[0]
+    except YAMLInputError as e:
+        raise ConfigError(f"{what}: invalid YAML: {e}") from e
+
+
 def _resolve_base(raw: dict, path: Path, seen: tuple[Path, ...]) -> dict:
     """``base: other.yaml`` (relative to this file) makes this config a set of changes on top of another one."""
     if "base" not in raw:
@@ -527,10 +562,7 @@ def _resolve_base(raw: dict, path: Path, seen: tuple[Path, ...]) -> dict:
         raise ConfigError(f"base: circular reference to {base_path} (in {path})")
     if not base_path.is_file():
         raise ConfigError(f"base: file not found: {base_ref!r} (relative to {path.parent})")
-    try:
-        base_raw = yaml.safe_load(base_path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"base: {base_path}: invalid YAML: {e}") from e
+    base_raw = _read_yaml(base_path, "base") or {}
     if not isinstance(base_raw, dict):
         raise ConfigError(f"base: {base_path}: top level must be a mapping")
     base_raw = _resolve_base(base_raw, base_path, seen + (base_path,))
@@ -554,10 +586,7 @@ def load_config(
         path = Path(src)
         if not path.is_file():
             raise ConfigError(f"--config: file not found: {str(src)!r}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--config {str(src)!r}: invalid YAML: {e}") from e
+        raw = _read_yaml(path, "--config") or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"--config {str(src)!r}: top level must be a mapping")
         base_dir = path.parent

@@ -537,12 +537,13 @@ def _check(
     else:
         spec_obj = load_spec(spec).to_dict()
     # The shape pass runs on the default input users get; only a size timm does not record is passed on (an
-    # explicit input_size, or an img_size kwarg the default path could not find).
+    # explicit input_size, or a fixed-size model built at a smaller img_size than its config says).
     example = x[:1] if input_size is not None else None
     try:
         sites = _api("find_sites")(model, example)
     except SiteError:
-        if example is not None or "img_size" not in (model_kwargs or {}):
+        configured = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size", ()))
+        if example is not None or tuple(x.shape[1:]) == configured:
             raise
         example = x[:1]
         sites = _api("find_sites")(model, example)

@@ -8,6 +8,7 @@
     timm-drop viz MODEL SPEC [--image FILE ...] [--sites GLOB] [--strength P] [--seed S] [--compare A,B] --out F.png
     timm-drop summary MODEL SPEC [--input-size ...] [--num-classes N]   # per rule: sites, strength, schedule
     timm-drop coverage [--limit N] [--sample N] [--seed S] [--filter GLOB] [--out PATH] [--timeout-per-model S]
+                       [--features-only]                 # backbones: timm.create_model(name, features_only=True)
 
 Models are built by timm name with ``pretrained=False`` (no network). Exit codes: 0 success, 1 coverage below
 ``--min-pass-rate``, 2 usage errors: an unknown model (the message lists the nearest registered names) or an
@@ -190,6 +191,7 @@ def cmd_coverage(args: argparse.Namespace) -> int:
             timeout=args.timeout_per_model,
             max_params=int(args.max_params * 1e6) if args.max_params else None,
             progress=progress,
+            features_only=args.features_only,
         ):
             results.append(res)
             if jsonl is not None:  # one line per model as it finishes, so a cut-short run keeps its results
@@ -199,7 +201,9 @@ def cmd_coverage(args: argparse.Namespace) -> int:
         if jsonl is not None:
             jsonl.close()
     command = "timm-drop " + " ".join(shlex.quote(a) for a in args.argv)
-    report = render_report(results, command=command, elapsed=time.perf_counter() - t0)
+    report = render_report(
+        results, command=command, elapsed=time.perf_counter() - t0, features_only=args.features_only
+    )
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
@@ -230,7 +234,9 @@ def _coverage_from_jsonl(args: argparse.Namespace) -> int:
         raise UsageError(f"--from-jsonl {args.from_jsonl!r}: {exc}") from None
     for r in results:
         r.input_size = tuple(r.input_size) if r.input_size is not None else None
-    report = render_report(results, command=args.command_note or "")
+    report = render_report(
+        results, command=args.command_note or "", features_only=args.features_only, partial=args.partial
+    )
     if args.out:
         with open(args.out, "w") as f:
             f.write(report)
@@ -299,6 +305,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--from-jsonl", default=None, metavar="PATH", help="only render a report from a --jsonl file"
     )
     p.add_argument("--command-note", default=None, help="with --from-jsonl: how the results were produced")
+    p.add_argument(
+        "--partial", default=None, metavar="TEXT", help="with --from-jsonl: mark the report partial, saying why"
+    )
+    p.add_argument(
+        "--features-only",
+        action="store_true",
+        help="check each model's backbone form (timm.create_model(name, features_only=True)); it must get stage "
+        "sites; models timm has no features_only form for are skipped",
+    )
     p.add_argument(
         "--timeout-per-model", type=float, default=120.0, metavar="S", help="seconds (default 120)"
     )

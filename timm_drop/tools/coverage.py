@@ -493,7 +493,14 @@ def _check(
             raise _Skip(f"{n / 1e6:.0f}M parameters > max_params {max_params / 1e6:.0f}M")
 
     result.stage = "create"
-    model, x = build_model(name, input_size=input_size, model_kwargs=model_kwargs, batch_size=batch_size)
+    features_only = bool(dict(model_kwargs or {}).get("features_only"))
+    try:
+        model, x = build_model(name, input_size=input_size, model_kwargs=model_kwargs, batch_size=batch_size)
+    except Exception as exc:
+        # timm names the architectures it builds no feature extractor for; that is timm's limit, not ours
+        if features_only and "features_only" in str(exc):
+            raise _Skip(f"timm: {_exc_reason(exc)}") from exc
+        raise
     result.input_size = tuple(x.shape[1:])
     result.params = sum(p.numel() for p in model.parameters())
     disable_builtin_stochasticity(model)
@@ -510,7 +517,7 @@ def _check(
     result.stage = "plan"
     example, sites = _example_input(model, x, input_size, model_kwargs)
     spec_obj = _fit_spec(spec, sites, adapt, spatial_stage_rule)
-    n_entries = _check_plan(result, model, orig, spec_obj, example)
+    n_entries = _check_plan(result, model, orig, spec_obj, example, features_only)
     result.stage = "apply"
     regs = _check_apply(model, orig, spec_obj, example, n_entries)
     result.stage = "state_dict"
@@ -552,13 +559,24 @@ def _fit_spec(spec: Any, sites: list[timm_drop.Site], adapt: bool, spatial_stage
 
 
 def _check_plan(
-    result: CoverageResult, model: nn.Module, orig: _Original, spec: Any, example: torch.Tensor | None
+    result: CoverageResult,
+    model: nn.Module,
+    orig: _Original,
+    spec: Any,
+    example: torch.Tensor | None,
+    features_only: bool,
 ) -> int:
-    """``plan`` finds at least one site and is a dry run; returns the number of entries."""
+    """``plan`` finds at least one site (a backbone: a stage site) and is a dry run; returns the number of
+    entries."""
     entries = timm_drop.plan(model, spec, example_input=example).entries
     result.n_sites = dict(Counter(e.kind for e in entries))
     if not entries:
         raise CheckFailed("plan", "no site matched any rule (every model must get at least one)")
+    if features_only and not result.n_sites.get("stage"):
+        named = len(getattr(getattr(model, "feature_info", None), "info", []) or [])
+        raise CheckFailed(
+            "plan", f"{type(model).__name__}: no stage site although its feature_info names {named} module(s)"
+        )
     if _module_signature(model) != orig.signature or _hook_count(model) != orig.hooks:
         raise CheckFailed("plan", "plan() changed the model (modules or hooks); it must be a dry run")
     return len(entries)
@@ -759,11 +777,17 @@ def run_coverage(
     max_params: int | None = 250_000_000,
     threads: int = 1,
     progress: Callable[[CoverageResult], None] | None = None,
+    features_only: bool = False,
 ) -> Iterator[CoverageResult]:
     """Run :func:`check_model` on each model in a worker subprocess; a model past ``timeout`` seconds (or one
-    that kills the worker, e.g. out of memory) is recorded as a failure and the worker is restarted."""
+    that kills the worker, e.g. out of memory) is recorded as a failure and the worker is restarted.
+
+    ``features_only``: check timm's backbone form of each model (``features_only=True``) instead; those must
+    also get stage sites, and architectures timm builds no feature extractor for are skipped with its reason."""
     ctx = mp.get_context("spawn")
-    kwargs = {"spec": dict(spec), "max_params": max_params}
+    kwargs: dict[str, Any] = {"spec": dict(spec), "max_params": max_params}
+    if features_only:
+        kwargs["model_kwargs"] = {"features_only": True}
     proc = conn = None
 
     def start() -> tuple[Any, Any]:
@@ -823,7 +847,12 @@ def _md(text: str) -> str:
 
 
 def render_report(
-    results: Sequence[CoverageResult], *, command: str = "", elapsed: float | None = None
+    results: Sequence[CoverageResult],
+    *,
+    command: str = "",
+    elapsed: float | None = None,
+    features_only: bool = False,
+    partial: str | None = None,
 ) -> str:
     """Markdown: date, versions, pass rate, failures grouped by cause, then one row per failing model."""
     import timm
@@ -834,9 +863,11 @@ def render_report(
     skipped = [r for r in results if r.skipped]
     rate = 100.0 * len(passed) / len(checked) if checked else 0.0
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [
-        "# timm_drop coverage over the timm registry",
-        "",
+    title = "features_only models (backbones) of the timm registry" if features_only else "the timm registry"
+    lines = [f"# timm_drop coverage over {title}", ""]
+    if partial:
+        lines += [f"**PARTIAL RUN**: {partial}", ""]
+    lines += [
         f"- date: {now}",
         f"- versions: timm_drop {timm_drop.__version__}, timm {timm.__version__}, torch {torch.__version__}, "
         f"Python {platform.python_version()}, {platform.machine()} CPU",
@@ -846,7 +877,8 @@ def render_report(
     if elapsed is not None:
         lines.append(f"- wall time: {elapsed / 60:.1f} min")
     lines += [
-        f"- models: {len(results)} ({len(checked)} checked, {len(skipped)} skipped as too large for a CPU check)",
+        f"- models: {len(results)} ({len(checked)} checked, {len(skipped)} skipped: too large for a CPU check"
+        + (", or no features_only form in timm)" if features_only else ")"),
         f"- **pass rate: {len(passed)}/{len(checked)} = {rate:.1f} %**",
         "",
         "Each model: `pretrained=False`, smallest accepted input, batch 2, `COVERAGE_SPEC` (every site kind; "
@@ -854,7 +886,13 @@ def render_report(
         "identical state_dict keys and strict loads both ways; bit-identical eval output; finite train "
         "forward/backward with every regularizer running; strength-0 train output bit-identical to the "
         "original and full strength different; deepcopy runs its own regularizers; strip restores class, "
-        "keys, hooks, modules and eval output.",
+        "keys, hooks, modules and eval output."
+        + (
+            " Backbones: `timm.create_model(name, features_only=True)` (timm's feature wrapper or the model's "
+            "own `*Features` class), which must also get at least one `stage` site."
+            if features_only
+            else ""
+        ),
         "",
     ]
     if failed:

@@ -1,8 +1,8 @@
 """Forward + backward time of every registered regularizer next to the reference ops, in one run.
 
-Rows: every name in ``timm_drop.list_regularizers()`` except ``layerout`` (an optimizer-side controller, not
-an activation op), built with ``create_regularizer`` and representative paper settings; then the references
-``timm.layers.DropBlock2d`` (its default channel-coupled mask, and per channel like Algorithm 1),
+Rows: every name in ``timm_drop.list_regularizers()``, built with ``create_regularizer`` and representative
+paper settings; then the references ``timm.layers.DropBlock2d`` (its default channel-coupled mask, and per
+channel like Algorithm 1),
 ``torchvision.ops.drop_block2d``, ``F.dropout2d``, ``F.dropout`` and a plain multiply by a 0-dim tensor.
 A last table gives the realised DropBlock drop fraction of timm_drop, timm and torchvision at p = 0.1.
 
@@ -41,7 +41,6 @@ from timm_drop.regularizers import regularizer_params
 SHAPES = [(256, 1024, 14, 14), (256, 256, 56, 56)]
 SMALL_SHAPES = [(4, 256, 14, 14), (4, 64, 56, 56)]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-SKIP = {"layerout"}  # not an activation op
 
 #: Values for parameters, by parameter name (DropBlock paper: p 0.1, bs 7; SelectScale: t 0.2, q 0.4).
 PARAM_VALUES: dict[str, object] = {"drop_prob": 0.1, "block_size": 7, "q": 0.4, "top_rate": 0.2}
@@ -76,8 +75,6 @@ class _Scale(nn.Module):
 def registered_rows() -> list[tuple[str, str, Callable[[], nn.Module]]]:
     rows = []
     for name in timm_drop.list_regularizers():
-        if name in SKIP:
-            continue
         params = regularizer_params(name)
         required = [k for k, v in params.items() if v is inspect.Parameter.empty]
         missing = [k for k in required if k not in PARAM_VALUES]

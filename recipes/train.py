@@ -28,14 +28,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--dry-run", action="store_true", help="validate and build everything, run one stub batch, exit"
     )
-    args = ap.parse_args(argv)
+    # flags and key=value overrides mix in any order (``... train.epochs=3 --overwrite``)
+    args = ap.parse_intermixed_args(argv)
 
     from timm_drop.training import ConfigError, NonFiniteLossError, load_config, train
+    from timm_drop.training.checkpoint import CheckpointError
 
     try:
         cfg = load_config(args.config, args.overrides, check_paths=not args.dry_run)
         train(cfg, overwrite=args.overwrite, resume=args.resume, dry_run=args.dry_run)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:

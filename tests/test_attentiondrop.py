@@ -273,3 +273,20 @@ def test_compiles_in_one_graph_and_strength_changes_do_not_recompile():
     m.strength.fill_(0.0)
     assert torch.equal(compiled(x), x)
     assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("mode", ["ad", "am", "sm"])
+def test_a_nan_unit_changes_nothing_but_itself(mode):
+    # The NaN replaces a unit that is neither the map's min, max nor among its top units, so the other units'
+    # factors must be exactly those of the clean input under the same seed.
+    x = torch.randn(4, 8, 7, 7)
+    flat = x.view(4, 8, -1)
+    pos = flat[1, 2].argsort()[flat.shape[-1] // 3].item()
+    dirty = x.clone()
+    dirty.view(4, 8, -1)[1, 2, pos] = float("nan")
+    torch.manual_seed(5)
+    ref = attention_drop(x, 0.5, 0.3, mode)
+    torch.manual_seed(5)
+    out = attention_drop(dirty, 0.5, 0.3, mode)
+    nan = torch.isnan(dirty)
+    assert torch.isnan(out[nan]).all() and torch.equal(out[~nan], ref[~nan])

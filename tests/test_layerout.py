@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import socket
 
@@ -11,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-import timm_drop  # noqa: F401  (registers models and "layerout")
+import timm_drop  # noqa: F401  (registers the CIFAR models)
 from timm_drop.layerout import (
     PAPER_VGG16_EFREEZE,
     LayerOut,
@@ -19,7 +20,7 @@ from timm_drop.layerout import (
     find_blocks,
     freeze_probabilities,
 )
-from timm_drop.regularizers import create_regularizer, list_regularizers, regularizer_params
+from timm_drop.regularizers import create_regularizer, list_regularizers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -372,11 +373,13 @@ def test_pre_activation_conv_pairs_with_the_following_bn():
 
 
 # --- registry and errors --------------------------------------------------------------------------------------
-def test_registry_returns_an_unbound_layerout_with_the_contract_parameters():
-    assert "layerout" in list_regularizers()
-    lo = create_regularizer("layerout", freeze_probs="efreeze", warmup_epochs=20)
-    assert isinstance(lo, LayerOut) and lo.is_controller and lo.unit_names == []
-    params = regularizer_params("layerout")
+def test_layerout_is_built_directly_unbound_with_the_contract_parameters_not_through_the_registry():
+    assert "layerout" not in list_regularizers()  # a training controller, not a regularizer placed at sites
+    with pytest.raises(KeyError, match="timm_drop.LayerOut"):
+        create_regularizer("layerout", freeze_probs="efreeze")
+    lo = LayerOut(freeze_probs="efreeze", warmup_epochs=20)
+    assert lo.is_controller and lo.unit_names == []
+    params = inspect.signature(LayerOut).parameters
     for name in (
         "freeze_probs",
         "unit",

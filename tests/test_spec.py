@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import pickle
 import textwrap
 
 import pytest
@@ -10,9 +11,20 @@ import yaml
 from torch import nn
 
 from timm_drop.regularizers import registry
-from timm_drop.regularizers.base import Regularizer, check_positive_int, check_probability
+from timm_drop.regularizers.base import ParamError, Regularizer, check_positive_int, check_probability
 from timm_drop.schedules import Schedule
-from timm_drop.spec import SITE_KINDS, Rule, Spec, SpecError, load_spec, match_pattern
+from timm_drop.spec import (
+    MAX_RULES,
+    MAX_SPEC_BYTES,
+    MAX_YAML_DEPTH,
+    MAX_YAML_NODES,
+    SITE_KINDS,
+    Rule,
+    Spec,
+    SpecError,
+    load_spec,
+    match_pattern,
+)
 
 
 # Test-only regularizers with known validation, so these tests do not depend on how the built-in methods
@@ -47,15 +59,7 @@ class _Grumpy(Regularizer):
         raise ValueError("this regularizer refuses to exist")
 
 
-class _Controller(nn.Module):
-    is_controller = True
-
-    def __init__(self, seed: int = 0) -> None:
-        super().__init__()
-
-
 _TEST_REGULARIZERS = {
-    "sp_controller": _Controller,
     "sp_block": _Block,
     "sp_scale": _Scale,
     "sp_nostrength": _NoStrength,
@@ -418,17 +422,72 @@ def test_depth_scaling_needs_a_strength_parameter():
     )
 
 
-def test_controllers_like_layerout_cannot_be_placed_by_a_rule():
-    names = ["sp_controller"] + (["layerout"] if "layerout" in registry.list_regularizers() else [])
-    for name in names:
-        err = _error({"rules": [{"regularizer": name, "params": {}, "sites": "block"}]})
-        assert f"rule 1 ({name}), field 'regularizer': {name!r} is a training controller" in str(err)
-        assert len(err.problems) == 1  # no follow-up noise about its parameters
+def test_layerout_is_a_controller_outside_the_registry_and_a_rule_naming_it_says_where_it_belongs():
+    import timm_drop
+
+    assert "layerout" not in registry.list_regularizers()
+    err = _error({"rules": [{"regularizer": "layerout", "params": {"seed": 1}, "sites": "block"}]})
+    assert "rule 1 (layerout), field 'regularizer': 'layerout' is a training controller" in str(err)
+    assert "the recipe config's 'layerout:' section" in str(err) and "timm_drop.LayerOut" in str(err)
+    assert len(err.problems) == 1  # no follow-up noise about its parameters
+    with pytest.raises(KeyError, match="'layerout' is a training controller.*timm_drop.LayerOut"):
+        registry.create_regularizer("layerout")
+    assert timm_drop.LayerOut(seed=3).seed == 3  # the public class stays
 
 
 def test_an_error_naming_no_parameter_is_put_on_the_params_field():
     err = _error({"rules": [{"regularizer": "sp_grumpy", "sites": "block"}]})
     assert "rule 1 (sp_grumpy), field 'params': this regularizer refuses to exist" in str(err)
+
+
+class _Reworded(Regularizer):
+    """Words its errors freely: the parameter is named by ParamError.param, not by the message."""
+
+    def __init__(self, drop_prob: float = 0.1, block_size: int = 3) -> None:
+        super().__init__()
+        if block_size > 5:
+            raise ParamError(
+                f"a block of {block_size} would swallow small maps; keep the drop_prob low",
+                param="block_size",
+            )
+
+
+def test_parameter_errors_are_attributed_by_the_parameter_they_carry_not_by_their_wording():
+    registry.register_regularizer("sp_reworded", _Reworded)
+    try:
+        err = _error(
+            {"rules": [{"regularizer": "sp_reworded", "params": {"block_size": 7}, "sites": "block"}]}
+        )
+        (problem,) = err.problems
+        assert problem.field == "params.block_size", str(err)
+        assert problem.message == "a block of 7 would swallow small maps; keep the drop_prob low"
+        rule = {
+            "regularizer": "sp_reworded",
+            "sites": "block",
+            "stages": [3],
+            "stage_params": {3: {"block_size": 9}},
+        }
+        assert _error({"rules": [rule]}).problems[0].field == "stage_params.3.block_size"
+    finally:
+        registry._REGISTRY.pop("sp_reworded", None)
+
+
+@pytest.mark.parametrize(
+    "check, args, param, base",
+    [
+        (check_probability, ("drop_prob", 1.5), "drop_prob", ValueError),
+        (check_probability, ("top_rate", "0.2"), "top_rate", TypeError),
+        (check_positive_int, ("block_size", 0), "block_size", ValueError),
+        (check_positive_int, ("block_size", 2.0), "block_size", TypeError),
+    ],
+)
+def test_the_shared_parameter_checks_raise_param_errors_naming_the_parameter(check, args, param, base):
+    with pytest.raises(ParamError) as info:
+        check(*args)
+    assert info.value.param == param and isinstance(info.value, base)  # callers catching TypeError still do
+    assert str(info.value).startswith(f"{param} must be")  # messages unchanged
+    again = pickle.loads(pickle.dumps(info.value))  # crosses process boundaries (coverage workers)
+    assert type(again) is type(info.value) and again.param == param and str(again) == str(info.value)
 
 
 def test_exponent_numbers_that_yaml_reads_as_strings_get_a_hint():
@@ -462,7 +521,7 @@ def test_all_problems_of_all_rules_come_in_one_error():
 
 
 def test_builtin_regularizers_are_validated_against_their_own_signatures():
-    names = [n for n in registry.list_regularizers() if n not in _TEST_REGULARIZERS and n != "layerout"]
+    names = [n for n in registry.list_regularizers() if n not in _TEST_REGULARIZERS]
     for name in names:
         err = _error({"rules": [{"regularizer": name, "params": {"bogus_param": 1}, "sites": "block"}]})
         assert f"rule 1 ({name}), field 'params.bogus_param': {name} has no parameter 'bogus_param'" in str(
@@ -603,3 +662,77 @@ def test_duplicate_yaml_keys_are_errors_not_silently_dropped():
     (problem,) = err.problems
     assert (problem.rule, problem.field, problem.line) == ("rule 1 (sp_block)", "params", 5)
     assert "appears twice" in str(err)
+
+
+# -- resource bounds: hostile YAML is refused before it costs time or memory -------------------------------
+def _alias_bomb(levels: int = 9) -> str:
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    for prev, name in zip("abcdefghijklmnop", "bcdefghijklmnop"[: levels - 1]):
+        lines.append(f"{name}: &{name} [" + ", ".join([f"*{prev}"] * 9) + "]")
+    lines.append("rules: [{regularizer: sp_block, params: {drop_prob: 0.1, block_size: 3}, sites: norm}]")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.timeout(20)  # the unbounded walk took ~100 s of CPU; a bounded one takes milliseconds
+def test_a_yaml_alias_bomb_is_refused_before_anything_expands_it():
+    bomb = _alias_bomb()
+    assert len(bomb.encode()) < 500  # 9 levels of 9 aliases each: 9**9 leaves when expanded
+    err = _error(bomb)
+    assert len(err.problems) == 1, str(err)
+    text = str(err)
+    assert text.startswith("spec <string>, line ") and "aliases included" in text
+    assert f"more than {MAX_YAML_NODES} YAML nodes" in text, text
+
+
+def test_a_yaml_alias_that_contains_itself_is_refused():
+    err = _error(
+        "x: &x [1, *x]\nrules: [{regularizer: sp_block, params: {drop_prob: 0.1, block_size: 3}, sites: norm}]"
+    )
+    assert "recursive alias (a node that contains itself)" in str(err) and "line 1" in str(err)
+
+
+@pytest.mark.timeout(20)  # PyYAML's scanner is quadratic in flow nesting: hours for this text unchecked
+def test_yaml_nested_deeper_than_the_limit_is_an_error_not_a_recursion_crash_or_a_stall():
+    err = _error("x: " + "[" * 1000 + "]" * 1000 + "\nrules: []\n")
+    assert f"nested too deeply: more than {MAX_YAML_DEPTH} levels" in str(err) and "line 1" in str(err)
+    deep = "rules: []\nx: " + "[" * (MAX_SPEC_BYTES // 2 - 20) + "]" * (MAX_SPEC_BYTES // 2 - 20)
+    assert "nested too deeply" in str(_error(deep))
+    nested_ok = "x: " + "[" * (MAX_YAML_DEPTH - 1) + "]" * (MAX_YAML_DEPTH - 1) + "\n" + _alias_bomb(1)
+    assert "nested too deeply" not in str(_error(nested_ok))  # fails on the unknown key 'x', not on depth
+
+
+def test_plain_yaml_with_more_nodes_than_the_limit_is_refused(monkeypatch):
+    import timm_drop.spec
+
+    monkeypatch.setattr(
+        timm_drop.spec, "MAX_YAML_NODES", 500
+    )  # the real limit, made small: parsing costs time
+    zeros = ", ".join(["0"] * 500)
+    err = _error(
+        f"rules: [{{regularizer: sp_block, params: {{drop_prob: 0.1, block_size: 3, x: [{zeros}]}}}}]"
+    )
+    assert "more than 500 YAML nodes" in str(err) and len(err.problems) == 1
+    assert MAX_YAML_NODES >= 20 * MAX_RULES  # the default leaves room for the largest allowed spec
+
+
+@pytest.mark.timeout(60)  # unbounded: 216 s and 6.2 GB for the 50 MB spec of issue 7
+def test_a_spec_larger_than_the_size_limit_is_refused_unparsed(tmp_path: pathlib.Path):
+    rule = "  - {regularizer: sp_block, params: {drop_prob: 0.1, block_size: 3}, sites: norm}\n"
+    huge = "rules:\n" + rule * (50_000_000 // len(rule))
+    err = _error(huge)
+    assert f"over the limit of {MAX_SPEC_BYTES} bytes" in str(err) and len(err.problems) == 1
+    f = tmp_path / "huge.yaml"
+    f.write_text("rules:\n" + rule + "#" * MAX_SPEC_BYTES + "\n")
+    err = _error(f)
+    assert str(err).startswith(f"spec {f}: ") and f"over the limit of {MAX_SPEC_BYTES} bytes" in str(err)
+
+
+@pytest.mark.parametrize("form", ["dict", "yaml"])
+def test_a_spec_with_more_rules_than_the_limit_is_refused_in_one_problem(form):
+    rule = {"regularizer": "sp_block", "params": {"drop_prob": 0.1, "block_size": 3}, "sites": "norm"}
+    data = {"rules": [rule] * (MAX_RULES + 1)}
+    src = data if form == "dict" else yaml.safe_dump(data, default_flow_style=True, width=10**9)
+    err = _error(src)
+    assert len(err.problems) == 1
+    assert f"field 'rules': has {MAX_RULES + 1:,} rules, more than the limit of {MAX_RULES:,}" in str(err)
+    assert len(load_spec({"rules": [rule] * 3})) == 3

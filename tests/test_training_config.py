@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from timm_drop.training.checkpoint import check_output_dir
+from timm_drop.training.checkpoint import RunDir, check_output_dir
 from timm_drop.training.config import ConfigError, config_to_dict, load_config, save_config
 from timm_drop.training.loop import LRSchedule
 
@@ -115,6 +115,16 @@ def test_output_dir_never_clobbers_another_run_without_overwrite(tmp_path):
     assert check_output_dir(tmp_path / "run", d, overwrite=False, resume=None) == "new"
     (tmp_path / "run").mkdir()
     save_config(cfg, tmp_path / "run" / "config.yaml")
+    # a config.yaml alone does not make a directory ours: nothing may replace it
+    for overwrite in (False, True):
+        with pytest.raises(ConfigError, match="nothing in it is provably ours"):
+            check_output_dir(tmp_path / "run", d, overwrite=overwrite, resume=None)
+    run = RunDir(tmp_path / "run")
+    run.start()
+    run.claim("config.yaml", "metrics.jsonl")
+    # a start that never finished an epoch is debris the corrected rerun replaces
+    assert check_output_dir(tmp_path / "run", d, overwrite=False, resume=None) == "restart"
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"epoch": 1}\n')
     with pytest.raises(ConfigError, match="already holds a run"):
         check_output_dir(tmp_path / "run", d, overwrite=False, resume=None)
     assert check_output_dir(tmp_path / "run", d, overwrite=True, resume=None) == "overwrite"

@@ -1,39 +1,22 @@
 """The rewriter: puts regularizers at the sites a spec selects, shows the plan first, and undoes it all.
 
-``plan(model, spec)`` is a dry run (it only reads the model); ``apply_regularizer`` mutates the model in place and
-returns the same object, of the same class; ``strip_regularizers`` undoes every change.
+``plan(model, spec)`` is a dry run (it only reads the model) that returns a pure-data :class:`Plan`;
+``apply_regularizer`` builds the regularizers, turns the plan into insertions (:mod:`timm_drop.insertions`) and
+applies them, mutating the model in place and returning the same object, of the same class;
+``strip_regularizers`` undoes the insertions in reverse.
 
-Insertion, least invasive first (DESIGN §4, §6):
-
-* ``norm`` sites with ``norm_position: after_norm`` on a fused norm+act layer that has timm's ``drop`` slot
-  (``BatchNormAct2d`` and friends): the regularizer becomes that ``drop`` module, i.e. it acts between the
-  normalization and the activation. A slot already holding a module keeps it and runs it first. This survives
-  ``timm.layers.convert_sync_batchnorm`` (it copies ``drop``).
-* ``residual`` / ``shortcut`` / ``merge`` sites, and ``norm`` sites whose calling module is traceable: a
-  *block-local rewrite*. The module that executes the add (or calls the norm) is FX-traced on its own (see
-  :mod:`timm_drop.sites`), ``call_module`` nodes for the regularizers are inserted (before the add on the chosen
-  operand, or after the add / norm), the regularizers are registered as children of that module (param-free, so
-  ``state_dict`` keys are unchanged), and the instance gets a generated subclass of its own class whose
-  ``forward`` is the rewritten graph's code. ``isinstance``, the class name, methods and attributes all stay;
-  a module whose forward branches on ``self.training`` gets both graphs and picks by mode. The graph calls its
-  children by attribute name at run time, so a later SyncBN conversion of a child is honoured. Caveats: the
-  rewritten forward no longer reads config flags the trace resolved (e.g. a block-level ``grad_checkpointing``
-  switched on afterwards), and pickling the whole model object (``torch.save(model)``) is not supported while
-  rewritten (``state_dict`` is; strip first otherwise).
-* ``norm`` sites inside an ``nn.Sequential`` (e.g. ResNet's ``downsample``): a forward hook on the container when
-  the norm is its last layer, else a forward pre-hook on the following layer (each run once in the shape pass),
-  so that SyncBN conversion, which replaces norm modules together with their hooks, keeps the regularizer.
-* ``stage`` / ``block`` / ``module`` sites, and ``norm`` sites whose caller cannot be rewritten (the model root,
-  an opaque module): a forward hook on the module whose callable is a bound method of a
-  small holder module registered in ``model._timm_drop_regularizers`` (an ``nn.ModuleDict`` on the root), so
-  ``copy.deepcopy`` (timm's EMA) rebinds it to the copy's own regularizers. Hooks on plain BatchNorm modules are
-  replaced away by SyncBN conversion; convert before applying in that rare case (stem / final norms).
+Where each site's regularizer goes, least invasive first: a ``norm`` site with ``norm_position: after_norm`` on a
+fused norm+act layer uses its ``drop`` slot; ``residual`` / ``shortcut`` / ``merge`` sites, and ``norm`` sites
+whose calling module is traceable, rewrite the module that executes the add (or calls the norm); a ``norm`` inside
+an ``nn.Sequential`` gets a hook on the container (norm last) or a pre-hook on the following layer, which SyncBN
+conversion keeps; everything else (``stage`` / ``block`` / ``module``, norms called by the root or an opaque
+module) gets a forward hook.
 
 Parameters of an entry: ``rule.params_for_stage(site.stage)``; with ``depth_scaling: linear`` the strength
 parameters (``drop_prob``, ``q``) are multiplied by ``(i + 1) / n`` over the rule's ``n`` matched sites in depth
-order (timm's drop-path rule). Each regularizer gets ``schedule = rule.schedule`` (moved to progress 0 when there
-is one) and ``set_layout(site.layout)``; a layout it does not accept is an error naming the site, its layout and
-the rule.
+order (timm's drop-path rule). Each regularizer gets ``schedule = rule.schedule`` (left at full strength until the
+first ``set_progress``, see :mod:`timm_drop.schedules`) and ``set_layout(site.layout)``; a layout it does not accept
+is an error naming the site, its layout and the rule.
 
 Conflicts: when a rule selects a site that an earlier rule already holds, the *later* rule's ``on_conflict``
 decides: ``error`` (default) raises naming both rules and the site, ``stack`` runs both (earlier rule first),
@@ -41,31 +24,38 @@ decides: ``error`` (default) raises naming both rules and the site, ``stack`` ru
 when they carry the same tensor (the last block's output is also its stage's output).
 
 A second ``apply_regularizer`` on the same model is refused unless ``stack=True``. DDP / DataParallel / FSDP
-wrapped and ``torch.compile``d models are refused: apply first, then SyncBN, optimizer, ``accelerator.prepare``,
-compile.
+wrapped, ``torch.compile``d and meta-device models are refused: apply first, then SyncBN, optimizer,
+``accelerator.prepare``, compile.
 """
 
 from __future__ import annotations
 
 import difflib
 import itertools
-import linecache
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx, nn
 
+from timm_drop.insertions import (
+    CHILD_PREFIX,
+    RECORD,
+    HookInsertion,
+    Insertion,
+    InsertStep,
+    PreHookInsertion,
+    RewriteInsertion,
+    SlotInsertion,
+    record_of,
+)
 from timm_drop.regularizers.base import Regularizer
 from timm_drop.regularizers.registry import create_regularizer
-from timm_drop.sites import SKIP_KINDS, Analysis, Site, analyze_model
+from timm_drop.sites import SKIP_KINDS, Analysis, RewriteTarget, Site, analyze_model, rewrite_target
 from timm_drop.spec import STRENGTH_PARAMS, Rule, Spec, load_spec
+from timm_drop.structure import feature_info, feature_module, wrapper_kind
 
 __all__ = ["Plan", "PlanEntry", "RewriteError", "apply_regularizer", "plan", "strip_regularizers"]
-
-SIDE_DICT = "_timm_drop_regularizers"
-_RECORD = "_timm_drop_record"
-_counter = itertools.count()
 
 
 class RewriteError(ValueError):
@@ -75,9 +65,9 @@ class RewriteError(ValueError):
 # ---------------------------------------------------------------------------------------------------------
 # plan
 # ---------------------------------------------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True)
 class PlanEntry:
-    """One regularizer at one site."""
+    """One regularizer at one site (pure data: the regularizer module is built at apply time)."""
 
     site: str
     kind: str
@@ -95,7 +85,6 @@ class PlanEntry:
     node: str | None = None
     norm_position: str | None = None
     owner: str | None = None  # module whose forward is rewritten / whose slot or hook is used
-    reg: nn.Module | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -116,9 +105,10 @@ class PlanEntry:
         }
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
-    """What :func:`apply_regularizer` will do: ``entries`` in depth order; ``str(plan)`` is a table."""
+    """What :func:`apply_regularizer` will do: ``entries`` in depth order; ``str(plan)`` is a table. Pure data
+    (no modules), so it prints, compares and pickles; planning never changes the model or the analysis."""
 
     entries: list[PlanEntry]
     sites: list[Site]
@@ -195,7 +185,9 @@ def _rule_selects(rule: Rule, site: Site, module: nn.Module) -> bool:
     return rule.matches_type(module)
 
 
-def _no_match_error(rule: Rule, model: nn.Module, analysis: Analysis, spec: Spec) -> RewriteError:
+def _no_match_error(
+    rule: Rule, model: nn.Module, analysis: Analysis, opaque: dict[str, str], spec: Spec
+) -> RewriteError:
     named = dict(model.named_modules())
     kinds = ", ".join(rule.sites)
     parts = [f"{spec.source}: {rule.describe()} matched no site (sites: [{kinds}]"]
@@ -209,7 +201,7 @@ def _no_match_error(rule: Rule, model: nn.Module, analysis: Analysis, spec: Spec
     if set(rule.sites) & set(SKIP_KINDS):
         reasons = [
             f"residual sites unavailable in {n}: {r}"
-            for n, r in analysis.opaque.items()
+            for n, r in opaque.items()
             if rule.matches_name(n)
             and rule.matches_type(named[n])
             and rule.matches_stage(analysis.module_stage.get(n))
@@ -217,6 +209,8 @@ def _no_match_error(rule: Rule, model: nn.Module, analysis: Analysis, spec: Spec
         if reasons:
             more = f" (+{len(reasons) - 3} more)" if len(reasons) > 3 else ""
             parts.append("; ".join(reasons[:3]) + more)
+    if "stage" in rule.sites:
+        parts += _stage_gaps(model, analysis)
     if rule.name is not None:
         candidates = [n for n in named if n]
         near: list[str] = []
@@ -231,7 +225,45 @@ def _no_match_error(rule: Rule, model: nn.Module, analysis: Analysis, spec: Spec
     return RewriteError(". ".join(parts))
 
 
-def _norm_insertion(model: nn.Module, site: Site, rule: Rule, analysis: Analysis) -> tuple[str, str]:
+def _stage_gaps(model: nn.Module, analysis: Analysis) -> list[str]:
+    """Why ``feature_info`` entries gave no stage site: a stage whose output is not one tensor (HRNet's stages
+    return one map per resolution branch: which branch is "the stage" is the user's call, so it is refused rather
+    than guessed), or a module this model does not run (a features_only wrapper that rebuilt the outputs)."""
+    with_site = {s.module for s in analysis.sites if s.kind == "stage"}
+    multi = [f"{n} (stage {k})" for n, k in analysis.stages.items() if k is not None and n not in with_site]
+    missing = [d["module"] for d in feature_info(model) if feature_module(model, d["module"]) is None]
+    parts = []
+    if multi:
+        parts.append(
+            f"stage modules whose output is not a single tensor (e.g. one map per resolution branch): "
+            f"{', '.join(multi)}; select their branches with block, norm or module sites instead"
+        )
+    if missing:
+        parts.append(f"feature_info names modules this {type(model).__name__} does not hold: {', '.join(missing)}")
+    return parts
+
+
+class _Targets:
+    """The rewrite targets one planning run looked at (verified graphs, or why a module is opaque); a cache
+    local to that run, so planning never writes into the shared :class:`Analysis`."""
+
+    def __init__(self, model: nn.Module, analysis: Analysis):
+        self.model, self.analysis = model, analysis
+        self.found: dict[str, tuple[RewriteTarget | None, str | None]] = {}
+        self._twins: dict[Any, Any] = {}
+
+    def get(self, name: str) -> tuple[RewriteTarget | None, str | None]:
+        if name not in self.found:
+            self.found[name] = rewrite_target(self.model, self.analysis, name, self._twins)
+        return self.found[name]
+
+    @property
+    def opaque(self) -> dict[str, str]:
+        more = {n: reason for n, (t, reason) in self.found.items() if t is None and reason}
+        return {**self.analysis.opaque, **more}
+
+
+def _norm_insertion(model: nn.Module, site: Site, rule: Rule, targets: _Targets) -> tuple[str, str]:
     """(insertion, owner) for a norm site: the ``drop`` slot, a rewrite of its caller, or a hook."""
     norm = model.get_submodule(site.module)
     if (
@@ -240,6 +272,7 @@ def _norm_insertion(model: nn.Module, site: Site, rule: Rule, analysis: Analysis
         and hasattr(norm, "act")
     ):
         return "slot", site.module
+    analysis = targets.analysis
     parts = site.module.split(".")
     for i in range(len(parts) - 1, 0, -1):
         caller = ".".join(parts[:i])
@@ -250,8 +283,7 @@ def _norm_insertion(model: nn.Module, site: Site, rule: Rule, analysis: Analysis
             continue
         rel = ".".join(parts[i:])
         if any(n.op == "call_module" and n.target == rel for n in lg.eval_graph.nodes):
-            ok, _ = analysis.rewritable(model, caller)
-            if ok is not None:
+            if targets.get(caller)[0] is not None:
                 return "rewrite", caller
             break
     # Inside an nn.Sequential: hook the container (norm last) or pre-hook the next layer, which SyncBN
@@ -269,49 +301,67 @@ def _norm_insertion(model: nn.Module, site: Site, rule: Rule, analysis: Analysis
     return "hook", site.module
 
 
-def _build(model: nn.Module, spec: Spec, analysis: Analysis) -> Plan:
-    named = dict(model.named_modules())
-    held: dict[str, list[PlanEntry]] = {}
-    matches: dict[int, int] = {}
-    for rule in spec.rules:
-        selected = [s for s in analysis.sites if _rule_selects(rule, s, named[s.module])]
-        if not selected and not rule.allow_empty:
-            raise _no_match_error(rule, model, analysis, spec)
-        matches[rule.index] = len(selected)
-        n = len(selected)
-        for i, site in enumerate(selected):
-            params = rule.params_for_stage(site.stage)
-            if rule.depth_scaling == "linear":
-                for k in STRENGTH_PARAMS:
-                    if isinstance(params.get(k), (int, float)) and not isinstance(params.get(k), bool):
-                        params[k] = float(params[k]) * (i + 1) / n
-            try:
-                reg = create_regularizer(rule.regularizer, **params)
-            except (TypeError, ValueError) as exc:
-                raise RewriteError(f"{rule.describe()} at site {site.name}: {exc}") from exc
-            if site.layout is None:
-                raise RewriteError(
-                    f"{rule.describe()} selects site {site.name} whose tensor {site.shape} has no supported layout "
-                    f"(NCHW, NHWC, NLC, NC); narrow the rule with name/type/exclude"
-                )
-            if isinstance(reg, Regularizer):
-                try:
-                    reg.set_layout(site.layout)
-                except ValueError as exc:
-                    raise RewriteError(
-                        f"{rule.describe()}: {rule.regularizer} cannot act at site {site.name} (layout {site.layout}, "
-                        f"shape {site.shape}): {exc}; exclude it or pick a layout-agnostic regularizer"
-                    ) from exc
-                reg.schedule = rule.schedule
-            insertion, owner = "hook", site.module
-            if site.kind in SKIP_KINDS:
-                lg, reason = analysis.rewritable(model, site.module)
-                if lg is None:
-                    raise RewriteError(f"{rule.describe()}: site {site.name} cannot be rewritten: {reason}")
-                insertion = "rewrite"
-            elif site.kind == "norm":
-                insertion, owner = _norm_insertion(model, site, rule, analysis)
-            entry = PlanEntry(
+def _site_params(rule: Rule, site: Site, i: int, n: int) -> dict[str, Any]:
+    """The rule's parameters at its ``i``-th of ``n`` sites: per-stage overrides, then depth scaling."""
+    params = rule.params_for_stage(site.stage)
+    if rule.depth_scaling == "linear":
+        for k in STRENGTH_PARAMS:
+            if isinstance(params.get(k), (int, float)) and not isinstance(params.get(k), bool):
+                params[k] = float(params[k]) * (i + 1) / n
+    return params
+
+
+def _make_regularizer(
+    rule: Rule, site_name: str, layout: str | None, shape: Any, params: dict[str, Any]
+) -> nn.Module:
+    """Build one regularizer for a site; every refusal names the rule and the site."""
+    try:
+        reg = create_regularizer(rule.regularizer, **params)
+    except (TypeError, ValueError) as exc:
+        raise RewriteError(f"{rule.describe()} at site {site_name}: {exc}") from exc
+    if layout is None:
+        raise RewriteError(
+            f"{rule.describe()} selects site {site_name} whose tensor {shape} has no supported layout "
+            f"(NCHW, NHWC, NLC, NC); narrow the rule with name/type/exclude"
+        )
+    if isinstance(reg, Regularizer):
+        try:
+            reg.set_layout(layout)
+        except ValueError as exc:
+            raise RewriteError(
+                f"{rule.describe()}: {rule.regularizer} cannot act at site {site_name} (layout {layout}, "
+                f"shape {shape}): {exc}; exclude it or pick a layout-agnostic regularizer"
+            ) from exc
+        reg.schedule = rule.schedule
+        reg.rule_label = rule.describe()  # named by warnings and timm_drop.summary
+        reg.site_name = site_name
+    return reg
+
+
+def _insertion_for(model: nn.Module, site: Site, rule: Rule, targets: _Targets) -> tuple[str, str]:
+    """(insertion kind, owner module) for one site."""
+    if site.kind in SKIP_KINDS:
+        target, reason = targets.get(site.module)
+        if target is None:
+            raise RewriteError(f"{rule.describe()}: site {site.name} cannot be rewritten: {reason}")
+        return "rewrite", site.module
+    if site.kind == "norm":
+        return _norm_insertion(model, site, rule, targets)
+    return "hook", site.module
+
+
+def _entries_of(
+    rule: Rule, model: nn.Module, targets: _Targets, named: dict[str, nn.Module]
+) -> list[PlanEntry]:
+    """The plan entries of one rule, in depth order (checked by building each regularizer once)."""
+    selected = [s for s in targets.analysis.sites if _rule_selects(rule, s, named[s.module])]
+    entries = []
+    for i, site in enumerate(selected):
+        params = _site_params(rule, site, i, len(selected))
+        _make_regularizer(rule, site.name, site.layout, site.shape, params)
+        insertion, owner = _insertion_for(model, site, rule, targets)
+        entries.append(
+            PlanEntry(
                 site=site.name,
                 kind=site.kind,
                 stage=site.stage,
@@ -328,59 +378,76 @@ def _build(model: nn.Module, spec: Spec, analysis: Analysis) -> Plan:
                 node=site.node,
                 norm_position=rule.norm_position if site.kind == "norm" else None,
                 owner=owner,
-                reg=reg,
             )
-            earlier = held.setdefault(site.name, [])
-            if earlier:
-                if rule.on_conflict == "error":
-                    raise RewriteError(
-                        f"{rule.describe()} and {earlier[-1].rule_label} both select site {site.name}; set "
-                        f"on_conflict: stack or replace on {rule}"
-                    )
-                if rule.on_conflict == "replace":
-                    earlier.clear()
-            earlier.append(entry)
+        )
+    return entries
+
+
+def _resolve_conflict(rule: Rule, held: list[PlanEntry], site: str) -> None:
+    """A site already held by earlier rules: the later rule's ``on_conflict`` decides."""
+    if not held:
+        return
+    if rule.on_conflict == "error":
+        raise RewriteError(
+            f"{rule.describe()} and {held[-1].rule_label} both select site {site}; set "
+            f"on_conflict: stack or replace on {rule}"
+        )
+    if rule.on_conflict == "replace":
+        held.clear()
+
+
+def _build(model: nn.Module, spec: Spec, analysis: Analysis) -> tuple[Plan, _Targets]:
+    named = dict(model.named_modules())
+    targets = _Targets(model, analysis)
+    held: dict[str, list[PlanEntry]] = {}
+    for rule in spec.rules:
+        entries = _entries_of(rule, model, targets, named)
+        if not entries and not rule.allow_empty:
+            raise _no_match_error(rule, model, analysis, targets.opaque, spec)
+        for entry in entries:
+            _resolve_conflict(rule, held.setdefault(entry.site, []), entry.site)
+            held[entry.site].append(entry)
     entries = sorted((e for es in held.values() for e in es), key=lambda e: (e.depth, e.rule))
-    matches = {k: sum(1 for e in entries if e.rule == k) for k in matches}
-    return Plan(entries, analysis.sites, dict(analysis.opaque), matches, analysis.input_shape, spec.source)
+    matches = {r.index: sum(1 for e in entries if e.rule == r.index) for r in spec.rules}
+    plan = Plan(entries, list(analysis.sites), targets.opaque, matches, analysis.input_shape, spec.source)
+    return plan, targets
 
 
 def _refuse(model: nn.Module, stack: bool) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply_regularizer needs an nn.Module, got {type(model).__name__}")
-    wrappers: list[type] = [nn.parallel.DistributedDataParallel, nn.DataParallel]
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        wrappers.append(FullyShardedDataParallel)
-    except Exception:
-        pass
-    try:
-        from torch.distributed.fsdp import FSDPModule
-
-        wrappers.append(FSDPModule)
-    except Exception:
-        pass
-    compiled: tuple[type, ...] = ()
-    try:
-        from torch._dynamo.eval_frame import OptimizedModule
-
-        compiled = (OptimizedModule,)
-    except Exception:
-        pass
     for name, m in model.named_modules():
         where = "the model" if not name else f"submodule {name!r}"
-        if isinstance(m, tuple(wrappers)):
+        kind = wrapper_kind(m)
+        if kind in ("distributed", "data_parallel"):
             raise RewriteError(
                 f"{where} is wrapped in {type(m).__name__}: apply regularizers to the bare model before wrapping "
                 f"(order: apply_regularizer -> SyncBN -> optimizer -> accelerator.prepare / DDP -> compile)"
             )
-        if compiled and isinstance(m, compiled):
+        if kind == "compiled":
             raise RewriteError(
                 f"{where} is a torch.compile'd module: apply regularizers before torch.compile "
                 f"(to the original module, e.g. compiled._orig_mod)"
             )
-    if getattr(model, _RECORD, None) and not stack:
+        if isinstance(m, fx.GraphModule):
+            # Its forward is generated code calling only the traced leaves: the stage and block modules it
+            # still holds never run, so their sites (hooks, block rewrites) would be silent no-ops.
+            raise RewriteError(
+                f"{where} is an FX GraphModule ({type(m).__name__}, e.g. features_only=True with "
+                f"feature_cls='fx' or create_feature_extractor): apply regularizers to the model first, then build "
+                f"the graph from it (FeatureGraphNet(model, out_indices) or create_feature_extractor(model, ...)); "
+                f"regularizers stay nodes of that graph"
+            )
+    meta = next(
+        (n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta), None
+    )
+    if meta is not None:
+        raise RewriteError(
+            f"{type(model).__name__} has tensors on the meta device (e.g. {meta!r}): site discovery runs the "
+            f"model once and checks each rewritten block reproduces its output, which needs real values; "
+            f"materialise it first (model.to_empty(device=...) and load or initialise the weights)"
+        )
+    if record_of(model) and not stack:
         raise RewriteError(
             f"{type(model).__name__} already carries regularizers from an earlier apply_regularizer; pass "
             f"stack=True to add more, or call strip_regularizers first"
@@ -394,102 +461,84 @@ def plan(model: nn.Module, spec: Any, *, example_input: Any = None) -> Plan:
     """
     spec = load_spec(spec)
     _refuse(model, stack=True)
-    return _build(model, spec, analyze_model(model, example_input))
+    return _build(model, spec, analyze_model(model, example_input))[0]
 
 
 # ---------------------------------------------------------------------------------------------------------
 # apply
 # ---------------------------------------------------------------------------------------------------------
-class _SiteHook(nn.Module):
-    """Holds the regularizers of one hooked site; its bound methods are the hooks (deepcopy-safe)."""
-
-    _timm_drop_internal = True
-
-    def __init__(self, regs: list[nn.Module]):
-        super().__init__()
-        self.regs = nn.ModuleList(regs)
-
-    def forward_hook(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
-        for reg in self.regs:
-            output = reg(output)
-        return output
-
-    def forward_pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        x = args[0]
-        for reg in self.regs:
-            x = reg(x)
-        return (x, *args[1:])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for reg in self.regs:
-            x = reg(x)
-        return x
+def _materialize(the_plan: Plan, spec: Spec, model: nn.Module) -> list[nn.Module]:
+    """One regularizer module per plan entry, on the model's device and in its owner's mode."""
+    rules = {r.index: r for r in spec.rules}
+    device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
+    regs = []
+    for e in the_plan.entries:
+        reg = _make_regularizer(rules[e.rule], e.site, e.layout, e.shape, dict(e.params))
+        reg.to(device)
+        reg.train(model.get_submodule(e.module).training)
+        regs.append(reg)
+    return regs
 
 
-class _SlotStack(nn.Sequential):
-    """A ``drop`` slot that already held a module: that module first, then the regularizers."""
+def _insertions(
+    model: nn.Module, the_plan: Plan, regs: list[nn.Module], targets: _Targets
+) -> list[Insertion]:
+    """Group the plan's entries into insertions: one hook / slot per site, one rewrite per owner module."""
+    groups: dict[tuple[str, str], list[tuple[PlanEntry, nn.Module]]] = {}
+    for e, reg in zip(the_plan.entries, regs):
+        key = (e.insertion, e.owner if e.insertion == "rewrite" else e.site)
+        groups.setdefault(key, []).append((e, reg))
+    out: list[Insertion] = []
+    for (insertion, _), pairs in groups.items():
+        entries, group_regs = [p[0] for p in pairs], [p[1] for p in pairs]
+        first = entries[0]
+        if insertion == "hook":
+            out.append(HookInsertion(first.owner, group_regs, first.site))
+        elif insertion == "pre_hook":
+            out.append(PreHookInsertion(first.owner, group_regs, first.site))
+        elif insertion == "slot":
+            out.append(SlotInsertion(first.module, group_regs))
+        else:
+            out.append(_rewrite_insertion(model, first.owner, entries, group_regs, targets))
+    return out
 
-    _timm_drop_internal = True
+
+def _rewrite_insertion(
+    model: nn.Module, owner: str, entries: list[PlanEntry], regs: list[nn.Module], targets: _Targets
+) -> RewriteInsertion:
+    target, reason = targets.get(owner)
+    if target is None:  # checked while planning; kept as a guard
+        raise RewriteError(f"cannot rewrite {owner}: {reason}")
+    module = model.get_submodule(owner)
+    adds = {a[0]: a for a in target.adds}
+    steps, taken = [], set()
+    for e in entries:
+        suffix = e.node if e.kind in SKIP_KINDS else e.module[len(owner) + 1 :]
+        child = _unique_attr(module, f"{CHILD_PREFIX}{e.kind}_{suffix}", taken)
+        taken.add(child)
+        if e.kind in ("residual", "shortcut"):
+            arg = adds[e.node][1] if e.kind == "residual" else adds[e.node][2]
+            steps.append(InsertStep(e.kind, child, node=e.node, arg=arg))
+        elif e.kind == "merge":
+            steps.append(InsertStep(e.kind, child, node=e.node))
+        else:
+            steps.append(InsertStep(e.kind, child, target=e.module[len(owner) + 1 :]))
+    return RewriteInsertion(
+        owner,
+        regs,
+        tuple(steps),
+        target.none_args,
+        dict(target.constants),
+        (target.eval_graph, target.train_graph),
+    )
 
 
-def _compile_forward(graph: fx.Graph, tag: str) -> Any:
-    graph.lint()
-    code = graph.python_code(root_module="self")
-    filename = f"<timm_drop rewrite {tag} #{next(_counter)}>"
-    # linecache makes tracebacks and inspect.getsource work for the generated code (as torch.fx does)
-    linecache.cache[filename] = (len(code.src), None, code.src.splitlines(True), filename)
-    namespace = dict(code.globals)
-    exec(compile(code.src, filename, "exec"), namespace)
-    return namespace["forward"]
-
-
-def _dual_forward(eval_fwd: Any, train_fwd: Any) -> Any:
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return (train_fwd if self.training else eval_fwd)(self, *args, **kwargs)
-
-    return forward
-
-
-def _unique_attr(module: nn.Module, base: str) -> str:
+def _unique_attr(module: nn.Module, base: str, taken: set[str]) -> str:
     base = "".join(c if c.isalnum() or c == "_" else "_" for c in base)
     name, i = base, 2
-    while hasattr(module, name) or name in module._modules:
+    while hasattr(module, name) or name in module._modules or name in taken:
         name, i = f"{base}_{i}", i + 1
     return name
-
-
-def _insert(graph: fx.Graph, entries: list[tuple[PlanEntry, str, tuple[str, int, int] | None]]) -> None:
-    nodes = {n.name: n for n in graph.nodes}
-    for entry, child, add in entries:
-        if entry.kind in ("residual", "shortcut"):
-            node = nodes[entry.node]
-            idx = add[1] if entry.kind == "residual" else add[2]
-            with graph.inserting_before(node):
-                new = graph.call_module(child, (node.args[idx],))
-            node.update_arg(idx, new)
-        else:
-            if entry.kind == "merge":
-                targets = [nodes[entry.node]]
-            else:  # norm: every call of that norm in the caller's graph
-                rel = entry.module[len(entry.owner) + 1 :]
-                targets = [n for n in graph.nodes if n.op == "call_module" and n.target == rel]
-            for node in targets:
-                # insert after the node and any regularizer already chained after it (stacking keeps order)
-                last = node
-                while len(last.users) == 1:
-                    user = next(iter(last.users))
-                    if (
-                        user.op == "call_module"
-                        and str(user.target).startswith("timm_drop_")
-                        and user.meta.get("timm_drop_after") is node
-                    ):
-                        last = user
-                    else:
-                        break
-                with graph.inserting_after(last):
-                    new = graph.call_module(child, (last,))
-                new.meta["timm_drop_after"] = node
-                last.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
 
 
 def apply_regularizer(
@@ -502,130 +551,21 @@ def apply_regularizer(
     """
     spec = load_spec(spec)
     _refuse(model, stack)
-    analysis = analyze_model(model, example_input)
-    the_plan = _build(model, spec, analysis)
-    device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
-    named = dict(model.named_modules())
-    records: list[tuple[Any, ...]] = list(getattr(model, _RECORD, None) or [])
-
-    for e in the_plan.entries:
-        e.reg.to(device)
-        e.reg.train(named[e.module].training)
-        if isinstance(e.reg, Regularizer) and e.reg.schedule is not None:
-            e.reg.set_progress(0.0)
-
-    by_site: dict[tuple[str, str], list[PlanEntry]] = {}
-    for e in the_plan.entries:
-        by_site.setdefault((e.insertion, e.site), []).append(e)
-
-    # hooks -----------------------------------------------------------------------------------------------
-    side = getattr(model, SIDE_DICT, None)
-    for (insertion, site), entries in by_site.items():
-        if insertion not in ("hook", "pre_hook"):
-            continue
-        if side is None:
-            side = nn.ModuleDict()
-            model.add_module(SIDE_DICT, side)
-        key = _unique_attr(side, site.replace(":", "_").replace(".", "_"))
-        holder = _SiteHook([e.reg for e in entries])
-        side[key] = holder
-        owner = entries[0].owner
-        if insertion == "hook":
-            handle = named[owner].register_forward_hook(holder.forward_hook)
-        else:
-            handle = named[owner].register_forward_pre_hook(holder.forward_pre_hook)
-        records.append((insertion, owner, handle.id, key))
-
-    # slots -------------------------------------------------------------------------------------------------
-    for (insertion, _site), entries in by_site.items():
-        if insertion != "slot":
-            continue
-        norm = named[entries[0].module]
-        regs = [e.reg for e in entries]
-        current = norm.drop
-        if isinstance(current, nn.Identity):
-            norm.drop = regs[0] if len(regs) == 1 else _SlotStack(*regs)
-            records.append(("slot", entries[0].module, "identity"))
-        else:
-            norm.drop = _SlotStack(current, *regs)
-            records.append(("slot", entries[0].module, "kept"))
-
-    # block-local rewrites --------------------------------------------------------------------------------------
-    by_owner: dict[str, list[PlanEntry]] = {}
-    for e in the_plan.entries:
-        if e.insertion == "rewrite":
-            by_owner.setdefault(e.owner, []).append(e)
-    for owner, entries in by_owner.items():
-        module = named[owner]
-        lg, reason = analysis.rewritable(model, owner)
-        if lg is None:  # checked while planning; kept as a guard
-            raise RewriteError(f"cannot rewrite {owner}: {reason}")
-        adds = {a[0]: a for a in lg.adds}
-        inserts = []
-        children = []
-        for e in entries:
-            suffix = e.node if e.kind in SKIP_KINDS else e.module[len(owner) + 1 :]
-            child = _unique_attr(module, f"timm_drop_{e.kind}_{suffix}")
-            module.add_module(child, e.reg)
-            children.append(child)
-            inserts.append((e, child, adds.get(e.node) if e.node else None))
-        _insert(lg.eval_graph, inserts)
-        fwd = _compile_forward(lg.eval_graph, owner)
-        if lg.train_graph is not None:
-            _insert(lg.train_graph, inserts)
-            fwd = _dual_forward(fwd, _compile_forward(lg.train_graph, owner + " train"))
-        consts = []
-        for k, v in lg.constants.items():
-            if not hasattr(module, k):
-                setattr(module, k, v)
-                consts.append(k)
-        cls = type(module)
-        base = getattr(cls, "_timm_drop_base", cls)
-        module.__class__ = type(
-            base.__name__,
-            (cls,),
-            {
-                "forward": fwd,
-                "_timm_drop_base": base,
-                "__module__": base.__module__,
-                "__qualname__": base.__qualname__,
-            },
-        )
-        records.append(("rewrite", owner, base, tuple(children), tuple(consts)))
-
-    object.__setattr__(model, _RECORD, records)
+    the_plan, targets = _build(model, spec, analyze_model(model, example_input))
+    regs = _materialize(the_plan, spec, model)
+    record = record_of(model)
+    for insertion in _insertions(model, the_plan, regs, targets):
+        insertion.apply(model)
+        record.append(insertion)
+    object.__setattr__(model, RECORD, record)
     object.__setattr__(model, "_timm_drop_plan", the_plan)
     return model
 
 
 def strip_regularizers(model: nn.Module) -> nn.Module:
     """Undo every :func:`apply_regularizer` on ``model`` (same object back, original structure)."""
-    records = getattr(model, _RECORD, None) or []
-    for rec in reversed(records):
-        kind, name = rec[0], rec[1]
-        module = model.get_submodule(name) if name else model
-        if kind == "hook":
-            for hooks in (
-                module._forward_hooks,
-                module._forward_hooks_with_kwargs,
-                module._forward_hooks_always_called,
-            ):
-                hooks.pop(rec[2], None)
-        elif kind == "pre_hook":
-            module._forward_pre_hooks.pop(rec[2], None)
-            module._forward_pre_hooks_with_kwargs.pop(rec[2], None)
-        elif kind == "slot":
-            drop = module.drop
-            module.drop = drop[0] if rec[2] == "kept" and isinstance(drop, _SlotStack) else nn.Identity()
-        elif kind == "rewrite":
-            module.__class__ = rec[2]
-            for child in rec[3]:
-                if child in module._modules:
-                    del module._modules[child]
-            for const in rec[4]:
-                module.__dict__.pop(const, None)
-    if SIDE_DICT in model._modules:
-        del model._modules[SIDE_DICT]
-    model.__dict__.pop(_RECORD, None)
+    for insertion in reversed(record_of(model)):
+        insertion.undo(model)
+    model.__dict__.pop(RECORD, None)
     model.__dict__.pop("_timm_drop_plan", None)
     return model

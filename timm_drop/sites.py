@@ -1,11 +1,12 @@
-"""Site discovery: the places in a timm model where a regularizer can go (DESIGN §4).
+"""Site discovery: the places in a timm model where a regularizer can go.
 
 :func:`find_sites` is read-only analysis. It combines two passes:
 
 1. **Shape pass.** One forward of a small example input in ``eval()`` under ``no_grad`` (so BatchNorm
    statistics do not move), with temporary hooks on every module that record the order in which modules start
    and finish, each module's first output shape, and the first inputs of composite modules. The default input
-   comes from ``pretrained_cfg['input_size']``; models that accept any size are first tried at a small
+   comes from ``pretrained_cfg['input_size']`` (channels: the config's, then the first convolution's, for
+   ``in_chans`` models); models that accept any size are first tried at a small
    *non-square* size (2x3 times the model's largest feature reduction), which makes channels-first and
    channels-last maps tell themselves apart (their spatial aspect is the input's). Models with a fixed input
    size fall back to their configured size (``patch_embed.img_size``, then ``pretrained_cfg``).
@@ -17,19 +18,17 @@
    reproduces the module bit for bit (modules with the same class, generated code and input/output shapes,
    like the blocks of a ViT, share one such run); a module that fails to trace or to reproduce is *opaque*,
    with a reason, and offers no residual sites and no rewrite. Inputs that are None in the recorded call are
-   specialised to None (FX would otherwise take ``if mask is not None`` branches the wrong way).
+   specialised to None (FX would otherwise take ``if mask is not None`` branches the wrong way). A module an
+   earlier :func:`~timm_drop.apply_regularizer` rewrote is not re-traced: its compiled graph is reused, so a
+   rewritten model can be planned and stacked on again.
 
 Kinds (``Site.kind``):
 
-* ``stage`` — output of a ``feature_info`` module. The stem entry is excluded from stage numbering; entry 0
-  is the stem when its module name has a ``stem`` component, is the model root (TResNet), or has a shallower
-  module tree than the next entry (ResNet's ``act1``, MobileNetV3's ``bn1``, DenseNet's ``features.norm0``
-  against stages holding blocks). Stages are numbered from 1 (resnet50 stage 3 = ``layer3``).
-* ``block`` — output of each block of a stage: the members of the stage's block container (a torch
-  container itself, the container child holding composite modules, e.g. ConvNeXt's ``stages.N.blocks``,
-  or repeated composite children like RegNet's ``b1..bN``); a stage that owns skip adds itself (ViT's
-  ``blocks.N``) is its own single block. Modules that run between two stages without being under either
-  (EfficientNet's ``blocks.3``) contribute their blocks to the following stage.
+* ``stage`` — output of a ``feature_info`` module, numbered from 1 without the stem entry
+  (:func:`timm_drop.structure.feature_stages`; resnet50 stage 3 = ``layer3``).
+* ``block`` — output of each block of a stage (:func:`timm_drop.structure.stage_blocks`). Modules that run
+  between two stages without being under either (EfficientNet's ``blocks.3``) contribute their blocks to the
+  following stage. :func:`find_blocks` lists them; ``LayerOut(unit="block")`` uses the same list.
 * ``residual`` / ``shortcut`` / ``merge`` — a skip add: ``operator.add``, ``operator.iadd``, ``torch.add``
   or ``Tensor.add`` of two tensors of equal shape that both descend from the owning module's first input, one
   (the *shortcut*: identity or projection) strictly closer to that input than the other (the *residual*
@@ -39,8 +38,7 @@ Kinds (``Site.kind``):
   tensors), broadcast adds, parallel branches of equal depth (RepVGG's ``conv_kxk(x) + conv_1x1(x)``) and
   sums of computed terms (rotary embeddings' ``q * cos + rotate(q) * sin``). Skip adds in the model root's
   own ``forward`` are not sites (rewriting the root would replace the model's class).
-* ``norm`` — output of a normalization module (torch norm base classes, or any class in the MRO named
-  ``...Norm``, ``...Norm2d``, ``...NormAct2d``, ``EvoNorm...``).
+* ``norm`` — output of a normalization module (:func:`timm_drop.structure.is_norm`).
 * ``module`` — output of any executed module (the root excluded) that returns a single tensor.
 
 Stage of a module: the ``feature_info`` module it is under (qualified-name prefix); otherwise, by execution
@@ -56,24 +54,41 @@ regularizer accepts them).
 
 from __future__ import annotations
 
+import copy
 import inspect
 import itertools
 import operator
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from timm.layers._fx import get_notrace_functions, get_notrace_modules
 from torch import fx, nn
 
-__all__ = ["LocalTracer", "Site", "SiteError", "find_sites", "analyze_model"]
+from timm_drop.insertions import CHILD_PREFIX
+from timm_drop.structure import (
+    composite,
+    feature_info,
+    feature_stages,
+    is_norm,
+    mro_names,
+    stage_blocks,
+    torch_forward,
+)
+
+__all__ = [
+    "Analysis",
+    "LocalTracer",
+    "Site",
+    "SiteError",
+    "analyze_model",
+    "find_blocks",
+    "find_sites",
+    "is_norm",
+]
 
 SKIP_KINDS: tuple[str, ...] = ("residual", "shortcut", "merge")
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
-_NORM_NAME = re.compile(
-    r"^(?!Conv)(?!.*(Block|Stage|Layer$))(.*Norm(\d[dD])?(Act(\d[dD])?)?(Fp32)?|EvoNorm.*)$"
-)
-_TORCH_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 
 
 class SiteError(ValueError):
@@ -116,21 +131,11 @@ class Site:
 # FX helpers
 # ---------------------------------------------------------------------------------------------------------
 def _notrace_modules() -> tuple[type, ...]:
-    try:
-        from timm.layers._fx import get_notrace_modules
-
-        return tuple(get_notrace_modules())
-    except Exception:  # older timm
-        return ()
+    return tuple(get_notrace_modules())
 
 
 def _notrace_functions() -> tuple[Any, ...]:
-    try:
-        from timm.layers._fx import get_notrace_functions
-
-        return tuple(get_notrace_functions())
-    except Exception:
-        return ()
+    return tuple(get_notrace_functions())
 
 
 class LocalTracer(fx.Tracer):
@@ -196,6 +201,11 @@ def trace_local(
     return graph, consts
 
 
+def _is_ours(node: fx.Node) -> bool:
+    """A regularizer an earlier rewrite put in: it does not lengthen the path it sits on."""
+    return node.op == "call_module" and str(node.target).startswith(CHILD_PREFIX)
+
+
 def _is_add(node: fx.Node) -> bool:
     if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
         return True
@@ -216,18 +226,24 @@ class _ShapeInterpreter(fx.Interpreter):
 
 
 def _outputs_equal(a: Any, b: Any) -> bool:
+    """Bit-identical (NaNs in the same places); on the meta device only shapes and dtypes can be compared
+    (block discovery for LayerOut works there; the rewriter refuses meta models)."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return (
             isinstance(a, torch.Tensor)
             and isinstance(b, torch.Tensor)
             and a.shape == b.shape
             and a.dtype == b.dtype
-            and bool(
-                torch.equal(a, b)
-                or (
-                    a.is_floating_point()
-                    and torch.equal(a.isnan(), b.isnan())
-                    and torch.equal(a.nan_to_num(), b.nan_to_num())
+            and (
+                a.is_meta
+                or b.is_meta
+                or bool(
+                    torch.equal(a, b)
+                    or (
+                        a.is_floating_point()
+                        and torch.equal(a.isnan(), b.isnan())
+                        and torch.equal(a.nan_to_num(), b.nan_to_num())
+                    )
                 )
             )
         )
@@ -251,7 +267,7 @@ def skip_adds(graph: fx.Graph, shapes: dict[str, tuple[int, ...] | None]) -> lis
             continue
         parents = [depth[p] for p in n.all_input_nodes if p in depth]
         if parents:
-            depth[n] = max(parents) + (0 if n.op in ("get_attr", "placeholder") else 1)
+            depth[n] = max(parents) + (0 if n.op in ("get_attr", "placeholder") or _is_ours(n) else 1)
     found = []
     for n in graph.nodes:
         if not _is_add(n) or len(n.args) < 2:
@@ -339,18 +355,8 @@ def _stream_path(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# layouts, norms, stages
+# layouts
 # ---------------------------------------------------------------------------------------------------------
-def is_norm(module: nn.Module) -> bool:
-    if isinstance(module, _TORCH_NORMS):
-        return True
-    return any(_NORM_NAME.search(c.__name__) for c in type(module).__mro__ if c not in (nn.Module, object))
-
-
-def _mro(module: nn.Module) -> tuple[str, ...]:
-    return tuple(c.__name__ for c in type(module).__mro__ if c not in (nn.Module, object))
-
-
 def _aspect_ok(h: int, w: int, in_hw: tuple[int, int]) -> bool:
     ih, iw = in_hw
     if ih == iw:
@@ -377,58 +383,41 @@ def infer_layout(
         return "NCHW" if nchw else "NHWC"
     # Ambiguous (e.g. a square input with as many channels as pixels per side): nn.LayerNorm normalizes the
     # last dim, so its output is channels-last; LayerNorm2d & co. (a "2d" class in the MRO) are channels-first.
-    if isinstance(module, nn.LayerNorm) and not any(n.endswith("2d") for n in _mro(module)):
+    if isinstance(module, nn.LayerNorm) and not any(n.endswith("2d") for n in mro_names(module)):
         return "NHWC"
     return "NCHW"
 
 
-def _subtree_depth(module: nn.Module) -> int:
-    children = list(module.children())
-    return 0 if not children else 1 + max(_subtree_depth(c) for c in children)
-
-
-def _is_stem_entry(name: str, module: nn.Module, next_module: nn.Module | None) -> bool:
-    if name == "":
-        return True
-    if any(part.startswith("stem") or part.endswith("stem") for part in name.split(".")):
-        return True
-    # A stage holds blocks, a stem is a layer or two: a shallower module tree than the next entry's.
-    return next_module is not None and _subtree_depth(module) < _subtree_depth(next_module)
-
-
-def _is_container(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
-
-
-def _composite(module: nn.Module) -> bool:
-    return next(module.children(), None) is not None
-
-
-def _torch_forward(module: nn.Module) -> bool:
-    fwd = getattr(type(module), "forward", None)
-    return fwd is None or getattr(fwd, "__module__", "").startswith("torch.")
-
-
 # ---------------------------------------------------------------------------------------------------------
-# analysis
+# analysis results (read-only once built)
 # ---------------------------------------------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True)
 class LocalGraph:
-    """A traced module: its eval graph (and train graph if its forward branches on ``self.training``)."""
+    """A traced module's eval graph, verified (shapes filled) when it has candidate skip adds."""
+
+    eval_graph: fx.Graph
+    constants: dict[str, torch.Tensor]
+    none_args: tuple[str, ...] = ()
+    shapes: dict[str, tuple[int, ...] | None] = field(default_factory=dict)
+    adds: tuple[tuple[str, int, int], ...] = ()
+    verified: bool = False
+
+
+@dataclass(frozen=True)
+class RewriteTarget:
+    """What a block-local rewrite of one module needs: its verified graphs (``train_graph`` when its forward
+    branches on ``self.training``), skip adds, tensor constants and None-specialised inputs."""
 
     eval_graph: fx.Graph
     train_graph: fx.Graph | None
+    adds: tuple[tuple[str, int, int], ...]
     constants: dict[str, torch.Tensor]
-    shapes: dict[str, tuple[int, ...] | None]
-    adds: list[tuple[str, int, int]]
-    verified: bool = False
-    train_checked: bool = False
-    none_args: tuple[str, ...] = ()
+    none_args: tuple[str, ...]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Analysis:
-    """Everything :func:`find_sites` learned; the rewriter reuses the traced graphs."""
+    """Everything :func:`analyze_model` learned; nothing mutates it afterwards."""
 
     sites: list[Site]
     stages: dict[str, int | None]  # feature module -> stage (None for the stem entry)
@@ -439,38 +428,61 @@ class Analysis:
     input_shape: tuple[int, ...]
     inputs: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=dict, repr=False)
     outputs: dict[str, Any] = field(default_factory=dict, repr=False)
-    twins: dict[Any, Any] = field(default_factory=dict, repr=False)
 
-    def rewritable(self, model: nn.Module, name: str) -> tuple[LocalGraph | None, str | None]:
-        """The verified local graph of ``name`` (train graph traced too), or None and the reason it is opaque."""
-        if name in self.opaque:
-            return None, self.opaque[name]
-        lg = self.graphs.get(name)
-        if lg is None:
-            return None, f"module {name!r} was not traced"
-        m = model.get_submodule(name)
-        if not lg.verified:
-            reason = _verify(model, m, lg, self.inputs.get(name), self.outputs.get(name), self.twins)
-            if reason:
-                self.opaque[name] = reason
-                return None, reason
-        if not lg.train_checked:
-            try:
-                g_train, consts = trace_local(m, True, lg.none_args)
-            except Exception as exc:
-                self.opaque[name] = (
-                    f"{type(m).__name__} is not FX-traceable in training mode ({_first_line(exc)})"
-                )
-                return None, self.opaque[name]
-            if g_train.python_code("self").src != lg.eval_graph.python_code("self").src:
-                tnodes = {n.name: n for n in g_train.nodes}
-                if any(a not in tnodes or not _is_add(tnodes[a]) for a, _, _ in lg.adds):
-                    self.opaque[name] = f"{type(m).__name__} has a training-mode graph whose skip adds differ"
-                    return None, self.opaque[name]
-                lg.train_graph = g_train
-                lg.constants.update(consts)
-            lg.train_checked = True
-        return lg, None
+
+def rewrite_target(
+    model: nn.Module, analysis: Analysis, name: str, twins: dict[Any, Any]
+) -> tuple[RewriteTarget | None, str | None]:
+    """The verified graphs of module ``name`` for a rewrite (train graph traced too), or None and the reason it
+    cannot be rewritten. ``twins`` caches verification runs across calls; ``analysis`` is not changed."""
+    if name in analysis.opaque:
+        return None, analysis.opaque[name]
+    lg = analysis.graphs.get(name)
+    if lg is None:
+        return None, f"module {name!r} was not traced"
+    m = model.get_submodule(name)
+    if not lg.verified:
+        reason, _ = _verify(model, m, lg, analysis.inputs.get(name), analysis.outputs.get(name), twins)
+        if reason:
+            return None, reason
+    constants = dict(lg.constants)
+    try:
+        g_train, consts = local_graph(m, True, lg.none_args)
+    except Exception as exc:
+        return None, f"{type(m).__name__} is not FX-traceable in training mode ({_first_line(exc)})"
+    if g_train is not None and g_train.python_code("self").src == lg.eval_graph.python_code("self").src:
+        g_train = None
+    if g_train is not None:
+        tnodes = {n.name: n for n in g_train.nodes}
+        if any(a not in tnodes or not _is_add(tnodes[a]) for a, _, _ in lg.adds):
+            return None, f"{type(m).__name__} has a training-mode graph whose skip adds differ"
+        constants.update(consts)
+    return RewriteTarget(lg.eval_graph, g_train, lg.adds, constants, lg.none_args), None
+
+
+def local_graph(
+    module: nn.Module, training: bool, none_args: tuple[str, ...]
+) -> tuple[fx.Graph | None, dict[str, torch.Tensor]]:
+    """The module's own graph in ``training`` mode: a copy of the graph an earlier rewrite compiled (None for
+    the train graph of a rewrite with a single graph), else a fresh :func:`trace_local`."""
+    graphs = getattr(type(module), "_timm_drop_graphs", None)
+    if graphs is None:
+        return trace_local(module, training, none_args)
+    graph = graphs[1] if training else graphs[0]
+    return (copy.deepcopy(graph) if graph is not None else None), {}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# pass 1: the shape pass
+# ---------------------------------------------------------------------------------------------------------
+def _input_channels(model: nn.Module, cfg: dict[str, Any]) -> list[int]:
+    """Channel counts to try: the config's first (TResNet's first conv sees 48 channels after space-to-depth),
+    then the first convolution's (``in_chans=1`` leaves timm's config at 3)."""
+    chans = [int(cfg["input_size"][0])] if cfg.get("input_size") else []
+    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first_conv is not None:
+        chans.append(first_conv.in_channels)
+    return list(dict.fromkeys(chans or [3]))
 
 
 def _default_inputs(model: nn.Module, example_input: Any) -> list[Any]:
@@ -479,39 +491,29 @@ def _default_inputs(model: nn.Module, example_input: Any) -> list[Any]:
     param = next(itertools.chain(model.parameters(), model.buffers()), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    chans, h, w = tuple(cfg.get("input_size", (3, 224, 224)))
-    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    if first_conv is not None and first_conv.in_channels != chans:
-        chans = first_conv.in_channels
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    _, h, w = tuple(cfg.get("input_size", (3, 224, 224)))
     sizes: list[tuple[int, int]] = []
-    fixed = bool(cfg.get("fixed_input_size", False))
-    reductions = [d.get("reduction", 1) for d in _feature_info(model)] or [32]
+    reductions = [d.get("reduction", 1) for d in feature_info(model)] or [32]
     r = max(int(x) for x in reductions if isinstance(x, (int, float))) if reductions else 32
     r = max(r, 8)
-    if not fixed:
+    if not cfg.get("fixed_input_size", False):
         sizes.append((2 * r, 3 * r))
-    img = getattr(getattr(model, "patch_embed", None), "img_size", None) or getattr(model, "img_size", None)
+    img = None
+    for m in (model, *model.children()):  # a features_only wrapper holds the model as a child
+        img = getattr(getattr(m, "patch_embed", None), "img_size", None) or getattr(m, "img_size", None)
+        if img is not None:
+            break
     if isinstance(img, int):
         img = (img, img)
     if isinstance(img, (tuple, list)) and len(img) == 2 and all(isinstance(i, int) for i in img):
         sizes.append((int(img[0]), int(img[1])))
     sizes.append((int(h), int(w)))
-    out = []
-    for s in dict.fromkeys(sizes):
-        out.append(torch.randn(1, chans, *s, device=device, dtype=dtype, generator=None))
-    return out
-
-
-def _feature_info(model: nn.Module) -> list[dict[str, Any]]:
-    fi = getattr(model, "feature_info", None)
-    if fi is None:
-        return []
-    info = getattr(fi, "info", fi)
-    try:
-        return [dict(d) for d in info if isinstance(d, dict) and "module" in d]
-    except TypeError:
-        return []
+    return [
+        torch.randn(1, c, *s, device=device, dtype=dtype)
+        for c in _input_channels(model, cfg)
+        for s in dict.fromkeys(sizes)
+    ]
 
 
 def _input_hw(x: Any) -> tuple[int, int]:
@@ -612,43 +614,47 @@ def _shape_pass(model: nn.Module, inputs: list[Any], capture: set[str]) -> tuple
     )
 
 
+# ---------------------------------------------------------------------------------------------------------
+# the analysis, step by step
+# ---------------------------------------------------------------------------------------------------------
 def analyze_model(model: nn.Module, example_input: Any = None) -> Analysis:
     """Run both passes (module docstring) and return the sites plus what the rewriter needs."""
+    named = dict(model.named_modules())
+    traceable, opaque = _traceable_modules(named)
+    rec, used_input = _shape_pass(model, _default_inputs(model, example_input), traceable)
+    stages = feature_stages(model, keep=lambda name: name in rec.end)
+    module_stage = _module_stages(named, stages, rec)
+    graphs = _local_graphs(model, named, traceable, rec, opaque)
+    sites = _emit_sites(model, named, stages, module_stage, graphs, rec, used_input)
+    input_shape = tuple(used_input.shape) if isinstance(used_input, torch.Tensor) else ()
+    outputs = {k[1:]: v for k, v in rec.out.items() if k.startswith("\0")}
+    return Analysis(
+        sites, stages, module_stage, graphs, opaque, dict(rec.calls), input_shape, rec.inputs, outputs
+    )
+
+
+def _traceable_modules(named: dict[str, nn.Module]) -> tuple[set[str], dict[str, str]]:
+    """Composite modules with a forward of their own worth tracing, and the timm leaf classes (opaque)."""
     from timm_drop.regularizers.base import Regularizer
 
-    named = dict(model.named_modules())
     leaf_classes = _notrace_modules()
     traceable: set[str] = set()
     opaque: dict[str, str] = {}
     for name, m in named.items():
-        if name == "" or not _composite(m) or isinstance(m, Regularizer):
-            continue
-        if _torch_forward(m):
+        if name == "" or not composite(m) or isinstance(m, Regularizer) or torch_forward(m):
             continue
         if leaf_classes and isinstance(m, leaf_classes):
             if not is_norm(m):
                 opaque[name] = f"{type(m).__name__} is a timm not-traceable (FX leaf) module"
             continue
         traceable.add(name)
+    return traceable, opaque
 
-    rec, used_input = _shape_pass(model, _default_inputs(model, example_input), traceable)
-    in_hw = _input_hw(used_input if not isinstance(used_input, (tuple, list)) else used_input[0])
-    input_shape = tuple(used_input.shape) if isinstance(used_input, torch.Tensor) else ()
 
-    # -- stages -------------------------------------------------------------------------------------------
-    finfo = [d for d in _feature_info(model) if d["module"] in named and d["module"] in rec.end]
-    stages: dict[str, int | None] = {}
-    if finfo:
-        first = finfo[0]["module"]
-        nxt = named[finfo[1]["module"]] if len(finfo) > 1 else None
-        stem = len(finfo) > 1 and _is_stem_entry(first, named[first], nxt)
-        k = 0
-        for i, d in enumerate(finfo):
-            if i == 0 and stem:
-                stages[d["module"]] = None
-            else:
-                k += 1
-                stages[d["module"]] = k
+def _module_stages(
+    named: dict[str, nn.Module], stages: dict[str, int | None], rec: _Recorder
+) -> dict[str, int | None]:
+    """Stage of every module: the ``feature_info`` module it is under, else the stage during which it ran."""
     ordered = sorted(stages, key=lambda n: rec.end[n])
     stage_mods = [n for n in ordered if stages[n] is not None]
     stem_mods = [n for n in ordered if stages[n] is None]
@@ -677,73 +683,75 @@ def analyze_model(model: nn.Module, example_input: Any = None) -> Analysis:
             prev_end = rec.end[s]
         return None
 
-    module_stage = {n: stage_of(n) for n in named}
+    return {n: stage_of(n) for n in named}
 
-    # -- local graphs -------------------------------------------------------------------------------------
+
+def _local_graphs(
+    model: nn.Module, named: dict[str, nn.Module], traceable: set[str], rec: _Recorder, opaque: dict[str, str]
+) -> dict[str, LocalGraph]:
+    """Trace every executed traceable module; verify those with candidate skip adds (failures go to
+    ``opaque`` with the reason)."""
     graphs: dict[str, LocalGraph] = {}
     twins: dict[Any, Any] = {}
     for name in sorted(traceable, key=lambda n: rec.start.get(n, 1 << 60)):
         if name not in rec.inputs:
             continue  # never ran
         m = named[name]
+        recipe = getattr(type(m), "_timm_drop_recipe", None)
+        none_args = recipe.none_args if recipe is not None else none_inputs(m, rec.inputs[name])
         try:
-            g_eval, consts = trace_local(m, False, none_inputs(m, rec.inputs[name]))
+            g_eval, consts = local_graph(m, False, none_args)
         except Exception as exc:
             opaque[name] = (
                 f"{type(m).__name__} is not FX-traceable ({type(exc).__name__}: {_first_line(exc)})"
             )
             rec.inputs.pop(name, None)
             continue
-        lg = LocalGraph(g_eval, None, consts, {}, [], none_args=none_inputs(m, rec.inputs[name]))
-        graphs[name] = lg
+        lg = LocalGraph(g_eval, consts, none_args)
         if _candidate_adds(g_eval):
-            reason = _verify(model, m, lg, rec.inputs[name], rec.out.get("\0" + name), twins)
+            reason, shapes = _verify(model, m, lg, rec.inputs[name], rec.out.get("\0" + name), twins)
             if reason:
                 opaque[name] = reason
-                del graphs[name]
                 continue
-            lg.adds = [(n.name, r, s) for n, r, s in skip_adds(g_eval, lg.shapes)]
+            adds = tuple((n.name, r, s) for n, r, s in skip_adds(g_eval, shapes))
+            lg = LocalGraph(g_eval, consts, none_args, shapes, adds, verified=True)
+        graphs[name] = lg
+    return graphs
 
-    # -- sites ----------------------------------------------------------------------------------------------
+
+def _emit_sites(
+    model: nn.Module,
+    named: dict[str, nn.Module],
+    stages: dict[str, int | None],
+    module_stage: dict[str, int | None],
+    graphs: dict[str, LocalGraph],
+    rec: _Recorder,
+    used_input: Any,
+) -> list[Site]:
+    """Every site, in execution order (stage after block after its skip sites after modules ending there)."""
+    from timm_drop.regularizers.base import Regularizer
+
+    in_hw = _input_hw(used_input if not isinstance(used_input, (tuple, list)) else used_input[0])
     raw: list[tuple[tuple[int, int], Site]] = []
 
-    def add_site(
-        kind: str,
-        path: str,
-        module: str,
-        shape: Any,
-        key: tuple[int, int],
-        node: str | None = None,
-        layout_module: nn.Module | None = None,
-    ) -> None:
-        shape = shape if isinstance(shape, tuple) and all(isinstance(s, int) for s in shape) else None
-        if shape is None:
+    def add_site(kind, path, module, shape, key, node=None, layout_module=None) -> None:
+        if not (isinstance(shape, tuple) and all(isinstance(s, int) for s in shape)):
             return
-        site = Site(
-            name=f"{kind}:{path}",
-            kind=kind,
-            stage=module_stage.get(module),
-            module=module,
-            classes=_mro(named[module]),
-            shape=shape,
-            layout=infer_layout(shape, in_hw, layout_module),
-            depth=0,
-            node=node,
-        )
+        layout = infer_layout(shape, in_hw, layout_module)
+        site = Site(f"{kind}:{path}", kind, module_stage.get(module), module, mro_names(named[module]), shape,
+                    layout, 0, node)  # fmt: skip
         raw.append((key, site))
 
-    for s in stages:
-        if stages[s] is not None:
-            add_site("stage", s, s, rec.out.get(s), (rec.end[s], 2))
-    for b in _blocks(model, named, stages, stage_mods, module_stage, graphs, rec):
+    stage_mods = [s for s in sorted(stages, key=lambda n: rec.end[n]) if stages[s] is not None]
+    for s in stage_mods:
+        add_site("stage", s, s, rec.out.get(s), (rec.end[s], 2))
+    for b in _blocks(named, stage_mods, module_stage, graphs, rec):
         add_site("block", b, b, rec.out.get(b), (rec.end[b], 1))
     for name, lg in graphs.items():
         order = {n.name: i for i, n in enumerate(lg.eval_graph.nodes)}
-        total = len(order)
         for node, _r, _s in lg.adds:
-            key = (rec.end[name], -(total - order[node]) - 10)
-            path = f"{name}.{node}"
-            mod = named[name]
+            key = (rec.end[name], -(len(order) - order[node]) - 10)
+            path, mod = f"{name}.{node}", named[name]
             add_site("residual", path, name, lg.shapes.get(node), (key[0], key[1] - 2), node, mod)
             add_site("shortcut", path, name, lg.shapes.get(node), (key[0], key[1] - 1), node, mod)
             add_site("merge", path, name, lg.shapes.get(node), key, node, mod)
@@ -759,14 +767,10 @@ def analyze_model(model: nn.Module, example_input: Any = None) -> Analysis:
             add_site("norm", name, name, rec.out.get(name), (rec.end[name], 0), layout_module=m)
         add_site("module", name, name, rec.out.get(name), (rec.end[name], 0), layout_module=m)
     raw.sort(key=lambda t: t[0])
-    sites = [
+    return [
         Site(s.name, s.kind, s.stage, s.module, s.classes, s.shape, s.layout, i, s.node)
         for i, (_, s) in enumerate(raw)
     ]
-    outputs = {k[1:]: v for k, v in rec.out.items() if k.startswith("\0")}
-    return Analysis(
-        sites, stages, module_stage, graphs, opaque, dict(rec.calls), input_shape, rec.inputs, outputs, twins
-    )
 
 
 def _candidate_adds(graph: fx.Graph) -> bool:
@@ -795,26 +799,25 @@ def _signature(value: Any) -> Any:
 
 def _verify(
     model: nn.Module, m: nn.Module, lg: LocalGraph, inputs: Any, expected: Any, twins: dict[Any, Any]
-) -> str | None:
-    """Run the eval graph on the recorded inputs in eval mode; fill shapes; None if it reproduces ``m``.
+) -> tuple[str | None, dict[str, tuple[int, ...] | None]]:
+    """Run the eval graph on the recorded inputs in eval mode: (None, node shapes) if it reproduces ``m``,
+    else (the reason, {}).
 
     Twins (same class, same generated code, same input and output shapes; e.g. the 24 blocks of a ViT-L)
     share one verification: their graphs are the same program on same-shaped tensors.
     """
     if inputs is None:
-        return f"{type(m).__name__} did not run in the shape pass"
+        return f"{type(m).__name__} did not run in the shape pass", {}
     key = (type(m), lg.eval_graph.python_code("self").src, _signature(inputs), _signature(expected))
-    if key in twins:
-        if isinstance(twins[key], str):
-            return twins[key]
-        lg.shapes, lg.verified = dict(twins[key]), True
-        return None
-    reason = _verify_run(model, m, lg, inputs, expected)
-    twins[key] = reason if reason else lg.shapes
-    return reason
+    if key not in twins:
+        twins[key] = _verify_run(model, m, lg, inputs, expected)
+    result = twins[key]
+    return (result, {}) if isinstance(result, str) else (None, dict(result))
 
 
-def _verify_run(model: nn.Module, m: nn.Module, lg: LocalGraph, inputs: Any, expected: Any) -> str | None:
+def _verify_run(
+    model: nn.Module, m: nn.Module, lg: LocalGraph, inputs: Any, expected: Any
+) -> str | dict[str, tuple[int, ...] | None]:
     args, kwargs = inputs
     modes = {mod: mod.training for mod in model.modules()}
     added = [k for k in lg.constants if k not in m.__dict__]
@@ -833,9 +836,7 @@ def _verify_run(model: nn.Module, m: nn.Module, lg: LocalGraph, inputs: Any, exp
             m.__dict__.pop(k, None)
     if not _outputs_equal(result, expected):
         return f"the FX graph of {type(m).__name__} does not reproduce its output"
-    lg.shapes = dict(interp.shapes)
-    lg.verified = True
-    return None
+    return dict(interp.shapes)
 
 
 def _run_kw(interp: fx.Interpreter, graph: fx.Graph, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -860,20 +861,18 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _blocks(
-    model: nn.Module,
     named: dict[str, nn.Module],
-    stages: dict[str, int | None],
     stage_mods: list[str],
     module_stage: dict[str, int | None],
     graphs: dict[str, LocalGraph],
     rec: _Recorder,
 ) -> list[str]:
-    """Block modules of every stage (module docstring)."""
+    """Block modules of every stage (:func:`timm_drop.structure.stage_blocks`), plus those of modules that ran
+    inside a stage's time window without being under a stage module (EfficientNet's ``blocks.3``)."""
     roots: list[str] = list(stage_mods)
-    # maximal modules that ran inside a stage's time window without being under a stage module
     under_stage = {n for n in named if any(n == s or n.startswith(s + ".") for s in stage_mods)}
     for n, m in named.items():
-        if n == "" or n in under_stage or module_stage.get(n) is None or not _composite(m):
+        if n == "" or n in under_stage or module_stage.get(n) is None or not composite(m):
             continue
         parent = n.rpartition(".")[0]
         if parent and module_stage.get(parent) is not None and parent not in under_stage:
@@ -881,54 +880,17 @@ def _blocks(
         roots.append(n)
     blocks: list[str] = []
     for r in roots:
-        for b in _stage_blocks(r, named, graphs):
+        for b in stage_blocks(r, named[r], lambda n: n in graphs and bool(graphs[n].adds)):
             if b in rec.end and b not in blocks:
                 blocks.append(b)
     return blocks
 
 
-def _children(name: str, module: nn.Module) -> list[tuple[str, nn.Module]]:
-    prefix = f"{name}." if name else ""
-    return [(prefix + k, c) for k, c in module.named_children()]
-
-
-def _flatten_container(name: str, module: nn.Module) -> list[str]:
-    out = []
-    for cn, c in _children(name, module):
-        if _is_container(c):
-            out.extend(_flatten_container(cn, c))
-        elif _composite(c) and not is_norm(c):
-            out.append(cn)
-    return out
-
-
-def _stage_blocks(name: str, named: dict[str, nn.Module], graphs: dict[str, LocalGraph]) -> list[str]:
-    m = named[name]
-    if _is_container(m):
-        return _flatten_container(name, m)
-    if name in graphs and graphs[name].adds:
-        return [name]
-    holders = [
-        (cn, c)
-        for cn, c in _children(name, m)
-        if _is_container(c) and any(_composite(g) and not is_norm(g) for g in c.children())
-    ]
-    if holders:
-        cn, c = max(holders, key=lambda t: sum(1 for g in t[1].children() if _composite(g)))
-        return _flatten_container(cn, c)
-    comps = [(cn, c) for cn, c in _children(name, m) if _composite(c) and not is_norm(c)]
-    classes = {type(c) for _, c in comps}
-
-    def block_like(cn: str, c: nn.Module) -> bool:
-        # a block owns a skip add or several composite layers (RegNet's b1..bN); a conv-norm-act branch
-        # (Inception's Mixed_* children) does not
-        return bool(cn in graphs and graphs[cn].adds) or sum(1 for g in c.children() if _composite(g)) >= 2
-
-    if comps and len(classes) == 1 and all(block_like(cn, c) for cn, c in comps):
-        return [cn for cn, _ in comps]
-    return [name]
-
-
 def find_sites(model: nn.Module, example_input: Any = None) -> list[Site]:
     """All sites of ``model`` in execution order (see the module docstring). Leaves the model unchanged."""
     return analyze_model(model, example_input).sites
+
+
+def find_blocks(model: nn.Module, example_input: Any = None) -> list[str]:
+    """The modules a spec's ``block`` sites are (and ``LayerOut(unit="block")``'s units), in execution order."""
+    return [s.module for s in find_sites(model, example_input) if s.kind == "block"]

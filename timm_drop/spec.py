@@ -1,4 +1,4 @@
-"""The spec language: YAML / dict -> a validated :class:`Spec` of placement :class:`Rule` s (DESIGN §4).
+"""The spec language: YAML / dict -> a validated :class:`Spec` of placement :class:`Rule` s.
 
 A spec is data. It is parsed with ``yaml.safe_load`` semantics (a spec never imports or executes code) and
 validated completely before anything touches a model: every problem in every rule is collected into one
@@ -43,6 +43,10 @@ Choices where the format could be read more than one way:
   regularizer's own checks are the single source of truth; their errors are re-worded to name the field.
   PyYAML reads ``1e-3`` (no dot) as a string; such a value gets a hint to write ``1.0e-3``.
 * A YAML mapping with the same key twice is an error (PyYAML would silently keep the last one).
+* ``regularizer: layerout`` is an error that says where LayerOut belongs (the recipe config's ``layerout:``
+  section or ``timm_drop.LayerOut``): it is a training controller, not a module placed at sites.
+* A spec over :data:`MAX_SPEC_BYTES`, :data:`MAX_YAML_NODES` (aliases expanded), :data:`MAX_YAML_DEPTH` or
+  :data:`MAX_RULES` is refused before it costs time or memory, with an error naming the limit.
 
 Precedence between rules (``on_conflict``) is decided by the rewriter in spec order: a later rule that
 lands on a site an earlier rule already took raises (``error``), adds a second regularizer after the first
@@ -51,7 +55,6 @@ lands on a site an earlier rule already took raises (``error``), adds a second r
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import functools
 import os
@@ -63,10 +66,17 @@ from typing import Any
 
 import yaml
 
+from timm_drop.problems import ProblemCollector, YamlLocator
 from timm_drop.schedules import Schedule, make_schedule
+from timm_drop.suggest import did_you_mean
+from timm_drop.yaml_io import YAMLInputError, load_yaml_bounded
 
 __all__ = [
     "DEPTH_SCALINGS",
+    "MAX_RULES",
+    "MAX_SPEC_BYTES",
+    "MAX_YAML_DEPTH",
+    "MAX_YAML_NODES",
     "NORM_POSITIONS",
     "ON_CONFLICT",
     "RULE_KEYS",
@@ -105,8 +115,18 @@ RULE_KEYS: tuple[str, ...] = (
     "label",
 )
 SPEC_VERSIONS: tuple[int, ...] = (1,)
+#: Limits that keep a hostile or runaway spec from costing minutes and gigabytes: the size of a spec file or
+#: text (PyYAML composes a few ten thousand nodes a second, so this bounds the parse), its YAML nodes counted
+#: with aliases expanded (an "alias bomb" of a few hundred bytes describes 10^8 values) and its rules (each
+#: one builds regularizers to check its parameters). Real specs are a few KiB with a handful of rules.
+MAX_SPEC_BYTES: int = 256 * 1024
+MAX_YAML_NODES: int = 50_000
+#: Flow-collection nesting (``[`` / ``{``): PyYAML's scanner is quadratic in it (4000 levels: 10 s).
+MAX_YAML_DEPTH: int = 100
+MAX_RULES: int = 1_000
 REGEX_PREFIX = "re:"
 _YAML_SUFFIXES = (".yaml", ".yml")
+_BRACKET = re.compile(r"[\[\]{}]")
 _QUALIFIED_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
@@ -128,15 +148,6 @@ def match_pattern(pattern: str, qualname: str) -> bool:
     crosses dots, so ``layer1.*`` matches ``layer1.0.conv1``). Neither is a prefix or substring match.
     """
     return _compiled(pattern).fullmatch(qualname) is not None
-
-
-def _nearest(word: str, candidates: Iterable[str], n: int = 3) -> list[str]:
-    return difflib.get_close_matches(word, list(candidates), n=n, cutoff=0.5)
-
-
-def _did_you_mean(word: str, candidates: Iterable[str]) -> str:
-    near = _nearest(word, candidates)
-    return f"; did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
 
 
 def _fmt_list(items: Iterable[Any]) -> str:
@@ -401,7 +412,7 @@ def load_spec(src: str | os.PathLike | Mapping[str, Any] | Spec) -> Spec:
 
 
 def _looks_like_path(text: str) -> bool:
-    if "\n" in text:
+    if "\n" in text or len(text) > 4096:  # no file name is that long; a huge string is YAML text
         return False
     return os.path.exists(os.path.expanduser(text)) or text.strip().lower().endswith(_YAML_SUFFIXES)
 
@@ -413,55 +424,62 @@ def _load_file(given: str) -> Spec:
     if os.path.isdir(path):
         raise SpecError(path, f"spec path {path!r} is a directory, not a YAML file")
     try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
+        with open(path, "rb") as fh:
+            # at most one byte past the limit: a huge file (or /dev/zero) is refused without being read
+            raw = fh.read(MAX_SPEC_BYTES + 1)
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(path, f"cannot read spec file {path!r}: {exc}") from exc
+    if len(raw) > MAX_SPEC_BYTES:
+        raise SpecError(path, f"spec file {path!r} is over the limit of {MAX_SPEC_BYTES} bytes")
     data, root = _parse_yaml(text, path)
     return _validate(data, path, root)
 
 
 def _parse_yaml(text: str, source: str) -> tuple[Any, yaml.Node | None]:
-    """``yaml.safe_load`` that also keeps the node tree, for line numbers and duplicate-key checks."""
-    loader = yaml.SafeLoader(text)
+    """``yaml.safe_load`` within the size and alias-expansion limits, keeping the node tree for line numbers
+    and duplicate-key checks."""
+    # (a text over the size limit is left to load_yaml_bounded, which refuses it without looking inside)
+    deep_at = _flow_depth_exceeded(text, MAX_YAML_DEPTH) if len(text) <= MAX_SPEC_BYTES else None
+    if deep_at is not None:
+        message = f"YAML nested too deeply: more than {MAX_YAML_DEPTH} levels of [ ] or {{ }}"
+        raise SpecError(source, SpecProblem(message, line=deep_at))
     try:
-        root = loader.get_single_node()
-        data = loader.construct_document(root) if root is not None else None
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        what = exc.problem or "invalid YAML"
-        if exc.context:
-            what += f" ({exc.context})"
-        line = mark.line + 1 if mark is not None else None
-        column = mark.column + 1 if mark is not None else None
-        raise SpecError(source, SpecProblem(f"YAML syntax error: {what}", line=line, column=column)) from None
-    except yaml.YAMLError as exc:
-        raise SpecError(source, f"YAML syntax error: {exc}") from None
-    finally:
-        loader.dispose()
-    return data, root
+        return load_yaml_bounded(text, source, max_bytes=MAX_SPEC_BYTES, max_nodes=MAX_YAML_NODES)
+    except YAMLInputError as exc:
+        raise SpecError(source, SpecProblem(exc.problem, line=exc.line, column=exc.column)) from None
 
 
-class _Collector:
-    """Gathers problems with their location; maps field paths to YAML lines when a node tree exists."""
+def _flow_depth_exceeded(text: str, limit: int) -> int | None:
+    """1-based line where brackets first nest deeper than ``limit``, else None; linear in the text.
+
+    Brackets inside strings and comments count too: a real spec never comes near the limit either way, and
+    not parsing quotes keeps a crafted quote from hiding brackets from this check.
+    """
+    depth = 0
+    for match in _BRACKET.finditer(text):
+        depth = depth + 1 if match.group() in "[{" else max(depth - 1, 0)
+        if depth > limit:
+            return text.count("\n", 0, match.start()) + 1
+    return None
+
+
+class _Report:
+    """The spec's problems with their location: rule, field and, for YAML input, the field's line."""
 
     def __init__(self, source: str, root: yaml.Node | None):
         self.source = source
-        self.root = root
-        self.problems: list[SpecProblem] = []
-        self._order: list[tuple[int, int, int]] = []
+        self.yaml = YamlLocator(root)
+        self.problems: ProblemCollector[SpecProblem] = ProblemCollector()
 
     def add(
         self, message: str, path: tuple[Any, ...] = (), rule: str | None = None, fld: str | None = None
     ) -> None:
-        line = self._line(path)
-        problem = SpecProblem(message, rule=rule, field=fld, line=line)
-        if problem not in self.problems:
-            self.problems.append(problem)
-            self._order.append(self._sort_key(line, path))
+        line = self.yaml.line(path)
+        self.problems.add(SpecProblem(message, rule=rule, field=fld, line=line), self._order(line, path))
 
     @staticmethod
-    def _sort_key(line: int | None, path: tuple[Any, ...]) -> tuple[int, int, int]:
+    def _order(line: int | None, path: tuple[Any, ...]) -> tuple[int, int, int]:
         # YAML: file order. Dicts: top level first, then rule by rule, fields in the documented order.
         if line is not None:
             return (line, 0, 0)
@@ -474,88 +492,25 @@ class _Collector:
         first = rest[0] if rest else None
         return (0, rule, RULE_KEYS.index(first) if first in RULE_KEYS else -1)
 
-    def _line(self, path: tuple[Any, ...]) -> int | None:
-        node = self.root
-        if node is None:
-            return None
-        line = node.start_mark.line
-        for step in path:
-            child = None
-            if isinstance(node, yaml.MappingNode):
-                for key_node, value_node in node.value:
-                    if isinstance(key_node, yaml.ScalarNode) and key_node.value == str(step):
-                        # the key's line: a block mapping value starts on the line after its key
-                        child, line = value_node, key_node.start_mark.line
-            elif (
-                isinstance(node, yaml.SequenceNode) and isinstance(step, int) and 0 <= step < len(node.value)
-            ):
-                child = node.value[step]
-                line = child.start_mark.line
-            if child is None:
-                break
-            node = child
-        return line + 1
-
-    def check_duplicate_keys(self, node: yaml.Node | None = None, path: tuple[Any, ...] = ()) -> None:
-        node = self.root if node is None else node
-        if node is None:
-            return
-        if isinstance(node, yaml.MappingNode):
-            seen: set[str] = set()
-            for key_node, value_node in node.value:
-                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-                if key is not None and key in seen:
-                    self._duplicate(key, key_node, path)
-                if key is not None:
-                    seen.add(key)
-                self.check_duplicate_keys(value_node, path + (key,))
-        elif isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                self.check_duplicate_keys(item, path + (i,))
-
-    def _duplicate(self, key: str, key_node: yaml.Node, path: tuple[Any, ...]) -> None:
-        rule = fld = None
-        if len(path) >= 2 and path[0] == "rules" and isinstance(path[1], int):
-            rule_node = self._node(path[:2])
-            reg = "?"
-            if isinstance(rule_node, yaml.MappingNode):
-                for k, v in rule_node.value:
-                    if (
-                        isinstance(k, yaml.ScalarNode)
-                        and k.value == "regularizer"
-                        and isinstance(v, yaml.ScalarNode)
-                    ):
-                        reg = v.value
-            rule = f"rule {path[1] + 1} ({reg})"
-            inner = [str(p) for p in path[2:]]
-        else:
-            inner = [str(p) for p in path]
-        fld = ".".join(inner + [key])
-        line = key_node.start_mark.line + 1
-        message = f"key {key!r} appears twice; YAML would silently keep only the last one"
-        self.problems.append(SpecProblem(message, rule=rule, field=fld, line=line))
-        self._order.append((line, 0, 0))
-
-    def _node(self, path: tuple[Any, ...]) -> yaml.Node | None:
-        node = self.root
-        for step in path:
-            if isinstance(node, yaml.MappingNode):
-                node = next((v for k, v in node.value if getattr(k, "value", None) == str(step)), None)
-            elif isinstance(node, yaml.SequenceNode) and isinstance(step, int) and step < len(node.value):
-                node = node.value[step]
-            else:
-                return None
-        return node
+    def check_duplicate_keys(self) -> None:
+        for path, key, line in self.yaml.duplicate_keys():
+            rule = None
+            inner = list(path)
+            if len(path) >= 2 and path[0] == "rules" and isinstance(path[1], int):
+                reg = self.yaml.node(path[:2] + ("regularizer",))
+                rule = f"rule {path[1] + 1} ({reg.value if isinstance(reg, yaml.ScalarNode) else '?'})"
+                inner = inner[2:]
+            fld = ".".join([str(p) for p in inner] + [key])
+            message = f"key {key!r} appears twice; YAML would silently keep only the last one"
+            self.problems.add(SpecProblem(message, rule=rule, field=fld, line=line), (line, 0, 0))
 
     def raise_if_any(self) -> None:
         if self.problems:
-            # file order reads best; problems without a line (dict input) keep the order they were found in
-            ordered = [p for _, _, p in sorted(zip(self._order, range(len(self._order)), self.problems))]
-            raise SpecError(self.source, ordered)
+            raise SpecError(self.source, self.problems.sorted())
 
 
 def _validate(data: Any, source: str, root: yaml.Node | None) -> Spec:
-    report = _Collector(source, root)
+    report = _Report(source, root)
     report.check_duplicate_keys()
     if data is None:
         report.add("the spec is empty; it needs a 'rules' list")
@@ -571,7 +526,7 @@ def _validate(data: Any, source: str, root: yaml.Node | None) -> Spec:
 
     for key in data:
         if key not in TOP_LEVEL_KEYS:
-            hint = _did_you_mean(str(key), TOP_LEVEL_KEYS)
+            hint = did_you_mean(str(key), TOP_LEVEL_KEYS)
             if hint == "" and str(key) in RULE_KEYS:
                 hint = "; rule fields go inside an entry of the 'rules' list"
             report.add(
@@ -603,6 +558,14 @@ def _validate(data: Any, source: str, root: yaml.Node | None) -> Spec:
         report.add(f"must be a list of rules (or a single rule mapping), got {got}", ("rules",), fld="rules")
     elif not raw_rules:
         report.add("is empty; a spec needs at least one rule", ("rules",), fld="rules")
+    elif len(raw_rules) > MAX_RULES:
+        # checked before any rule: each rule builds regularizers, so a huge list would cost minutes
+        report.add(
+            f"has {len(raw_rules):,} rules, more than the limit of {MAX_RULES:,}; split the spec "
+            "or select more sites per rule",
+            ("rules",),
+            fld="rules",
+        )
     else:
         for i, raw in enumerate(raw_rules):
             rule = _parse_rule(i, raw, report, ("rules", i))
@@ -622,12 +585,17 @@ def _validate(data: Any, source: str, root: yaml.Node | None) -> Spec:
 # One rule
 # ---------------------------------------------------------------------------------------------------------
 class _RuleChecker:
-    def __init__(self, index: int, raw: Mapping[str, Any], report: _Collector, path: tuple[Any, ...]):
+    """One rule's raw mapping, its registered parameters (None when the regularizer is unknown) and the
+    problems found in it, each reported with the rule's name and the field."""
+
+    def __init__(self, index: int, raw: Mapping[str, Any], report: _Report, path: tuple[Any, ...]):
         self.index = index
         self.raw = raw
         self.report = report
         self.path = path
-        reg = raw.get("regularizer")
+        self.regularizer = raw.get("regularizer")
+        self.reg_params = _known_params(self.regularizer)
+        reg = self.regularizer
         self.where = f"rule {index + 1} ({reg if isinstance(reg, str) and reg else '?'})"
         self.ok = True
 
@@ -646,7 +614,8 @@ def _path_steps(fld: str) -> list[Any]:
     return steps
 
 
-def _parse_rule(index: int, raw: Any, report: _Collector, path: tuple[Any, ...]) -> Rule | None:
+def _parse_rule(index: int, raw: Any, report: _Report, path: tuple[Any, ...]) -> Rule | None:
+    """Check every field of one rule (all problems are reported) and build the :class:`Rule`."""
     if not isinstance(raw, Mapping):
         report.add(
             f"each rule must be a mapping with at least 'regularizer' and 'sites', got {type(raw).__name__} {raw!r}",
@@ -655,142 +624,22 @@ def _parse_rule(index: int, raw: Any, report: _Collector, path: tuple[Any, ...])
         )
         return None
     c = _RuleChecker(index, raw, report, path)
-
-    # -- keys -----------------------------------------------------------------------------------------
-    reg_params = _known_params(raw.get("regularizer"))
-    for key in raw:
-        if key in RULE_KEYS:
-            continue
-        if reg_params is not None and key in reg_params:
-            hint = f"; {key!r} is a parameter of {raw['regularizer']}, put it under 'params'"
-        else:
-            hint = _did_you_mean(str(key), RULE_KEYS)
-        c.fail(str(key), f"is not a rule field{hint} (rule fields: {_fmt_list(RULE_KEYS)})", (key,))
-
-    # -- regularizer ---------------------------------------------------------------------------------
-    regularizer = raw.get("regularizer")
-    if "regularizer" not in raw:
-        c.fail("regularizer", "is required: the registry name of the regularizer to place", ())
-    elif not isinstance(regularizer, str) or not regularizer:
-        c.fail("regularizer", f"must be a registry name (a string), got {regularizer!r}")
-    elif reg_params is None:
-        from timm_drop.regularizers.registry import list_regularizers
-
-        names = list_regularizers()
-        c.fail(
-            "regularizer",
-            f"unknown regularizer {regularizer!r}{_did_you_mean(regularizer, names)} "
-            f"(registered: {', '.join(names) or 'none'})",
-        )
-    elif _is_controller(regularizer):
-        c.fail(
-            "regularizer",
-            f"{regularizer!r} is a training controller, not a regularizer a rule can place at sites; "
-            "configure it outside the spec (e.g. the recipe's 'layerout' section, or LayerOut(...).bind(model))",
-        )
-        reg_params = None
-
-    # -- params --------------------------------------------------------------------------------------
-    params = _check_params(c, raw.get("params", {}), "params", reg_params, regularizer)
-
-    # -- sites ---------------------------------------------------------------------------------------
-    sites: tuple[str, ...] = ()
-    if "sites" not in raw:
-        c.fail("sites", f"is required: one or more of {_fmt_list(SITE_KINDS)}", ())
-    else:
-        sites = _check_choices(c, raw["sites"], "sites", SITE_KINDS, "site kind")
-
-    # -- stages --------------------------------------------------------------------------------------
+    _check_rule_fields(c)
+    _check_regularizer(c)
+    params = _check_params(c, raw.get("params", {}), "params")
+    sites = _check_sites(c)
     stages = _check_stages(c, raw.get("stages"))
-
-    # -- name / type / exclude -------------------------------------------------------------------------
-    name = _check_patterns(c, raw.get("name"), "name") if raw.get("name") is not None else None
-    exclude = _check_patterns(c, raw.get("exclude"), "exclude") if raw.get("exclude") is not None else ()
-    type_ = _check_types(c, raw.get("type")) if raw.get("type") is not None else None
-    if "module" in sites and name is None and type_ is None:
-        c.fail("sites", "site kind 'module' needs a 'name' or 'type' selector saying which modules")
-
-    # -- stage_params ----------------------------------------------------------------------------------
-    stage_params: dict[int, dict[str, Any]] = {}
-    raw_sp = raw.get("stage_params")
-    if raw_sp is not None:
-        if not isinstance(raw_sp, Mapping):
-            c.fail(
-                "stage_params", f"must map stage numbers to parameter overrides, got {type(raw_sp).__name__}"
-            )
-        else:
-            for key, override in raw_sp.items():
-                stage = _stage_key(key)
-                if stage is None:
-                    c.fail(
-                        f"stage_params.{key}",
-                        f"stage keys must be positive integers (1-based, stem excluded), got {key!r}",
-                        ("stage_params", key),
-                    )
-                    continue
-                if stage in stage_params:
-                    c.fail(
-                        f"stage_params.{stage}", f"stage {stage} is given twice (as {key!r} and as an int)"
-                    )
-                    continue
-                if stages is not None and stage not in stages:
-                    c.fail(
-                        f"stage_params.{stage}",
-                        f"stage {stage} is not among the rule's stages {list(stages)}, so it would never apply",
-                        ("stage_params", key),
-                    )
-                fld = f"stage_params.{stage}"
-                checked = _check_params(c, override, fld, reg_params, regularizer, path=("stage_params", key))
-                if checked is not None:
-                    stage_params[stage] = checked
-
-    # -- build the regularizer once per distinct parameter set --------------------------------------------
-    if reg_params is not None and params is not None:
-        _check_buildable(c, regularizer, reg_params, params, stage_params, stages, raw)
-
-    # -- depth scaling, schedule, placement options ----------------------------------------------------
-    depth_scaling = raw.get("depth_scaling")
-    if depth_scaling is not None:
-        if depth_scaling not in DEPTH_SCALINGS:
-            c.fail(
-                "depth_scaling",
-                f"must be one of {_fmt_list(DEPTH_SCALINGS)} or left out, got {depth_scaling!r}"
-                f"{_did_you_mean(str(depth_scaling), DEPTH_SCALINGS)}",
-            )
-        elif reg_params is not None and not any(p in reg_params for p in STRENGTH_PARAMS):
-            c.fail(
-                "depth_scaling",
-                f"{regularizer} has no strength parameter ({_fmt_list(STRENGTH_PARAMS)}) to scale with depth",
-            )
-
-    schedule = None
-    if raw.get("schedule") is not None:
-        try:
-            schedule = make_schedule(_plain(raw["schedule"]))
-        except (TypeError, ValueError) as exc:
-            c.fail("schedule", _sentence(str(exc)) + _numeric_string_hint(raw["schedule"]))
-
-    norm_position = raw.get("norm_position", "after_norm")
-    if norm_position not in NORM_POSITIONS:
-        c.fail(
-            "norm_position",
-            f"must be one of {_fmt_list(NORM_POSITIONS)}, got {norm_position!r}"
-            f"{_did_you_mean(str(norm_position), NORM_POSITIONS)}",
-        )
-    elif norm_position != "after_norm" and sites and "norm" not in sites:
-        c.fail("norm_position", f"{norm_position!r} only applies to 'norm' sites, and this rule has none")
-
-    on_conflict = raw.get("on_conflict", "error")
-    if on_conflict not in ON_CONFLICT:
-        c.fail(
-            "on_conflict",
-            f"must be one of {_fmt_list(ON_CONFLICT)}, got {on_conflict!r}{_did_you_mean(str(on_conflict), ON_CONFLICT)}",
-        )
-
+    name, type_, exclude = _check_selectors(c, sites)
+    stage_params = _check_stage_params(c, stages)
+    if c.reg_params is not None and params is not None:
+        _check_buildable(c, params, stage_params, stages)
+    depth_scaling = _check_depth_scaling(c)
+    schedule = _check_schedule(c)
+    norm_position = _check_norm_position(c, sites)
+    on_conflict = _check_one_of(c, "on_conflict", ON_CONFLICT, "error")
     allow_empty = raw.get("allow_empty", False)
     if not isinstance(allow_empty, bool):
         c.fail("allow_empty", f"must be true or false, got {allow_empty!r}")
-
     label = raw.get("label")
     if label is not None and not isinstance(label, str):
         c.fail("label", f"must be a string, got {type(label).__name__} {label!r}")
@@ -799,7 +648,7 @@ def _parse_rule(index: int, raw: Any, report: _Collector, path: tuple[Any, ...])
         return None
     return Rule(
         index=index,
-        regularizer=regularizer,
+        regularizer=c.regularizer,
         params=params,
         sites=sites,
         stages=stages,
@@ -816,6 +665,135 @@ def _parse_rule(index: int, raw: Any, report: _Collector, path: tuple[Any, ...])
     )
 
 
+def _check_rule_fields(c: _RuleChecker) -> None:
+    """Keys that are not rule fields; a parameter of the regularizer written beside ``params`` gets told so."""
+    for key in c.raw:
+        if key in RULE_KEYS:
+            continue
+        if c.reg_params is not None and key in c.reg_params:
+            hint = f"; {key!r} is a parameter of {c.regularizer}, put it under 'params'"
+        else:
+            hint = did_you_mean(str(key), RULE_KEYS)
+        c.fail(str(key), f"is not a rule field{hint} (rule fields: {_fmt_list(RULE_KEYS)})", (key,))
+
+
+def _check_regularizer(c: _RuleChecker) -> None:
+    regularizer = c.regularizer
+    if "regularizer" not in c.raw:
+        c.fail("regularizer", "is required: the registry name of the regularizer to place", ())
+    elif not isinstance(regularizer, str) or not regularizer:
+        c.fail("regularizer", f"must be a registry name (a string), got {regularizer!r}")
+    elif c.reg_params is None:
+        from timm_drop.regularizers.registry import list_regularizers, not_a_regularizer
+
+        elsewhere = not_a_regularizer(regularizer)
+        if elsewhere is not None:
+            c.fail("regularizer", f"{regularizer!r} is {elsewhere}")
+            return
+        names = list_regularizers()
+        c.fail(
+            "regularizer",
+            f"unknown regularizer {regularizer!r}{did_you_mean(regularizer, names)} "
+            f"(registered: {', '.join(names) or 'none'})",
+        )
+
+
+def _check_sites(c: _RuleChecker) -> tuple[str, ...]:
+    if "sites" not in c.raw:
+        c.fail("sites", f"is required: one or more of {_fmt_list(SITE_KINDS)}", ())
+        return ()
+    return _check_choices(c, c.raw["sites"], "sites", SITE_KINDS, "site kind")
+
+
+def _check_selectors(
+    c: _RuleChecker, sites: tuple[str, ...]
+) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None, tuple[str, ...]]:
+    """``(name, type, exclude)``; the ``module`` site kind needs a name or type selector."""
+    raw = c.raw
+    name = _check_patterns(c, raw.get("name"), "name") if raw.get("name") is not None else None
+    exclude = _check_patterns(c, raw.get("exclude"), "exclude") if raw.get("exclude") is not None else ()
+    type_ = _check_types(c, raw.get("type")) if raw.get("type") is not None else None
+    if "module" in sites and name is None and type_ is None:
+        c.fail("sites", "site kind 'module' needs a 'name' or 'type' selector saying which modules")
+    return name, type_, exclude
+
+
+def _check_stage_params(c: _RuleChecker, stages: tuple[int, ...] | None) -> dict[int, dict[str, Any]]:
+    """Per-stage overrides keyed by int stage; keys must be stages the rule can reach."""
+    stage_params: dict[int, dict[str, Any]] = {}
+    raw_sp = c.raw.get("stage_params")
+    if raw_sp is None:
+        return stage_params
+    if not isinstance(raw_sp, Mapping):
+        c.fail("stage_params", f"must map stage numbers to parameter overrides, got {type(raw_sp).__name__}")
+        return stage_params
+    for key, override in raw_sp.items():
+        stage = _stage_key(key)
+        if stage is None:
+            c.fail(
+                f"stage_params.{key}",
+                f"stage keys must be positive integers (1-based, stem excluded), got {key!r}",
+                ("stage_params", key),
+            )
+            continue
+        if stage in stage_params:
+            c.fail(f"stage_params.{stage}", f"stage {stage} is given twice (as {key!r} and as an int)")
+            continue
+        if stages is not None and stage not in stages:
+            c.fail(
+                f"stage_params.{stage}",
+                f"stage {stage} is not among the rule's stages {list(stages)}, so it would never apply",
+                ("stage_params", key),
+            )
+        checked = _check_params(c, override, f"stage_params.{stage}", path=("stage_params", key))
+        if checked is not None:
+            stage_params[stage] = checked
+    return stage_params
+
+
+def _check_depth_scaling(c: _RuleChecker) -> str | None:
+    depth_scaling = c.raw.get("depth_scaling")
+    if depth_scaling is None:
+        return None
+    if depth_scaling not in DEPTH_SCALINGS:
+        c.fail(
+            "depth_scaling",
+            f"must be one of {_fmt_list(DEPTH_SCALINGS)} or left out, got {depth_scaling!r}"
+            f"{did_you_mean(str(depth_scaling), DEPTH_SCALINGS)}",
+        )
+    elif c.reg_params is not None and not any(p in c.reg_params for p in STRENGTH_PARAMS):
+        c.fail(
+            "depth_scaling",
+            f"{c.regularizer} has no strength parameter ({_fmt_list(STRENGTH_PARAMS)}) to scale with depth",
+        )
+    return depth_scaling
+
+
+def _check_schedule(c: _RuleChecker) -> Schedule | None:
+    raw = c.raw.get("schedule")
+    if raw is None:
+        return None
+    try:
+        return make_schedule(_plain(raw))
+    except (TypeError, ValueError) as exc:
+        c.fail("schedule", _sentence(str(exc)) + _numeric_string_hint(raw))
+        return None
+
+
+def _check_one_of(c: _RuleChecker, fld: str, choices: tuple[str, ...], default: str) -> Any:
+    value = c.raw.get(fld, default)
+    if value not in choices:
+        c.fail(fld, f"must be one of {_fmt_list(choices)}, got {value!r}{did_you_mean(str(value), choices)}")
+    return value
+
+
+def _check_norm_position(c: _RuleChecker, sites: tuple[str, ...]) -> Any:
+    norm_position = _check_one_of(c, "norm_position", NORM_POSITIONS, "after_norm")
+    if norm_position in NORM_POSITIONS[1:] and sites and "norm" not in sites:
+        c.fail("norm_position", f"{norm_position!r} only applies to 'norm' sites, and this rule has none")
+    return norm_position
+
+
 def _known_params(regularizer: Any) -> dict[str, Any] | None:
     """The registered regularizer's parameters and defaults, or None if the name is not registered."""
     if not isinstance(regularizer, str) or not regularizer:
@@ -825,12 +803,6 @@ def _known_params(regularizer: Any) -> dict[str, Any] | None:
     if regularizer not in list_regularizers():
         return None
     return regularizer_params(regularizer)
-
-
-def _is_controller(regularizer: str) -> bool:
-    from timm_drop.regularizers.registry import get_regularizer_class
-
-    return bool(getattr(get_regularizer_class(regularizer), "is_controller", False))
 
 
 def _plain(value: Any) -> Any:
@@ -859,14 +831,11 @@ def _numeric_string_hint(value: Any) -> str:
 
 
 def _check_params(
-    c: _RuleChecker,
-    raw: Any,
-    fld: str,
-    reg_params: dict[str, Any] | None,
-    regularizer: Any,
-    path: tuple[Any, ...] | None = None,
+    c: _RuleChecker, raw: Any, fld: str, path: tuple[Any, ...] | None = None
 ) -> dict[str, Any] | None:
+    """``params`` or one ``stage_params`` override: a mapping of the regularizer's parameter names."""
     path = tuple(_path_steps(fld)) if path is None else path
+    reg_params = c.reg_params
     if raw is None:
         return {}
     if not isinstance(raw, Mapping):
@@ -880,10 +849,10 @@ def _check_params(
             good = False
             continue
         if reg_params is not None and key not in reg_params:
-            hint = _did_you_mean(key, reg_params)
+            hint = did_you_mean(key, reg_params)
             c.fail(
                 f"{fld}.{key}",
-                f"{regularizer} has no parameter {key!r}{hint} (it accepts {_fmt_list(reg_params) or 'none'})",
+                f"{c.regularizer} has no parameter {key!r}{hint} (it accepts {_fmt_list(reg_params) or 'none'})",
                 path + (key,),
             )
             good = False
@@ -903,7 +872,7 @@ def _check_choices(
     for i, item in enumerate(items):
         sub = fld if isinstance(raw, str) else f"{fld}[{i}]"
         if not isinstance(item, str) or item not in choices:
-            hint = _did_you_mean(item, choices) if isinstance(item, str) else ""
+            hint = did_you_mean(item, choices) if isinstance(item, str) else ""
             c.fail(sub, f"unknown {what} {item!r}{hint} (choose from {_fmt_list(choices)})")
         elif item not in out:
             out.append(item)
@@ -986,18 +955,16 @@ def _check_types(c: _RuleChecker, raw: Any) -> tuple[str, ...]:
 
 def _check_buildable(
     c: _RuleChecker,
-    regularizer: str,
-    reg_params: dict[str, Any],
     params: dict[str, Any],
     stage_params: dict[int, dict[str, Any]],
     stages: tuple[int, ...] | None,
-    raw: Mapping[str, Any],
 ) -> None:
     """Build the regularizer for each distinct merged parameter set the rule can produce."""
     import inspect
 
     from timm_drop.regularizers.registry import create_regularizer
 
+    regularizer, reg_params = c.regularizer, c.reg_params or {}
     # Which stages use the base params alone (None) and which an override.
     if stages is None:
         contexts: list[int | None] = [None, *sorted(stage_params)]
@@ -1007,10 +974,8 @@ def _check_buildable(
         )
     required = [p for p, default in reg_params.items() if default is inspect.Parameter.empty]
     for stage in contexts:
-        merged = dict(params)
         override = stage_params.get(stage, {}) if stage is not None else {}
-        merged.update(override)
-        container = "params" if stage is None else f"stage_params.{stage}"
+        merged = {**params, **override}
         missing = [p for p in required if p not in merged]
         if missing:
             if stage is None:
@@ -1020,15 +985,15 @@ def _check_buildable(
                 c.fail("params", f"{regularizer} needs {_fmt_list(missing)} (no default){why}", ("params",))
             else:
                 c.fail(
-                    container,
+                    f"stage_params.{stage}",
                     f"{regularizer} needs {_fmt_list(missing)} (no default); set it in 'params' or in this override",
-                    ("stage_params", _raw_stage_key(raw, stage)),
+                    ("stage_params", _raw_stage_key(c.raw, stage)),
                 )
             continue
         try:
             create_regularizer(regularizer, **merged)
         except Exception as exc:  # the regularizer's own validation is the source of truth
-            _report_build_error(c, exc, regularizer, merged, override, container, stage, raw)
+            _report_build_error(c, exc, merged, override, stage)
 
 
 def _raw_stage_key(raw: Mapping[str, Any], stage: int) -> Any:
@@ -1041,38 +1006,32 @@ def _raw_stage_key(raw: Mapping[str, Any], stage: int) -> Any:
 def _report_build_error(
     c: _RuleChecker,
     exc: Exception,
-    regularizer: str,
     merged: dict[str, Any],
     override: dict[str, Any],
-    container: str,
     stage: int | None,
-    raw: Mapping[str, Any],
 ) -> None:
+    """Put a regularizer's refusal on the field it concerns: a :class:`ParamError` names its parameter, which
+    is found in this stage's override or else in ``params``; any other error goes on the container."""
+    from timm_drop.regularizers.base import ParamError
+
     message = _sentence(str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc))
-    # Attribute the error to the parameter it names: the first one mentioned, preferring the message's start.
-    culprit = None
-    for name in sorted(merged, key=len, reverse=True):
-        if message.startswith(name + " "):
-            culprit = name
-            message = message[len(name) + 1 :]
-            break
+    culprit = exc.param if isinstance(exc, ParamError) and exc.param in merged else None
+    if culprit is not None:
+        message = message.removeprefix(culprit + " ")  # the field already names it
     if culprit is None:
-        for name in sorted(merged, key=len, reverse=True):
-            if re.search(rf"(?<![A-Za-z0-9_]){re.escape(name)}(?![A-Za-z0-9_])", message):
-                culprit = name
-                break
-    if culprit is None:
-        fld = container
-        path: tuple[Any, ...] = ("params",) if stage is None else ("stage_params", _raw_stage_key(raw, stage))
+        fld = "params" if stage is None else f"stage_params.{stage}"
+        path: tuple[Any, ...] = (
+            ("params",) if stage is None else ("stage_params", _raw_stage_key(c.raw, stage))
+        )
         hint = _numeric_string_hint(merged)
     elif culprit in override:
         fld = f"stage_params.{stage}.{culprit}"
-        path = ("stage_params", _raw_stage_key(raw, stage), culprit)
+        path = ("stage_params", _raw_stage_key(c.raw, stage), culprit)
         hint = _numeric_string_hint(merged[culprit])
     else:
         fld = f"params.{culprit}"
         path = ("params", culprit)
         hint = _numeric_string_hint(merged[culprit])
-    if culprit is None and not message:
-        message = f"{regularizer} refused these parameters ({type(exc).__name__})"
+    if not message:
+        message = f"{c.regularizer} refused these parameters ({type(exc).__name__})"
     c.fail(fld, message + hint, path)

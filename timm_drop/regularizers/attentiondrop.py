@@ -47,8 +47,9 @@ Choices where the paper is ambiguous (they change results, so they are stated he
 * Layouts: tokens ``(B, L, C)`` arrive from the base class as ``(B, C, L, 1)``: each embedding channel is a
   map over the tokens (prefix tokens included). Any spatial rank works; a map with one unit has ``F^ = 0``.
 
-Numerics: scores, normalisation, gate and scale are float32; the threshold compares in the input dtype, which
-is exact. Output is finite for all-zero, constant, negative and huge inputs: float32 up to half its maximum
+Numerics: scores, normalisation, gate and scale are float32 (the threshold compares the exact float32 copy of
+the input). Scores are NaN-safe: a NaN unit ranks below every number and is left out of its map's min and max,
+so one NaN stays in its own unit instead of turning the whole map's ``max - min`` into NaN. Output is finite for all-zero, constant, negative and huge inputs: float32 up to half its maximum
 (where ``max - min`` itself would overflow); in float16, values up to ``65504 * (1 - drop_prob)``, since a kept
 unit is scaled by at most ``1 / (1 - drop_prob)`` (as in any inverted dropout).
 
@@ -61,7 +62,7 @@ from __future__ import annotations
 
 import torch
 
-from timm_drop.regularizers.base import Regularizer, check_probability, check_strength, is_static_zero
+from timm_drop.regularizers.base import Regularizer, check_probability, check_strength, passes_through
 from timm_drop.regularizers.registry import register_regularizer
 from timm_drop.regularizers.selectscale import check_top_rate, num_selected
 
@@ -82,6 +83,21 @@ def _min_max_normalise(values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor)
     lo = lo.float()
     span = (hi.float() - lo).clamp_min_(torch.finfo(torch.float32).tiny)
     return torch.sub(values, lo).div_(span)
+
+
+_INF = float("inf")
+
+
+@torch.no_grad()
+def _scores(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """NaN-safe float32 views of ``x`` as ``(N, C, n)`` maps: for ranking and maxima (NaN -> -inf, so a NaN unit
+    is never "top") and for minima (NaN -> +inf). One NaN then stays in its own unit instead of making its whole
+    map's ``max - min`` NaN."""
+    xs = x.detach().reshape(x.shape[0], x.shape[1], -1).float()
+    return (
+        torch.nan_to_num(xs, nan=-_INF, posinf=_INF, neginf=-_INF),
+        torch.nan_to_num(xs, nan=_INF, posinf=_INF, neginf=-_INF),
+    )
 
 
 @torch.no_grad()
@@ -105,13 +121,13 @@ def attention_weights(x: torch.Tensor, top_rate: float, mode: str = "ad") -> tor
     (:func:`attention_drop` touches only the top units in ``am``/``ad``).
     """
     mode = check_mode(mode)
-    xs = x.detach().reshape(x.shape[0], x.shape[1], -1)
+    xs, xs_low = _scores(x)
     n = xs.shape[-1]
     k = num_selected(check_top_rate(top_rate), n)
     if mode == "am":
         w = torch.ones(xs.shape, device=x.device, dtype=torch.float32)
     else:
-        lo, hi = torch.aminmax(xs, dim=-1, keepdim=True)
+        lo, hi = xs_low.amin(dim=-1, keepdim=True), xs.amax(dim=-1, keepdim=True)
         w = _min_max_normalise(xs, lo, hi)
     if mode != "sm" and k < n:
         idx, _, sel = _top_units(xs, k)
@@ -155,7 +171,7 @@ def attention_drop(
     top_rate = check_top_rate(top_rate)
     mode = check_mode(mode)
     drop_prob = check_strength("drop_prob", drop_prob)
-    if not training or is_static_zero(drop_prob):
+    if passes_through("attentiondrop", x, training, drop_prob):
         return x
     n_units = x[0, 0].numel()
     k = num_selected(top_rate, n_units)
@@ -163,13 +179,13 @@ def attention_drop(
         factor = _factor(attention_weights(x, top_rate, "sm" if mode == "ad" else mode), drop_prob)
         return x * factor.view(x.shape).to(x.dtype)
     with torch.no_grad():
-        xs = x.detach().reshape(x.shape[0], x.shape[1], -1)
+        xs, xs_low = _scores(x)
         idx, top_vals, sel = _top_units(xs, k)
         if mode == "am":
             w = sel.float()
         else:
             hi = top_vals[..., :1]
-            w = _min_max_normalise(top_vals, xs.amin(dim=-1, keepdim=True), hi).mul_(sel)
+            w = _min_max_normalise(top_vals, xs_low.amin(dim=-1, keepdim=True), hi).mul_(sel)
         factor = torch.ones(xs.shape, device=x.device, dtype=x.dtype)
         factor.scatter_(-1, idx, _factor(w, drop_prob).to(x.dtype))
     return x * factor.view(x.shape)

@@ -8,7 +8,11 @@ A regularizer is a parameter-free ``nn.Module`` that
   ``state_dict`` keys nor recompiles a ``torch.compile``d model, and DDP's buffer broadcast keeps ranks in step;
 * knows the layout of the tensor it receives (``"NCHW"``, ``"NHWC"``, ``"NLC"`` tokens or ``"NC"`` pooled
   features) and adapts to it by viewing the input as channels-first ``(N, C, *spatial)`` (tokens become
-  ``(N, C, L, 1)``, pooled features ``(N, C, 1)``); a layout it cannot serve is refused by name.
+  ``(N, C, L, 1)``, pooled features ``(N, C, 1)``); a layout it cannot serve is refused by name;
+* on ViT tokens whose sequence is ``num_prefix_tokens`` prefix tokens plus an ``H x W`` patch grid
+  (:meth:`Regularizer.set_token_grid`, set by the rewriter from the model), a method that needs a 2-D map
+  (``grid_layouts = ("NLC",)``: DropBlock, CorrDrop) acts on the grid as a channels-last map and returns the prefix
+  tokens untouched; without a grid such a method refuses ``NLC``.
 
 Subclasses implement :meth:`Regularizer.regularize` on a channels-first view ``(N, C, *spatial)`` and
 declare the layouts they accept in ``layouts``.
@@ -19,22 +23,41 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
+from torch import fx, nn
+
+from timm_drop import fx as _fx
+from timm_drop.schedules import on_train_forward
 
 #: Every layout a site can have: channels-first maps, channels-last maps, token sequences ``(B, L, C)`` and
 #: pooled features ``(B, C)`` (seen as one spatial position per channel).
 LAYOUTS: tuple[str, ...] = ("NCHW", "NHWC", "NLC", "NC")
 
 
+class ParamError(ValueError):
+    """A hyper-parameter with a bad value. ``param`` names it, so a spec error lands on that field whatever
+    the message says."""
+
+    def __init__(self, message: str, param: str = "") -> None:
+        super().__init__(message)
+        self.param = param
+
+    def __reduce__(self):  # keep ``param`` when pickled (coverage worker processes)
+        return type(self), (str(self), self.param)
+
+
+class ParamTypeError(ParamError, TypeError):
+    """A hyper-parameter of the wrong type (still a ``TypeError`` for callers that catch one)."""
+
+
 def check_probability(name: str, value: float, *, allow_one: bool = False) -> float:
     """Validate a probability-like hyper-parameter and return it as a float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} ({value!r})")
+        raise ParamTypeError(f"{name} must be a number, got {type(value).__name__} ({value!r})", name)
     value = float(value)
     upper_ok = value <= 1.0 if allow_one else value < 1.0
     if not (value >= 0.0 and upper_ok):
         bound = "[0, 1]" if allow_one else "[0, 1)"
-        raise ValueError(f"{name} must be in {bound}, got {value}")
+        raise ParamError(f"{name} must be in {bound}, got {value}", name)
     return value
 
 
@@ -56,10 +79,44 @@ def is_static_zero(value: float | torch.Tensor) -> bool:
 def check_positive_int(name: str, value: int) -> int:
     """Validate an integer hyper-parameter that must be >= 1."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__} ({value!r})")
+        raise ParamTypeError(f"{name} must be an integer, got {type(value).__name__} ({value!r})", name)
     if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
+        raise ParamError(f"{name} must be >= 1, got {value}", name)
     return value
+
+
+def check_float_input(name: str, x: torch.Tensor) -> None:
+    """Refuse a non-floating-point activation: dropping or rescaling integers (or bools) has no meaning, and the
+    float32 rescale would either fail deep inside a kernel or be truncated silently."""
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{name}: expects a floating-point activation, got a {str(x.dtype).removeprefix('torch.')} tensor of "
+            f"shape {tuple(x.shape)}; regularizers act on float features (cast the input, or exclude this site)"
+        )
+
+
+def passes_through(name: str, x: torch.Tensor, training: bool, strength: float | torch.Tensor) -> bool:
+    """True when a functional form must return ``x`` unchanged: not training, a static strength of 0, or a tensor
+    with no elements (an empty batch or zero channels). A non-float ``x`` is refused in training."""
+    if not training:
+        return True
+    check_float_input(name, x)
+    return is_static_zero(strength) or x.numel() == 0
+
+
+def check_token_grid(grid: Any, num_prefix_tokens: Any) -> tuple[tuple[int, int] | None, int]:
+    """Validate a token grid ``(H, W)`` (or None) and a prefix-token count >= 0."""
+    if grid is not None:
+        if (
+            not isinstance(grid, (tuple, list))
+            or len(grid) != 2
+            or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in grid)
+        ):
+            raise ValueError(f"token_grid must be None or two positive integers (H, W), got {grid!r}")
+        grid = (int(grid[0]), int(grid[1]))
+    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
+        raise ValueError(f"num_prefix_tokens must be an integer >= 0, got {num_prefix_tokens!r}")
+    return grid, num_prefix_tokens
 
 
 def restride_like(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -89,22 +146,54 @@ class Regularizer(nn.Module):
 
     #: layouts this regularizer accepts; the rewriter refuses a site whose layout is not listed.
     layouts: ClassVar[tuple[str, ...]] = LAYOUTS
+    #: layouts accepted only once :meth:`set_token_grid` gave a patch grid: a method that needs a 2-D map acts on
+    #: ``NLC`` tokens only where they are ``num_prefix_tokens`` prefix tokens followed by an ``H x W`` grid.
+    grid_layouts: ClassVar[tuple[str, ...]] = ()
     #: registry name (filled by :func:`timm_drop.regularizers.registry.register_regularizer`).
     registry_name: ClassVar[str] = ""
 
     strength: torch.Tensor
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _fx.register_leaf(cls)  # an FX leaf for timm's tracers (timm_drop.fx)
 
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("strength", torch.ones((), dtype=torch.float32), persistent=False)
         self.schedule: Any = None
         self.layout: str = "NCHW"
+        # Schedule plumbing (timm_drop.schedules): a forward counter for self-counting schedules, whether any
+        # set_progress call reached this module (else a scheduled one warns once), and the rule for messages.
+        self.register_buffer("schedule_count", torch.zeros((), dtype=torch.int64), persistent=False)
+        self.progress_set = False
+        self.rule_label: str | None = None
+        self.register_forward_pre_hook(on_train_forward)
+        # Plain attributes, not buffers: a grid is a property of the site, never of a checkpoint.
+        self.token_grid: tuple[int, int] | None = None
+        self.num_prefix_tokens: int = 0
+
+    @property
+    def display_name(self) -> str:
+        return self.registry_name or type(self).__name__
 
     # -- configuration -------------------------------------------------------------------------------
     def set_layout(self, layout: str) -> None:
-        if layout not in self.layouts:
+        if layout in self.grid_layouts and self.token_grid is None:
+            raise ValueError(
+                f"{type(self).__name__} accepts layouts {list(self.layouts)}, not {layout!r} without a token grid: "
+                f"it needs a 2-D map, so {layout} tokens must be a patch grid (call set_token_grid first)"
+            )
+        if layout not in self.layouts and layout not in self.grid_layouts:
             raise ValueError(f"{type(self).__name__} accepts layouts {list(self.layouts)}, not {layout!r}")
         self.layout = layout
+
+    def set_token_grid(self, grid: tuple[int, int] | None, num_prefix_tokens: int = 0) -> None:
+        """Tell the regularizer that its ``NLC`` input is ``num_prefix_tokens`` prefix tokens (class, register,
+        distillation) followed by an ``H x W`` patch grid, row-major. Methods listing ``NLC`` in
+        ``grid_layouts`` then act on the grid as a map and leave the prefix tokens untouched; ``None`` clears it.
+        Call before ``set_layout("NLC")``."""
+        self.token_grid, self.num_prefix_tokens = check_token_grid(grid, num_prefix_tokens)
 
     def is_noop(self) -> bool:
         """True when the configured (static) strength is zero, so training forward is the identity too."""
@@ -114,6 +203,7 @@ class Regularizer(nn.Module):
         """Move the schedule to ``progress`` in [0, 1]: writes ``strength`` in place (no recompile)."""
         value = 1.0 if self.schedule is None else float(self.schedule(progress))
         self.strength.fill_(value)
+        self.progress_set = True
 
     def effective(self, value: float) -> torch.Tensor:
         """``value * strength`` as a float32 0-dim tensor (robust to ``model.half()`` casting buffers)."""
@@ -125,9 +215,16 @@ class Regularizer(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.is_noop():
+        if isinstance(x, fx.Proxy):  # traced through by an FX tracer: one call_module node (timm_drop.fx)
+            return _fx.leaf_node(self, x)
+        if not self.training:
             return x
-        if self.layout == "NHWC" and x.dim() == 4:
+        check_float_input(self.display_name, x)
+        if self.is_noop() or x.numel() == 0:
+            return x
+        if self.layout == "NLC" and x.dim() == 3 and self.layout in self.grid_layouts:
+            out = self._regularize_grid(x)
+        elif self.layout == "NHWC" and x.dim() == 4:
             out = self.regularize(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         elif self.layout == "NLC" and x.dim() == 3:
             out = self.regularize(x.transpose(1, 2).unsqueeze(-1)).squeeze(-1).transpose(1, 2)
@@ -137,6 +234,23 @@ class Regularizer(nn.Module):
             out = self.regularize(x)
         return restride_like(out, x)
 
+    def _regularize_grid(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, P + H*W, C)`` tokens: the grid part as a channels-last ``(B, C, H, W)`` view (no copy of a
+        contiguous input), the prefix tokens returned as they are."""
+        if self.token_grid is None:
+            raise ValueError(f"{self.display_name}: NLC input without a token grid (call set_token_grid)")
+        (h, w), p = self.token_grid, self.num_prefix_tokens
+        b, length, c = x.shape
+        if length != p + h * w:
+            raise ValueError(
+                f"{self.display_name}: token grid {h}x{w} with {p} prefix token(s) expects L = {p + h * w} tokens, "
+                f"got L = {length} (input {tuple(x.shape)}); a dynamic image size changes the grid, so the model "
+                f"must give the new one through set_token_grid"
+            )
+        grid = x[:, p:].unflatten(1, (h, w)).permute(0, 3, 1, 2)
+        out = self.regularize(grid).permute(0, 2, 3, 1).reshape(b, h * w, c)
+        return out if p == 0 else torch.cat([x[:, :p], out], dim=1)
+
     def _settings(self) -> str:
         return ""
 
@@ -144,6 +258,8 @@ class Regularizer(nn.Module):
         parts = [self._settings()]
         if self.layout != "NCHW":
             parts.append(f"layout={self.layout}")
+        if self.token_grid is not None:
+            parts.append(f"token_grid={self.token_grid}, num_prefix_tokens={self.num_prefix_tokens}")
         if self.schedule is not None:
             parts.append(f"schedule={self.schedule}")
         return ", ".join(p for p in parts if p)

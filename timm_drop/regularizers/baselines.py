@@ -24,7 +24,13 @@ from __future__ import annotations
 
 import torch
 
-from timm_drop.regularizers.base import Regularizer, check_probability, check_strength, is_static_zero
+from timm_drop.regularizers.base import (
+    Regularizer,
+    check_float_input,
+    check_probability,
+    check_strength,
+    passes_through,
+)
 from timm_drop.regularizers.registry import register_regularizer
 
 __all__ = ["DropPath", "Dropout", "SpatialDropout", "drop_path", "dropout", "spatial_dropout"]
@@ -51,7 +57,7 @@ def _masked(x: torch.Tensor, drop_prob: float | torch.Tensor, mask_shape: tuple[
 def dropout(x: torch.Tensor, drop_prob: float | torch.Tensor, training: bool = True) -> torch.Tensor:
     """Elementwise inverted dropout: drop each unit with ``drop_prob``, scale kept units by ``1/(1-p)``."""
     drop_prob = check_strength("drop_prob", drop_prob)
-    if not training or is_static_zero(drop_prob):
+    if passes_through("dropout", x, training, drop_prob):
         return x
     return _masked(x, drop_prob, tuple(x.shape))
 
@@ -59,7 +65,7 @@ def dropout(x: torch.Tensor, drop_prob: float | torch.Tensor, training: bool = T
 def spatial_dropout(x: torch.Tensor, drop_prob: float | torch.Tensor, training: bool = True) -> torch.Tensor:
     """SpatialDropout on ``(N, C, *spatial)``: one draw per (sample, channel), kept channels ``x 1/(1-p)``."""
     drop_prob = check_strength("drop_prob", drop_prob)
-    if not training or is_static_zero(drop_prob):
+    if passes_through("spatial_dropout", x, training, drop_prob):
         return x
     if x.dim() < 2:
         raise ValueError(f"spatial_dropout expects (N, C, *spatial) input, got shape {tuple(x.shape)}")
@@ -69,7 +75,7 @@ def spatial_dropout(x: torch.Tensor, drop_prob: float | torch.Tensor, training: 
 def drop_path(x: torch.Tensor, drop_prob: float | torch.Tensor, training: bool = True) -> torch.Tensor:
     """DropPath / stochastic depth: drop the whole tensor of a sample (dim 0), kept samples ``x 1/(1-p)``."""
     drop_prob = check_strength("drop_prob", drop_prob)
-    if not training or is_static_zero(drop_prob):
+    if passes_through("droppath", x, training, drop_prob):
         return x
     if x.dim() < 1:
         raise ValueError("drop_path expects a batched input with the sample on dim 0, got a 0-dim tensor")
@@ -112,7 +118,10 @@ class DropPath(_ProbRegularizer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Per-sample masks do not care about the layout, so skip the base class's permutes.
-        if not self.training or self.is_noop():
+        if not self.training:
+            return x
+        check_float_input(self.display_name, x)
+        if self.is_noop() or x.numel() == 0:
             return x
         return drop_path(x, self.effective(self.drop_prob))
 

@@ -86,7 +86,7 @@ from timm_drop.regularizers.base import (
     check_positive_int,
     check_probability,
     check_strength,
-    is_static_zero,
+    passes_through,
 )
 from timm_drop.regularizers.registry import register_regularizer
 
@@ -164,7 +164,7 @@ def corr_drop2d(
     """
     _check_input(x, block_size)
     drop_prob = check_strength("drop_prob", drop_prob)
-    if not training or is_static_zero(drop_prob):
+    if passes_through("corrdrop", x, training, drop_prob):
         return x
     n, _, h, w = x.shape
     kh, kw = min(block_size, h), min(block_size, w)
@@ -213,6 +213,8 @@ class CorrDrop2d(Regularizer):
     """
 
     layouts = ("NCHW", "NHWC")
+    # ViT tokens are served as the map they come from once the site's patch grid is known (set_token_grid).
+    grid_layouts = ("NLC",)
 
     def __init__(self, drop_prob: float = 0.1, block_size: int = 7) -> None:
         super().__init__()

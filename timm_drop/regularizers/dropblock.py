@@ -61,7 +61,7 @@ from timm_drop.regularizers.base import (
     check_positive_int,
     check_probability,
     check_strength,
-    is_static_zero,
+    passes_through,
 )
 from timm_drop.regularizers.registry import register_regularizer
 
@@ -190,7 +190,7 @@ def drop_block2d(
     """
     drop_prob = check_strength("drop_prob", drop_prob)
     block_size = check_positive_int("block_size", block_size)
-    if not training or is_static_zero(drop_prob):
+    if passes_through("dropblock", x, training, drop_prob):
         return x
     if x.dim() != 4:
         raise ValueError(f"drop_block2d expects a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
@@ -235,6 +235,8 @@ class DropBlock2d(Regularizer):
     """
 
     layouts = ("NCHW", "NHWC")
+    # ViT tokens are served as the map they come from once the site's patch grid is known (set_token_grid).
+    grid_layouts = ("NLC",)
 
     def __init__(self, drop_prob: float, block_size: int, per_channel: bool = True) -> None:
         super().__init__()

@@ -1,21 +1,35 @@
-"""Name -> regularizer factory registry (DESIGN §2).
+"""Name -> regularizer factory registry.
 
 Specs name regularizers by these names; a spec never imports code. Custom regularizers register from Python::
 
     @register_regularizer("my_drop")
     class MyDrop(Regularizer): ...
+
+Only activation regularizers live here: modules a rule places at sites. Training controllers such as LayerOut
+(which freezes layers through the optimizer) are configured beside the spec, and a lookup of such a name says
+where it belongs (:data:`NOT_REGULARIZERS`).
 """
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
+from timm_drop.suggest import did_you_mean
+from timm_drop.suggest import nearest as nearest_names  # noqa: F401  (layerout.py imports it from here)
+
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+#: Names people reach for in a spec that are not regularizers, and what to use instead.
+NOT_REGULARIZERS: dict[str, str] = {
+    "layerout": (
+        "a training controller, not a regularizer a rule can place at sites; configure it in the recipe "
+        "config's 'layerout:' section, or in Python with timm_drop.LayerOut(...).bind(model)"
+    ),
+}
 
 
 def register_regularizer(
@@ -35,24 +49,29 @@ def register_regularizer(
             )
         _REGISTRY[name] = obj
         if isinstance(obj, type) and not getattr(obj, "registry_name", ""):
-            obj.registry_name = name
+            obj.registry_name = name  # errors name the regularizer as specs do (Regularizer.display_name)
         return obj
 
     return _register if factory is None else _register(factory)
 
 
-def nearest_names(name: str, candidates: list[str], n: int = 3) -> list[str]:
-    return difflib.get_close_matches(name, candidates, n=n, cutoff=0.4)
+def not_a_regularizer(name: str) -> str | None:
+    """What ``name`` is instead, when it is a known non-regularizer (:data:`NOT_REGULARIZERS`) nobody registered."""
+    return NOT_REGULARIZERS.get(name) if name not in _REGISTRY else None
 
 
 def _unknown(name: str) -> KeyError:
+    elsewhere = not_a_regularizer(name)
+    if elsewhere is not None:
+        return KeyError(f"{name!r} is {elsewhere}")
     names = list_regularizers()
-    near = nearest_names(name, names)
-    hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else ""
-    return KeyError(f"unknown regularizer {name!r}{hint} (registered: {', '.join(names)})")
+    return KeyError(
+        f"unknown regularizer {name!r}{did_you_mean(name, names)} (registered: {', '.join(names)})"
+    )
 
 
 def get_regularizer_class(name: str) -> Callable[..., nn.Module]:
+    """The factory registered as ``name``; an unknown name is a ``KeyError`` with the nearest names."""
     _ensure_builtins()
     try:
         return _REGISTRY[name]

@@ -67,7 +67,7 @@ import math
 
 import torch
 
-from timm_drop.regularizers.base import Regularizer, check_probability, check_strength, is_static_zero
+from timm_drop.regularizers.base import Regularizer, check_probability, check_strength, passes_through
 from timm_drop.regularizers.registry import register_regularizer
 
 __all__ = [
@@ -140,7 +140,7 @@ def spatial_scale(x: torch.Tensor, q: Number, training: bool = True) -> torch.Te
     """
     _check_input(x, "spatial_scale")
     q = check_strength("q", q, allow_one=True)
-    if not training or is_static_zero(q):
+    if passes_through("spatial_scale", x, training, q):
         return x
     r = _uniform_factors(tuple(x.shape[:2]), q, x.device)
     return _apply_channel_factor(x, r)
@@ -161,7 +161,7 @@ def select_scale(x: torch.Tensor, top_rate: float, q: Number, training: bool = T
     _check_input(x, "select_scale")
     top_rate = check_top_rate(top_rate)
     q = check_strength("q", q, allow_one=True)
-    if not training or is_static_zero(q):
+    if passes_through("selectscale", x, training, q):
         return x
     n, c = x.shape[:2]
     k = num_selected(top_rate, c)
@@ -192,7 +192,7 @@ def selectout(x: torch.Tensor, drop_prob: Number, top_rate: float, training: boo
     drop_prob = check_strength("drop_prob", drop_prob)
     if not isinstance(drop_prob, torch.Tensor):
         _check_drop_le_top(drop_prob, top_rate)
-    if not training or is_static_zero(drop_prob):
+    if passes_through("selectout", x, training, drop_prob):
         return x
     n, c = x.shape[:2]
     k = num_selected(top_rate, c)

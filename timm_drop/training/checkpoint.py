@@ -8,12 +8,18 @@ Layout of a run directory::
     <output_dir>/last_model.pth           weights after the last finished epoch
     <output_dir>/checkpoints/epoch_0007/  full training state (Accelerate ``save_state``: model, optimizer, scaler,
                                           per-process RNG) + ``timm_drop_state.pt`` (epoch/step counters, LayerOut,
-                                          EMA, best metric)
+                                          EMA, best metric) + ``manifest.json`` (size + sha256 of each file)
+    <output_dir>/.timm_drop_run.json      marker: the entries above that the recipe created (:class:`RunDir`)
 
 A checkpoint is written into ``checkpoints/.tmp-epoch_0007`` and only renamed to its final name (an atomic
-``os.replace`` on one filesystem) once every process has written its part, so a kill during a write can never
-leave a half-written "latest". Rotation deletes the oldest complete checkpoints beyond ``total_limit`` only after
-the new one is in place.
+``os.replace`` on one filesystem) once every process has written its part and the manifest has been written last,
+so a kill during a write can never leave a half-written "latest". Rotation deletes the oldest complete checkpoints
+beyond ``total_limit`` only after the new one is in place. The rename alone does not protect against what happens
+to the files later (a disk, a copy, a sync cut short, a power loss before the data reached the disk), so resume
+checks every file against the manifest before loading anything (:func:`verify_checkpoint`).
+
+The marker is what makes a directory provably a run: ``--overwrite`` removes only what it lists, and a directory
+without one (a ``config.yaml`` alone proves nothing) is never removed.
 
 Loading: Accelerate's ``load_state`` reads weights from safetensors and the optimizer/RNG files with
 ``torch.load(weights_only=True)``; our own state and the exported weights are loaded with ``weights_only=True``
@@ -26,6 +32,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +40,15 @@ import torch
 
 from timm_drop.training.config import ConfigError, diff_configs
 
-__all__ = ["CheckpointManager", "check_output_dir", "load_weights", "save_weights"]
+__all__ = [
+    "CheckpointError",
+    "CheckpointManager",
+    "RunDir",
+    "check_output_dir",
+    "load_weights",
+    "save_weights",
+    "verify_checkpoint",
+]
 
 STATE_FILE = "timm_drop_state.pt"
 _NAME = re.compile(r"^epoch_(\d{4,})$")
@@ -69,22 +84,46 @@ class CheckpointManager:
         ckpts = self.list()
         return ckpts[-1] if ckpts else None
 
-    def resolve(self, resume: str) -> Path:
-        """``"latest"`` -> newest complete checkpoint of this run; otherwise a checkpoint folder path."""
+    def resolve(self, resume: str, num_processes: int = 1, log: Callable[[str], None] = print) -> Path:
+        """The checkpoint to restore, verified against its manifest.
+
+        ``"latest"``: the newest checkpoint of this run that verifies; each newer one that does not is reported
+        through ``log`` (which file failed, which checkpoint is used instead). A path: that checkpoint folder,
+        or :class:`CheckpointError` naming the file that fails.
+        """
         if resume == "latest":
-            path = self.latest()
-            if path is None:
+            ckpts = self.list()
+            if not ckpts:
                 raise FileNotFoundError(f"--resume latest: no complete checkpoint under {self.root}")
-            return path
+            failed = []
+            for path in reversed(ckpts):
+                problem = verify_checkpoint(path, num_processes)
+                if problem is None:
+                    if failed:
+                        log(
+                            "warning: --resume latest: "
+                            + "; ".join(failed)
+                            + f"; resuming from {path} instead (the newest checkpoint that verifies)"
+                        )
+                    return path
+                failed.append(f"checkpoint {path} fails verification: {problem}")
+            raise CheckpointError("--resume latest: no checkpoint verifies: " + "; ".join(failed))
         path = Path(resume)
-        if not (path / STATE_FILE).is_file():
+        if not (path / STATE_FILE).is_file() and not (path / MANIFEST).is_file():
             raise FileNotFoundError(
-                f"--resume {resume!r}: not a timm_drop checkpoint folder (no {STATE_FILE})"
+                f"--resume {resume!r}: not a timm_drop checkpoint folder (no {STATE_FILE}, no {MANIFEST})"
             )
+        problem = verify_checkpoint(path, num_processes)
+        if problem is not None:
+            raise CheckpointError(f"--resume {resume!r}: checkpoint fails verification: {problem}")
         return path
 
     def save(self, accelerator, epoch: int, extra_state: dict[str, Any]) -> Path:
-        """Write the checkpoint of finished ``epoch`` on all processes; returns its final path."""
+        """Write the checkpoint of finished ``epoch`` on all processes; returns its final path.
+
+        The manifest (size + sha256 of every file) is written last, atomically, after every process has
+        written its part and every file is flushed to disk; only then is the folder renamed to its final name.
+        """
         final = self.root / f"epoch_{epoch:04d}"
         tmp = self.root / f".tmp-epoch_{epoch:04d}"
         if accelerator.is_main_process:
@@ -97,6 +136,7 @@ class CheckpointManager:
             torch.save(extra_state, tmp / STATE_FILE)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            write_manifest(tmp, num_processes=accelerator.num_processes)
             if final.exists():  # re-saving an epoch (e.g. after resuming from an earlier one)
                 trash = self.root / f".old-{final.name}"
                 if trash.exists():
@@ -106,6 +146,7 @@ class CheckpointManager:
                 shutil.rmtree(trash)
             else:
                 os.replace(tmp, final)
+            _fsync_dir(self.root)
             for old in self.list()[: -self.total_limit]:
                 shutil.rmtree(old)
         accelerator.wait_for_everyone()
@@ -113,17 +154,254 @@ class CheckpointManager:
 
     @staticmethod
     def load(accelerator, path: str | os.PathLike) -> dict[str, Any]:
+        """Restore a checkpoint that :meth:`resolve` verified; a library error still names the checkpoint."""
         path = Path(path)
-        n = accelerator.num_processes
-        missing = [i for i in range(n) if not (path / f"random_states_{i}.pkl").is_file()]
-        if missing:
-            # Accelerate silently skips missing RNG files; a resumed run would then not continue the same curve.
-            raise FileNotFoundError(
-                f"--resume {path}: no RNG state for process(es) {missing}; the checkpoint was written by "
-                f"a run with a different number of processes"
-            )
-        accelerator.load_state(str(path))
-        return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        try:
+            accelerator.load_state(str(path))
+            return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        except (RuntimeError, ValueError, KeyError, OSError, EOFError) as e:
+            raise CheckpointError(
+                f"--resume {path}: cannot restore it into this run ({type(e).__name__}: {str(e)[:500]}); was it "
+                "written by a run with another model or optimizer?"
+            ) from e
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that fails verification or cannot be restored; the message names the file."""
+
+
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_manifest(folder: Path, num_processes: int) -> None:
+    """Record size and sha256 of every file under ``folder`` (flushed to disk first) in ``manifest.json``."""
+    import json
+
+    files = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name not in (MANIFEST, MANIFEST + ".tmp"):
+            with open(p, "rb+") as f:
+                os.fsync(f.fileno())
+            files[p.relative_to(folder).as_posix()] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+    tmp = folder / (MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"format": 1, "num_processes": num_processes, "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / MANIFEST)
+    _fsync_dir(folder)
+
+
+def verify_checkpoint(path: str | os.PathLike, num_processes: int) -> str | None:
+    """None if every file the manifest lists is there with its recorded size and checksum; else the problem,
+    naming the file."""
+    import json
+
+    path = Path(path)
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        return f"{mpath} is missing (the checkpoint was not completely written, or predates verified checkpoints)"
+    try:
+        manifest = json.loads(mpath.read_text())
+        files = manifest["files"]
+        written_by = int(manifest["num_processes"])
+        assert isinstance(files, dict) and files
+    except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+        return f"{mpath} is unreadable or malformed ({type(e).__name__}: {e})"
+    for rel, rec in files.items():
+        p = path / rel
+        if not p.is_file():
+            return f"{p} is missing (listed in {MANIFEST})"
+        size = p.stat().st_size
+        if size != rec.get("size"):
+            return f"{p} has {size} bytes, {rec.get('size')} were written (truncated or replaced)"
+        if _sha256(p) != rec.get("sha256"):
+            return f"{p} does not match its recorded sha256 (corrupted)"
+    if STATE_FILE not in files:
+        return f"{mpath} does not list {STATE_FILE}"
+    if written_by != num_processes:
+        return (
+            f"written by {written_by} process(es), this run has {num_processes}: the per-process RNG states "
+            "(random_states_*.pkl) would not continue the same run"
+        )
+    return None
+
+
+# -- run directories ---------------------------------------------------------------------------------------
+
+#: the marker that makes a directory provably a timm_drop run: it lists what the recipe created there
+MARKER = ".timm_drop_run.json"
+_CKPT_ENTRY = re.compile(r"^(\.tmp-|\.old-)?epoch_\d{4,}$")
+
+
+def _atomic_suffixes(name: str) -> tuple[str, ...]:
+    # the temporaries of the recipe's atomic writes (left behind by a kill mid-write)
+    return (name, name + ".tmp") if not name.endswith(".png") else (name, name + ".tmp.png")
+
+
+#: every entry the recipe may create at the top of a run directory; a marker can never name anything else
+RUN_ENTRIES = frozenset(
+    n
+    for base in (
+        "config.yaml",
+        "metrics.jsonl",
+        "summary.csv",
+        "curves.png",
+        "best_model.pth",
+        "last_model.pth",
+        "result.json",
+    )
+    for n in _atomic_suffixes(base)
+) | {"checkpoints"}
+# MetricsLog writes its temporaries with with_suffix(): metrics.jsonl.tmp / summary.csv.tmp (covered above)
+
+
+class RunDir:
+    """A run directory and the marker listing the entries the recipe created in it.
+
+    ``claim(name)`` records an entry *before* the recipe creates it; ``remove_run()`` (``--overwrite``, or a
+    start that never finished an epoch) removes exactly the claimed entries: never anything unlisted, never a
+    symlink's target, and inside ``checkpoints/`` only checkpoint folders. A directory without a marker (made by
+    hand, or by a version before markers) is never removed.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.marker = self.path / MARKER
+        self._entries: list[str] | None = None
+
+    def read_marker(self) -> dict[str, Any] | None:
+        import json
+
+        if self.marker.is_symlink() or not self.marker.is_file():
+            return None
+        try:
+            data = json.loads(self.marker.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(
+                f"output_dir: {str(self.marker)!r} is unreadable ({e}); not touching {self.path}"
+            ) from e
+        entries = data.get("entries") if isinstance(data, dict) else None
+        if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+            raise ConfigError(f"output_dir: {str(self.marker)!r} is malformed; not touching {self.path}")
+        # only names the recipe itself could have made; anything else in a (hand-edited) marker is ignored
+        data["entries"] = [e for e in entries if e in RUN_ENTRIES]
+        return data
+
+    def start(self) -> None:
+        """Begin a run here (main process): create the directory and a fresh marker (this process as owner)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._entries = []
+        self._write()
+
+    def adopt(self) -> None:
+        """Continue a run here (resume): keep its marker; a run without one stays unmarked (never removable)."""
+        data = self.read_marker()
+        self._entries = None if data is None else data["entries"]
+        if data is not None:
+            self._write()  # this process now owns the run
+
+    def claim(self, *names: str) -> None:
+        if self._entries is None:
+            return
+        new = [n for n in names if n not in self._entries]
+        if new:
+            for n in new:
+                if n not in RUN_ENTRIES:  # pragma: no cover - programming error
+                    raise ValueError(f"{n!r} is not a run-directory entry")
+            self._entries += new
+            self._write()
+
+    def _write(self) -> None:
+        import json
+        import socket
+
+        assert self._entries is not None
+        data = {
+            "format": 1,
+            "created_by": "timm_drop recipes (timm_drop.training)",
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "entries": self._entries,
+        }
+        tmp = self.path / (MARKER + ".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, self.marker)
+
+    def unlisted(self, data: dict[str, Any]) -> list[str]:
+        listed = set(data["entries"]) | {MARKER, MARKER + ".tmp"}
+        return sorted(p.name for p in self.path.iterdir() if p.name not in listed)
+
+    def remove_run(self, data: dict[str, Any]) -> None:
+        """Remove the entries ``data`` (the marker) lists, then the marker; everything else stays."""
+        for name in data["entries"]:
+            p = self.path / name
+            if p.is_symlink() or (p.exists() and not p.is_dir()):
+                p.unlink()  # a link is removed as a link: its target is never touched
+            elif p.is_dir():
+                if name != "checkpoints":  # pragma: no cover - only checkpoints/ is a folder
+                    continue
+                for child in p.iterdir():
+                    if not _CKPT_ENTRY.match(child.name):
+                        continue
+                    if child.is_symlink() or not child.is_dir():
+                        child.unlink()
+                    else:
+                        shutil.rmtree(child)
+                if not any(p.iterdir()):
+                    p.rmdir()
+        for name in (MARKER + ".tmp", MARKER):
+            if (self.path / name).exists() or (self.path / name).is_symlink():
+                (self.path / name).unlink()
+
+    @staticmethod
+    def owner(data: dict[str, Any]) -> str:
+        """Whether the process that last ran here (per the marker) is ``"self"``, ``"alive"`` or ``"dead"`` on
+        this host, or ``"unknown"`` (another host: a shared filesystem)."""
+        import socket
+
+        pid = data.get("pid")
+        if not isinstance(pid, int) or data.get("host") != socket.gethostname():
+            return "unknown"
+        if pid == os.getpid():
+            return "self"
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return "dead"
+        except PermissionError:
+            return "alive"
+        return "alive"
+
+
+def _finished_any_epoch(out: Path) -> bool:
+    if CheckpointManager(out).list():
+        return True
+    metrics = out / "metrics.jsonl"
+    return metrics.is_file() and any(line.strip() for line in metrics.read_text().splitlines())
 
 
 def check_output_dir(
@@ -131,35 +409,74 @@ def check_output_dir(
 ) -> str:
     """Decide what to do with ``output_dir`` before any work starts (read-only; safe to run on every rank).
 
-    Returns ``"new"`` (absent or empty), ``"overwrite"`` (a previous run's directory, to be replaced) or
-    ``"resume"`` (this run's own directory). Raises :class:`ConfigError` when a different run would be clobbered.
+    Returns ``"new"`` (absent or empty), ``"overwrite"`` (a previous run's directory, to be replaced: only what
+    its marker lists), ``"restart"`` (a run of ours that never finished an epoch: the debris of a failed start,
+    replaced the same way) or ``"resume"`` (this run's own directory). Raises :class:`ConfigError` when anything
+    not provably ours would be clobbered. Nothing is changed here: the caller acts only after every other check.
     """
-    import yaml
-
     out = Path(output_dir)
+    if overwrite and resume is not None:
+        raise ConfigError("--overwrite and --resume contradict each other: pick one")
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         if resume == "latest":
             raise FileNotFoundError(f"--resume latest: output_dir {str(out)!r} holds no run to resume")
         return "new"
     if not out.is_dir():
         raise ConfigError(f"output_dir: {str(out)!r} exists and is not a directory")
+    run = RunDir(out)
+    marker = run.read_marker()
     saved = out / "config.yaml"
-    if not saved.is_file():
+    if marker is None and not saved.is_file():
         raise ConfigError(
-            f"output_dir: {str(out)!r} is not empty and holds no timm_drop run (no config.yaml); refusing to write "
-            "into it (choose another output_dir)"
+            f"output_dir: {str(out)!r} is not empty and holds no timm_drop run (no {MARKER}, no config.yaml); "
+            "refusing to write into it (choose another output_dir)"
         )
-    if overwrite:
-        if resume is not None:
-            raise ConfigError("--overwrite and --resume contradict each other: pick one")
-        return "overwrite"
+    owner = None if marker is None else run.owner(marker)
+    if owner == "alive":  # resuming it too: two processes would write the same files
+        raise ConfigError(
+            f"output_dir: {str(out)!r} belongs to a run whose process {marker.get('pid')} is still alive on this "
+            "host; refusing to touch it (choose another output_dir)"
+        )
     if resume is None:
+        if marker is None:
+            what = "--overwrite cannot replace it" if overwrite else "refusing to replace it"
+            raise ConfigError(
+                f"output_dir: {str(out)!r} holds a config.yaml but no {MARKER} listing what a timm_drop run created "
+                f"there, so nothing in it is provably ours: {what}. Remove what you no longer need yourself, or "
+                "choose another output_dir"
+            )
+        clash = sorted(set(run.unlisted(marker)) & RUN_ENTRIES)
+        if clash:
+            raise ConfigError(
+                f"output_dir: {str(out)!r} holds {clash}, which its {MARKER} does not list as created by the run; "
+                "refusing to replace anything there (move them away or choose another output_dir)"
+            )
+        if overwrite:
+            return "overwrite"
+        if not _finished_any_epoch(out):
+            if owner in ("self", "dead"):
+                return "restart"
+            raise ConfigError(
+                f"output_dir: {str(out)!r} holds a run started on host {marker.get('host')!r} that has not finished "
+                "an epoch; it may still be running there. Pass --overwrite to replace it (or choose another "
+                "output_dir)"
+            )
         raise ConfigError(
             f"output_dir: {str(out)!r} already holds a run; pass --resume latest to continue it or --overwrite to "
             "replace it (or choose another output_dir)"
         )
-    old = yaml.safe_load(saved.read_text()) or {}
-    ignore = ("log.", "checkpoint.", "description", "data.num_workers")
+    if not saved.is_file():
+        raise ConfigError(f"output_dir: {str(out)!r} holds no config.yaml; there is no run here to resume")
+    from timm_drop.yaml_io import YAMLInputError, load_yaml_bounded
+
+    try:
+        old = load_yaml_bounded(saved.read_text(), str(saved))[0] or {}
+    except (OSError, UnicodeDecodeError, YAMLInputError) as e:
+        raise ConfigError(f"output_dir: cannot read the saved config ({e}); cannot check the resume") from e
+    if not isinstance(old, dict):
+        raise ConfigError(f"output_dir: {str(saved)!r} is not a config mapping; cannot check the resume")
+    # output_dir: the directory being resumed *is* the run, however it is spelled (absolute, ./runs/x, moved)
+    ignore = ("log.", "checkpoint.", "description", "data.num_workers", "output_dir")
     diffs = [k for k in diff_configs(old, config) if not k.startswith(ignore)]
     if diffs:
         raise ConfigError(

@@ -30,6 +30,8 @@ from typing import Any, Literal
 
 import yaml
 
+from timm_drop.yaml_io import YAMLInputError, load_yaml_bounded
+
 __all__ = [
     "ConfigError",
     "TrainConfig",
@@ -158,6 +160,8 @@ class LogConfig:
     #: optimizer steps between progress-bar loss updates and NaN checks (each one syncs the device)
     log_interval: int = 20
     plot: bool = True
+    #: every N epochs draw the regularizers' masks on a fixed eval batch into masks/epoch_NNN.png (0 = never)
+    mask_every: int = 0
 
 
 @dataclass
@@ -290,6 +294,9 @@ def validate(cfg: TrainConfig, *, check_paths: bool = True) -> None:
     d, o, s, t = cfg.data, cfg.optim, cfg.sched, cfg.train
     _check(bool(cfg.output_dir), "output_dir", "must not be empty")
     _check(bool(cfg.model.name), "model.name", "must name a timm model")
+    _check_model_name(cfg.model.name)
+    # numpy's seed range: anything else fails deep inside set_seed, after the run directory exists
+    _check(0 <= cfg.seed <= 2**32 - 1, "seed", f"must be in [0, 2**32 - 1], got {cfg.seed}")
     _check(
         "num_classes" not in cfg.model.kwargs or isinstance(cfg.model.kwargs["num_classes"], int),
         "model.kwargs.num_classes",
@@ -391,6 +398,7 @@ def validate(cfg: TrainConfig, *, check_paths: bool = True) -> None:
     _check(0 <= s.min_lr <= o.lr, "sched.min_lr", f"must be in [0, optim.lr], got {s.min_lr}")
 
     _check(cfg.log.log_interval >= 1, "log.log_interval", f"must be >= 1, got {cfg.log.log_interval}")
+    _check(cfg.log.mask_every >= 0, "log.mask_every", f"must be >= 0 (0 = never), got {cfg.log.mask_every}")
     _check(
         cfg.checkpoint.total_limit >= 1,
         "checkpoint.total_limit",
@@ -408,6 +416,27 @@ def validate(cfg: TrainConfig, *, check_paths: bool = True) -> None:
         _validate_layerout(cfg.layerout)
 
 
+def _check_model_name(name: str) -> None:
+    """The name must be in timm's registry (the CIFAR models register on ``import timm_drop``)."""
+    if ":" in name:  # ``hf-hub:...`` / ``local-dir:...``: timm resolves these itself when building
+        return
+    import timm
+
+    import timm_drop  # noqa: F401
+
+    try:
+        import timm_drop.models  # noqa: F401
+    except ImportError:  # pragma: no cover
+        pass
+    if timm.is_model(name):
+        return
+    import difflib
+
+    near = difflib.get_close_matches(name, timm.list_models(), n=3)
+    hint = f"; did you mean {', '.join(near)}?" if near else " (see timm.list_models())"
+    raise ConfigError(f"model.name: {name!r} is not a timm model{hint}")
+
+
 def _validate_layerout(section: dict) -> None:
     import inspect
 
@@ -420,10 +449,20 @@ def _validate_layerout(section: dict) -> None:
     known = [n for n in params if n != "self"]
     for k in section:
         _check(accepts_any or k in known, f"layerout.{k}", f"unknown LayerOut argument (known: {known})")
+    probs = section.get("freeze_probs", "random")
+    if not isinstance(probs, str):
+        _check(
+            isinstance(probs, list)
+            and all(isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p <= 1 for p in probs),
+            "layerout.freeze_probs",
+            f"must be a preset name or a list of probabilities in [0, 1], got {probs!r}",
+        )
     try:
         LayerOut(**section)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"layerout: {e}") from e
+        # LayerOut's messages start with the argument's name: make it the dotted key
+        first, _, rest = str(e).partition(" ")
+        raise ConfigError(f"layerout.{first}: {rest}" if first in known else f"layerout: {e}") from e
 
 
 def resolve_regularizer(cfg: TrainConfig, base_dir: str | os.PathLike | None = None) -> None:
@@ -467,8 +506,9 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
         if not key or any(not p for p in key.split(".")):
             raise ConfigError(f"override {item!r}: empty key part")
         try:
-            value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError as e:
+            # ``lr=1e-4`` is a number (YAML 1.2), anywhere in the value; quoted (``name='1e3'``) it stays a string
+            value = load_yaml_bounded(text, f"override {key}", yaml12_floats=True)[0] if text.strip() else ""
+        except YAMLInputError as e:
             raise ConfigError(f"{key}: cannot parse override value {text!r}: {e}") from e
         out.append((key, value))
     return out
@@ -515,6 +555,26 @@ def _merge(base: dict, child: dict) -> dict:
     return out
 
 
+def _read_yaml(path: Path, what: str) -> Any:
+    """A config file's data, bounded in size and alias expansion (an alias bomb would otherwise grow memory
+    without limit in ``dataclasses.asdict``/``deepcopy``); errors start with ``what`` and name the file."""
+    from timm_drop.yaml_io import DEFAULT_MAX_BYTES
+
+    try:
+        size = path.stat().st_size
+        if size > DEFAULT_MAX_BYTES:  # refuse before reading a huge file into memory
+            raise ConfigError(
+                f"{what}: {path}: file is {size} bytes, over the limit of {DEFAULT_MAX_BYTES} bytes"
+            )
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{what}: cannot read {path}: {e}") from e
+    try:
+        return load_yaml_bounded(text, str(path), yaml12_floats=True)[0]
+    except YAMLInputError as e:
+        raise ConfigError(f"{what}: invalid YAML: {e}") from e
+
+
 def _resolve_base(raw: dict, path: Path, seen: tuple[Path, ...]) -> dict:
     """``base: other.yaml`` (relative to this file) makes this config a set of changes on top of another one."""
     if "base" not in raw:
@@ -527,10 +587,7 @@ def _resolve_base(raw: dict, path: Path, seen: tuple[Path, ...]) -> dict:
         raise ConfigError(f"base: circular reference to {base_path} (in {path})")
     if not base_path.is_file():
         raise ConfigError(f"base: file not found: {base_ref!r} (relative to {path.parent})")
-    try:
-        base_raw = yaml.safe_load(base_path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"base: {base_path}: invalid YAML: {e}") from e
+    base_raw = _read_yaml(base_path, "base") or {}
     if not isinstance(base_raw, dict):
         raise ConfigError(f"base: {base_path}: top level must be a mapping")
     base_raw = _resolve_base(base_raw, base_path, seen + (base_path,))
@@ -554,10 +611,7 @@ def load_config(
         path = Path(src)
         if not path.is_file():
             raise ConfigError(f"--config: file not found: {str(src)!r}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--config {str(src)!r}: invalid YAML: {e}") from e
+        raw = _read_yaml(path, "--config") or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"--config {str(src)!r}: top level must be a mapping")
         base_dir = path.parent

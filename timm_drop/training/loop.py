@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from timm_drop.training.checkpoint import CheckpointManager, check_output_dir, save_weights
+from timm_drop.training.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    RunDir,
+    check_output_dir,
+    save_weights,
+)
 from timm_drop.training.config import ConfigError, TrainConfig, config_to_dict, save_config
 from timm_drop.training.metrics import MetricsLog, plot_curves
 
@@ -195,16 +200,11 @@ class Trainer:
         self.is_main = acc.is_main_process
         self.rank, self.world = acc.process_index, acc.num_processes
 
+        # Read-only decision now; the directory is created (or a previous run in it replaced) only after every
+        # other check below has passed, so a failed start loses nothing and leaves nothing behind.
         cfg_dict = config_to_dict(cfg)
         if not self.dry_run:
             self.dir_mode = check_output_dir(self.out, cfg_dict, overwrite=self.overwrite, resume=self.resume)
-            acc.wait_for_everyone()
-            if self.is_main:
-                if self.dir_mode == "overwrite":
-                    shutil.rmtree(self.out)
-                self.out.mkdir(parents=True, exist_ok=True)
-                save_config(cfg, self.out / "config.yaml")
-            acc.wait_for_everyone()
 
         # Data first: the number of classes may come from it.
         set_seed(cfg.seed)
@@ -223,15 +223,19 @@ class Trainer:
         else:
             from timm_drop.training.data import build_loaders
 
-            self.train_loader, self.eval_loader, found = build_loaders(
-                cfg.data,
-                device=self.device,
-                seed=cfg.seed,
-                rank=self.rank,
-                world=self.world,
-                channels_last=t.channels_last,
-                batch_multiple=t.grad_accum_steps,
-            )
+            try:
+                self.train_loader, self.eval_loader, found = build_loaders(
+                    cfg.data,
+                    device=self.device,
+                    seed=cfg.seed,
+                    rank=self.rank,
+                    world=self.world,
+                    channels_last=t.channels_last,
+                    batch_multiple=t.grad_accum_steps,
+                )
+            except (ValueError, KeyError) as e:  # data.py names the key (batch larger than the data, ...)
+                msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+                raise ConfigError(msg if msg.startswith("data.") else f"data: {msg}") from e
             num_classes = cfg.data.num_classes or found
             self.steps_per_epoch = len(self.train_loader) // t.grad_accum_steps
         self.num_classes = num_classes
@@ -284,30 +288,62 @@ class Trainer:
         set_seed(cfg.seed, device_specific=True)
 
         self.ckpt = CheckpointManager(self.out, cfg.checkpoint.total_limit)
-        self.metrics = MetricsLog(self.out) if (self.is_main and not self.dry_run) else None
         if self.resume is not None and not self.dry_run:
-            self._restore(self.ckpt.resolve(self.resume))
+            # verified (sizes + checksums) and loaded into memory before the run directory is touched: a
+            # damaged or mismatched checkpoint leaves nothing behind
+            self._restore(self.ckpt.resolve(self.resume, num_processes=self.world, log=acc.print))
+        self.run_dir = RunDir(self.out)
+        if not self.dry_run:
+            self._prepare_run_dir()
+        self.metrics = (
+            MetricsLog(self.out, claim=self.run_dir.claim) if (self.is_main and not self.dry_run) else None
+        )
+        if self.metrics is not None and self.resume is not None:
+            self.metrics.truncate(self.state.epoch)
         self._set_progress()
         self._setup_done = True
         return self
+
+    def _prepare_run_dir(self) -> None:
+        """Create the run directory, or replace what a previous run of ours listed in its marker (``--overwrite``,
+        or a start that never finished an epoch); then write the resolved config."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if self.is_main:
+            run = self.run_dir
+            if self.dir_mode in ("overwrite", "restart"):
+                marker = run.read_marker()
+                assert marker is not None  # check_output_dir only returns these modes for a marked run
+                if self.dir_mode == "restart":
+                    acc.print(
+                        f"note: {self.out} held a run that never finished an epoch; replacing the files it created"
+                    )
+                run.remove_run(marker)
+            if self.dir_mode == "resume":
+                run.adopt()
+            else:
+                run.start()
+            run.claim("config.yaml", "config.yaml.tmp")
+            tmp = self.out / "config.yaml.tmp"
+            save_config(self.cfg, tmp)
+            os.replace(tmp, self.out / "config.yaml")
+        acc.wait_for_everyone()
 
     def _restore(self, path: Path) -> None:
         extra = CheckpointManager.load(self.accelerator, path)
         self.state = TrainState(**extra["train_state"])
         if self.layerout is not None:
             if "layerout" not in extra:
-                raise ValueError(
+                raise CheckpointError(
                     f"--resume {path}: the checkpoint has no LayerOut state but the config has layerout"
                 )
             self.layerout.load_state_dict(extra["layerout"])
         if self.ema is not None:
             if "ema" not in extra:
-                raise ValueError(
+                raise CheckpointError(
                     f"--resume {path}: the checkpoint has no EMA state but train.ema.enabled is true"
                 )
             self.ema.load_state_dict(extra["ema"])
-        if self.metrics is not None:
-            self.metrics.truncate(self.state.epoch)
         self.accelerator.print(f"resumed from {path} at epoch {self.state.epoch}, step {self.state.step}")
 
     def _set_progress(self) -> None:
@@ -333,11 +369,17 @@ class Trainer:
             bad = self.accelerator.reduce(bad, reduction="sum")
         if bad.item() > 0:
             latest = self.ckpt.latest()
-            keep = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written yet"
+            if latest is not None:
+                keep, then = f"the last good checkpoint is {latest}", "--resume latest"
+            else:  # nothing to resume: advising --resume latest would only fail
+                keep, then = (
+                    "no checkpoint was written yet",
+                    "start the run again (--overwrite replaces this one)",
+                )
             raise NonFiniteLossError(
                 f"non-finite training loss ({where}, optimizer step {self.state.step}); stopping without saving this "
                 f"epoch: {keep}. Lower optim.lr, set train.clip_grad_norm, or use train.precision=bf16, then "
-                "--resume latest"
+                f"{then}"
             )
 
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
@@ -484,13 +526,24 @@ class Trainer:
             if self.is_main:
                 self.metrics.append(row)
                 sd = self.unwrapped.state_dict()
+                self.run_dir.claim("last_model.pth", "last_model.pth.tmp")
                 save_weights(sd, self.out / "last_model.pth")
                 if improved and cfg.checkpoint.save_best:
+                    self.run_dir.claim("best_model.pth", "best_model.pth.tmp")
                     save_weights(sd, self.out / "best_model.pth")
             if (epoch + 1) % cfg.checkpoint.every == 0 or epoch + 1 == cfg.train.epochs:
+                if self.is_main:
+                    self.run_dir.claim("checkpoints")
                 self.ckpt.save(acc, epoch + 1, self._extra_state())
             acc.print(self._log_line(row))
+            if cfg.log.mask_every:
+                from timm_drop.viz import log_epoch_masks
+
+                log_epoch_masks(self, epoch)
             last = row
+        if not last and self.metrics is not None and self.metrics.rows:
+            # nothing left to train (a finished run resumed): report its last epoch, not an empty one
+            last = dict(self.metrics.rows[-1])
         summary = {
             "best_top1": self.state.best_top1,
             "best_epoch": self.state.best_epoch,
@@ -500,10 +553,14 @@ class Trainer:
         if self.is_main:
             rows = self.metrics.rows
             if cfg.log.plot and rows:
+                self.run_dir.claim("curves.png", "curves.png.tmp.png")
                 plot_curves(
                     rows, self.out / "curves.png", title=f"{cfg.name}: {cfg.model.name} on {cfg.data.dataset}"
                 )
-            (self.out / "result.json").write_text(json.dumps(summary, indent=2))
+            self.run_dir.claim("result.json", "result.json.tmp")
+            tmp = self.out / "result.json.tmp"
+            tmp.write_text(json.dumps(summary, indent=2))
+            os.replace(tmp, self.out / "result.json")
             if last:
                 acc.print(
                     f"done: final eval top-1 {last.get('eval_top1', float('nan')):.2f}%, best "

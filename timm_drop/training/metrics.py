@@ -10,6 +10,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,25 +23,51 @@ TIMM_COLUMNS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "l
 class MetricsLog:
     """Appends epoch rows; on resume, :meth:`truncate` drops rows the restored checkpoint had not reached."""
 
-    def __init__(self, output_dir: str | os.PathLike) -> None:
+    def __init__(self, output_dir: str | os.PathLike, claim: Callable[..., None] | None = None) -> None:
         self.dir = Path(output_dir)
         self.jsonl = self.dir / "metrics.jsonl"
         self.csv = self.dir / "summary.csv"
         self.rows: list[dict[str, Any]] = []
+        #: called with the file names before they are first written (the run directory's marker records them)
+        self._claim = claim or (lambda *names: None)
+        self._dropped_partial = False
         if self.jsonl.is_file():
-            self.rows = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
+            self.rows = self._read()
+
+    def _read(self) -> list[dict[str, Any]]:
+        lines = self.jsonl.read_text().splitlines()
+        rows = []
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except ValueError as e:
+                if i == len(lines) - 1:
+                    # a write cut short by a kill: that epoch has no checkpoint either, so the row is redone
+                    print(f"note: {self.jsonl}: dropped a partial last line ({line[:60]!r})", file=sys.stderr)
+                    self._dropped_partial = True
+                    break
+                raise ValueError(f"{self.jsonl}:{i + 1}: not a JSON metrics row ({e})") from e
+        return rows
 
     def truncate(self, last_epoch: int) -> None:
         self.rows = [r for r in self.rows if r["epoch"] <= last_epoch]
         self._rewrite()
 
     def append(self, row: dict[str, Any]) -> None:
+        self._claim("metrics.jsonl", "metrics.jsonl.tmp", "summary.csv", "summary.csv.tmp")
         self.rows.append(dict(row))
+        if self._dropped_partial:
+            self._rewrite()  # never append after a partial line
+            self._dropped_partial = False
+            return
         with open(self.jsonl, "a") as f:
             f.write(json.dumps(row) + "\n")
         self._write_csv()
 
     def _rewrite(self) -> None:
+        self._claim("metrics.jsonl", "metrics.jsonl.tmp", "summary.csv", "summary.csv.tmp")
         tmp = self.jsonl.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
         os.replace(tmp, self.jsonl)

@@ -1,0 +1,286 @@
+"""What timm_drop knows about the shape of a timm model, in one place.
+
+Site discovery (:mod:`timm_drop.sites`), the rewriter (:mod:`timm_drop.rewrite`) and LayerOut
+(:mod:`timm_drop.layerout`) all ask the same questions of a model; this module answers each once:
+
+* **stages** — :func:`feature_stages`: the ``feature_info`` modules, numbered from 1 with the stem entry left out.
+  Entry 0 is the stem when its module name has a ``stem`` component, is the model root (TResNet), or has a
+  shallower module tree than the next entry (ResNet's ``act1``, MobileNetV3's ``bn1``, DenseNet's
+  ``features.norm0`` against stages holding blocks).
+* **blocks** — :func:`stage_blocks`: the blocks of one stage module (see its docstring). A spec's ``block`` sites
+  and ``LayerOut(unit="block")`` both come from it, so they are the same modules.
+* **norms** — :func:`is_norm`; **containers** — :func:`is_container`, :func:`iterates_children`.
+* **wrappers** — :func:`wrapper_kind` / :func:`unwrap`: DDP, DataParallel, FSDP and ``torch.compile``.
+* **names** — :func:`match_pattern`: glob or ``re:`` regex, always a full match (``layer1`` never hits
+  ``layer10``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from torch import nn
+
+from timm_drop.spec import match_pattern
+
+__all__ = [
+    "composite",
+    "feature_info",
+    "feature_module",
+    "feature_stages",
+    "is_container",
+    "is_norm",
+    "iterates_children",
+    "match_pattern",
+    "mro_names",
+    "stage_blocks",
+    "torch_forward",
+    "unwrap",
+    "wrapper_kind",
+]
+
+_NORM_NAME = re.compile(
+    r"^(?!Conv)(?!.*(Block|Stage|Layer$))(.*Norm(\d[dD])?(Act(\d[dD])?)?(Fp32)?|EvoNorm.*)$"
+)
+_TORCH_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# modules
+# ---------------------------------------------------------------------------------------------------------
+def is_norm(module: nn.Module) -> bool:
+    """A normalization layer: a torch norm base class, or any class in the MRO named ``...Norm``,
+    ``...Norm2d``, ``...NormAct2d``, ``EvoNorm...`` (not ``ConvNorm...``, ``...NormBlock``)."""
+    if isinstance(module, _TORCH_NORMS):
+        return True
+    return any(_NORM_NAME.search(c.__name__) for c in type(module).__mro__ if c not in (nn.Module, object))
+
+
+def mro_names(module: nn.Module) -> tuple[str, ...]:
+    return tuple(c.__name__ for c in type(module).__mro__ if c not in (nn.Module, object))
+
+
+def is_container(module: nn.Module) -> bool:
+    return isinstance(module, _CONTAINERS)
+
+
+_ITERATION = re.compile(r"\b(children|named_children|modules|_modules|values|items)\(|\b_modules\b|\bfor \w+ in self\s*:")
+
+
+def iterates_children(module: nn.Module) -> bool:
+    """Whether the module's own forward may run every child it holds: a child added to it would be called.
+
+    Torch containers (``nn.Sequential``; timm's ``features_only`` wrappers subclass ``nn.ModuleDict``), and any
+    class whose ``forward`` source walks its children (RegNet's ``RegStage``: ``for block in self.children()``).
+    A forward whose source cannot be read counts as iterating.
+    """
+    if is_container(module):
+        return True
+    if torch_forward(module):
+        return False
+    forward = getattr(type(module), "forward", None)
+    try:
+        source = inspect.getsource(forward)
+    except (OSError, TypeError):
+        return True
+    return bool(_ITERATION.search(source))
+
+
+def composite(module: nn.Module) -> bool:
+    return next(module.children(), None) is not None
+
+
+def torch_forward(module: nn.Module) -> bool:
+    """Whether ``forward`` is torch's own (containers, torch layers): nothing of ours to trace inside."""
+    fwd = getattr(type(module), "forward", None)
+    return fwd is None or (getattr(fwd, "__module__", None) or "").startswith("torch.")
+
+
+def _subtree_depth(module: nn.Module) -> int:
+    children = list(module.children())
+    return 0 if not children else 1 + max(_subtree_depth(c) for c in children)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# wrappers
+# ---------------------------------------------------------------------------------------------------------
+def _distributed_types() -> tuple[type, ...]:
+    types: list[type] = [nn.parallel.DistributedDataParallel]
+    try:  # torch builds without distributed support have no fsdp package
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        types.append(FullyShardedDataParallel)
+        from torch.distributed.fsdp import FSDPModule
+
+        types.append(FSDPModule)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def wrapper_kind(module: nn.Module) -> str | None:
+    """``"distributed"`` (DDP, FSDP), ``"data_parallel"``, ``"compiled"`` (``torch.compile``) or None."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    if isinstance(module, _distributed_types()):
+        return "distributed"
+    if isinstance(module, nn.DataParallel):
+        return "data_parallel"
+    if isinstance(module, OptimizedModule):
+        return "compiled"
+    return None
+
+
+def unwrap(model: nn.Module) -> tuple[nn.Module, bool, bool]:
+    """The bare model inside DDP / DataParallel / FSDP / ``torch.compile`` wrappers, and whether a distributed
+    and a compiled wrapper were seen. (``fully_shard`` shards in place: the model is its own bare model.)"""
+    distributed = compiled = False
+    for _ in range(8):
+        kind = wrapper_kind(model)
+        if kind == "compiled":
+            compiled, model = True, model._orig_mod
+            continue
+        if kind == "distributed":
+            distributed = True
+        inner = getattr(model, "module", None) if kind else None
+        if not isinstance(inner, nn.Module):
+            break
+        model = inner
+    return model, distributed, compiled
+
+
+# ---------------------------------------------------------------------------------------------------------
+# stages and blocks
+# ---------------------------------------------------------------------------------------------------------
+def feature_info(model: nn.Module) -> list[dict[str, Any]]:
+    """``model.feature_info`` as a list of dicts (a list on classifiers, a ``FeatureInfo`` on
+    ``features_only`` models)."""
+    fi = getattr(model, "feature_info", None)
+    if fi is None:
+        return []
+    info = getattr(fi, "info", fi)
+    try:
+        return [dict(d) for d in info if isinstance(d, dict) and "module" in d]
+    except TypeError:
+        return []
+
+
+def feature_module(model: nn.Module, name: str, named: dict[str, nn.Module] | None = None) -> str | None:
+    """The module a ``feature_info`` entry names, under its name in ``model`` (None if it has none).
+
+    A ``features_only`` wrapper keeps the original model's ``feature_info`` but holds its modules under other
+    names: ``FeatureListNet`` / ``FeatureDictNet`` flatten a first-level ``nn.Sequential`` (``stages.0`` becomes
+    ``stages_0``), ``FeatureHookNet`` may keep the whole model as ``body``, ``FeatureGetterNet`` as ``model``.
+    """
+    named = dict(model.named_modules()) if named is None else named
+    if name in named:
+        return name
+    head, dot, rest = name.partition(".")
+    if dot and f"{head}_{rest}" in named:
+        return f"{head}_{rest}"
+    for child, _ in model.named_children():
+        if f"{child}.{name}" in named:
+            return f"{child}.{name}"
+    return None
+
+
+def _is_stem_entry(name: str, module: nn.Module, next_module: nn.Module | None) -> bool:
+    if name == "":
+        return True
+    if any(part.startswith("stem") or part.endswith("stem") for part in name.split(".")):
+        return True
+    # A stage holds blocks, a stem is a layer or two: a shallower module tree than the next entry's.
+    return next_module is not None and _subtree_depth(module) < _subtree_depth(next_module)
+
+
+def feature_stages(
+    model: nn.Module, keep: Callable[[str], bool] = lambda name: True
+) -> dict[str, int | None]:
+    """``feature_info`` module name -> stage (1-based; None for the stem entry), in ``feature_info`` order.
+
+    ``keep`` filters entries before numbering (site discovery keeps only modules that ran); a container entry
+    that ``keep`` rejects stands for its last kept descendant.
+    """
+    named = dict(model.named_modules())
+
+    def kept(name: str | None) -> str | None:
+        if name is None or keep(name):
+            return name
+        if is_container(named[name]):
+            # a container its owner iterates but never calls (CoaT's serial_blocksN): the stage output is the
+            # output of its last block that ran
+            for key in reversed([k for k, c in named[name]._modules.items() if c is not None]):
+                found = kept(f"{name}.{key}")
+                if found is not None:
+                    return found
+        return None
+
+    resolved = (kept(feature_module(model, d["module"], named)) for d in feature_info(model))
+    names = [n for n in resolved if n is not None]
+    stages: dict[str, int | None] = {}
+    stem = len(names) > 1 and _is_stem_entry(names[0], named[names[0]], named[names[1]])
+    k = 0
+    for i, name in enumerate(names):
+        if i == 0 and stem:
+            stages[name] = None
+        else:
+            k += 1
+            stages[name] = k
+    return stages
+
+
+def _children(name: str, module: nn.Module) -> list[tuple[str, nn.Module]]:
+    prefix = f"{name}." if name else ""
+    return [(prefix + k, c) for k, c in module.named_children()]
+
+
+def _flatten_container(name: str, module: nn.Module) -> list[str]:
+    out = []
+    for cn, c in _children(name, module):
+        if is_container(c):
+            out.extend(_flatten_container(cn, c))
+        elif composite(c) and not is_norm(c):
+            out.append(cn)
+    return out
+
+
+def stage_blocks(name: str, module: nn.Module, owns_skip: Callable[[str], bool]) -> list[str]:
+    """Block modules of the stage module ``name``.
+
+    The members of the stage's block container: the stage itself when it is a torch container, else the
+    container child holding the most composite modules (ConvNeXt's ``stages.N.blocks``), else repeated
+    composite children of one class that look like blocks (RegNet's ``b1..bN``: each owns a skip add or holds
+    two or more composite layers). A stage that owns a skip add itself (ViT's ``blocks.N``), or has none of
+    the above, is its own single block. ``owns_skip(name)`` says whether a module's own forward adds a skip.
+    """
+    if is_container(module):
+        return _flatten_container(name, module)
+    if owns_skip(name):
+        return [name]
+    holders = [
+        (cn, c)
+        for cn, c in _children(name, module)
+        if is_container(c) and any(composite(g) and not is_norm(g) for g in c.children())
+    ]
+    if holders:
+        cn, c = max(holders, key=lambda t: sum(1 for g in t[1].children() if composite(g)))
+        return _flatten_container(cn, c)
+    comps = [(cn, c) for cn, c in _children(name, module) if composite(c) and not is_norm(c)]
+
+    def block_like(cn: str, c: nn.Module) -> bool:
+        # a conv-norm-act branch (Inception's Mixed_* children) is not a block
+        return owns_skip(cn) or sum(1 for g in c.children() if composite(g)) >= 2
+
+    if comps and len({type(c) for _, c in comps}) == 1 and all(block_like(cn, c) for cn, c in comps):
+        return [cn for cn, _ in comps]
+    return [name]
+
+
+def outermost(names: Iterable[str]) -> list[str]:
+    """``names`` without those nested in another one of them (order kept)."""
+    names = list(names)
+    return [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]

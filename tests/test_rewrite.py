@@ -506,3 +506,21 @@ def test_block_that_branches_on_training_keeps_both_behaviours():
     with torch.no_grad():
         assert torch.equal(net.eval()(x), x + net.block.conv(x))
         assert torch.equal(net.train()(x), x + net.block.conv(x) * 0.5)
+
+
+def test_plan_is_pure_data_built_without_touching_the_model(resnet18):
+    import dataclasses
+    import pickle
+
+    spec = {
+        "rules": [
+            _rule("droppath", DROP, ["residual"]),
+            _rule("dropout", DROP, ["norm", "stage"], stages=[2]),
+        ]
+    }
+    p = plan(resnet18, spec)
+    for e in p.entries:
+        assert not any(isinstance(getattr(e, f.name), nn.Module) for f in dataclasses.fields(e))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.entries[0].params = {}
+    assert pickle.loads(pickle.dumps(p)) == p == plan(resnet18, spec)

@@ -1,33 +1,16 @@
 """The rewriter: puts regularizers at the sites a spec selects, shows the plan first, and undoes it all.
 
-``plan(model, spec)`` is a dry run (it only reads the model); ``apply_regularizer`` mutates the model in place and
-returns the same object, of the same class; ``strip_regularizers`` undoes every change.
+``plan(model, spec)`` is a dry run (it only reads the model) that returns a pure-data :class:`Plan`;
+``apply_regularizer`` builds the regularizers, turns the plan into insertions (:mod:`timm_drop.insertions`) and
+applies them, mutating the model in place and returning the same object, of the same class;
+``strip_regularizers`` undoes the insertions in reverse.
 
-Insertion, least invasive first (DESIGN §4, §6):
-
-* ``norm`` sites with ``norm_position: after_norm`` on a fused norm+act layer that has timm's ``drop`` slot
-  (``BatchNormAct2d`` and friends): the regularizer becomes that ``drop`` module, i.e. it acts between the
-  normalization and the activation. A slot already holding a module keeps it and runs it first. This survives
-  ``timm.layers.convert_sync_batchnorm`` (it copies ``drop``).
-* ``residual`` / ``shortcut`` / ``merge`` sites, and ``norm`` sites whose calling module is traceable: a
-  *block-local rewrite*. The module that executes the add (or calls the norm) is FX-traced on its own (see
-  :mod:`timm_drop.sites`), ``call_module`` nodes for the regularizers are inserted (before the add on the chosen
-  operand, or after the add / norm), the regularizers are registered as children of that module (param-free, so
-  ``state_dict`` keys are unchanged), and the instance gets a generated subclass of its own class whose
-  ``forward`` is the rewritten graph's code. ``isinstance``, the class name, methods and attributes all stay;
-  a module whose forward branches on ``self.training`` gets both graphs and picks by mode. The graph calls its
-  children by attribute name at run time, so a later SyncBN conversion of a child is honoured. Caveats: the
-  rewritten forward no longer reads config flags the trace resolved (e.g. a block-level ``grad_checkpointing``
-  switched on afterwards), and pickling the whole model object (``torch.save(model)``) is not supported while
-  rewritten (``state_dict`` is; strip first otherwise).
-* ``norm`` sites inside an ``nn.Sequential`` (e.g. ResNet's ``downsample``): a forward hook on the container when
-  the norm is its last layer, else a forward pre-hook on the following layer (each run once in the shape pass),
-  so that SyncBN conversion, which replaces norm modules together with their hooks, keeps the regularizer.
-* ``stage`` / ``block`` / ``module`` sites, and ``norm`` sites whose caller cannot be rewritten (the model root,
-  an opaque module): a forward hook on the module whose callable is a bound method of a
-  small holder module registered in ``model._timm_drop_regularizers`` (an ``nn.ModuleDict`` on the root), so
-  ``copy.deepcopy`` (timm's EMA) rebinds it to the copy's own regularizers. Hooks on plain BatchNorm modules are
-  replaced away by SyncBN conversion; convert before applying in that rare case (stem / final norms).
+Where each site's regularizer goes, least invasive first: a ``norm`` site with ``norm_position: after_norm`` on a
+fused norm+act layer uses its ``drop`` slot; ``residual`` / ``shortcut`` / ``merge`` sites, and ``norm`` sites
+whose calling module is traceable, rewrite the module that executes the add (or calls the norm); a ``norm`` inside
+an ``nn.Sequential`` gets a hook on the container (norm last) or a pre-hook on the following layer, which SyncBN
+conversion keeps; everything else (``stage`` / ``block`` / ``module``, norms called by the root or an opaque
+module) gets a forward hook.
 
 Parameters of an entry: ``rule.params_for_stage(site.stage)``; with ``depth_scaling: linear`` the strength
 parameters (``drop_prob``, ``q``) are multiplied by ``(i + 1) / n`` over the rule's ``n`` matched sites in depth
@@ -41,8 +24,8 @@ decides: ``error`` (default) raises naming both rules and the site, ``stack`` ru
 when they carry the same tensor (the last block's output is also its stage's output).
 
 A second ``apply_regularizer`` on the same model is refused unless ``stack=True``. DDP / DataParallel / FSDP
-wrapped and ``torch.compile``d models are refused: apply first, then SyncBN, optimizer, ``accelerator.prepare``,
-compile.
+wrapped, ``torch.compile``d and meta-device models are refused: apply first, then SyncBN, optimizer,
+``accelerator.prepare``, compile.
 """
 
 from __future__ import annotations
@@ -53,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from timm_drop.insertions import (
     CHILD_PREFIX,
@@ -70,7 +53,7 @@ from timm_drop.regularizers.base import Regularizer
 from timm_drop.regularizers.registry import create_regularizer
 from timm_drop.sites import SKIP_KINDS, Analysis, RewriteTarget, Site, analyze_model, rewrite_target
 from timm_drop.spec import STRENGTH_PARAMS, Rule, Spec, load_spec
-from timm_drop.structure import wrapper_kind
+from timm_drop.structure import feature_info, feature_module, wrapper_kind
 
 __all__ = ["Plan", "PlanEntry", "RewriteError", "apply_regularizer", "plan", "strip_regularizers"]
 
@@ -82,9 +65,9 @@ class RewriteError(ValueError):
 # ---------------------------------------------------------------------------------------------------------
 # plan
 # ---------------------------------------------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True)
 class PlanEntry:
-    """One regularizer at one site."""
+    """One regularizer at one site (pure data: the regularizer module is built at apply time)."""
 
     site: str
     kind: str
@@ -122,9 +105,10 @@ class PlanEntry:
         }
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
-    """What :func:`apply_regularizer` will do: ``entries`` in depth order; ``str(plan)`` is a table."""
+    """What :func:`apply_regularizer` will do: ``entries`` in depth order; ``str(plan)`` is a table. Pure data
+    (no modules), so it prints, compares and pickles; planning never changes the model or the analysis."""
 
     entries: list[PlanEntry]
     sites: list[Site]
@@ -225,6 +209,8 @@ def _no_match_error(
         if reasons:
             more = f" (+{len(reasons) - 3} more)" if len(reasons) > 3 else ""
             parts.append("; ".join(reasons[:3]) + more)
+    if "stage" in rule.sites:
+        parts += _stage_gaps(model, analysis)
     if rule.name is not None:
         candidates = [n for n in named if n]
         near: list[str] = []
@@ -237,6 +223,24 @@ def _no_match_error(
         f"site kinds in this model: {', '.join(kinds_found)}; set allow_empty: true to accept no match"
     )
     return RewriteError(". ".join(parts))
+
+
+def _stage_gaps(model: nn.Module, analysis: Analysis) -> list[str]:
+    """Why ``feature_info`` entries gave no stage site: a stage whose output is not one tensor (HRNet's stages
+    return one map per resolution branch: which branch is "the stage" is the user's call, so it is refused rather
+    than guessed), or a module this model does not run (a features_only wrapper that rebuilt the outputs)."""
+    with_site = {s.module for s in analysis.sites if s.kind == "stage"}
+    multi = [f"{n} (stage {k})" for n, k in analysis.stages.items() if k is not None and n not in with_site]
+    missing = [d["module"] for d in feature_info(model) if feature_module(model, d["module"]) is None]
+    parts = []
+    if multi:
+        parts.append(
+            f"stage modules whose output is not a single tensor (e.g. one map per resolution branch): "
+            f"{', '.join(multi)}; select their branches with block, norm or module sites instead"
+        )
+    if missing:
+        parts.append(f"feature_info names modules this {type(model).__name__} does not hold: {', '.join(missing)}")
+    return parts
 
 
 class _Targets:
@@ -424,6 +428,15 @@ def _refuse(model: nn.Module, stack: bool) -> None:
             raise RewriteError(
                 f"{where} is a torch.compile'd module: apply regularizers before torch.compile "
                 f"(to the original module, e.g. compiled._orig_mod)"
+            )
+        if isinstance(m, fx.GraphModule):
+            # Its forward is generated code calling only the traced leaves: the stage and block modules it
+            # still holds never run, so their sites (hooks, block rewrites) would be silent no-ops.
+            raise RewriteError(
+                f"{where} is an FX GraphModule ({type(m).__name__}, e.g. features_only=True with "
+                f"feature_cls='fx' or create_feature_extractor): apply regularizers to the model first, then build "
+                f"the graph from it (FeatureGraphNet(model, out_indices) or create_feature_extractor(model, ...)); "
+                f"regularizers stay nodes of that graph"
             )
     meta = next(
         (n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta), None

@@ -23,8 +23,9 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
+from torch import fx, nn
 
+from timm_drop import fx as _fx
 from timm_drop.schedules import on_train_forward
 
 #: Every layout a site can have: channels-first maps, channels-last maps, token sequences ``(B, L, C)`` and
@@ -153,6 +154,10 @@ class Regularizer(nn.Module):
 
     strength: torch.Tensor
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _fx.register_leaf(cls)  # an FX leaf for timm's tracers (timm_drop.fx)
+
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("strength", torch.ones((), dtype=torch.float32), persistent=False)
@@ -210,6 +215,8 @@ class Regularizer(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, fx.Proxy):  # traced through by an FX tracer: one call_module node (timm_drop.fx)
+            return _fx.leaf_node(self, x)
         if not self.training:
             return x
         check_float_input(self.display_name, x)

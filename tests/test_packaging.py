@@ -62,8 +62,18 @@ def test_the_core_install_is_torch_timm_and_pyyaml():
 
 
 def test_the_core_package_imports_nothing_beyond_the_core_install():
-    core_files = [p for p in _files() if p.relative_to(PACKAGE).parts[0] != "training"]
+    core_files = [p for p in _files() if p.relative_to(PACKAGE).parts[0] not in ("training", "integrations")]
     assert core_files and _third_party_imports(core_files) <= CORE
+
+
+def test_trainer_adapters_import_only_their_trainer_which_the_dev_extra_installs():
+    # timm_drop.integrations.<lib> imports <lib>; `import timm_drop` never imports these modules
+    dev = _names(PYPROJECT["project"]["optional-dependencies"]["dev"])
+    needed = _third_party_imports(_files("integrations")) - CORE - {"pytorch_lightning"}  # lightning's old name
+    assert needed == {"transformers", "lightning"} and needed <= dev
+    code = "import sys, timm_drop; print([m for m in ('transformers', 'lightning') if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_the_train_extra_covers_every_import_of_the_recipe_and_dev_installs_it():

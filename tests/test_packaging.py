@@ -86,6 +86,16 @@ def test_every_import_of_the_package_and_recipes_is_in_the_core_install_or_an_ex
     assert used - declared == set()
 
 
+def test_trainer_adapters_import_only_their_trainer_which_the_dev_extra_installs():
+    # timm_drop.integrations.<lib> imports <lib>; `import timm_drop` never imports these modules
+    dev = _names(PYPROJECT["project"]["optional-dependencies"]["dev"])
+    needed = _third_party_imports(_files("integrations")) - CORE - {"pytorch_lightning"}  # lightning's old name
+    assert needed == {"transformers", "lightning"} and needed <= dev
+    code = "import sys, timm_drop; print([m for m in ('transformers', 'lightning') if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_the_train_extra_covers_every_import_of_the_recipe_and_dev_installs_it():
     extras = PYPROJECT["project"]["optional-dependencies"]
     train = _names(extras["train"])

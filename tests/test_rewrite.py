@@ -380,12 +380,15 @@ def test_depth_scaling_and_stage_params_resolve_per_site(resnet18):
     assert probs == pytest.approx([0.4 * i / 8 for i in range(1, 7)] + [0.8 * 7 / 8, 0.8])
 
 
-def test_schedule_is_attached_and_starts_at_progress_zero():
+def test_schedule_is_attached_at_full_strength_until_the_first_set_progress():
+    # DESIGN §2: until the first set_progress call a regularizer runs at full strength (a scheduled one warns)
     model = timm.create_model("resnet18", pretrained=False)
     schedule = {"kind": "linear", "start": 0.0, "end": 0.5}
     apply_regularizer(model, {"rules": [_rule("dropout", DROP, ["stage"], schedule=schedule)]})
     regs = _regs(model)
-    assert all(r.schedule.kind == "linear" and float(r.strength) == 0.0 for r in regs)
+    assert all(r.schedule.kind == "linear" and float(r.strength) == 1.0 for r in regs)
+    timm_drop.set_progress(model, 0.0)
+    assert all(float(r.strength) == 0.0 for r in regs)
     timm_drop.set_progress(model, 0.25)
     assert all(float(r.strength) == pytest.approx(0.5) for r in regs)
 
@@ -503,3 +506,21 @@ def test_block_that_branches_on_training_keeps_both_behaviours():
     with torch.no_grad():
         assert torch.equal(net.eval()(x), x + net.block.conv(x))
         assert torch.equal(net.train()(x), x + net.block.conv(x) * 0.5)
+
+
+def test_plan_is_pure_data_built_without_touching_the_model(resnet18):
+    import dataclasses
+    import pickle
+
+    spec = {
+        "rules": [
+            _rule("droppath", DROP, ["residual"]),
+            _rule("dropout", DROP, ["norm", "stage"], stages=[2]),
+        ]
+    }
+    p = plan(resnet18, spec)
+    for e in p.entries:
+        assert not any(isinstance(getattr(e, f.name), nn.Module) for f in dataclasses.fields(e))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.entries[0].params = {}
+    assert pickle.loads(pickle.dumps(p)) == p == plan(resnet18, spec)

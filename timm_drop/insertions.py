@@ -211,8 +211,18 @@ class HookInsertion(Insertion):
         side[self.key] = holder
         self.handle = self._register(_get(model, self.owner), holder)
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        # a module replaced since (SyncBN conversion of a hooked norm) took the hook with it: nothing to remove
+        handle = self.handle
+        refs = (handle.hooks_dict_ref, *handle.extra_dict_ref) if handle is not None else ()
+        if any(ref() is None for ref in refs):
+            state["handle"] = None
+        return state
+
     def undo(self, model: nn.Module) -> None:
-        self.handle.remove()
+        if self.handle is not None:
+            self.handle.remove()
         home = _get(model, self.home)
         side = home._modules.get(SIDE)
         if side is not None:

@@ -43,8 +43,9 @@ Choices where the paper is silent or where the official code differs from it
   every rank without communication, independent of the global RNG and of data order, and a resumed run draws
   the same sets. (The official code's index bug froze only a leading run of layers; this draws every unit.)
 * A layer (``unit="layer"``) is every ``Conv*``/``Linear`` module with trainable parameters, as in the
-  official code (K = 16 for VGG-16: 13 conv + 3 fc). ``unit="block"`` uses the model's residual/transformer
-  blocks (found through ``feature_info`` stages); a list of module names makes each named module a unit.
+  official code (K = 16 for VGG-16: 13 conv + 3 fc). ``unit="block"`` uses the model's blocks, the same
+  modules as a spec's ``block`` sites (:func:`timm_drop.sites.find_blocks`, one shape pass on the model); a
+  list of module names (globs or ``re:`` regexes, full match) makes each named module a unit.
   Parameters outside every unit (stem norms, embeddings, and BatchNorm in layer mode) always train.
 * BatchNorm: the official code never freezes it (BN affine and running statistics keep training while "frozen"
   convs do not). That is the default, ``freeze_norm=False``. ``freeze_norm=True`` also freezes the norm that
@@ -87,7 +88,6 @@ Gradient clipping on the grad-nulling path sees the frozen parameters' gradients
 
 from __future__ import annotations
 
-import fnmatch
 import warnings
 import weakref
 from collections.abc import Sequence
@@ -98,6 +98,8 @@ import torch
 from torch import nn
 
 from timm_drop.regularizers.registry import nearest_names
+from timm_drop.sites import find_blocks
+from timm_drop.structure import feature_info, is_norm, match_pattern, unwrap
 
 __all__ = [
     "FREEZE_PRESETS",
@@ -121,8 +123,6 @@ PAPER_VGG16_EFREEZE: tuple[float, ...] = (
 PAPER_MNIST_EFREEZE: tuple[float, ...] = (0.9, 0.7, 0.6, 0.5, 0.4, 0.3, 0.1)
 
 _LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Linear)
-_NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
-_BLOCK_CONTAINER_NAMES = ("blocks", "layers", "stages")
 _MAX_REDRAWS = 100
 _MASK64 = (1 << 64) - 1
 
@@ -218,10 +218,6 @@ def _resolve(module: nn.Module, name: str) -> nn.Module:
     return module.get_submodule(name) if name else module
 
 
-def _has_params(module: nn.Module) -> bool:
-    return any(p.requires_grad for p in module.parameters())
-
-
 def find_layers(model: nn.Module, types: tuple[type[nn.Module], ...] = _LAYER_TYPES) -> list[str]:
     """Names of every ``Conv*``/``Linear`` module with trainable parameters, in registration order."""
     return [
@@ -229,62 +225,6 @@ def find_layers(model: nn.Module, types: tuple[type[nn.Module], ...] = _LAYER_TY
         for name, m in model.named_modules()
         if isinstance(m, types) and any(p.requires_grad for p in m.parameters(recurse=False))
     ]
-
-
-def _stage_names(model: nn.Module) -> list[str]:
-    info = getattr(model, "feature_info", None)
-    if info is None:
-        return []
-    if hasattr(info, "module_name"):  # timm FeatureInfo object (features_only models)
-        return list(info.module_name())
-    try:
-        return [d["module"] for d in info if isinstance(d, dict) and "module" in d]
-    except TypeError:
-        return []
-
-
-def find_blocks(model: nn.Module) -> list[str]:
-    """Names of the model's blocks, in order.
-
-    A ``feature_info`` stage that is a ``Sequential``/``ModuleList`` contributes its children; a stage with a
-    ``blocks`` container contributes those blocks plus each other parameterised child (e.g. a downsample) as a
-    unit of its own; any other non-leaf stage module (a ViT block listed per block) is one block. Leaf stage
-    entries (a stem conv or activation) are not blocks. Without ``feature_info``, containers named ``blocks``,
-    ``layers``, ``stages`` or ``layerN`` are used.
-    """
-    names: list[str] = []
-
-    def add_children(prefix: str, container: nn.Module) -> None:
-        for child_name, child in container.named_children():
-            if _has_params(child):
-                names.append(f"{prefix}.{child_name}" if prefix else child_name)
-
-    for stage in _stage_names(model):
-        try:
-            mod = _resolve(model, stage)
-        except AttributeError:
-            continue
-        if not _has_params(mod):
-            continue
-        if isinstance(mod, (nn.Sequential, nn.ModuleList)):
-            add_children(stage, mod)
-        elif isinstance(getattr(mod, "blocks", None), (nn.Sequential, nn.ModuleList)):
-            for child_name, child in mod.named_children():
-                if child_name == "blocks":
-                    add_children(f"{stage}.blocks", child)
-                elif _has_params(child):
-                    names.append(f"{stage}.{child_name}")
-        elif any(True for _ in mod.children()):
-            names.append(stage)
-    if not names:
-        for name, mod in model.named_modules():
-            last = name.rsplit(".", 1)[-1]
-            is_container = last in _BLOCK_CONTAINER_NAMES or (last.startswith("layer") and last[5:].isdigit())
-            if is_container and isinstance(mod, (nn.Sequential, nn.ModuleList)):
-                if not any(name.startswith(n + ".") or name == n for n in names):
-                    add_children(name, mod)
-    # a block nested in another chosen block is covered by it
-    return [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
 
 
 def _pair_norms(model: nn.Module, layer_names: Sequence[str]) -> dict[str, str]:
@@ -297,7 +237,7 @@ def _pair_norms(model: nn.Module, layer_names: Sequence[str]) -> dict[str, str]:
         if name in wanted:
             out = getattr(m, "out_channels", None) or getattr(m, "out_features", None)
             pending[parent] = (name, int(out) if out is not None else -1)
-        elif isinstance(m, _NORM_TYPES) and parent in pending:
+        elif is_norm(m) and parent in pending:
             layer, out = pending.pop(parent)
             chs = getattr(m, "num_features", None) or getattr(m, "num_channels", None)
             if chs is None and isinstance(m, nn.LayerNorm):
@@ -305,26 +245,6 @@ def _pair_norms(model: nn.Module, layer_names: Sequence[str]) -> dict[str, str]:
             if chs is not None and int(chs) == out:
                 pairs[layer] = name
     return pairs
-
-
-def _unwrap(model: nn.Module) -> tuple[nn.Module, bool, bool]:
-    """Strip DDP / torch.compile / Accelerate wrappers; report which were seen."""
-    distributed = compiled = False
-    for _ in range(8):
-        if isinstance(model, nn.parallel.DistributedDataParallel) or type(model).__name__ in (
-            "DistributedDataParallel",
-            "FullyShardedDataParallel",
-        ):
-            distributed = True
-            model = model.module
-        elif hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
-            compiled = True
-            model = model._orig_mod
-        elif isinstance(model, nn.DataParallel):
-            model = model.module
-        else:
-            break
-    return model, distributed, compiled
 
 
 def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
@@ -371,7 +291,7 @@ class LayerOut:
         freeze_probs: ``"random"`` (U(0, 1) per unit, drawn once from ``seed``), ``"efreeze"`` (early units
             frozen more, linear 0.9 -> 0.1), ``"dfreeze"`` (deep units frozen more) or one probability per unit.
         unit: ``"layer"`` (every Conv/Linear), ``"block"`` (the model's blocks) or a list of module names
-            (``fnmatch`` globs allowed), each one unit.
+            (globs or ``re:`` regexes, full match), each one unit.
         warmup_epochs: epochs ``< warmup_epochs`` train everything (paper: 20).
         seed: seeds the ``"random"`` vector and, with the epoch, every draw; must be equal on all ranks.
         max_freeze_fraction: optional cap on the frozen share of the units' parameters per epoch.
@@ -453,7 +373,7 @@ class LayerOut:
         """
         if self.epoch is not None and self._mask is not None and bool(self._mask.any()):
             self.end_epoch()
-        model, seen_ddp, seen_compile = _unwrap(model)
+        model, seen_ddp, seen_compile = unwrap(model)
         if distributed is not None:
             self.distributed = distributed
         elif seen_ddp:
@@ -466,11 +386,12 @@ class LayerOut:
         if self.unit == "layer":
             unit_names = find_layers(model)
         elif self.unit == "block":
-            unit_names = find_blocks(model)
+            # blocks hang off feature_info stages: without it there are none, and no shape pass is needed
+            unit_names = find_blocks(model) if feature_info(model) else []
             if not unit_names:
                 raise ValueError(
                     f"LayerOut(unit='block') found no blocks in {type(model).__name__}: it has no feature_info "
-                    "stages or block containers; use unit='layer' or a list of module names"
+                    "stages holding blocks; use unit='layer' or a list of module names"
                 )
         else:
             unit_names = self._match_names(model, self.unit)
@@ -517,7 +438,7 @@ class LayerOut:
         all_names = [n for n, _ in model.named_modules() if n]
         out: list[str] = []
         for pat in patterns:
-            hits = [n for n in all_names if fnmatch.fnmatchcase(n, pat)]
+            hits = [n for n in all_names if match_pattern(pat, n)]
             if not hits:
                 near = nearest_names(pat, all_names)
                 hint = f"; nearest: {near}" if near else ""

@@ -1,39 +1,22 @@
 """The rewriter: puts regularizers at the sites a spec selects, shows the plan first, and undoes it all.
 
-``plan(model, spec)`` is a dry run (it only reads the model); ``apply_regularizer`` mutates the model in place and
-returns the same object, of the same class; ``strip_regularizers`` undoes every change.
+``plan(model, spec)`` is a dry run (it only reads the model) that returns a pure-data :class:`Plan`;
+``apply_regularizer`` builds the regularizers, turns the plan into insertions (:mod:`timm_drop.insertions`) and
+applies them, mutating the model in place and returning the same object, of the same class;
+``strip_regularizers`` undoes the insertions in reverse.
 
-Insertion, least invasive first (DESIGN §4, §6):
-
-* ``norm`` sites with ``norm_position: after_norm`` on a fused norm+act layer that has timm's ``drop`` slot
-  (``BatchNormAct2d`` and friends): the regularizer becomes that ``drop`` module, i.e. it acts between the
-  normalization and the activation. A slot already holding a module keeps it and runs it first. This survives
-  ``timm.layers.convert_sync_batchnorm`` (it copies ``drop``).
-* ``residual`` / ``shortcut`` / ``merge`` sites, and ``norm`` sites whose calling module is traceable: a
-  *block-local rewrite*. The module that executes the add (or calls the norm) is FX-traced on its own (see
-  :mod:`timm_drop.sites`), ``call_module`` nodes for the regularizers are inserted (before the add on the chosen
-  operand, or after the add / norm), the regularizers are registered as children of that module (param-free, so
-  ``state_dict`` keys are unchanged), and the instance gets a generated subclass of its own class whose
-  ``forward`` is the rewritten graph's code. ``isinstance``, the class name, methods and attributes all stay;
-  a module whose forward branches on ``self.training`` gets both graphs and picks by mode. The graph calls its
-  children by attribute name at run time, so a later SyncBN conversion of a child is honoured. Caveats: the
-  rewritten forward no longer reads config flags the trace resolved (e.g. a block-level ``grad_checkpointing``
-  switched on afterwards), and pickling the whole model object (``torch.save(model)``) is not supported while
-  rewritten (``state_dict`` is; strip first otherwise).
-* ``norm`` sites inside an ``nn.Sequential`` (e.g. ResNet's ``downsample``): a forward hook on the container when
-  the norm is its last layer, else a forward pre-hook on the following layer (each run once in the shape pass),
-  so that SyncBN conversion, which replaces norm modules together with their hooks, keeps the regularizer.
-* ``stage`` / ``block`` / ``module`` sites, and ``norm`` sites whose caller cannot be rewritten (the model root,
-  an opaque module): a forward hook on the module whose callable is a bound method of a
-  small holder module registered in ``model._timm_drop_regularizers`` (an ``nn.ModuleDict`` on the root), so
-  ``copy.deepcopy`` (timm's EMA) rebinds it to the copy's own regularizers. Hooks on plain BatchNorm modules are
-  replaced away by SyncBN conversion; convert before applying in that rare case (stem / final norms).
+Where each site's regularizer goes, least invasive first: a ``norm`` site with ``norm_position: after_norm`` on a
+fused norm+act layer uses its ``drop`` slot; ``residual`` / ``shortcut`` / ``merge`` sites, and ``norm`` sites
+whose calling module is traceable, rewrite the module that executes the add (or calls the norm); a ``norm`` inside
+an ``nn.Sequential`` gets a hook on the container (norm last) or a pre-hook on the following layer, which SyncBN
+conversion keeps; everything else (``stage`` / ``block`` / ``module``, norms called by the root or an opaque
+module) gets a forward hook.
 
 Parameters of an entry: ``rule.params_for_stage(site.stage)``; with ``depth_scaling: linear`` the strength
 parameters (``drop_prob``, ``q``) are multiplied by ``(i + 1) / n`` over the rule's ``n`` matched sites in depth
-order (timm's drop-path rule). Each regularizer gets ``schedule = rule.schedule`` (moved to progress 0 when there
-is one) and ``set_layout(site.layout)``; a layout it does not accept is an error naming the site, its layout and
-the rule.
+order (timm's drop-path rule). Each regularizer gets ``schedule = rule.schedule`` (left at full strength until the
+first ``set_progress``, see :mod:`timm_drop.schedules`) and ``set_layout(site.layout)``; a layout it does not accept
+is an error naming the site, its layout and the rule.
 
 Conflicts: when a rule selects a site that an earlier rule already holds, the *later* rule's ``on_conflict``
 decides: ``error`` (default) raises naming both rules and the site, ``stack`` runs both (earlier rule first),
@@ -41,8 +24,8 @@ decides: ``error`` (default) raises naming both rules and the site, ``stack`` ru
 when they carry the same tensor (the last block's output is also its stage's output).
 
 A second ``apply_regularizer`` on the same model is refused unless ``stack=True``. DDP / DataParallel / FSDP
-wrapped and ``torch.compile``d models are refused: apply first, then SyncBN, optimizer, ``accelerator.prepare``,
-compile.
+wrapped, ``torch.compile``d and meta-device models are refused: apply first, then SyncBN, optimizer,
+``accelerator.prepare``, compile.
 """
 
 from __future__ import annotations
@@ -82,9 +65,9 @@ class RewriteError(ValueError):
 # ---------------------------------------------------------------------------------------------------------
 # plan
 # ---------------------------------------------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True)
 class PlanEntry:
-    """One regularizer at one site."""
+    """One regularizer at one site (pure data: the regularizer module is built at apply time)."""
 
     site: str
     kind: str
@@ -122,9 +105,10 @@ class PlanEntry:
         }
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
-    """What :func:`apply_regularizer` will do: ``entries`` in depth order; ``str(plan)`` is a table."""
+    """What :func:`apply_regularizer` will do: ``entries`` in depth order; ``str(plan)`` is a table. Pure data
+    (no modules), so it prints, compares and pickles; planning never changes the model or the analysis."""
 
     entries: list[PlanEntry]
     sites: list[Site]
@@ -349,6 +333,8 @@ def _make_regularizer(
                 f"shape {shape}): {exc}; exclude it or pick a layout-agnostic regularizer"
             ) from exc
         reg.schedule = rule.schedule
+        reg.rule_label = rule.describe()  # named by warnings and timm_drop.summary
+        reg.site_name = site_name
     return reg
 
 
@@ -490,8 +476,6 @@ def _materialize(the_plan: Plan, spec: Spec, model: nn.Module) -> list[nn.Module
         reg = _make_regularizer(rules[e.rule], e.site, e.layout, e.shape, dict(e.params))
         reg.to(device)
         reg.train(model.get_submodule(e.module).training)
-        if isinstance(reg, Regularizer) and reg.schedule is not None:
-            reg.set_progress(0.0)
         regs.append(reg)
     return regs
 

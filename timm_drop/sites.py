@@ -1,11 +1,12 @@
-"""Site discovery: the places in a timm model where a regularizer can go (DESIGN §4).
+"""Site discovery: the places in a timm model where a regularizer can go.
 
 :func:`find_sites` is read-only analysis. It combines two passes:
 
 1. **Shape pass.** One forward of a small example input in ``eval()`` under ``no_grad`` (so BatchNorm
    statistics do not move), with temporary hooks on every module that record the order in which modules start
    and finish, each module's first output shape, and the first inputs of composite modules. The default input
-   comes from ``pretrained_cfg['input_size']``; models that accept any size are first tried at a small
+   comes from ``pretrained_cfg['input_size']`` (channels: the config's, then the first convolution's, for
+   ``in_chans`` models); models that accept any size are first tried at a small
    *non-square* size (2x3 times the model's largest feature reduction), which makes channels-first and
    channels-last maps tell themselves apart (their spatial aspect is the input's). Models with a fixed input
    size fall back to their configured size (``patch_embed.img_size``, then ``pretrained_cfg``).
@@ -17,19 +18,17 @@
    reproduces the module bit for bit (modules with the same class, generated code and input/output shapes,
    like the blocks of a ViT, share one such run); a module that fails to trace or to reproduce is *opaque*,
    with a reason, and offers no residual sites and no rewrite. Inputs that are None in the recorded call are
-   specialised to None (FX would otherwise take ``if mask is not None`` branches the wrong way).
+   specialised to None (FX would otherwise take ``if mask is not None`` branches the wrong way). A module an
+   earlier :func:`~timm_drop.apply_regularizer` rewrote is not re-traced: its compiled graph is reused, so a
+   rewritten model can be planned and stacked on again.
 
 Kinds (``Site.kind``):
 
-* ``stage`` — output of a ``feature_info`` module. The stem entry is excluded from stage numbering; entry 0
-  is the stem when its module name has a ``stem`` component, is the model root (TResNet), or has a shallower
-  module tree than the next entry (ResNet's ``act1``, MobileNetV3's ``bn1``, DenseNet's ``features.norm0``
-  against stages holding blocks). Stages are numbered from 1 (resnet50 stage 3 = ``layer3``).
-* ``block`` — output of each block of a stage: the members of the stage's block container (a torch
-  container itself, the container child holding composite modules, e.g. ConvNeXt's ``stages.N.blocks``,
-  or repeated composite children like RegNet's ``b1..bN``); a stage that owns skip adds itself (ViT's
-  ``blocks.N``) is its own single block. Modules that run between two stages without being under either
-  (EfficientNet's ``blocks.3``) contribute their blocks to the following stage.
+* ``stage`` — output of a ``feature_info`` module, numbered from 1 without the stem entry
+  (:func:`timm_drop.structure.feature_stages`; resnet50 stage 3 = ``layer3``).
+* ``block`` — output of each block of a stage (:func:`timm_drop.structure.stage_blocks`). Modules that run
+  between two stages without being under either (EfficientNet's ``blocks.3``) contribute their blocks to the
+  following stage. :func:`find_blocks` lists them; ``LayerOut(unit="block")`` uses the same list.
 * ``residual`` / ``shortcut`` / ``merge`` — a skip add: ``operator.add``, ``operator.iadd``, ``torch.add``
   or ``Tensor.add`` of two tensors of equal shape that both descend from the owning module's first input, one
   (the *shortcut*: identity or projection) strictly closer to that input than the other (the *residual*
@@ -39,8 +38,7 @@ Kinds (``Site.kind``):
   tensors), broadcast adds, parallel branches of equal depth (RepVGG's ``conv_kxk(x) + conv_1x1(x)``) and
   sums of computed terms (rotary embeddings' ``q * cos + rotate(q) * sin``). Skip adds in the model root's
   own ``forward`` are not sites (rewriting the root would replace the model's class).
-* ``norm`` — output of a normalization module (torch norm base classes, or any class in the MRO named
-  ``...Norm``, ``...Norm2d``, ``...NormAct2d``, ``EvoNorm...``).
+* ``norm`` — output of a normalization module (:func:`timm_drop.structure.is_norm`).
 * ``module`` — output of any executed module (the root excluded) that returns a single tensor.
 
 Stage of a module: the ``feature_info`` module it is under (qualified-name prefix); otherwise, by execution
@@ -228,18 +226,24 @@ class _ShapeInterpreter(fx.Interpreter):
 
 
 def _outputs_equal(a: Any, b: Any) -> bool:
+    """Bit-identical (NaNs in the same places); on the meta device only shapes and dtypes can be compared
+    (block discovery for LayerOut works there; the rewriter refuses meta models)."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return (
             isinstance(a, torch.Tensor)
             and isinstance(b, torch.Tensor)
             and a.shape == b.shape
             and a.dtype == b.dtype
-            and bool(
-                torch.equal(a, b)
-                or (
-                    a.is_floating_point()
-                    and torch.equal(a.isnan(), b.isnan())
-                    and torch.equal(a.nan_to_num(), b.nan_to_num())
+            and (
+                a.is_meta
+                or b.is_meta
+                or bool(
+                    torch.equal(a, b)
+                    or (
+                        a.is_floating_point()
+                        and torch.equal(a.isnan(), b.isnan())
+                        and torch.equal(a.nan_to_num(), b.nan_to_num())
+                    )
                 )
             )
         )

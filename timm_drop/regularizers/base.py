@@ -26,6 +26,7 @@ import torch
 from torch import fx, nn
 
 from timm_drop import fx as _fx
+from timm_drop.schedules import on_train_forward
 
 #: Every layout a site can have: channels-first maps, channels-last maps, token sequences ``(B, L, C)`` and
 #: pooled features ``(B, C)`` (seen as one spatial position per channel).
@@ -162,6 +163,12 @@ class Regularizer(nn.Module):
         self.register_buffer("strength", torch.ones((), dtype=torch.float32), persistent=False)
         self.schedule: Any = None
         self.layout: str = "NCHW"
+        # Schedule plumbing (timm_drop.schedules): a forward counter for self-counting schedules, whether any
+        # set_progress call reached this module (else a scheduled one warns once), and the rule for messages.
+        self.register_buffer("schedule_count", torch.zeros((), dtype=torch.int64), persistent=False)
+        self.progress_set = False
+        self.rule_label: str | None = None
+        self.register_forward_pre_hook(on_train_forward)
         # Plain attributes, not buffers: a grid is a property of the site, never of a checkpoint.
         self.token_grid: tuple[int, int] | None = None
         self.num_prefix_tokens: int = 0
@@ -196,6 +203,7 @@ class Regularizer(nn.Module):
         """Move the schedule to ``progress`` in [0, 1]: writes ``strength`` in place (no recompile)."""
         value = 1.0 if self.schedule is None else float(self.schedule(progress))
         self.strength.fill_(value)
+        self.progress_set = True
 
     def effective(self, value: float) -> torch.Tensor:
         """``value * strength`` as a float32 0-dim tensor (robust to ``model.half()`` casting buffers)."""

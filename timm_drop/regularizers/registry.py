@@ -48,6 +48,8 @@ def register_regularizer(
                 f"regularizer {name!r} is already registered ({_REGISTRY[name]!r}); pass overwrite=True"
             )
         _REGISTRY[name] = obj
+        if isinstance(obj, type) and not getattr(obj, "registry_name", ""):
+            obj.registry_name = name  # errors name the regularizer as specs do (Regularizer.display_name)
         return obj
 
     return _register if factory is None else _register(factory)

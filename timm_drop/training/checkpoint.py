@@ -8,12 +8,18 @@ Layout of a run directory::
     <output_dir>/last_model.pth           weights after the last finished epoch
     <output_dir>/checkpoints/epoch_0007/  full training state (Accelerate ``save_state``: model, optimizer, scaler,
                                           per-process RNG) + ``timm_drop_state.pt`` (epoch/step counters, LayerOut,
-                                          EMA, best metric)
+                                          EMA, best metric) + ``manifest.json`` (size + sha256 of each file)
+    <output_dir>/.timm_drop_run.json      marker: the entries above that the recipe created (:class:`RunDir`)
 
 A checkpoint is written into ``checkpoints/.tmp-epoch_0007`` and only renamed to its final name (an atomic
-``os.replace`` on one filesystem) once every process has written its part, so a kill during a write can never
-leave a half-written "latest". Rotation deletes the oldest complete checkpoints beyond ``total_limit`` only after
-the new one is in place.
+``os.replace`` on one filesystem) once every process has written its part and the manifest has been written last,
+so a kill during a write can never leave a half-written "latest". Rotation deletes the oldest complete checkpoints
+beyond ``total_limit`` only after the new one is in place. The rename alone does not protect against what happens
+to the files later (a disk, a copy, a sync cut short, a power loss before the data reached the disk), so resume
+checks every file against the manifest before loading anything (:func:`verify_checkpoint`).
+
+The marker is what makes a directory provably a run: ``--overwrite`` removes only what it lists, and a directory
+without one (a ``config.yaml`` alone proves nothing) is never removed.
 
 Loading: Accelerate's ``load_state`` reads weights from safetensors and the optimizer/RNG files with
 ``torch.load(weights_only=True)``; our own state and the exported weights are loaded with ``weights_only=True``
@@ -371,20 +377,24 @@ class RunDir:
             if (self.path / name).exists() or (self.path / name).is_symlink():
                 (self.path / name).unlink()
 
-    def is_live_elsewhere(self, data: dict[str, Any]) -> bool:
-        """The run's owner process (per its marker) is still alive on this host (and is not this process)."""
+    @staticmethod
+    def owner(data: dict[str, Any]) -> str:
+        """Whether the process that last ran here (per the marker) is ``"self"``, ``"alive"`` or ``"dead"`` on
+        this host, or ``"unknown"`` (another host: a shared filesystem)."""
         import socket
 
         pid = data.get("pid")
-        if not isinstance(pid, int) or pid == os.getpid() or data.get("host") != socket.gethostname():
-            return False
+        if not isinstance(pid, int) or data.get("host") != socket.gethostname():
+            return "unknown"
+        if pid == os.getpid():
+            return "self"
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            return False
+            return "dead"
         except PermissionError:
-            return True
-        return True
+            return "alive"
+        return "alive"
 
 
 def _finished_any_epoch(out: Path) -> bool:
@@ -404,8 +414,6 @@ def check_output_dir(
     replaced the same way) or ``"resume"`` (this run's own directory). Raises :class:`ConfigError` when anything
     not provably ours would be clobbered. Nothing is changed here: the caller acts only after every other check.
     """
-    import yaml
-
     out = Path(output_dir)
     if overwrite and resume is not None:
         raise ConfigError("--overwrite and --resume contradict each other: pick one")
@@ -423,6 +431,12 @@ def check_output_dir(
             f"output_dir: {str(out)!r} is not empty and holds no timm_drop run (no {MARKER}, no config.yaml); "
             "refusing to write into it (choose another output_dir)"
         )
+    owner = None if marker is None else run.owner(marker)
+    if owner == "alive":  # resuming it too: two processes would write the same files
+        raise ConfigError(
+            f"output_dir: {str(out)!r} belongs to a run whose process {marker.get('pid')} is still alive on this "
+            "host; refusing to touch it (choose another output_dir)"
+        )
     if resume is None:
         if marker is None:
             what = "--overwrite cannot replace it" if overwrite else "refusing to replace it"
@@ -430,11 +444,6 @@ def check_output_dir(
                 f"output_dir: {str(out)!r} holds a config.yaml but no {MARKER} listing what a timm_drop run created "
                 f"there, so nothing in it is provably ours: {what}. Remove what you no longer need yourself, or "
                 "choose another output_dir"
-            )
-        if run.is_live_elsewhere(marker):
-            raise ConfigError(
-                f"output_dir: {str(out)!r} belongs to a run whose process {marker.get('pid')} is still alive on this "
-                "host; refusing to touch it (choose another output_dir)"
             )
         clash = sorted(set(run.unlisted(marker)) & RUN_ENTRIES)
         if clash:
@@ -445,19 +454,27 @@ def check_output_dir(
         if overwrite:
             return "overwrite"
         if not _finished_any_epoch(out):
-            return "restart"
+            if owner in ("self", "dead"):
+                return "restart"
+            raise ConfigError(
+                f"output_dir: {str(out)!r} holds a run started on host {marker.get('host')!r} that has not finished "
+                "an epoch; it may still be running there. Pass --overwrite to replace it (or choose another "
+                "output_dir)"
+            )
         raise ConfigError(
             f"output_dir: {str(out)!r} already holds a run; pass --resume latest to continue it or --overwrite to "
             "replace it (or choose another output_dir)"
         )
     if not saved.is_file():
         raise ConfigError(f"output_dir: {str(out)!r} holds no config.yaml; there is no run here to resume")
+    from timm_drop.yaml_io import YAMLInputError, load_yaml_bounded
+
     try:
-        old = yaml.safe_load(saved.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(
-            f"output_dir: {str(saved)!r} is not valid YAML ({e}); cannot check the resume"
-        ) from e
+        old = load_yaml_bounded(saved.read_text(), str(saved))[0] or {}
+    except (OSError, UnicodeDecodeError, YAMLInputError) as e:
+        raise ConfigError(f"output_dir: cannot read the saved config ({e}); cannot check the resume") from e
+    if not isinstance(old, dict):
+        raise ConfigError(f"output_dir: {str(saved)!r} is not a config mapping; cannot check the resume")
     # output_dir: the directory being resumed *is* the run, however it is spelled (absolute, ./runs/x, moved)
     ignore = ("log.", "checkpoint.", "description", "data.num_workers", "output_dir")
     diffs = [k for k in diff_configs(old, config) if not k.startswith(ignore)]

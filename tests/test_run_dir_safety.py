@@ -156,20 +156,35 @@ def test_a_run_that_may_still_be_running_is_not_replaced(in_tmp, capsys):
 
     main = train_cli()
     assert main(["--config", QUICKSTART, "output_dir=r", *FAST, "train.epochs=1", "optim.lr=1e30"]) == 3
-    marker_path = in_tmp / "r" / ".timm_drop_run.json"
-    marker = json.loads(marker_path.read_text())
-    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    run = in_tmp / "r"
+    assert (run / ".timm_drop_run.lock").is_file()
+    # another process running in it holds its lock: neither a rerun, --overwrite nor --resume touches it
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
+            "print('held', flush=True); time.sleep(120)",
+            str(run / ".timm_drop_run.lock"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
-        # its process is alive on this host: neither a plain rerun nor --overwrite touches it
-        marker_path.write_text(json.dumps({**marker, "pid": live.pid}))
+        assert holder.stdout.readline().strip() == "held"
         for flags in ([], ["--overwrite"], ["--resume", "latest"]):
             assert main(["--config", QUICKSTART, "output_dir=r", *FAST, "train.epochs=1", *flags]) == 2
-            assert f"process {live.pid} is still alive" in capsys.readouterr().err
+            assert "still running" in capsys.readouterr().err
+        assert (run / "config.yaml").is_file()
     finally:
-        live.kill()
-        live.wait()
-    # started on another host (a shared filesystem): only an explicit --overwrite replaces it
+        holder.kill()
+        holder.wait()
+    # killed: the kernel released its lock, so the failed start is replaced by the corrected rerun
+    marker_path = run / ".timm_drop_run.json"
+    marker = json.loads(marker_path.read_text())
+    # started on another host (a shared filesystem, where a lock proves nothing): only --overwrite replaces it
     marker_path.write_text(json.dumps({**marker, "host": "some-other-host"}))
     assert main(["--config", QUICKSTART, "output_dir=r", *FAST, "train.epochs=1"]) == 2
     assert "may still be running there" in capsys.readouterr().err
-    assert main(["--config", QUICKSTART, "output_dir=r", *FAST, "train.epochs=1", "--overwrite"]) == 0
+    marker_path.write_text(json.dumps(marker))
+    assert main(["--config", QUICKSTART, "output_dir=r", *FAST, "train.epochs=1"]) == 0

@@ -254,6 +254,8 @@ def verify_checkpoint(path: str | os.PathLike, num_processes: int) -> str | None
 
 #: the marker that makes a directory provably a timm_drop run: it lists what the recipe created there
 MARKER = ".timm_drop_run.json"
+#: held (``flock``) by the process running the run: the kernel releases it when that process ends, however it ends
+LOCK = ".timm_drop_run.lock"
 #: the folders the recipe creates, and the only entries inside them that ``remove_run`` removes
 _RUN_FOLDERS = {
     "checkpoints": re.compile(r"^(\.tmp-|\.old-)?epoch_\d{4,}$"),
@@ -296,6 +298,7 @@ class RunDir:
         self.path = Path(path)
         self.marker = self.path / MARKER
         self._entries: list[str] | None = None
+        self._lock_fh: Any = None
 
     def read_marker(self) -> dict[str, Any] | None:
         import json
@@ -356,7 +359,7 @@ class RunDir:
         os.replace(tmp, self.marker)
 
     def unlisted(self, data: dict[str, Any]) -> list[str]:
-        listed = set(data["entries"]) | {MARKER, MARKER + ".tmp"}
+        listed = set(data["entries"]) | {MARKER, MARKER + ".tmp", LOCK}
         return sorted(p.name for p in self.path.iterdir() if p.name not in listed)
 
     def remove_run(self, data: dict[str, Any]) -> None:
@@ -381,24 +384,52 @@ class RunDir:
             if (self.path / name).exists() or (self.path / name).is_symlink():
                 (self.path / name).unlink()
 
-    @staticmethod
-    def owner(data: dict[str, Any]) -> str:
-        """Whether the process that last ran here (per the marker) is ``"self"``, ``"alive"`` or ``"dead"`` on
-        this host, or ``"unknown"`` (another host: a shared filesystem)."""
+    def owner(self, data: dict[str, Any]) -> str:
+        """``"running"`` while a Trainer holds this run's lock (released when it ends, or when its process dies:
+        an ``flock``), ``"stopped"`` otherwise; ``"unknown"`` for a run started on another host (a shared
+        filesystem, where the lock proves nothing)."""
         import socket
 
-        pid = data.get("pid")
-        if not isinstance(pid, int) or data.get("host") != socket.gethostname():
+        if data.get("host") != socket.gethostname():
             return "unknown"
-        if pid == os.getpid():
-            return "self"
+        return "running" if self._lock_is_held() else "stopped"
+
+    def _lock_is_held(self) -> bool:
+        lock = self.path / LOCK
+        if not lock.is_file() or lock.is_symlink():
+            return False
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return "dead"
-        except PermissionError:
-            return "alive"
-        return "alive"
+            import fcntl
+        except ImportError:  # pragma: no cover - no flock (Windows): nothing to probe
+            return False
+        with open(lock, "a") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(fh, fcntl.LOCK_UN)
+        return False
+
+    def acquire(self) -> None:
+        """Hold this run's lock until :meth:`release` or the end of this process (main process only)."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover
+            return
+        fh = open(self.path / LOCK, "a")  # noqa: SIM115 - held open for the run's lifetime
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            raise ConfigError(
+                f"output_dir: {str(self.path)!r} is in use by a run that is still running; refusing to touch it"
+            ) from None
+        self._lock_fh = fh
+
+    def release(self) -> None:
+        if self._lock_fh is not None:
+            self._lock_fh.close()  # closing the file releases the flock
+            self._lock_fh = None
 
 
 def _finished_any_epoch(out: Path) -> bool:
@@ -421,7 +452,7 @@ def check_output_dir(
     out = Path(output_dir)
     if overwrite and resume is not None:
         raise ConfigError("--overwrite and --resume contradict each other: pick one")
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+    if not out.exists() or (out.is_dir() and all(p.name == LOCK for p in out.iterdir())):
         if resume == "latest":
             raise FileNotFoundError(f"--resume latest: output_dir {str(out)!r} holds no run to resume")
         return "new"
@@ -436,10 +467,10 @@ def check_output_dir(
             "refusing to write into it (choose another output_dir)"
         )
     owner = None if marker is None else run.owner(marker)
-    if owner == "alive":  # resuming it too: two processes would write the same files
+    if owner == "running":  # resuming it too: two processes would write the same files
         raise ConfigError(
-            f"output_dir: {str(out)!r} belongs to a run whose process {marker.get('pid')} is still alive on this "
-            "host; refusing to touch it (choose another output_dir)"
+            f"output_dir: {str(out)!r} is in use by a run that is still running (process {marker.get('pid')} "
+            "holds its lock); refusing to touch it (choose another output_dir)"
         )
     if resume is None:
         if marker is None:
@@ -458,7 +489,7 @@ def check_output_dir(
         if overwrite:
             return "overwrite"
         if not _finished_any_epoch(out):
-            if owner in ("self", "dead"):
+            if owner == "stopped":
                 return "restart"
             raise ConfigError(
                 f"output_dir: {str(out)!r} holds a run started on host {marker.get('host')!r} that has not finished "

@@ -259,7 +259,9 @@ class Trainer:
             _apply_regularizer(model, cfg.regularizer, torch.zeros(2, 3, size, size))
             from timm_drop.summary import track_drops
 
-            track_drops(model)  # realised drop fraction per rule in metrics.jsonl (on device; read once an epoch)
+            track_drops(
+                model
+            )  # realised drop fraction per rule in metrics.jsonl (on device; read once an epoch)
         self.n_regularizers = len(_regularizers(model))
         model.to(self.device)
         if t.channels_last:
@@ -296,14 +298,20 @@ class Trainer:
             # damaged or mismatched checkpoint leaves nothing behind
             self._restore(self.ckpt.resolve(self.resume, num_processes=self.world, log=acc.print))
         self.run_dir = RunDir(self.out)
-        if not self.dry_run:
-            self._prepare_run_dir()
-        self.metrics = (
-            MetricsLog(self.out, claim=self.run_dir.claim) if (self.is_main and not self.dry_run) else None
-        )
-        if self.metrics is not None and self.resume is not None:
-            self.metrics.truncate(self.state.epoch)
-        self._set_progress()
+        try:
+            if not self.dry_run:
+                self._prepare_run_dir()
+            self.metrics = (
+                MetricsLog(self.out, claim=self.run_dir.claim)
+                if (self.is_main and not self.dry_run)
+                else None
+            )
+            if self.metrics is not None and self.resume is not None:
+                self.metrics.truncate(self.state.epoch)
+            self._set_progress()
+        except BaseException:
+            self.run_dir.release()
+            raise
         self._setup_done = True
         return self
 
@@ -314,6 +322,8 @@ class Trainer:
         acc.wait_for_everyone()
         if self.is_main:
             run = self.run_dir
+            self.out.mkdir(parents=True, exist_ok=True)
+            run.acquire()  # held until fit() ends (or this process does): no second run can touch the directory
             if self.dir_mode in ("overwrite", "restart"):
                 marker = run.read_marker()
                 assert marker is not None  # check_output_dir only returns these modes for a marked run
@@ -488,6 +498,12 @@ class Trainer:
             self.setup()
         if self.dry_run:
             return self.dry_run_check()
+        try:
+            return self._fit(max_epochs)
+        finally:
+            self.run_dir.release()
+
+    def _fit(self, max_epochs: int | None) -> dict[str, Any]:
         acc, cfg = self.accelerator, self.cfg
         acc.print(
             f"{cfg.name}: {cfg.model.name} on {cfg.data.dataset} ({self.num_classes} classes), {self.world} process(es) "

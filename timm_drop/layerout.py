@@ -19,8 +19,7 @@ Usage (Accelerate)::
         lo.end_epoch()
         log(lo.history[-1])                   # epoch, n_frozen, frozen_fraction
 
-Choices where the paper is silent or where the official code differs from it
-(see shared/research/seed-methods.md section 5):
+Choices where the paper is silent or where the official code differs from it:
 
 * ``v`` is the probability of *freezing* (the paper's text and Eq. 1); the official code uses it as a survival
   probability. For the U(0, 1) default both readings give the same distribution. ``"random"`` draws ``v`` once

@@ -30,6 +30,27 @@ def test_list_prints_every_regularizer_with_its_params(capsys):
     assert "dropblock(drop_prob, block_size, per_channel=True)" in out
 
 
+def test_list_prints_regularizers_only_not_the_layerout_controller(capsys):
+    assert main(["list"]) == 0
+    assert "layerout" not in capsys.readouterr().out.lower()
+
+
+def test_the_cli_uses_only_public_names_of_the_package():
+    import ast
+
+    import timm_drop.cli
+
+    tree = ast.parse(Path(timm_drop.cli.__file__).read_text())
+    private = [
+        f"{node.module}.{alias.name}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("timm_drop")
+        for alias in node.names
+        if alias.name.startswith("_")
+    ]
+    assert private == []
+
+
 def test_plan_prints_the_table_for_a_spec_file(capsys):
     rc = main(
         ["plan", "resnet18", str(SPECS / "attentiondrop_resnet18.yaml"), "--input-size", "3", "64", "64"]
@@ -153,7 +174,7 @@ def test_console_script_is_installed():
 def test_coverage_report_renders_from_jsonl_with_failures_grouped(tmp_path, capsys):
     import json
 
-    from timm_drop.coverage import CoverageResult
+    from timm_drop.tools.coverage import CoverageResult
 
     rows = [
         CoverageResult("net_a", True, "ok", n_sites={"stage": 4}, seconds=1.0, input_size=(3, 64, 64)),

@@ -1,4 +1,4 @@
-"""The rewriter keeps its guarantees on >= 40 timm architecture families (timm_drop.coverage.check_model).
+"""The rewriter keeps its guarantees on >= 40 timm architecture families (timm_drop.tools.coverage.check_model).
 
 Each family runs its smallest registered variant, ``pretrained=False``, at the smallest input it accepts; where
 the smallest variant is still slow on a 2-core CPU its depth is cut with timm's own constructor kwargs
@@ -10,15 +10,16 @@ rewriter that breaks one guarantee at a time must be caught at the right stage.
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
 import timm_drop
-from timm_drop import coverage
-from timm_drop.coverage import COVERAGE_SPEC, check_model
 from timm_drop.regularizers import get_regularizer_class
+from timm_drop.tools import coverage
+from timm_drop.tools.coverage import COVERAGE_SPEC, check_model
 
 # (family, model, constructor kwargs, input size or None = auto, has skip adds: True / False / None = unknown)
 FAMILIES: list[tuple[str, str, dict, tuple[int, int, int] | None, bool | None]] = [
@@ -150,7 +151,7 @@ class _FakeRewriter:
     def plan(self, model, spec, *, example_input=None):
         if self.breaks == "plan":
             model.layer4.register_forward_hook(lambda m, a, o: o)
-        return _FakePlan([{"kind": "stage", "module": "layer4", "layout": "NCHW"}])
+        return _FakePlan([SimpleNamespace(kind="stage", module="layer4", layout="NCHW")])
 
     def apply(self, model, spec, *, example_input=None):
         reg = _HookDropout(drop_prob=0.5)

@@ -380,12 +380,15 @@ def test_depth_scaling_and_stage_params_resolve_per_site(resnet18):
     assert probs == pytest.approx([0.4 * i / 8 for i in range(1, 7)] + [0.8 * 7 / 8, 0.8])
 
 
-def test_schedule_is_attached_and_starts_at_progress_zero():
+def test_schedule_is_attached_at_full_strength_until_the_first_set_progress():
+    # DESIGN §2: until the first set_progress call a regularizer runs at full strength (a scheduled one warns)
     model = timm.create_model("resnet18", pretrained=False)
     schedule = {"kind": "linear", "start": 0.0, "end": 0.5}
     apply_regularizer(model, {"rules": [_rule("dropout", DROP, ["stage"], schedule=schedule)]})
     regs = _regs(model)
-    assert all(r.schedule.kind == "linear" and float(r.strength) == 0.0 for r in regs)
+    assert all(r.schedule.kind == "linear" and float(r.strength) == 1.0 for r in regs)
+    timm_drop.set_progress(model, 0.0)
+    assert all(float(r.strength) == 0.0 for r in regs)
     timm_drop.set_progress(model, 0.25)
     assert all(float(r.strength) == pytest.approx(0.5) for r in regs)
 

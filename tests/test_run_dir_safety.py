@@ -60,12 +60,12 @@ def test_overwrite_never_deletes_a_directory_that_is_not_a_timm_drop_run(in_tmp,
 
 def test_overwrite_removes_only_the_listed_entries_after_every_check(in_tmp, capsys):
     main = train_cli()
-    assert main(["--config", QUICKSTART, "output_dir=r", *FAST, "train.epochs=1"]) == 0
+    assert main(["--config", QUICKSTART, "output_dir=r", *FAST, "train.epochs=1", "log.mask_every=1"]) == 0
     run = in_tmp / "r"
     marker = json.loads((run / ".timm_drop_run.json").read_text())
-    assert {"config.yaml", "metrics.jsonl", "checkpoints", "result.json", "last_model.pth"} <= set(
-        marker["entries"]
-    )
+    made = {"config.yaml", "metrics.jsonl", "checkpoints", "result.json", "last_model.pth", "masks"}
+    assert made <= set(marker["entries"]) and (run / "masks" / "epoch_001.png").is_file()
+    (run / "masks" / "my_figure.png").write_text("mine\n")
     # user files placed in the run afterwards, and a symlink the run's marker lists
     (run / "notes.txt").write_text("mine\n")
     outside = in_tmp / "outside"
@@ -87,6 +87,8 @@ def test_overwrite_removes_only_the_listed_entries_after_every_check(in_tmp, cap
     )
     assert (run / "notes.txt").read_text() == "mine\n"
     assert (run / "checkpoints" / "my_analysis").is_dir()
+    assert (run / "masks" / "my_figure.png").read_text() == "mine\n"
+    assert not (run / "masks" / "epoch_001.png").exists()  # this run draws no masks; the old figure is gone
     assert (outside / "precious.txt").read_text() == "keep\n"  # the link was removed as a link
     assert "seed: 5" in (run / "config.yaml").read_text()
     assert len([ln for ln in (run / "metrics.jsonl").read_text().splitlines() if ln]) == 1
@@ -100,3 +102,74 @@ def test_overwrite_refuses_when_an_unlisted_entry_would_be_replaced(in_tmp, caps
     assert "curves.png" in capsys.readouterr().err
     assert (in_tmp / "r" / "curves.png").read_text() == "not ours"
     assert (in_tmp / "r" / "metrics.jsonl").is_file()
+
+
+@pytest.mark.parametrize(
+    "bad,field",
+    [
+        (["model.name=bogus_net"], "model.name"),
+        (["seed=-1"], "seed"),
+        (["seed=4294967296"], "seed"),
+        (["data.batch_size=1000"], "data.batch_size"),
+        (["--resume", "nowhere/epoch_0003"], "nowhere/epoch_0003"),
+    ],
+)
+def test_a_failed_start_creates_nothing_and_the_corrected_rerun_runs(in_tmp, capsys, bad, field):
+    main = train_cli()
+    assert main(["--config", QUICKSTART, "output_dir=r", *FAST, "train.epochs=1", *bad]) == 2
+    err = capsys.readouterr().err
+    assert field in err and "Traceback" not in err
+    assert not (in_tmp / "r").exists()
+    assert main(["--config", QUICKSTART, "output_dir=r", *FAST, "train.epochs=1"]) == 0
+
+
+def test_a_start_that_failed_inside_the_first_epoch_does_not_block_the_corrected_rerun(in_tmp, capsys):
+    main = train_cli()
+    # diverges in epoch 1: the run directory exists, but no epoch finished and no checkpoint was written
+    assert main(["--config", QUICKSTART, "output_dir=r", *FAST, "train.epochs=1", "optim.lr=1e30"]) == 3
+    err = capsys.readouterr().err
+    assert "non-finite training loss" in err and "no checkpoint was written yet" in err
+    assert "--resume latest" not in err  # there is nothing to resume
+    (in_tmp / "r" / "notes.txt").write_text("mine\n")
+    assert main(["--config", QUICKSTART, "output_dir=r", *FAST, "train.epochs=1"]) == 0
+    out = capsys.readouterr().out
+    assert "never finished an epoch" in out
+    assert (in_tmp / "r" / "notes.txt").read_text() == "mine\n"
+    assert "optim:\n  name: sgd\n  lr: 0.05" in (in_tmp / "r" / "config.yaml").read_text()
+
+
+def test_resume_path_from_another_model_is_refused_before_creating_anything(in_tmp, capsys):
+    main = train_cli()
+    assert main(["--config", QUICKSTART, "output_dir=a", *FAST, "train.epochs=1"]) == 0
+    ckpt = str(in_tmp / "a" / "checkpoints" / "epoch_0001")
+    rc = main(["--config", QUICKSTART, "output_dir=b", *FAST, "model.name=resnet32_cifar", "--resume", ckpt])
+    err = capsys.readouterr().err
+    assert rc == 2 and "epoch_0001" in err and "Traceback" not in err
+    assert not (in_tmp / "b").exists()
+    assert main(["--config", QUICKSTART, "output_dir=b", *FAST, "train.epochs=2", "--resume", ckpt]) == 0
+    assert [p.name for p in sorted((in_tmp / "b" / "checkpoints").iterdir())] == ["epoch_0002"]
+
+
+def test_a_run_that_may_still_be_running_is_not_replaced(in_tmp, capsys):
+    import subprocess
+    import sys
+
+    main = train_cli()
+    assert main(["--config", QUICKSTART, "output_dir=r", *FAST, "train.epochs=1", "optim.lr=1e30"]) == 3
+    marker_path = in_tmp / "r" / ".timm_drop_run.json"
+    marker = json.loads(marker_path.read_text())
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        # its process is alive on this host: neither a plain rerun nor --overwrite touches it
+        marker_path.write_text(json.dumps({**marker, "pid": live.pid}))
+        for flags in ([], ["--overwrite"], ["--resume", "latest"]):
+            assert main(["--config", QUICKSTART, "output_dir=r", *FAST, "train.epochs=1", *flags]) == 2
+            assert f"process {live.pid} is still alive" in capsys.readouterr().err
+    finally:
+        live.kill()
+        live.wait()
+    # started on another host (a shared filesystem): only an explicit --overwrite replaces it
+    marker_path.write_text(json.dumps({**marker, "host": "some-other-host"}))
+    assert main(["--config", QUICKSTART, "output_dir=r", *FAST, "train.epochs=1"]) == 2
+    assert "may still be running there" in capsys.readouterr().err
+    assert main(["--config", QUICKSTART, "output_dir=r", *FAST, "train.epochs=1", "--overwrite"]) == 0

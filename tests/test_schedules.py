@@ -172,3 +172,158 @@ def test_strength_is_not_saved_and_survives_half_precision_models():
     assert model[1].strength.dtype == torch.float16
     assert model[1].effective(0.4).dtype == torch.float32
     assert model[1].effective(0.4).item() == pytest.approx(0.2, rel=1e-3)
+
+
+# -- full strength until driven, warn once, self-counting schedules ------------------------------------------------
+_SCHEDULED_SPEC = {
+    "rules": [
+        {
+            "regularizer": "dropblock",
+            "label": "scheduled dropblock",
+            "params": {"drop_prob": 0.3, "block_size": 3},
+            "sites": ["stage"],
+            "schedule": {"kind": "linear", "start": 0.0, "end": 1.0},
+        }
+    ]
+}
+
+
+def _scheduled_resnet(schedule: dict | None = None) -> nn.Module:
+    import timm
+
+    spec = {"rules": [dict(_SCHEDULED_SPEC["rules"][0])]}
+    if schedule is not None:
+        spec["rules"][0]["schedule"] = schedule
+    model = timm.create_model("resnet10t", pretrained=False, num_classes=4)
+    return timm_drop.apply_regularizer(model, spec)
+
+
+def _regs(model: nn.Module) -> list[Regularizer]:
+    return [m for m in model.modules() if isinstance(m, Regularizer)]
+
+
+def test_applied_scheduled_regularizers_run_at_full_strength_until_the_first_set_progress():
+    model = _scheduled_resnet().train()
+    regs = _regs(model)
+    assert len(regs) == 4 and all(r.strength.item() == 1.0 for r in regs)
+    x = torch.rand(2, 3, 32, 32)
+    with pytest.warns(UserWarning):
+        outs = [model(x) for _ in range(2)]
+    assert not torch.equal(outs[0], outs[1])  # it regularizes: two forwards draw different masks
+    set_progress(model, 0.0)
+    assert all(r.strength.item() == 0.0 for r in regs)
+    torch.testing.assert_close(model(x), model(x))  # the schedule now holds it at 0
+
+
+def test_first_training_forward_of_an_undriven_schedule_warns_once_naming_the_rule_and_the_fix():
+    model = _scheduled_resnet()
+    x = torch.rand(2, 3, 32, 32)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.eval()(x)  # eval forwards never warn
+        assert caught == []
+        model.train()(x)
+        first = [str(w.message) for w in caught]
+        model(x)
+    assert len(first) == 4 and len(caught) == 4  # once per regularizer, first training forward only
+    assert "'scheduled dropblock'" in first[0]
+    assert "timm_drop.set_progress" in first[0] and "timm_drop.drive" in first[0]
+
+
+def test_a_driven_or_unscheduled_regularizer_never_warns():
+    import warnings
+
+    driven = _scheduled_resnet().train()
+    set_progress(driven, 0.5)
+    plain_spec = {"rules": [{k: v for k, v in _SCHEDULED_SPEC["rules"][0].items() if k != "schedule"}]}
+    import timm
+
+    bare = timm_drop.apply_regularizer(timm.create_model("resnet10t", num_classes=4), plain_spec).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for model in (driven, bare):
+            model(torch.rand(2, 3, 32, 32))
+
+
+def _counting_backend(compiles: list):
+    def backend(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    return backend
+
+
+def _tiny_scheduled(schedule: dict) -> nn.Sequential:
+    reg = create_regularizer("dropblock", drop_prob=0.3, block_size=3)
+    reg.schedule = make_schedule(schedule)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), reg)
+
+
+def test_undriven_warning_and_set_progress_cause_no_graph_break_nor_recompile():
+    torch._dynamo.reset()
+    model = _tiny_scheduled("linear").train()
+    compiles: list = []
+    compiled = torch.compile(model, backend=_counting_backend(compiles), fullgraph=True)
+    x = torch.rand(2, 3, 32, 32)
+    compiled(x)
+    for p in (0.0, 0.5, 1.0):
+        set_progress(model, p)
+        compiled(x)
+    assert len(compiles) == 1
+    torch._dynamo.reset()
+
+
+def test_steps_schedule_counts_its_own_training_forwards():
+    model = _scheduled_resnet({"kind": "linear", "start": 0.0, "end": 1.0, "steps": 4}).train()
+    regs = _regs(model)
+    x = torch.rand(2, 3, 32, 32)
+    import warnings
+
+    seen = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # self-driven: nothing to warn about
+        for _ in range(6):
+            model(x)
+            seen.append(regs[0].strength.item())
+        model.eval()(x)  # eval forwards do not count
+    assert seen == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0, 1.0])
+    assert all(r.schedule_count.item() == 6 for r in regs)
+    assert not any("schedule_count" in k for k in model.state_dict())
+    import copy
+
+    twin = copy.deepcopy(model)  # timm's EMA copy keeps the position
+    assert all(r.schedule_count.item() == 6 for r in _regs(twin))
+    set_progress(model.train(), 0.5)  # an explicit call moves it; counting goes on from there
+    assert regs[0].schedule_count.item() == 2 and regs[0].strength.item() == 0.5
+    model(x)
+    assert regs[0].strength.item() == 0.5 and regs[0].schedule_count.item() == 3
+
+
+def test_steps_schedule_counts_in_place_under_torch_compile_without_recompiles():
+    torch._dynamo.reset()
+    model = _tiny_scheduled({"kind": "curriculum", "gamma": 2.0, "steps": 3}).train()
+    compiles: list = []
+    compiled = torch.compile(model, backend=_counting_backend(compiles), fullgraph=True)
+    x = torch.rand(2, 3, 32, 32)
+    for _ in range(4):
+        compiled(x)
+    reg = _regs(model)[0]
+    assert len(compiles) == 1 and reg.schedule_count.item() == 4
+    assert reg.strength.item() == pytest.approx(1 - math.exp(-2.0))
+    torch._dynamo.reset()
+
+
+def test_steps_schedule_tensor_curve_matches_the_scalar_curve():
+    for s in (
+        Schedule(kind="linear", start=0.2, end=0.6, initial=0.1, steps=10),
+        Schedule(kind="curriculum", gamma=3.0, steps=10),
+        Schedule(kind="constant", steps=10),
+    ):
+        for p in (0.0, 0.1, 0.2, 0.45, 0.6, 0.9, 1.0):
+            assert s.at(torch.tensor(p)).item() == pytest.approx(s(p), abs=1e-6)
+    assert make_schedule({"kind": "linear", "steps": 100}).to_dict()["steps"] == 100
+    for bad in (0, -3, 1.5, True, "10"):
+        with pytest.raises(ValueError, match="'steps'"):
+            make_schedule({"kind": "linear", "steps": bad})

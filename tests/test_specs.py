@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 
-from timm_drop.coverage import _api
+import timm_drop
 from timm_drop.spec import load_spec
 
 SPEC_DIR = Path(__file__).resolve().parent.parent / "specs"
@@ -41,7 +41,7 @@ def _model(name: str) -> torch.nn.Module:
 
 
 def _plan(spec: str, model_name: str, size: int):
-    return _api("plan")(_model(model_name), SPEC_DIR / spec, example_input=torch.randn(1, 3, size, size))
+    return timm_drop.plan(_model(model_name), SPEC_DIR / spec, example_input=torch.randn(1, 3, size, size))
 
 
 def test_all_paper_specs_exist():

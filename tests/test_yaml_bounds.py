@@ -61,5 +61,24 @@ def test_empty_document_is_none():
 
 def test_deep_nesting_is_an_error_not_a_crash():
     with pytest.raises(YAMLInputError) as ei:
-        load_yaml_bounded("[" * 1500 + "]" * 1500, "deep.yaml")
+        load_yaml_bounded("[" * 800 + "]" * 800, "deep.yaml")
     assert "deep.yaml" in str(ei.value)
+
+
+def test_yaml12_floats_only_when_asked_and_never_for_quoted_text():
+    import yaml
+
+    text = "a: 1e-4\nb: '1e-4'\nc: 1.5e3\nd: e3\ne: 2.5e-3\n"
+    assert (
+        load_yaml_bounded(text, "f.yaml")[0]
+        == yaml.safe_load(text)
+        == {"a": "1e-4", "b": "1e-4", "c": "1.5e3", "d": "e3", "e": 0.0025}
+    )
+    assert load_yaml_bounded(text, "f.yaml", yaml12_floats=True)[0] == {
+        "a": 1e-4,
+        "b": "1e-4",
+        "c": 1500.0,
+        "d": "e3",
+        "e": 0.0025,
+    }
+    assert yaml.safe_load("x: 1e-4") == {"x": "1e-4"}  # SafeLoader itself is left alone

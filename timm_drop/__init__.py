@@ -1,6 +1,8 @@
 """timm_drop: structured-dropout regularizers placed into any timm model by YAML rules."""
 
 import timm_drop.models  # noqa: F401  (registers the CIFAR timm models)
+from timm_drop.create import create_model
+from timm_drop.drive import Driver, drive
 from timm_drop.layerout import LayerOut
 from timm_drop.regularizers import (
     Regularizer,
@@ -12,10 +14,12 @@ from timm_drop.rewrite import Plan, RewriteError, apply_regularizer, plan, strip
 from timm_drop.schedules import Schedule, set_progress
 from timm_drop.sites import Site, find_sites
 from timm_drop.spec import Rule, Spec, SpecError, load_spec
+from timm_drop.summary import summary, track_drops
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Driver",
     "LayerOut",
     "Plan",
     "Regularizer",
@@ -26,7 +30,9 @@ __all__ = [
     "Spec",
     "SpecError",
     "apply_regularizer",
+    "create_model",
     "create_regularizer",
+    "drive",
     "find_sites",
     "list_regularizers",
     "load_spec",
@@ -34,4 +40,6 @@ __all__ = [
     "register_regularizer",
     "set_progress",
     "strip_regularizers",
+    "summary",
+    "track_drops",
 ]

@@ -5,7 +5,10 @@
     timm-drop list                                   # registered regularizers and their parameters
     timm-drop plan MODEL SPEC [--input-size 3 64 64] [--num-classes N]   # the site table; nothing changes
     timm-drop apply MODEL SPEC --out ckpt.pth [--input-size ...] [--num-classes N]
+    timm-drop viz MODEL SPEC [--image FILE ...] [--sites GLOB] [--strength P] [--seed S] [--compare A,B] --out F.png
+    timm-drop summary MODEL SPEC [--input-size ...] [--num-classes N]   # per rule: sites, strength, schedule
     timm-drop coverage [--limit N] [--sample N] [--seed S] [--filter GLOB] [--out PATH] [--timeout-per-model S]
+                       [--features-only]                 # backbones: timm.create_model(name, features_only=True)
 
 Models are built by timm name with ``pretrained=False`` (no network). Exit codes: 0 success, 1 coverage below
 ``--min-pass-rate``, 2 usage errors: an unknown model (the message lists the nearest registered names) or an
@@ -15,7 +18,6 @@ invalid spec (the message is the :class:`~timm_drop.spec.SpecError` text, naming
 from __future__ import annotations
 
 import argparse
-import difflib
 import inspect
 import json
 import os
@@ -35,8 +37,10 @@ class UsageError(Exception):
 def _nearest_models(name: str, n: int = 5) -> list[str]:
     import timm
 
+    from timm_drop.suggest import nearest
+
     names = timm.list_models()
-    near = difflib.get_close_matches(name, names, n=n, cutoff=0.5)
+    near = nearest(name, names, n)
     if not near:
         # Fall back to names sharing the family prefix (e.g. "resnet5" -> resnet50, resnet50d, ...).
         stem = name.split("_")[0].rstrip("0123456789")
@@ -86,11 +90,11 @@ def _example_input(model, input_size: Sequence[int] | None):
 
 def _plan(model, spec, example):
     """Run the dry run; a spec that cannot be placed on this model (e.g. a rule matching nothing) is a usage error."""
-    from timm_drop.coverage import _api
+    import timm_drop
     from timm_drop.spec import SpecError
 
     try:
-        return _api("plan")(model, spec, example_input=example)
+        return timm_drop.plan(model, spec, example_input=example)
     except (SpecError, ValueError, KeyError, TypeError) as exc:
         raise UsageError(f"cannot place the spec on this model: {exc}") from None
 
@@ -121,7 +125,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_apply(args: argparse.Namespace) -> int:
     import torch
 
-    from timm_drop.coverage import _api
+    import timm_drop
 
     if os.path.exists(args.out) and not args.overwrite:
         raise UsageError(f"--out {args.out!r} exists; pass --overwrite to replace it")
@@ -132,7 +136,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     example = _example_input(model, args.input_size)
     plan = _plan(model, spec, example)
     print(plan)
-    _api("apply_regularizer")(model, spec, example_input=example)
+    timm_drop.apply_regularizer(model, spec, example_input=example)
     # The regularizers own no parameters or persistent buffers, so the state_dict is a plain timm checkpoint;
     # the spec and plan ride along so the same placement can be re-applied before loading it.
     torch.save(
@@ -140,7 +144,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
             "model_name": args.model,
             "num_classes": args.num_classes,
             "spec": spec.to_dict(),
-            "plan": plan.to_dict() if hasattr(plan, "to_dict") else str(plan),
+            "plan": plan.to_dict(),
             "state_dict": model.state_dict(),
         },
         args.out,
@@ -149,8 +153,22 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_summary(args: argparse.Namespace) -> int:
+    import timm_drop
+    from timm_drop.summary import summary
+
+    check_model_name(args.model)
+    spec = load_spec_or_exit(args.spec)
+    model = create_model(args.model, args.num_classes)
+    example = _example_input(model, args.input_size)
+    _plan(model, spec, example)  # a spec that does not fit is a usage error, as for plan
+    timm_drop.apply_regularizer(model, spec, example_input=example)
+    print(summary(model))
+    return 0
+
+
 def cmd_coverage(args: argparse.Namespace) -> int:
-    from timm_drop.coverage import render_report, run_coverage, select_models
+    from timm_drop.tools.coverage import render_report, run_coverage, select_models
 
     if args.from_jsonl:
         return _coverage_from_jsonl(args)
@@ -173,6 +191,7 @@ def cmd_coverage(args: argparse.Namespace) -> int:
             timeout=args.timeout_per_model,
             max_params=int(args.max_params * 1e6) if args.max_params else None,
             progress=progress,
+            features_only=args.features_only,
         ):
             results.append(res)
             if jsonl is not None:  # one line per model as it finishes, so a cut-short run keeps its results
@@ -182,7 +201,9 @@ def cmd_coverage(args: argparse.Namespace) -> int:
         if jsonl is not None:
             jsonl.close()
     command = "timm-drop " + " ".join(shlex.quote(a) for a in args.argv)
-    report = render_report(results, command=command, elapsed=time.perf_counter() - t0)
+    report = render_report(
+        results, command=command, elapsed=time.perf_counter() - t0, features_only=args.features_only
+    )
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
@@ -196,9 +217,15 @@ def cmd_coverage(args: argparse.Namespace) -> int:
     return 0 if rate >= args.min_pass_rate else 1
 
 
+def cmd_viz(args: argparse.Namespace) -> int:
+    from timm_drop.viz import cmd_viz as run
+
+    return run(args)
+
+
 def _coverage_from_jsonl(args: argparse.Namespace) -> int:
     """Re-render a report from the JSON lines of an earlier (possibly cut-short) ``--jsonl`` run."""
-    from timm_drop.coverage import CoverageResult, render_report
+    from timm_drop.tools.coverage import CoverageResult, render_report
 
     try:
         with open(args.from_jsonl) as f:
@@ -207,7 +234,9 @@ def _coverage_from_jsonl(args: argparse.Namespace) -> int:
         raise UsageError(f"--from-jsonl {args.from_jsonl!r}: {exc}") from None
     for r in results:
         r.input_size = tuple(r.input_size) if r.input_size is not None else None
-    report = render_report(results, command=args.command_note or "")
+    report = render_report(
+        results, command=args.command_note or "", features_only=args.features_only, partial=args.partial
+    )
     if args.out:
         with open(args.out, "w") as f:
             f.write(report)
@@ -240,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
             "print the plan table (site, kind, stage, shape, regularizer, params); changes nothing",
         ),
         ("apply", cmd_apply, "apply a spec and save a checkpoint with the spec and plan"),
+        ("summary", cmd_summary, "apply a spec and print per rule: sites, strength, schedule position"),
     ):
         p = sub.add_parser(cmd, help=text, description=text)
         p.add_argument("model", metavar="MODEL", help="timm model name (built with pretrained=False)")
@@ -260,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "coverage",
         help="check the rewriter's guarantees over timm.list_models() and write a Markdown report",
-        description="Run timm_drop.coverage.check_model over (a sample of) timm.list_models(), one worker "
+        description="Run timm_drop.tools.coverage.check_model over (a sample of) timm.list_models(), one worker "
         "subprocess with a per-model timeout, and report failures with reasons and the pass rate.",
     )
     p.add_argument("--filter", default=None, metavar="GLOB", help="only model names matching this glob")
@@ -275,6 +305,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--from-jsonl", default=None, metavar="PATH", help="only render a report from a --jsonl file"
     )
     p.add_argument("--command-note", default=None, help="with --from-jsonl: how the results were produced")
+    p.add_argument(
+        "--partial", default=None, metavar="TEXT", help="with --from-jsonl: mark the report partial, saying why"
+    )
+    p.add_argument(
+        "--features-only",
+        action="store_true",
+        help="check each model's backbone form (timm.create_model(name, features_only=True)); it must get stage "
+        "sites; models timm has no features_only form for are skipped",
+    )
     p.add_argument(
         "--timeout-per-model", type=float, default=120.0, metavar="S", help="seconds (default 120)"
     )
@@ -293,6 +332,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit 1 below this pass rate (percent)",
     )
     p.set_defaults(func=cmd_coverage)
+
+    text = "draw what the spec's regularizers do to a few images: activation, realised mask, score map (PNG)"
+    p = sub.add_parser("viz", help=text, description=text + "; see timm_drop.viz.render_masks")
+    p.add_argument("model", metavar="MODEL", help="timm model name (built with pretrained=False)")
+    p.add_argument("spec", metavar="SPEC", help="spec file (.yaml) or YAML text")
+    p.add_argument(
+        "--image", nargs="+", action="extend", metavar="FILE", help="image files (default: 2 digits)"
+    )
+    p.add_argument("--sites", default=None, metavar="GLOB", help="site names to draw (default: up to 4)")
+    p.add_argument("--strength", type=float, default=None, metavar="P", help="replace drop_prob / q")
+    p.add_argument("--seed", type=int, default=0, help="torch seed of the forward (default 0)")
+    p.add_argument("--compare", default=None, metavar="A,B", help="methods side by side at each site")
+    p.add_argument(
+        "--model-kwargs", default=None, metavar="YAML", help="timm.create_model kwargs, '{img_size: 64}'"
+    )
+    p.add_argument("--out", required=True, metavar="FILE.png", help="figure to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_viz)
     return parser
 
 

@@ -132,16 +132,40 @@ class _SiteHook(nn.Module):
         super().__init__()
         self.regs = nn.ModuleList(regs)
 
-    def forward_hook(self, module: nn.Module, args: Any, output: Any) -> Any:
+    def _follow(self, module: nn.Module) -> None:
+        # The regularizers act for the hooked module, so they take its mode: a features_only wrapper built
+        # around a rewritten model (FeatureListNet(model)) holds the hooked modules but not this holder, and
+        # its train()/eval() would otherwise never reach them.
         for reg in self.regs:
-            output = reg(output)
+            if reg.training != module.training:
+                reg.train(module.training)
+
+    @staticmethod
+    def _run(reg: nn.Module, x: Any) -> Any:
+        # Under an FX tracer, call forward directly: the regularizer's node (timm_drop.fx) is then recorded in
+        # the hooked module's scope, so torchvision's node "layer3" (FeatureGraphNet's stage 3) is its output.
+        return reg.forward(x) if isinstance(x, fx.Proxy) else reg(x)
+
+    def forward_hook(self, module: nn.Module, args: Any, output: Any) -> Any:
+        self._follow(module)
+        for reg in self.regs:
+            output = self._run(reg, output)
         return output
 
     def forward_pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        self._follow(module)
         x = args[0]
         for reg in self.regs:
-            x = reg(x)
+            x = self._run(reg, x)
         return (x, *args[1:])
+
+
+def _ours_first(hooks: Any) -> None:
+    """Run timm_drop's hooks before anyone else's (in the order they were added): observers such as
+    ``FeatureHookNet``'s feature hooks then see the regularized stage output the next stage receives."""
+    ours = [k for k, h in hooks.items() if isinstance(getattr(h, "__self__", None), _SiteHook)]
+    for k in reversed(ours):
+        hooks.move_to_end(k, last=False)
 
 
 def holder_home(model: nn.Module, owner: str) -> str:
@@ -171,7 +195,9 @@ class HookInsertion(Insertion):
     handle: Any = field(default=None, repr=False)
 
     def _register(self, owner: nn.Module, holder: _SiteHook) -> Any:
-        return owner.register_forward_hook(holder.forward_hook)
+        handle = owner.register_forward_hook(holder.forward_hook)
+        _ours_first(owner._forward_hooks)
+        return handle
 
     def apply(self, model: nn.Module) -> None:
         self.home = holder_home(model, self.owner)
@@ -210,7 +236,9 @@ class PreHookInsertion(HookInsertion):
     kind: ClassVar[str] = "pre_hook"
 
     def _register(self, owner: nn.Module, holder: _SiteHook) -> Any:
-        return owner.register_forward_pre_hook(holder.forward_pre_hook)
+        handle = owner.register_forward_pre_hook(holder.forward_pre_hook)
+        _ours_first(owner._forward_pre_hooks)
+        return handle
 
 
 # ---------------------------------------------------------------------------------------------------------

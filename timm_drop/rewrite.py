@@ -14,9 +14,9 @@ module) gets a forward hook.
 
 Parameters of an entry: ``rule.params_for_stage(site.stage)``; with ``depth_scaling: linear`` the strength
 parameters (``drop_prob``, ``q``) are multiplied by ``(i + 1) / n`` over the rule's ``n`` matched sites in depth
-order (timm's drop-path rule). Each regularizer gets ``schedule = rule.schedule`` (moved to progress 0 when there
-is one) and ``set_layout(site.layout)``; a layout it does not accept is an error naming the site, its layout and
-the rule.
+order (timm's drop-path rule). Each regularizer gets ``schedule = rule.schedule`` (left at full strength until the
+first ``set_progress``, see :mod:`timm_drop.schedules`) and ``set_layout(site.layout)``; a layout it does not accept
+is an error naming the site, its layout and the rule.
 
 Conflicts: when a rule selects a site that an earlier rule already holds, the *later* rule's ``on_conflict``
 decides: ``error`` (default) raises naming both rules and the site, ``stack`` runs both (earlier rule first),
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from timm_drop.insertions import (
     CHILD_PREFIX,
@@ -52,7 +52,7 @@ from timm_drop.regularizers.base import Regularizer
 from timm_drop.regularizers.registry import create_regularizer
 from timm_drop.sites import SKIP_KINDS, Analysis, RewriteTarget, Site, analyze_model, rewrite_target
 from timm_drop.spec import REGEX_PREFIX, STRENGTH_PARAMS, Rule, Spec, load_spec
-from timm_drop.structure import wrapper_kind
+from timm_drop.structure import feature_info, feature_module, wrapper_kind
 from timm_drop.suggest import nearest
 
 __all__ = ["Plan", "PlanEntry", "RewriteError", "apply_regularizer", "plan", "strip_regularizers"]
@@ -209,6 +209,8 @@ def _no_match_error(
         if reasons:
             more = f" (+{len(reasons) - 3} more)" if len(reasons) > 3 else ""
             parts.append("; ".join(reasons[:3]) + more)
+    if "stage" in rule.sites:
+        parts += _stage_gaps(model, analysis)
     if rule.name is not None:
         candidates = [n for n in named if n]
         near: list[str] = []
@@ -221,6 +223,24 @@ def _no_match_error(
         f"site kinds in this model: {', '.join(kinds_found)}; set allow_empty: true to accept no match"
     )
     return RewriteError(". ".join(parts))
+
+
+def _stage_gaps(model: nn.Module, analysis: Analysis) -> list[str]:
+    """Why ``feature_info`` entries gave no stage site: a stage whose output is not one tensor (HRNet's stages
+    return one map per resolution branch: which branch is "the stage" is the user's call, so it is refused rather
+    than guessed), or a module this model does not run (a features_only wrapper that rebuilt the outputs)."""
+    with_site = {s.module for s in analysis.sites if s.kind == "stage"}
+    multi = [f"{n} (stage {k})" for n, k in analysis.stages.items() if k is not None and n not in with_site]
+    missing = [d["module"] for d in feature_info(model) if feature_module(model, d["module"]) is None]
+    parts = []
+    if multi:
+        parts.append(
+            f"stage modules whose output is not a single tensor (e.g. one map per resolution branch): "
+            f"{', '.join(multi)}; select their branches with block, norm or module sites instead"
+        )
+    if missing:
+        parts.append(f"feature_info names modules this {type(model).__name__} does not hold: {', '.join(missing)}")
+    return parts
 
 
 class _Targets:
@@ -313,6 +333,8 @@ def _make_regularizer(
                 f"shape {shape}): {exc}; exclude it or pick a layout-agnostic regularizer"
             ) from exc
         reg.schedule = rule.schedule
+        reg.rule_label = rule.describe()  # named by warnings and timm_drop.summary
+        reg.site_name = site_name
     return reg
 
 
@@ -407,6 +429,15 @@ def _refuse(model: nn.Module, stack: bool) -> None:
                 f"{where} is a torch.compile'd module: apply regularizers before torch.compile "
                 f"(to the original module, e.g. compiled._orig_mod)"
             )
+        if isinstance(m, fx.GraphModule):
+            # Its forward is generated code calling only the traced leaves: the stage and block modules it
+            # still holds never run, so their sites (hooks, block rewrites) would be silent no-ops.
+            raise RewriteError(
+                f"{where} is an FX GraphModule ({type(m).__name__}, e.g. features_only=True with "
+                f"feature_cls='fx' or create_feature_extractor): apply regularizers to the model first, then build "
+                f"the graph from it (FeatureGraphNet(model, out_indices) or create_feature_extractor(model, ...)); "
+                f"regularizers stay nodes of that graph"
+            )
     meta = next(
         (n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta), None
     )
@@ -445,8 +476,6 @@ def _materialize(the_plan: Plan, spec: Spec, model: nn.Module) -> list[nn.Module
         reg = _make_regularizer(rules[e.rule], e.site, e.layout, e.shape, dict(e.params))
         reg.to(device)
         reg.train(model.get_submodule(e.module).training)
-        if isinstance(reg, Regularizer) and reg.schedule is not None:
-            reg.set_progress(0.0)
         regs.append(reg)
     return regs
 

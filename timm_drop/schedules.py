@@ -14,14 +14,26 @@ micro-batches or eval forwards cannot advance it.
   ``theta(t) = (1 - theta_bar) * exp(-gamma * t) + theta_bar``, so the drop probability is
   ``p_bar * (1 - exp(-gamma * t))``. Here ``t`` is training progress, so ``gamma`` is expressed per whole run
   (the paper's per-iteration 1e-3 over 10k iterations is ``gamma = 10``).
+
+Who moves progress: a loop calls :func:`set_progress` (or lets :func:`timm_drop.drive` do it from an optimizer
+step hook). Until the first call a regularizer runs at its full configured strength, and a scheduled one warns
+once on its first eager training forward (inside a ``torch.compile`` graph the check is skipped, so that it adds
+neither a graph break nor a guard: a model that only ever runs compiled does not warn). A schedule with ``steps: N`` needs no caller at all: each regularizer counts
+its own training forwards in a non-persistent int64 buffer (in place on the device, so ``torch.compile`` does not
+recompile, there is no host sync, and DDP ranks, which run the same number of forwards, stay in step) and is at
+progress ``min(count / N, 1)``. That is for scripts nobody can edit (timm's ``train.py``); with gradient
+accumulation a forward is a micro-batch, so state ``N`` in micro-batches there; activation checkpointing's
+recomputed forwards count too, and the count is not saved in a checkpoint (use :func:`timm_drop.drive` then).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 SCHEDULE_KINDS = ("constant", "linear", "curriculum")
@@ -54,6 +66,8 @@ class Schedule:
     end: float = 1.0
     initial: float = 0.0
     gamma: float = 10.0
+    #: self-driven: progress is ``training forwards / steps`` (see the module docstring); None = driven by calls
+    steps: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in SCHEDULE_KINDS:
@@ -66,6 +80,10 @@ class Schedule:
             raise ValueError(f"linear schedule needs start < end, got start={self.start}, end={self.end}")
         if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not self.gamma > 0:
             raise ValueError(f"schedule field 'gamma' must be a positive number, got {self.gamma!r}")
+        if self.steps is not None and (
+            isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1
+        ):
+            raise ValueError(f"schedule field 'steps' must be an integer >= 1 or absent, got {self.steps!r}")
 
     def __call__(self, progress: float) -> float:
         if self.kind == "linear":
@@ -74,6 +92,15 @@ class Schedule:
             return curriculum(progress, self.gamma)
         return constant(progress)
 
+    def at(self, progress: torch.Tensor) -> torch.Tensor:
+        """The same curve on a tensor ``progress`` (no host sync; for self-counting schedules)."""
+        if self.kind == "linear":
+            ramp = ((progress - self.start) / (self.end - self.start)).clamp(0.0, 1.0)
+            return self.initial + (1.0 - self.initial) * ramp
+        if self.kind == "curriculum":
+            return 1.0 - torch.exp(-self.gamma * progress)
+        return torch.ones_like(progress)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         keep = {
@@ -81,7 +108,10 @@ class Schedule:
             "linear": ("kind", "start", "end", "initial"),
             "curriculum": ("kind", "gamma"),
         }
-        return {k: d[k] for k in keep[self.kind]}
+        out = {k: d[k] for k in keep[self.kind]}
+        if self.steps is not None:
+            out["steps"] = self.steps
+        return out
 
     def __str__(self) -> str:
         return ",".join(f"{k}={v}" for k, v in self.to_dict().items())
@@ -94,7 +124,7 @@ def make_schedule(spec: Schedule | str | dict[str, Any] | None) -> Schedule | No
     if isinstance(spec, str):
         return Schedule(kind=spec)
     if isinstance(spec, dict):
-        allowed = {"kind", "start", "end", "initial", "gamma"}
+        allowed = {"kind", "start", "end", "initial", "gamma", "steps"}
         unknown = sorted(set(spec) - allowed)
         if unknown:
             raise ValueError(f"unknown schedule field(s) {unknown}; allowed: {sorted(allowed)}")
@@ -118,5 +148,37 @@ def set_progress(model: nn.Module, progress: float, epoch: int | None = None) ->
     for module in model.modules():
         if isinstance(module, Regularizer):
             module.set_progress(float(progress), epoch)
+            module.schedule_progress = float(progress)  # read by timm_drop.summary only
+            schedule = module.schedule
+            if schedule is not None and schedule.steps is not None:
+                # a caller overrides a self-counting schedule's position; it keeps counting from there
+                module.schedule_count.fill_(round(progress * schedule.steps))
             count += 1
     return count
+
+
+def on_train_forward(reg: nn.Module, args: Any) -> None:
+    """Forward pre-hook every :class:`~timm_drop.regularizers.Regularizer` carries: advances a self-counting
+    schedule, and warns once when a call-driven schedule was never given a progress (so it runs at full
+    strength instead of following its curve)."""
+    schedule = reg.schedule
+    if schedule is None or not reg.training:
+        return
+    if schedule.steps is not None:
+        count = reg.schedule_count
+        reg.strength.copy_(schedule.at((count.float() / schedule.steps).clamp(max=1.0)))
+        count.add_(1)
+        return
+    # is_compiling() first: under torch.compile the Python-side flags below are never read (no guard, no break)
+    if torch.compiler.is_compiling() or reg.progress_set or reg.__dict__.get("_warned_unset"):
+        return
+    reg._warned_unset = True
+    label = getattr(reg, "rule_label", None) or f"{type(reg).__name__} ({reg.registry_name or 'regularizer'})"
+    warnings.warn(
+        f"{label}: schedule {schedule} is never driven, so it runs at full strength; call "
+        "timm_drop.set_progress(model, step / total_steps) once per optimizer step, or "
+        "timm_drop.drive(model, optimizer, total_steps) once before training, or give the schedule "
+        "'steps: N' to count its own training forwards",
+        UserWarning,
+        stacklevel=2,
+    )

@@ -499,7 +499,11 @@ def _default_inputs(model: nn.Module, example_input: Any) -> list[Any]:
     r = max(r, 8)
     if not cfg.get("fixed_input_size", False):
         sizes.append((2 * r, 3 * r))
-    img = getattr(getattr(model, "patch_embed", None), "img_size", None) or getattr(model, "img_size", None)
+    img = None
+    for m in (model, *model.children()):  # a features_only wrapper holds the model as a child
+        img = getattr(getattr(m, "patch_embed", None), "img_size", None) or getattr(m, "img_size", None)
+        if img is not None:
+            break
     if isinstance(img, int):
         img = (img, img)
     if isinstance(img, (tuple, list)) and len(img) == 2 and all(isinstance(i, int) for i in img):

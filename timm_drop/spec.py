@@ -1,4 +1,4 @@
-"""The spec language: YAML / dict -> a validated :class:`Spec` of placement :class:`Rule` s (DESIGN §4).
+"""The spec language: YAML / dict -> a validated :class:`Spec` of placement :class:`Rule` s.
 
 A spec is data. It is parsed with ``yaml.safe_load`` semantics (a spec never imports or executes code) and
 validated completely before anything touches a model: every problem in every rule is collected into one
@@ -43,6 +43,10 @@ Choices where the format could be read more than one way:
   regularizer's own checks are the single source of truth; their errors are re-worded to name the field.
   PyYAML reads ``1e-3`` (no dot) as a string; such a value gets a hint to write ``1.0e-3``.
 * A YAML mapping with the same key twice is an error (PyYAML would silently keep the last one).
+* ``regularizer: layerout`` is an error that says where LayerOut belongs (the recipe config's ``layerout:``
+  section or ``timm_drop.LayerOut``): it is a training controller, not a module placed at sites.
+* A spec over :data:`MAX_SPEC_BYTES`, :data:`MAX_YAML_NODES` (aliases expanded), :data:`MAX_YAML_DEPTH` or
+  :data:`MAX_RULES` is refused before it costs time or memory, with an error naming the limit.
 
 Precedence between rules (``on_conflict``) is decided by the rewriter in spec order: a later rule that
 lands on a site an earlier rule already took raises (``error``), adds a second regularizer after the first
@@ -117,7 +121,8 @@ SPEC_VERSIONS: tuple[int, ...] = (1,)
 #: one builds regularizers to check its parameters). Real specs are a few KiB with a handful of rules.
 MAX_SPEC_BYTES: int = 256 * 1024
 MAX_YAML_NODES: int = 50_000
-#: Flow-collection nesting (``[`` / ``{``): PyYAML's scanner is quadratic in it (4000 levels: 10 s).
+#: Flow-collection nesting (``[`` / ``{``): a deeper text costs PyYAML's recursive composer seconds before it gives
+#: up with a RecursionError; counting brackets first refuses it at once and names the line.
 MAX_YAML_DEPTH: int = 100
 MAX_RULES: int = 1_000
 REGEX_PREFIX = "re:"

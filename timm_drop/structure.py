@@ -17,6 +17,7 @@ Site discovery (:mod:`timm_drop.sites`), the rewriter (:mod:`timm_drop.rewrite`)
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -28,6 +29,7 @@ from timm_drop.spec import match_pattern
 __all__ = [
     "composite",
     "feature_info",
+    "feature_module",
     "feature_stages",
     "is_container",
     "is_norm",
@@ -66,10 +68,26 @@ def is_container(module: nn.Module) -> bool:
     return isinstance(module, _CONTAINERS)
 
 
+_ITERATION = re.compile(r"\b(children|named_children|modules|_modules|values|items)\(|\b_modules\b|\bfor \w+ in self\s*:")
+
+
 def iterates_children(module: nn.Module) -> bool:
-    """Whether the module's own forward may run every child it holds (``nn.Sequential``, timm's
-    ``features_only`` wrappers, which subclass ``nn.ModuleDict``): a child added to it would be called."""
-    return is_container(module)
+    """Whether the module's own forward may run every child it holds: a child added to it would be called.
+
+    Torch containers (``nn.Sequential``; timm's ``features_only`` wrappers subclass ``nn.ModuleDict``), and any
+    class whose ``forward`` source walks its children (RegNet's ``RegStage``: ``for block in self.children()``).
+    A forward whose source cannot be read counts as iterating.
+    """
+    if is_container(module):
+        return True
+    if torch_forward(module):
+        return False
+    forward = getattr(type(module), "forward", None)
+    try:
+        source = inspect.getsource(forward)
+    except (OSError, TypeError):
+        return True
+    return bool(_ITERATION.search(source))
 
 
 def composite(module: nn.Module) -> bool:
@@ -151,6 +169,28 @@ def feature_info(model: nn.Module) -> list[dict[str, Any]]:
         return []
 
 
+def feature_module(model: nn.Module, name: str, named: dict[str, nn.Module] | None = None) -> str | None:
+    """The module a ``feature_info`` entry names, under its name in ``model`` (None if it has none).
+
+    A ``features_only`` wrapper keeps the original model's ``feature_info`` but holds its modules under other
+    names: ``FeatureListNet`` / ``FeatureDictNet`` flatten a first-level ``nn.Sequential`` (``stages.0`` becomes
+    ``stages_0``), ``FeatureHookNet`` may keep the whole model as ``body``, ``FeatureGetterNet`` as ``model``
+    (Gemma 4's ViT further down, ``model.encoder.blocks.N`` for ``blocks.N``).
+    """
+    named = dict(model.named_modules()) if named is None else named
+    if name in named:
+        return name
+    head, dot, rest = name.partition(".")
+    if dot and f"{head}_{rest}" in named:
+        return f"{head}_{rest}"
+    # held one or more levels down (FeatureGetterNet(model) of a model whose blocks sit in ``encoder``): the
+    # shallowest module whose name ends with the entry, if that is unambiguous
+    found = sorted((n.count("."), n) for n in named if n.endswith("." + name))
+    if found and (len(found) == 1 or found[0][0] < found[1][0]):
+        return found[0][1]
+    return None
+
+
 def _is_stem_entry(name: str, module: nn.Module, next_module: nn.Module | None) -> bool:
     if name == "":
         return True
@@ -165,10 +205,25 @@ def feature_stages(
 ) -> dict[str, int | None]:
     """``feature_info`` module name -> stage (1-based; None for the stem entry), in ``feature_info`` order.
 
-    ``keep`` filters entries before numbering (site discovery keeps only modules that ran).
+    ``keep`` filters entries before numbering (site discovery keeps only modules that ran); a container entry
+    that ``keep`` rejects stands for its last kept descendant.
     """
     named = dict(model.named_modules())
-    names = [d["module"] for d in feature_info(model) if d["module"] in named and keep(d["module"])]
+
+    def kept(name: str | None) -> str | None:
+        if name is None or keep(name):
+            return name
+        if is_container(named[name]):
+            # a container its owner iterates but never calls (CoaT's serial_blocksN): the stage output is the
+            # output of its last block that ran
+            for key in reversed([k for k, c in named[name]._modules.items() if c is not None]):
+                found = kept(f"{name}.{key}")
+                if found is not None:
+                    return found
+        return None
+
+    resolved = (kept(feature_module(model, d["module"], named)) for d in feature_info(model))
+    names = [n for n in resolved if n is not None]
     stages: dict[str, int | None] = {}
     stem = len(names) > 1 and _is_stem_entry(names[0], named[names[0]], named[names[1]])
     k = 0

@@ -10,6 +10,7 @@ linear in the file's size, whatever the file says. Recursive aliases (``&a [*a]`
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
@@ -98,25 +99,38 @@ def _children(node: yaml.Node) -> list[yaml.Node]:
     return []
 
 
+class _Yaml12FloatLoader(yaml.SafeLoader):
+    """SafeLoader that also reads YAML 1.2 floats without a dot (``1e-4``, ``5E3``) as floats, not strings."""
+
+
+_Yaml12FloatLoader.add_implicit_resolver(  # copies SafeLoader's resolvers first: SafeLoader is unchanged
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
 def load_yaml_bounded(
     text: str | bytes,
     source: str,
     *,
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_nodes: int = DEFAULT_MAX_NODES,
+    yaml12_floats: bool = False,
 ) -> tuple[Any, yaml.Node | None]:
     """``yaml.safe_load(text)`` within bounds; returns ``(data, root_node)`` (``(None, None)`` for an empty doc).
 
     The node tree is returned for callers that map data back to line numbers or check duplicate keys. Raises
     :class:`YAMLInputError` naming ``source`` for a syntax error, more than one document, a text over
     ``max_bytes``, a document expanding to over ``max_nodes`` nodes, or a recursive alias.
+    ``yaml12_floats=True`` reads unquoted ``1e-4`` as a float, as YAML 1.2 does (YAML 1.1 needs ``1.0e-4``).
     """
     n_bytes = len(text.encode("utf-8")) if isinstance(text, str) else len(text)
     if n_bytes > max_bytes:
         raise YAMLInputError(
             source, f"file is {n_bytes} bytes, over the limit of {max_bytes} bytes", limit="max_bytes"
         )
-    loader = yaml.SafeLoader(text)
+    loader = (_Yaml12FloatLoader if yaml12_floats else yaml.SafeLoader)(text)
     try:
         root = loader.get_single_node()
         if root is None:

@@ -23,7 +23,10 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
+from torch import fx, nn
+
+from timm_drop import fx as _fx
+from timm_drop.schedules import on_train_forward
 
 #: Every layout a site can have: channels-first maps, channels-last maps, token sequences ``(B, L, C)`` and
 #: pooled features ``(B, C)`` (seen as one spatial position per channel).
@@ -101,6 +104,21 @@ def passes_through(name: str, x: torch.Tensor, training: bool, strength: float |
     return is_static_zero(strength) or x.numel() == 0
 
 
+_SAME_SIZE_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+# torch.compiler.is_compiling is torch >= 2.3; the project supports torch >= 2.1.
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or torch._dynamo.is_compiling
+
+
+def ones(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``torch.ones``; on CPU written as the bit pattern of 1 in a same-size integer type, because CPU fills
+    bf16/fp16 with a scalar loop but integers with vector stores (~3x faster; masks start as such a fill)."""
+    int_dtype = _SAME_SIZE_INT.get(torch.finfo(dtype).bits // 8) if dtype.is_floating_point else None
+    if torch.device(device).type != "cpu" or int_dtype is None or _is_compiling():
+        return torch.ones(shape, dtype=dtype, device=device)
+    bits = torch.ones((), dtype=dtype).view(int_dtype).item()
+    return torch.empty(shape, dtype=int_dtype).fill_(bits).view(dtype)
+
+
 def check_token_grid(grid: Any, num_prefix_tokens: Any) -> tuple[tuple[int, int] | None, int]:
     """Validate a token grid ``(H, W)`` (or None) and a prefix-token count >= 0."""
     if grid is not None:
@@ -151,11 +169,21 @@ class Regularizer(nn.Module):
 
     strength: torch.Tensor
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _fx.register_leaf(cls)  # an FX leaf for timm's tracers (timm_drop.fx)
+
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("strength", torch.ones((), dtype=torch.float32), persistent=False)
         self.schedule: Any = None
         self.layout: str = "NCHW"
+        # Schedule plumbing (timm_drop.schedules): a forward counter for self-counting schedules, whether any
+        # set_progress call reached this module (else a scheduled one warns once), and the rule for messages.
+        self.register_buffer("schedule_count", torch.zeros((), dtype=torch.int64), persistent=False)
+        self.progress_set = False
+        self.rule_label: str | None = None
+        self.register_forward_pre_hook(on_train_forward)
         # Plain attributes, not buffers: a grid is a property of the site, never of a checkpoint.
         self.token_grid: tuple[int, int] | None = None
         self.num_prefix_tokens: int = 0
@@ -190,6 +218,7 @@ class Regularizer(nn.Module):
         """Move the schedule to ``progress`` in [0, 1]: writes ``strength`` in place (no recompile)."""
         value = 1.0 if self.schedule is None else float(self.schedule(progress))
         self.strength.fill_(value)
+        self.progress_set = True
 
     def effective(self, value: float) -> torch.Tensor:
         """``value * strength`` as a float32 0-dim tensor (robust to ``model.half()`` casting buffers)."""
@@ -201,6 +230,8 @@ class Regularizer(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, fx.Proxy):  # traced through by an FX tracer: one call_module node (timm_drop.fx)
+            return _fx.leaf_node(self, x)
         if not self.training:
             return x
         check_float_input(self.display_name, x)

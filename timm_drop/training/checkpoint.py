@@ -8,12 +8,18 @@ Layout of a run directory::
     <output_dir>/last_model.pth           weights after the last finished epoch
     <output_dir>/checkpoints/epoch_0007/  full training state (Accelerate ``save_state``: model, optimizer, scaler,
                                           per-process RNG) + ``timm_drop_state.pt`` (epoch/step counters, LayerOut,
-                                          EMA, best metric)
+                                          EMA, best metric) + ``manifest.json`` (size + sha256 of each file)
+    <output_dir>/.timm_drop_run.json      marker: the entries above that the recipe created (:class:`RunDir`)
 
 A checkpoint is written into ``checkpoints/.tmp-epoch_0007`` and only renamed to its final name (an atomic
-``os.replace`` on one filesystem) once every process has written its part, so a kill during a write can never
-leave a half-written "latest". Rotation deletes the oldest complete checkpoints beyond ``total_limit`` only after
-the new one is in place.
+``os.replace`` on one filesystem) once every process has written its part and the manifest has been written last,
+so a kill during a write can never leave a half-written "latest". Rotation deletes the oldest complete checkpoints
+beyond ``total_limit`` only after the new one is in place. The rename alone does not protect against what happens
+to the files later (a disk, a copy, a sync cut short, a power loss before the data reached the disk), so resume
+checks every file against the manifest before loading anything (:func:`verify_checkpoint`).
+
+The marker is what makes a directory provably a run: ``--overwrite`` removes only what it lists, and a directory
+without one (a ``config.yaml`` alone proves nothing) is never removed.
 
 Loading: Accelerate's ``load_state`` reads weights from safetensors and the optimizer/RNG files with
 ``torch.load(weights_only=True)``; our own state and the exported weights are loaded with ``weights_only=True``
@@ -248,7 +254,11 @@ def verify_checkpoint(path: str | os.PathLike, num_processes: int) -> str | None
 
 #: the marker that makes a directory provably a timm_drop run: it lists what the recipe created there
 MARKER = ".timm_drop_run.json"
-_CKPT_ENTRY = re.compile(r"^(\.tmp-|\.old-)?epoch_\d{4,}$")
+#: the folders the recipe creates, and the only entries inside them that ``remove_run`` removes
+_RUN_FOLDERS = {
+    "checkpoints": re.compile(r"^(\.tmp-|\.old-)?epoch_\d{4,}$"),
+    "masks": re.compile(r"^epoch_\d{3,}\.png$"),  # log.mask_every (timm_drop.viz.log_epoch_masks)
+}
 
 
 def _atomic_suffixes(name: str) -> tuple[str, ...]:
@@ -269,7 +279,7 @@ RUN_ENTRIES = frozenset(
         "result.json",
     )
     for n in _atomic_suffixes(base)
-) | {"checkpoints"}
+) | set(_RUN_FOLDERS)
 # MetricsLog writes its temporaries with with_suffix(): metrics.jsonl.tmp / summary.csv.tmp (covered above)
 
 
@@ -278,8 +288,8 @@ class RunDir:
 
     ``claim(name)`` records an entry *before* the recipe creates it; ``remove_run()`` (``--overwrite``, or a
     start that never finished an epoch) removes exactly the claimed entries: never anything unlisted, never a
-    symlink's target, and inside ``checkpoints/`` only checkpoint folders. A directory without a marker (made by
-    hand, or by a version before markers) is never removed.
+    symlink's target, and inside ``checkpoints/`` and ``masks/`` only what the recipe names there. A directory
+    without a marker (made by hand, or by a version before markers) is never removed.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -356,10 +366,10 @@ class RunDir:
             if p.is_symlink() or (p.exists() and not p.is_dir()):
                 p.unlink()  # a link is removed as a link: its target is never touched
             elif p.is_dir():
-                if name != "checkpoints":  # pragma: no cover - only checkpoints/ is a folder
+                if name not in _RUN_FOLDERS:  # pragma: no cover - every folder entry has its pattern
                     continue
                 for child in p.iterdir():
-                    if not _CKPT_ENTRY.match(child.name):
+                    if not _RUN_FOLDERS[name].match(child.name):
                         continue
                     if child.is_symlink() or not child.is_dir():
                         child.unlink()
@@ -371,20 +381,24 @@ class RunDir:
             if (self.path / name).exists() or (self.path / name).is_symlink():
                 (self.path / name).unlink()
 
-    def is_live_elsewhere(self, data: dict[str, Any]) -> bool:
-        """The run's owner process (per its marker) is still alive on this host (and is not this process)."""
+    @staticmethod
+    def owner(data: dict[str, Any]) -> str:
+        """Whether the process that last ran here (per the marker) is ``"self"``, ``"alive"`` or ``"dead"`` on
+        this host, or ``"unknown"`` (another host: a shared filesystem)."""
         import socket
 
         pid = data.get("pid")
-        if not isinstance(pid, int) or pid == os.getpid() or data.get("host") != socket.gethostname():
-            return False
+        if not isinstance(pid, int) or data.get("host") != socket.gethostname():
+            return "unknown"
+        if pid == os.getpid():
+            return "self"
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            return False
+            return "dead"
         except PermissionError:
-            return True
-        return True
+            return "alive"
+        return "alive"
 
 
 def _finished_any_epoch(out: Path) -> bool:
@@ -404,8 +418,6 @@ def check_output_dir(
     replaced the same way) or ``"resume"`` (this run's own directory). Raises :class:`ConfigError` when anything
     not provably ours would be clobbered. Nothing is changed here: the caller acts only after every other check.
     """
-    import yaml
-
     out = Path(output_dir)
     if overwrite and resume is not None:
         raise ConfigError("--overwrite and --resume contradict each other: pick one")
@@ -423,6 +435,12 @@ def check_output_dir(
             f"output_dir: {str(out)!r} is not empty and holds no timm_drop run (no {MARKER}, no config.yaml); "
             "refusing to write into it (choose another output_dir)"
         )
+    owner = None if marker is None else run.owner(marker)
+    if owner == "alive":  # resuming it too: two processes would write the same files
+        raise ConfigError(
+            f"output_dir: {str(out)!r} belongs to a run whose process {marker.get('pid')} is still alive on this "
+            "host; refusing to touch it (choose another output_dir)"
+        )
     if resume is None:
         if marker is None:
             what = "--overwrite cannot replace it" if overwrite else "refusing to replace it"
@@ -430,11 +448,6 @@ def check_output_dir(
                 f"output_dir: {str(out)!r} holds a config.yaml but no {MARKER} listing what a timm_drop run created "
                 f"there, so nothing in it is provably ours: {what}. Remove what you no longer need yourself, or "
                 "choose another output_dir"
-            )
-        if run.is_live_elsewhere(marker):
-            raise ConfigError(
-                f"output_dir: {str(out)!r} belongs to a run whose process {marker.get('pid')} is still alive on this "
-                "host; refusing to touch it (choose another output_dir)"
             )
         clash = sorted(set(run.unlisted(marker)) & RUN_ENTRIES)
         if clash:
@@ -445,19 +458,27 @@ def check_output_dir(
         if overwrite:
             return "overwrite"
         if not _finished_any_epoch(out):
-            return "restart"
+            if owner in ("self", "dead"):
+                return "restart"
+            raise ConfigError(
+                f"output_dir: {str(out)!r} holds a run started on host {marker.get('host')!r} that has not finished "
+                "an epoch; it may still be running there. Pass --overwrite to replace it (or choose another "
+                "output_dir)"
+            )
         raise ConfigError(
             f"output_dir: {str(out)!r} already holds a run; pass --resume latest to continue it or --overwrite to "
             "replace it (or choose another output_dir)"
         )
     if not saved.is_file():
         raise ConfigError(f"output_dir: {str(out)!r} holds no config.yaml; there is no run here to resume")
+    from timm_drop.yaml_io import YAMLInputError, load_yaml_bounded
+
     try:
-        old = yaml.safe_load(saved.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(
-            f"output_dir: {str(saved)!r} is not valid YAML ({e}); cannot check the resume"
-        ) from e
+        old = load_yaml_bounded(saved.read_text(), str(saved))[0] or {}
+    except (OSError, UnicodeDecodeError, YAMLInputError) as e:
+        raise ConfigError(f"output_dir: cannot read the saved config ({e}); cannot check the resume") from e
+    if not isinstance(old, dict):
+        raise ConfigError(f"output_dir: {str(saved)!r} is not a config mapping; cannot check the resume")
     # output_dir: the directory being resumed *is* the run, however it is spelled (absolute, ./runs/x, moved)
     ignore = ("log.", "checkpoint.", "description", "data.num_workers", "output_dir")
     diffs = [k for k in diff_configs(old, config) if not k.startswith(ignore)]

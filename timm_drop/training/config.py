@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -161,6 +160,8 @@ class LogConfig:
     #: optimizer steps between progress-bar loss updates and NaN checks (each one syncs the device)
     log_interval: int = 20
     plot: bool = True
+    #: every N epochs draw the regularizers' masks on a fixed eval batch into masks/epoch_NNN.png (0 = never)
+    mask_every: int = 0
 
 
 @dataclass
@@ -242,8 +243,6 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: must be an integer, got {type(value).__name__} ({value!r})")
         return value
     if tp is float:
-        if _is_yaml12_float(value):  # ``lr: 1e-4`` in a config file (YAML 1.1 reads it as a string)
-            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: must be a number, got {type(value).__name__} ({value!r})")
         return float(value)
@@ -295,6 +294,9 @@ def validate(cfg: TrainConfig, *, check_paths: bool = True) -> None:
     d, o, s, t = cfg.data, cfg.optim, cfg.sched, cfg.train
     _check(bool(cfg.output_dir), "output_dir", "must not be empty")
     _check(bool(cfg.model.name), "model.name", "must name a timm model")
+    _check_model_name(cfg.model.name)
+    # numpy's seed range: anything else fails deep inside set_seed, after the run directory exists
+    _check(0 <= cfg.seed <= 2**32 - 1, "seed", f"must be in [0, 2**32 - 1], got {cfg.seed}")
     _check(
         "num_classes" not in cfg.model.kwargs or isinstance(cfg.model.kwargs["num_classes"], int),
         "model.kwargs.num_classes",
@@ -396,6 +398,7 @@ def validate(cfg: TrainConfig, *, check_paths: bool = True) -> None:
     _check(0 <= s.min_lr <= o.lr, "sched.min_lr", f"must be in [0, optim.lr], got {s.min_lr}")
 
     _check(cfg.log.log_interval >= 1, "log.log_interval", f"must be >= 1, got {cfg.log.log_interval}")
+    _check(cfg.log.mask_every >= 0, "log.mask_every", f"must be >= 0 (0 = never), got {cfg.log.mask_every}")
     _check(
         cfg.checkpoint.total_limit >= 1,
         "checkpoint.total_limit",
@@ -413,6 +416,27 @@ def validate(cfg: TrainConfig, *, check_paths: bool = True) -> None:
         _validate_layerout(cfg.layerout)
 
 
+def _check_model_name(name: str) -> None:
+    """The name must be in timm's registry (the CIFAR models register on ``import timm_drop``)."""
+    if ":" in name:  # ``hf-hub:...`` / ``local-dir:...``: timm resolves these itself when building
+        return
+    import timm
+
+    import timm_drop  # noqa: F401
+
+    try:
+        import timm_drop.models  # noqa: F401
+    except ImportError:  # pragma: no cover
+        pass
+    if timm.is_model(name):
+        return
+    import difflib
+
+    near = difflib.get_close_matches(name, timm.list_models(), n=3)
+    hint = f"; did you mean {', '.join(near)}?" if near else " (see timm.list_models())"
+    raise ConfigError(f"model.name: {name!r} is not a timm model{hint}")
+
+
 def _validate_layerout(section: dict) -> None:
     import inspect
 
@@ -425,10 +449,20 @@ def _validate_layerout(section: dict) -> None:
     known = [n for n in params if n != "self"]
     for k in section:
         _check(accepts_any or k in known, f"layerout.{k}", f"unknown LayerOut argument (known: {known})")
+    probs = section.get("freeze_probs", "random")
+    if not isinstance(probs, str):
+        _check(
+            isinstance(probs, list)
+            and all(isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p <= 1 for p in probs),
+            "layerout.freeze_probs",
+            f"must be a preset name or a list of probabilities in [0, 1], got {probs!r}",
+        )
     try:
         LayerOut(**section)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"layerout: {e}") from e
+        # LayerOut's messages start with the argument's name: make it the dotted key
+        first, _, rest = str(e).partition(" ")
+        raise ConfigError(f"layerout.{first}: {rest}" if first in known else f"layerout: {e}") from e
 
 
 def resolve_regularizer(cfg: TrainConfig, base_dir: str | os.PathLike | None = None) -> None:
@@ -472,21 +506,12 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
         if not key or any(not p for p in key.split(".")):
             raise ConfigError(f"override {item!r}: empty key part")
         try:
-            value, node = load_yaml_bounded(text, f"override {key}") if text.strip() else ("", None)
+            # ``lr=1e-4`` is a number (YAML 1.2), anywhere in the value; quoted (``name='1e3'``) it stays a string
+            value = load_yaml_bounded(text, f"override {key}", yaml12_floats=True)[0] if text.strip() else ""
         except YAMLInputError as e:
             raise ConfigError(f"{key}: cannot parse override value {text!r}: {e}") from e
-        if isinstance(node, yaml.ScalarNode) and node.style is None and _is_yaml12_float(value):
-            value = float(value)  # ``lr=1e-4``: unquoted, so meant as a number
         out.append((key, value))
     return out
-
-
-#: YAML 1.2 floats that YAML 1.1 (PyYAML) reads as strings: an exponent without a dot (``1e-4``, ``1E3``)
-_YAML12_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)[eE][-+]?[0-9]+")
-
-
-def _is_yaml12_float(value: Any) -> bool:
-    return isinstance(value, str) and _YAML12_FLOAT.fullmatch(value.strip()) is not None
 
 
 def apply_overrides(raw: dict, overrides: list[tuple[str, Any]]) -> dict:
@@ -545,7 +570,7 @@ def _read_yaml(path: Path, what: str) -> Any:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{what}: cannot read {path}: {e}") from e
     try:
-        return load_yaml_bounded(text, str(path))[0]
+        return load_yaml_bounded(text, str(path), yaml12_floats=True)[0]
     except YAMLInputError as e:
         raise ConfigError(f"{what}: invalid YAML: {e}") from e
 

@@ -31,7 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from timm_drop.training.checkpoint import CheckpointManager, RunDir, check_output_dir, save_weights
+from timm_drop.training.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    RunDir,
+    check_output_dir,
+    save_weights,
+)
 from timm_drop.training.config import ConfigError, TrainConfig, config_to_dict, save_config
 from timm_drop.training.metrics import MetricsLog, plot_curves
 
@@ -251,6 +257,9 @@ class Trainer:
         if cfg.regularizer is not None:
             model.train()
             _apply_regularizer(model, cfg.regularizer, torch.zeros(2, 3, size, size))
+            from timm_drop.summary import track_drops
+
+            track_drops(model)  # realised drop fraction per rule in metrics.jsonl (on device; read once an epoch)
         self.n_regularizers = len(_regularizers(model))
         model.to(self.device)
         if t.channels_last:
@@ -282,18 +291,18 @@ class Trainer:
         set_seed(cfg.seed, device_specific=True)
 
         self.ckpt = CheckpointManager(self.out, cfg.checkpoint.total_limit)
-        restore_from = None
         if self.resume is not None and not self.dry_run:
-            # verified (sizes + checksums) before the run directory is touched
-            restore_from = self.ckpt.resolve(self.resume, num_processes=self.world, log=acc.print)
+            # verified (sizes + checksums) and loaded into memory before the run directory is touched: a
+            # damaged or mismatched checkpoint leaves nothing behind
+            self._restore(self.ckpt.resolve(self.resume, num_processes=self.world, log=acc.print))
         self.run_dir = RunDir(self.out)
         if not self.dry_run:
             self._prepare_run_dir()
         self.metrics = (
             MetricsLog(self.out, claim=self.run_dir.claim) if (self.is_main and not self.dry_run) else None
         )
-        if restore_from is not None:
-            self._restore(restore_from)
+        if self.metrics is not None and self.resume is not None:
+            self.metrics.truncate(self.state.epoch)
         self._set_progress()
         self._setup_done = True
         return self
@@ -328,18 +337,16 @@ class Trainer:
         self.state = TrainState(**extra["train_state"])
         if self.layerout is not None:
             if "layerout" not in extra:
-                raise ValueError(
+                raise CheckpointError(
                     f"--resume {path}: the checkpoint has no LayerOut state but the config has layerout"
                 )
             self.layerout.load_state_dict(extra["layerout"])
         if self.ema is not None:
             if "ema" not in extra:
-                raise ValueError(
+                raise CheckpointError(
                     f"--resume {path}: the checkpoint has no EMA state but train.ema.enabled is true"
                 )
             self.ema.load_state_dict(extra["ema"])
-        if self.metrics is not None:
-            self.metrics.truncate(self.state.epoch)
         self.accelerator.print(f"resumed from {path} at epoch {self.state.epoch}, step {self.state.step}")
 
     def _set_progress(self) -> None:
@@ -365,11 +372,17 @@ class Trainer:
             bad = self.accelerator.reduce(bad, reduction="sum")
         if bad.item() > 0:
             latest = self.ckpt.latest()
-            keep = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written yet"
+            if latest is not None:
+                keep, then = f"the last good checkpoint is {latest}", "--resume latest"
+            else:  # nothing to resume: advising --resume latest would only fail
+                keep, then = (
+                    "no checkpoint was written yet",
+                    "start the run again (--overwrite replaces this one)",
+                )
             raise NonFiniteLossError(
                 f"non-finite training loss ({where}, optimizer step {self.state.step}); stopping without saving this "
                 f"epoch: {keep}. Lower optim.lr, set train.clip_grad_norm, or use train.precision=bf16, then "
-                "--resume latest"
+                f"{then}"
             )
 
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
@@ -508,6 +521,11 @@ class Trainer:
             regs = _regularizers(self.unwrapped)
             if regs:
                 row["reg_strength"] = sum(float(r.strength) for r in regs) / len(regs)
+                from timm_drop.summary import summary
+
+                for n, rule in enumerate(summary(self.unwrapped).rules, 1):
+                    row[f"rule{n}_strength"] = rule.multiplier
+                    row[f"rule{n}_drop_fraction"] = rule.drop_fraction
             self.state.epoch = epoch + 1
             top1 = row.get("eval_top1")
             improved = top1 is not None and top1 > self.state.best_top1
@@ -526,6 +544,13 @@ class Trainer:
                     self.run_dir.claim("checkpoints")
                 self.ckpt.save(acc, epoch + 1, self._extra_state())
             acc.print(self._log_line(row))
+            if cfg.log.mask_every:
+                from timm_drop.viz import log_epoch_masks
+
+                if self.is_main:
+                    self.run_dir.claim("masks")
+
+                log_epoch_masks(self, epoch)
             last = row
         if not last and self.metrics is not None and self.metrics.rows:
             # nothing left to train (a finished run resumed): report its last epoch, not an empty one

@@ -1,7 +1,8 @@
 """Coverage check: does the rewriter keep its guarantees on a given timm model?
 
 :func:`check_model` builds one timm model (``pretrained=False``, the smallest input it accepts), applies a spec
-that touches every site kind (:data:`COVERAGE_SPEC`), and checks the guarantees DESIGN §1-§4 promise:
+that touches every site kind (:data:`COVERAGE_SPEC`) through the public API (``timm_drop.plan``,
+``apply_regularizer``, ``strip_regularizers``), and checks the guarantees the rewriter promises:
 
 1. ``plan`` is a dry run (the module tree and hooks are unchanged after it) and finds at least one site;
 2. ``apply_regularizer`` returns the same object with the same class;
@@ -37,7 +38,12 @@ from typing import Any
 import torch
 from torch import nn
 
-#: A spec that uses every site kind (DESIGN §4) with layout-agnostic regularizers, so NCHW, NHWC and token
+import timm_drop
+from timm_drop.regularizers import Regularizer, get_regularizer_class
+from timm_drop.sites import SiteError
+from timm_drop.spec import load_spec
+
+#: A spec that uses every site kind (``timm_drop.spec.SITE_KINDS``) with layout-agnostic regularizers, so NCHW, NHWC and token
 #: sites are all exercised. ``allow_empty`` everywhere: a family may lack a kind (VGG has no skip adds), but
 #: :func:`check_model` requires at least one site per model. Later rules ``stack`` because different kinds
 #: can name the same tensor (the last block's output is also the stage output). :func:`check_model` fits it
@@ -195,8 +201,6 @@ def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 
 
 def _regularizers(model: nn.Module) -> list[nn.Module]:
-    from timm_drop.regularizers.base import Regularizer
-
     return [m for m in model.modules() if isinstance(m, Regularizer)]
 
 
@@ -209,27 +213,6 @@ def _hook_count(model: nn.Module) -> int:
 
 def _module_signature(model: nn.Module) -> list[tuple[str, str]]:
     return [(n, type(m).__name__) for n, m in model.named_modules()]
-
-
-def _entry_field(entry: Any, name: str, default: Any = None) -> Any:
-    if isinstance(entry, Mapping):
-        return entry.get(name, default)
-    return getattr(entry, name, default)
-
-
-def _plan_entries(plan_obj: Any) -> list[Any]:
-    entries = getattr(plan_obj, "entries", None)
-    if entries is None and hasattr(plan_obj, "to_dict"):
-        entries = plan_obj.to_dict().get("entries", [])
-    return list(entries or [])
-
-
-def _site_kind(entry: Any) -> str:
-    kind = _entry_field(entry, "kind")
-    if kind is None:
-        site = _entry_field(entry, "site")
-        kind = _entry_field(site, "kind") if site is not None and not isinstance(site, str) else None
-    return str(kind)
 
 
 def _exc_reason(exc: BaseException) -> str:
@@ -264,29 +247,10 @@ def disable_builtin_stochasticity(model: nn.Module) -> int:
             changed += 1
         for attr in ("drop_prob", "drop_rate", "drop_path_rate", "drop_block_rate", "attn_drop_rate"):
             value = getattr(module, attr, None)
-            if isinstance(value, float) and value > 0.0 and not isinstance(module, _regularizer_base()):
+            if isinstance(value, float) and value > 0.0 and not isinstance(module, Regularizer):
                 setattr(module, attr, 0.0)
                 changed += 1
     return changed
-
-
-def _api(name: str) -> Callable[..., Any]:
-    """``timm_drop.<name>`` (plan / apply_regularizer / strip_regularizers / find_sites), else the
-    rewriter's own from ``timm_drop.rewrite`` / ``timm_drop.sites``."""
-    import timm_drop
-
-    fn = getattr(timm_drop, name, None)
-    if fn is None:
-        from timm_drop import rewrite, sites
-
-        fn = getattr(rewrite, name, None) or getattr(sites, name)
-    return fn
-
-
-def _regularizer_base() -> type:
-    from timm_drop.regularizers.base import Regularizer
-
-    return Regularizer
 
 
 def count_params_meta(name: str, **model_kwargs: Any) -> int | None:
@@ -379,8 +343,6 @@ def adapt_spec(
     * With ``dropblock_params``, the stage sites with a layout ``dropblock`` accepts get a ``dropblock`` rule
       inserted before the first stage-only rule, which then excludes them.
     """
-    from timm_drop.regularizers import get_regularizer_class
-
     sites = list(sites)
     spec = copy.deepcopy(dict(spec))
     rules: list[dict[str, Any]] = []
@@ -486,6 +448,30 @@ def check_model(
     return result
 
 
+@dataclass
+class _Original:
+    """The model as it was before ``apply``: what every later check compares against."""
+
+    model_class: type
+    copy: nn.Module  # an untouched deep copy, run side by side with the rewritten model
+    keys: list[str]
+    state: dict[str, torch.Tensor]
+    hooks: int
+    signature: list[tuple[str, str]]
+    eval_out: list[torch.Tensor] = field(default_factory=list)
+
+    @classmethod
+    def record(cls, model: nn.Module) -> _Original:
+        return cls(
+            model_class=type(model),
+            copy=copy.deepcopy(model),
+            keys=list(model.state_dict().keys()),
+            state={k: v.detach().clone() for k, v in model.state_dict().items()},
+            hooks=_hook_count(model),
+            signature=_module_signature(model),
+        )
+
+
 def _check(
     result: CoverageResult,
     name: str,
@@ -499,99 +485,146 @@ def _check(
     max_params: int | None,
     seed: int,
 ) -> None:
-    from timm_drop.schedules import set_progress
-    from timm_drop.sites import SiteError
-    from timm_drop.spec import load_spec
-
+    """Every guarantee in order; ``result.stage`` names the check running when something raises."""
     if max_params is not None:
         n = count_params_meta(name, **dict(model_kwargs or {}))
         result.params = n
         if n is not None and n > max_params:
             raise _Skip(f"{n / 1e6:.0f}M parameters > max_params {max_params / 1e6:.0f}M")
 
-    # create ------------------------------------------------------------------------------------------------
     result.stage = "create"
-    model, x = build_model(name, input_size=input_size, model_kwargs=model_kwargs, batch_size=batch_size)
+    features_only = bool(dict(model_kwargs or {}).get("features_only"))
+    try:
+        model, x = build_model(name, input_size=input_size, model_kwargs=model_kwargs, batch_size=batch_size)
+    except Exception as exc:
+        # timm names the architectures it builds no feature extractor for; that is timm's limit, not ours
+        if features_only and "features_only" in str(exc):
+            raise _Skip(f"timm: {_exc_reason(exc)}") from exc
+        raise
     result.input_size = tuple(x.shape[1:])
     result.params = sum(p.numel() for p in model.parameters())
     disable_builtin_stochasticity(model)
     if wake_zero_init:
         wake_zero_params(model, seed=seed)
     model.eval()
-    cls = type(model)
-    ref = copy.deepcopy(model)
-    keys0 = list(model.state_dict().keys())
-    sd0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    hooks0 = _hook_count(model)
-    sig0 = _module_signature(model)
+    orig = _Original.record(model)
     result.stage = "input"
     with torch.no_grad():
-        out_eval = _flatten(ref(x))
-    if not out_eval:
+        orig.eval_out = _flatten(orig.copy(x))
+    if not orig.eval_out:
         raise CheckFailed("input", "model output has no tensors")
 
-    # plan ----------------------------------------------------------------------------------------------------
     result.stage = "plan"
-    if isinstance(spec, Mapping):
-        spec_obj = spec
-    else:
-        spec_obj = load_spec(spec).to_dict()
-    # The shape pass runs on the default input users get; only a size timm does not record is passed on (an
-    # explicit input_size, or a fixed-size model built at a smaller img_size than its config says).
-    example = x[:1] if input_size is not None else None
+    example, sites = _example_input(model, x, input_size)
+    spec_obj = _fit_spec(spec, sites, adapt, spatial_stage_rule)
+    n_entries = _check_plan(result, model, orig, spec_obj, example, features_only)
+    result.stage = "apply"
+    regs = _check_apply(model, orig, spec_obj, example, n_entries)
+    result.stage = "state_dict"
+    _check_state_dict(result, model, orig)
+    result.stage = "eval"
+    _expect_eval_output(model, x, orig.eval_out, "eval", "eval output differs from the original")
+    result.stage = "train"
+    out_full = _check_train(model, x, regs, seed)
+    result.stage = "strength0"
+    _check_strength0(model, orig, x, regs, out_full, seed)
+    result.stage = "deepcopy"
+    _check_deepcopy(model, orig, x, regs)
+    result.stage = "strip"
+    _check_strip(model, orig, x)
+
+
+def _example_input(
+    model: nn.Module, x: torch.Tensor, input_size: Sequence[int] | None
+) -> tuple[torch.Tensor | None, list[timm_drop.Site]]:
+    """The ``example_input`` to pass on, and the sites it finds: ``None`` (the default shape pass users get)
+    unless the size is one timm does not record (an explicit ``input_size``, or a fixed-size model built at a
+    smaller ``img_size`` than its config says)."""
+    if input_size is not None:
+        return x[:1], timm_drop.find_sites(model, x[:1])
     try:
-        sites = _api("find_sites")(model, example)
+        return None, timm_drop.find_sites(model)
     except SiteError:
         configured = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size", ()))
-        if example is not None or tuple(x.shape[1:]) == configured:
+        if tuple(x.shape[1:]) == configured:
             raise
-        example = x[:1]
-        sites = _api("find_sites")(model, example)
+        return x[:1], timm_drop.find_sites(model, x[:1])
+
+
+def _fit_spec(spec: Any, sites: list[timm_drop.Site], adapt: bool, spatial_stage_rule: bool) -> Any:
+    spec_obj = spec if isinstance(spec, Mapping) else load_spec(spec).to_dict()
     if adapt:
-        spec_obj = adapt_spec(
-            spec_obj, sites, dropblock_params=DROPBLOCK_STAGE_PARAMS if spatial_stage_rule else None
-        )
-    entries = _plan_entries(_api("plan")(model, spec_obj, example_input=example))
-    result.n_sites = dict(Counter(_site_kind(e) for e in entries))
+        dropblock = DROPBLOCK_STAGE_PARAMS if spatial_stage_rule else None
+        spec_obj = adapt_spec(spec_obj, sites, dropblock_params=dropblock)
+    return spec_obj
+
+
+def _check_plan(
+    result: CoverageResult,
+    model: nn.Module,
+    orig: _Original,
+    spec: Any,
+    example: torch.Tensor | None,
+    features_only: bool,
+) -> int:
+    """``plan`` finds at least one site (a backbone: a stage site) and is a dry run; returns the number of
+    entries."""
+    entries = timm_drop.plan(model, spec, example_input=example).entries
+    result.n_sites = dict(Counter(e.kind for e in entries))
     if not entries:
         raise CheckFailed("plan", "no site matched any rule (every model must get at least one)")
-    if _module_signature(model) != sig0 or _hook_count(model) != hooks0:
+    if features_only and not result.n_sites.get("stage"):
+        named = len(getattr(getattr(model, "feature_info", None), "info", []) or [])
+        raise CheckFailed(
+            "plan", f"{type(model).__name__}: no stage site although its feature_info names {named} module(s)"
+        )
+    if _module_signature(model) != orig.signature or _hook_count(model) != orig.hooks:
         raise CheckFailed("plan", "plan() changed the model (modules or hooks); it must be a dry run")
+    return len(entries)
 
-    # apply ---------------------------------------------------------------------------------------------------
-    result.stage = "apply"
-    returned = _api("apply_regularizer")(model, spec_obj, example_input=example)
+
+def _check_apply(
+    model: nn.Module, orig: _Original, spec: Any, example: torch.Tensor | None, n_entries: int
+) -> list[nn.Module]:
+    """``apply_regularizer`` rewrites in place, keeps the class and inserts one module per plan entry."""
+    returned = timm_drop.apply_regularizer(model, spec, example_input=example)
     if returned is not model:
         raise CheckFailed("apply", "apply_regularizer returned a different object")
+    cls = orig.model_class
     if type(model) is not cls:
         raise CheckFailed("apply", f"model class changed from {cls.__name__} to {type(model).__name__}")
     regs = _regularizers(model)
-    if len(regs) != len(entries):
+    if len(regs) != n_entries:
         raise CheckFailed(
-            "apply", f"plan has {len(entries)} entries but the model holds {len(regs)} regularizer modules"
+            "apply", f"plan has {n_entries} entries but the model holds {len(regs)} regularizer modules"
         )
+    return regs
 
-    # state_dict ----------------------------------------------------------------------------------------------
-    result.stage = "state_dict"
-    keys1 = list(model.state_dict().keys())
-    if set(keys1) != set(keys0):
-        added, removed = sorted(set(keys1) - set(keys0)), sorted(set(keys0) - set(keys1))
+
+def _check_state_dict(result: CoverageResult, model: nn.Module, orig: _Original) -> None:
+    """Same keys, and checkpoints load strictly in both directions."""
+    keys = list(model.state_dict().keys())
+    if set(keys) != set(orig.keys):
+        added, removed = sorted(set(keys) - set(orig.keys)), sorted(set(orig.keys) - set(keys))
         raise CheckFailed("state_dict", f"state_dict keys changed: added {added[:5]}, removed {removed[:5]}")
-    if keys1 != keys0:
+    if keys != orig.keys:
         result.notes.append("state_dict key order changed")
-    model.load_state_dict(ref.state_dict(), strict=True)
-    ref.load_state_dict(model.state_dict(), strict=True)
+    model.load_state_dict(orig.copy.state_dict(), strict=True)
+    orig.copy.load_state_dict(model.state_dict(), strict=True)
 
-    # eval ------------------------------------------------------------------------------------------------------
-    result.stage = "eval"
-    _expect_eval_output(model, x, out_eval, "eval", "eval output differs from the original")
 
-    # train: forward + backward finite, every regularizer runs, full strength has an effect ---------------------
-    result.stage = "train"
+def _count_calls(regs: list[nn.Module]) -> tuple[Counter[int], list[Any]]:
+    """A counter of forward calls per regularizer (by id) and the hook handles to remove afterwards."""
     calls: Counter[int] = Counter()
     handles = [r.register_forward_pre_hook(lambda m, a: calls.update([id(m)])) for r in regs]
+    return calls, handles
+
+
+def _check_train(model: nn.Module, x: torch.Tensor, regs: list[nn.Module], seed: int) -> list[torch.Tensor]:
+    """A training forward + backward at full strength is finite and runs every regularizer; returns the output."""
+    calls, handles = _count_calls(regs)
     try:
-        set_progress(model, 1.0)
+        timm_drop.set_progress(model, 1.0)
         model.train()
         torch.manual_seed(seed)
         out_full = _flatten(model(x))
@@ -613,9 +646,19 @@ def _check(
         for h in handles:
             h.remove()
     model.zero_grad(set_to_none=True)
+    return out_full
 
-    # strength 0: training output identical to the original's ---------------------------------------------------
-    result.stage = "strength0"
+
+def _check_strength0(
+    model: nn.Module,
+    orig: _Original,
+    x: torch.Tensor,
+    regs: list[nn.Module],
+    out_full: list[torch.Tensor],
+    seed: int,
+) -> None:
+    """At strength 0 the training output is the original's bit for bit; at full strength it is not."""
+    ref = orig.copy
     for r in regs:
         r.strength.fill_(0.0)
     ref.train()
@@ -638,17 +681,17 @@ def _check(
         r.strength.fill_(1.0)
     model.eval()
     ref.eval()
-    model.load_state_dict(sd0, strict=True)  # undo the BN statistics the train passes updated
-    ref.load_state_dict(sd0, strict=True)
+    model.load_state_dict(orig.state, strict=True)  # undo the BN statistics the train passes updated
+    ref.load_state_dict(orig.state, strict=True)
 
-    # deepcopy (timm EMA): the copy runs its own regularizers --------------------------------------------------
-    result.stage = "deepcopy"
+
+def _check_deepcopy(model: nn.Module, orig: _Original, x: torch.Tensor, regs: list[nn.Module]) -> None:
+    """A deep copy (timm's EMA) owns and runs its own regularizers, never the original's."""
     clone = copy.deepcopy(model)
     clone_regs = _regularizers(clone)
     if len(clone_regs) != len(regs) or {id(r) for r in clone_regs} & {id(r) for r in regs}:
         raise CheckFailed("deepcopy", "the deep copy does not own a fresh set of regularizers")
-    calls.clear()
-    handles = [r.register_forward_pre_hook(lambda m, a: calls.update([id(m)])) for r in regs + clone_regs]
+    calls, handles = _count_calls(regs + clone_regs)
     try:
         with torch.no_grad():
             out_copy_eval = _flatten(clone.eval()(x))
@@ -663,24 +706,25 @@ def _check(
         )
     if not all(calls[id(r)] for r in clone_regs):
         raise CheckFailed("deepcopy", "some regularizers of the deep copy never ran")
-    if not _same(out_copy_eval, out_eval):
+    if not _same(out_copy_eval, orig.eval_out):
         raise CheckFailed("deepcopy", "eval output of the deep copy differs from the original")
-    del clone
 
-    # strip -----------------------------------------------------------------------------------------------------
-    result.stage = "strip"
-    returned = _api("strip_regularizers")(model)
-    if returned is not model or type(model) is not cls:
+
+def _check_strip(model: nn.Module, orig: _Original, x: torch.Tensor) -> None:
+    """``strip_regularizers`` restores the class, keys, hooks, module tree and eval output."""
+    returned = timm_drop.strip_regularizers(model)
+    if returned is not model or type(model) is not orig.model_class:
         raise CheckFailed("strip", "strip_regularizers changed the object or its class")
     if _regularizers(model):
         raise CheckFailed("strip", f"{len(_regularizers(model))} regularizers remain after strip")
-    if list(model.state_dict().keys()) != keys0 and set(model.state_dict().keys()) != set(keys0):
+    keys = list(model.state_dict().keys())
+    if keys != orig.keys and set(keys) != set(orig.keys):
         raise CheckFailed("strip", "state_dict keys differ after strip")
-    if _hook_count(model) != hooks0:
-        raise CheckFailed("strip", f"hooks after strip: {_hook_count(model)}, before apply: {hooks0}")
-    if _module_signature(model) != sig0:
+    if _hook_count(model) != orig.hooks:
+        raise CheckFailed("strip", f"hooks after strip: {_hook_count(model)}, before apply: {orig.hooks}")
+    if _module_signature(model) != orig.signature:
         raise CheckFailed("strip", "module tree after strip differs from the original")
-    _expect_eval_output(model, x, out_eval, "strip", "eval output after strip differs")
+    _expect_eval_output(model, x, orig.eval_out, "strip", "eval output after strip differs")
 
 
 def _expect_eval_output(model: nn.Module, x: torch.Tensor, expected: Any, stage: str, message: str) -> None:
@@ -734,11 +778,17 @@ def run_coverage(
     max_params: int | None = 250_000_000,
     threads: int = 1,
     progress: Callable[[CoverageResult], None] | None = None,
+    features_only: bool = False,
 ) -> Iterator[CoverageResult]:
     """Run :func:`check_model` on each model in a worker subprocess; a model past ``timeout`` seconds (or one
-    that kills the worker, e.g. out of memory) is recorded as a failure and the worker is restarted."""
+    that kills the worker, e.g. out of memory) is recorded as a failure and the worker is restarted.
+
+    ``features_only``: check timm's backbone form of each model (``features_only=True``) instead; those must
+    also get stage sites, and architectures timm builds no feature extractor for are skipped with its reason."""
     ctx = mp.get_context("spawn")
-    kwargs = {"spec": dict(spec), "max_params": max_params}
+    kwargs: dict[str, Any] = {"spec": dict(spec), "max_params": max_params}
+    if features_only:
+        kwargs["model_kwargs"] = {"features_only": True}
     proc = conn = None
 
     def start() -> tuple[Any, Any]:
@@ -798,12 +848,15 @@ def _md(text: str) -> str:
 
 
 def render_report(
-    results: Sequence[CoverageResult], *, command: str = "", elapsed: float | None = None
+    results: Sequence[CoverageResult],
+    *,
+    command: str = "",
+    elapsed: float | None = None,
+    features_only: bool = False,
+    partial: str | None = None,
 ) -> str:
     """Markdown: date, versions, pass rate, failures grouped by cause, then one row per failing model."""
     import timm
-
-    import timm_drop
 
     checked = [r for r in results if not r.skipped]
     passed = [r for r in checked if r.ok]
@@ -811,9 +864,11 @@ def render_report(
     skipped = [r for r in results if r.skipped]
     rate = 100.0 * len(passed) / len(checked) if checked else 0.0
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [
-        "# timm_drop coverage over the timm registry",
-        "",
+    title = "features_only models (backbones) of the timm registry" if features_only else "the timm registry"
+    lines = [f"# timm_drop coverage over {title}", ""]
+    if partial:
+        lines += [f"**PARTIAL RUN**: {partial}", ""]
+    lines += [
         f"- date: {now}",
         f"- versions: timm_drop {timm_drop.__version__}, timm {timm.__version__}, torch {torch.__version__}, "
         f"Python {platform.python_version()}, {platform.machine()} CPU",
@@ -823,7 +878,8 @@ def render_report(
     if elapsed is not None:
         lines.append(f"- wall time: {elapsed / 60:.1f} min")
     lines += [
-        f"- models: {len(results)} ({len(checked)} checked, {len(skipped)} skipped as too large for a CPU check)",
+        f"- models: {len(results)} ({len(checked)} checked, {len(skipped)} skipped: too large for a CPU check"
+        + (", or no features_only form in timm)" if features_only else ")"),
         f"- **pass rate: {len(passed)}/{len(checked)} = {rate:.1f} %**",
         "",
         "Each model: `pretrained=False`, smallest accepted input, batch 2, `COVERAGE_SPEC` (every site kind; "
@@ -831,7 +887,13 @@ def render_report(
         "identical state_dict keys and strict loads both ways; bit-identical eval output; finite train "
         "forward/backward with every regularizer running; strength-0 train output bit-identical to the "
         "original and full strength different; deepcopy runs its own regularizers; strip restores class, "
-        "keys, hooks, modules and eval output.",
+        "keys, hooks, modules and eval output."
+        + (
+            " Backbones: `timm.create_model(name, features_only=True)` (timm's feature wrapper or the model's "
+            "own `*Features` class), which must also get at least one `stage` site."
+            if features_only
+            else ""
+        ),
         "",
     ]
     if failed:

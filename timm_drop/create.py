@@ -1,0 +1,122 @@
+"""Create a regularized model by name, and let the spec travel with it.
+
+``timm_drop.create_model("resnet50", spec="specs/dropblock_resnet50.yaml", pretrained=True)`` builds the timm
+model (pretrained weights load *before* the rewrite, so the checkpoint's keys meet the original structure), then
+applies the spec. It goes through a model registered with timm under :data:`REGISTERED_NAME`, so a script that
+only calls ``timm.create_model`` can build the same thing from keyword arguments::
+
+    timm.create_model("timm_drop_regularized", model="resnet50", spec="dropblock.yaml", schedule_steps=10000)
+
+(timm's ``train.py``: ``--model timm_drop_regularized --model-kwargs model=resnet50 spec=dropblock.yaml
+schedule_steps=10000``; the name exists once ``timm_drop`` is imported, see :mod:`timm_drop.run`.)
+
+``schedule_steps=N`` turns every scheduled rule into a self-counting one (``schedule: {..., steps: N}``): each
+regularizer advances with its own training forwards, for loops that never call :func:`timm_drop.set_progress`.
+
+The model's ``pretrained_cfg`` names :data:`REGISTERED_NAME` as its architecture and carries the base model and
+the full spec (as plain data) under :data:`CFG_KEY`; ``timm.models.push_to_hub.save_for_hf`` writes both to
+``config.json``, so ``timm.create_model("local-dir:<folder>", pretrained=True)`` (or ``hf-hub:``) rebuilds the same
+regularized model with its weights. A spec given as a path is stored by value: the folder does not need the YAML.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+from timm.models import register_model
+from torch import nn
+
+from timm_drop.rewrite import apply_regularizer
+from timm_drop.spec import Spec, load_spec
+
+__all__ = ["CFG_KEY", "REGISTERED_NAME", "create_model", "with_schedule_steps"]
+
+#: the timm model name whose keyword arguments are ``model`` (a timm name), ``spec`` and ``schedule_steps``
+REGISTERED_NAME = "timm_drop_regularized"
+#: key of ``pretrained_cfg`` holding ``{"model": <timm name>, "spec": <spec as plain data>}``
+CFG_KEY = "timm_drop"
+
+
+def with_schedule_steps(spec: Any, steps: int | None) -> Spec:
+    """``spec`` with every scheduled rule counting its own training forwards over ``steps`` (None: unchanged)."""
+    loaded = load_spec(spec)
+    if steps is None:
+        return loaded
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"schedule_steps must be an integer >= 1, got {steps!r}")
+    data = loaded.to_dict()
+    for rule in data["rules"]:
+        if "schedule" in rule:
+            rule["schedule"]["steps"] = steps
+    out = load_spec(data)
+    object.__setattr__(out, "source", loaded.source)
+    return out
+
+
+@register_model
+def timm_drop_regularized(
+    pretrained: bool = False,
+    model: str | None = None,
+    spec: Any = None,
+    schedule_steps: int | None = None,
+    pretrained_cfg: Any = None,
+    pretrained_model_args: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """timm entrypoint: ``timm.create_model(model, pretrained, **kwargs)`` with ``spec`` applied afterwards."""
+    stored = pretrained_cfg.get(CFG_KEY) if isinstance(pretrained_cfg, dict) else None
+    source_args = dict(pretrained_model_args or {})
+    if stored is not None:
+        # Loaded from a saved folder / the Hub: the stored spec wins over the argument recorded beside it
+        # (which may be a path that only existed where the model was saved); an explicit new spec still wins.
+        if model is None or model == source_args.get("model"):
+            model = stored["model"]
+        if spec is None or spec == source_args.get("spec"):
+            spec = stored["spec"]
+    if not isinstance(model, str) or not model:
+        raise ValueError(
+            f"{REGISTERED_NAME} needs model=<a timm model name>, e.g. "
+            f"timm.create_model('{REGISTERED_NAME}', model='resnet50', spec='spec.yaml'); got model={model!r}"
+        )
+    if model == REGISTERED_NAME:
+        raise ValueError(f"{REGISTERED_NAME}: model= must name the model to regularize, not {REGISTERED_NAME}")
+    if spec is None:
+        raise ValueError(f"{REGISTERED_NAME}(model={model!r}) needs spec=<path, YAML text or mapping>")
+    loaded = with_schedule_steps(spec, schedule_steps)
+
+    inner_cfg = None
+    if isinstance(pretrained_cfg, dict):
+        inner_cfg = {k: v for k, v in pretrained_cfg.items() if k != CFG_KEY}
+        inner_cfg["architecture"] = model
+    elif pretrained_cfg is not None:
+        inner_cfg = pretrained_cfg  # a tag or PretrainedCfg of the base model
+    inner_args = {k: v for k, v in source_args.items() if k not in ("model", "spec", "schedule_steps")}
+    net = timm.create_model(
+        model,
+        pretrained=pretrained,
+        pretrained_cfg=inner_cfg,
+        pretrained_model_args=inner_args or None,
+        **kwargs,
+    )
+    apply_regularizer(net, loaded)
+    net.pretrained_cfg = dict(
+        net.pretrained_cfg, architecture=REGISTERED_NAME, **{CFG_KEY: {"model": model, "spec": loaded.to_dict()}}
+    )
+    net.default_cfg = net.pretrained_cfg
+    return net
+
+
+def create_model(model_name: str, spec: Any = None, *, schedule_steps: int | None = None, **timm_kwargs: Any) -> nn.Module:
+    """A timm model with ``spec`` applied; ``timm_kwargs`` go to ``timm.create_model`` (``pretrained``,
+    ``num_classes``, ...). Without ``spec``, ``model_name`` may be a saved regularized model (``local-dir:...``,
+    ``hf-hub:...``), which rebuilds with its stored spec."""
+    if spec is None:
+        if schedule_steps is not None:
+            timm_kwargs["schedule_steps"] = schedule_steps
+        return timm.create_model(model_name, **timm_kwargs)
+    # by value, so the recorded model args (and config.json) are plain data, not a path or a Spec object
+    spec_data = load_spec(spec).to_dict()
+    return timm.create_model(
+        REGISTERED_NAME, model=model_name, spec=spec_data, schedule_steps=schedule_steps, **timm_kwargs
+    )

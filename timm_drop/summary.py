@@ -1,0 +1,167 @@
+"""Is my regularizer even on? ``summary(model)`` answers per rule, during training.
+
+``summary(model)`` lists, for every rule of the spec(s) applied to ``model``: its sites, the configured strength
+times the schedule's current multiplier, where the schedule stands (``set_progress`` position, a self-counting
+schedule's ``count/steps``, or "not driven: full strength"), and, when tracking is on, the realised drop fraction
+of the last training forward.
+
+``track_drops(model)`` (opt-in) adds a forward hook to each regularizer that writes, on the device and in place,
+the share of its non-zero inputs that the training forward zeroed into a non-persistent 0-dim buffer
+``drop_fraction``: no host sync per step, no recompile per step (one when tracking is switched). Only
+:func:`summary` (or a logger calling it, e.g. once per epoch) reads it back. Regularizers that rescale instead of
+zeroing (``spatial_scale``, ``selectscale``) realise a drop fraction of 0 by this measure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from timm_drop.regularizers.base import Regularizer
+from timm_drop.spec import STRENGTH_PARAMS
+
+__all__ = ["RuleSummary", "Summary", "summary", "track_drops"]
+
+_TRACK_KEY = "_timm_drop_track_hook"
+
+
+def _record_drop(reg: nn.Module, args: Any, out: Any) -> None:
+    if not reg.training or not isinstance(out, torch.Tensor):
+        return
+    x = args[0]
+    kept_in = x != 0
+    zeroed = (out == 0) & kept_in
+    reg.drop_fraction.copy_(zeroed.sum() / kept_in.sum().clamp(min=1))
+
+
+def track_drops(model: nn.Module, enabled: bool = True) -> int:
+    """Switch realised-drop tracking on (or off) for every regularizer in ``model``; returns how many."""
+    count = 0
+    for reg in model.modules():
+        if not isinstance(reg, Regularizer):
+            continue
+        count += 1
+        handle_id = reg.__dict__.get(_TRACK_KEY)
+        if enabled and handle_id is None:
+            if "drop_fraction" not in reg._buffers:
+                reg.register_buffer(
+                    "drop_fraction", torch.full((), float("nan"), device=reg.strength.device), persistent=False
+                )
+            reg.__dict__[_TRACK_KEY] = reg.register_forward_hook(_record_drop).id
+        elif not enabled and handle_id is not None:
+            reg._forward_hooks.pop(handle_id, None)
+            del reg.__dict__[_TRACK_KEY]
+    return count
+
+
+@dataclass
+class RuleSummary:
+    """One rule as it stands now."""
+
+    rule: str
+    regularizer: str
+    sites: list[str]
+    strength: dict[str, tuple[float, float]]  # param -> (min, max) over the rule's sites, schedule applied
+    multiplier: float | None  # the schedule's current multiplier (None when sites disagree)
+    schedule: str | None
+    position: str
+    drop_fraction: float | None = None  # mean over sites of the last training forward's realised fraction
+    regs: list[nn.Module] = field(default_factory=list, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rule": self.rule,
+            "regularizer": self.regularizer,
+            "sites": list(self.sites),
+            "strength": {k: list(v) for k, v in self.strength.items()},
+            "multiplier": self.multiplier,
+            "schedule": self.schedule,
+            "position": self.position,
+            "drop_fraction": self.drop_fraction,
+        }
+
+
+@dataclass
+class Summary:
+    rules: list[RuleSummary]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rules": [r.to_dict() for r in self.rules]}
+
+    def __str__(self) -> str:
+        head = ("rule", "sites", "strength", "schedule", "position", "realised drop")
+        rows = []
+        for r in self.rules:
+            strength = ", ".join(
+                f"{k}={lo:.4g}" if lo == hi else f"{k}={lo:.4g}..{hi:.4g}" for k, (lo, hi) in r.strength.items()
+            ) or (f"x{r.multiplier:.4g}" if r.multiplier is not None else "?")
+            realised = "-" if r.drop_fraction is None else f"{r.drop_fraction:.4f}"
+            rows.append((r.rule, str(len(r.sites)), strength, r.schedule or "constant", r.position, realised))
+        if not rows:
+            return "no timm_drop regularizers in this model"
+        widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(head)]
+        out = ["  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
+        out += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+        return "\n".join(out)
+
+
+def _position(regs: list[Regularizer]) -> str:
+    schedule = regs[0].schedule
+    if schedule is None:
+        return "constant: full strength"
+    if schedule.steps is not None:
+        counts = sorted({int(r.schedule_count) for r in regs})
+        shown = str(counts[0]) if len(counts) == 1 else f"{counts[0]}..{counts[-1]}"
+        return f"forward {shown}/{schedule.steps}"
+    if not any(r.progress_set for r in regs):
+        return "not driven: full strength"
+    progress = sorted({r.__dict__.get("schedule_progress", float("nan")) for r in regs})
+    return "progress " + ("/".join(f"{p:.4g}" for p in progress))
+
+
+def summary(model: nn.Module) -> Summary:
+    """Per-rule state of the regularizers in ``model`` (one host read per regularizer: call it per epoch, not
+    per step)."""
+    the_plan = getattr(model, "_timm_drop_plan", None)
+    entries = the_plan.entries if the_plan is not None else []
+    rule_index = {e.rule_label: e.rule for e in entries}
+    reg_name = {e.rule_label: e.regularizer for e in entries}
+    groups: dict[str, list[tuple[str, Regularizer]]] = {}
+    for name, reg in model.named_modules():
+        if isinstance(reg, Regularizer):
+            label = reg.rule_label or f"{reg.registry_name or type(reg).__name__} (no rule)"
+            groups.setdefault(label, []).append((reg.__dict__.get("site_name") or name, reg))
+    rules = []
+    order = sorted(groups, key=lambda label: rule_index.get(label, 1 << 30))
+    for label in order:
+        members = groups[label]
+        regs = [r for _, r in members]
+        multipliers = sorted({float(r.strength) for r in regs})
+        strength: dict[str, tuple[float, float]] = {}
+        for key in STRENGTH_PARAMS:
+            values = [
+                float(getattr(r, key)) * float(r.strength)
+                for r in regs
+                if isinstance(getattr(r, key, None), (int, float))
+            ]
+            if values:
+                strength[key] = (min(values), max(values))
+        fractions = [float(r.drop_fraction) for r in regs if "drop_fraction" in r._buffers]
+        fractions = [f for f in fractions if f == f]  # NaN: tracked but no training forward yet
+        rules.append(
+            RuleSummary(
+                rule=label,
+                regularizer=reg_name.get(label) or regs[0].registry_name or type(regs[0]).__name__,
+                sites=[s for s, _ in members],
+                strength=strength,
+                multiplier=multipliers[0] if len(multipliers) == 1 else None,
+                schedule=None if regs[0].schedule is None else str(regs[0].schedule),
+                position=_position(regs),
+                drop_fraction=sum(fractions) / len(fractions) if fractions else None,
+                regs=regs,
+            )
+        )
+    return Summary(rules)

@@ -647,7 +647,7 @@ def preset_main(a: argparse.Namespace) -> int:
         report()
         return 0
     (out / "command.txt").write_text(
-        "python recipes/reproduce.py " + " ".join(shlex.quote(x) for x in sys.argv[1:]) + "\n"
+        "python recipes/reproduce.py " + " ".join(shlex.quote(x) for x in a.argv) + "\n"
     )
     import threading
 
@@ -718,7 +718,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     a = build_parser().parse_args(argv)
+    a.argv = argv
     if a.preset:
         return preset_main(a)
     if a.data_root is None:

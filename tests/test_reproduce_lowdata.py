@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import multiprocessing
 import pickle
 import sys
 from pathlib import Path
@@ -46,6 +47,12 @@ def _tiny_cifar(root: Path, per_batch: int = 8, n_test: int = 20) -> Path:
     return root
 
 
+def _one_epoch(cfg) -> None:
+    from timm_drop.training.loop import Trainer
+
+    Trainer(cfg).fit(max_epochs=1)
+
+
 # rules per method and the number of sites each places on resnet20_cifar (3 stages x 3 basic blocks, 19 convs)
 EXPECTED_SITES = {"dropblock": 18, "corrdrop": 3, "selectscale": 19, "selectout": 19, "attentiondrop": 2}
 
@@ -86,8 +93,6 @@ def test_paired_interval_and_verdict_say_when_the_spread_is_too_large(rep):
 
 
 def test_preset_trains_resumes_an_interrupted_run_skips_finished_ones_and_writes_the_table(rep, tmp_path):
-    from timm_drop.training.loop import Trainer
-
     data = _tiny_cifar(tmp_path / "cifar")
     out, table = tmp_path / "runs", tmp_path / "table.md"
     argv = ["--preset", "cpu-lowdata", "--data-root", str(data), "--out", str(out), "--table", str(table)]
@@ -96,8 +101,11 @@ def test_preset_trains_resumes_an_interrupted_run_skips_finished_ones_and_writes
     argv += ["--timing-rounds", "1", "--timing-iters", "1", "--timing-epochs", "1", "--timing-batch", "4"]
     a = rep.build_parser().parse_args(argv)
     runs = {r.method: r for r in rep.plan_runs(rep.PRESETS["cpu-lowdata"], a)}
-    # an interrupted baseline: 1 of its 2 epochs done and checkpointed
-    Trainer(runs["baseline"].cfg).fit(max_epochs=1)
+    # an interrupted baseline: 1 of its 2 epochs done and checkpointed by a process that is gone now
+    child = multiprocessing.get_context("fork").Process(target=_one_epoch, args=(runs["baseline"].cfg,))
+    child.start()
+    child.join()
+    assert child.exitcode == 0
     first_epoch = (runs["baseline"].out_dir / "metrics.jsonl").read_text().splitlines()[0]
     assert rep.run_state(runs["baseline"]) == "resume" and rep.run_state(runs["layerout"]) == "new"
 

@@ -53,9 +53,8 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 HERE = Path(__file__).resolve().parent
 
@@ -238,8 +237,7 @@ T95 = (
 )
 
 
-@dataclass(frozen=True)
-class Preset:
+class Preset(NamedTuple):
     config_dir: Path
     methods: tuple[str, ...]
     seeds: tuple[int, ...]
@@ -268,15 +266,14 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-@dataclass
-class Run:
+class Run(NamedTuple):
     method: str
     seed: int
     config: Path
     out_dir: Path
     overrides: list[str]
     epochs: int
-    cfg: Any = field(repr=False, default=None)
+    cfg: Any = None  # the resolved TrainConfig
 
     @property
     def key(self) -> str:

@@ -6,7 +6,6 @@ import importlib.util
 import json
 import multiprocessing
 import pickle
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +21,8 @@ REPRODUCE = Path(__file__).resolve().parents[1] / "recipes" / "reproduce.py"
 def rep():
     spec = importlib.util.spec_from_file_location("timm_drop_recipe_reproduce", REPRODUCE)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses resolve their annotations through sys.modules
     spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    return module
 
 
 def _tiny_cifar(root: Path, per_batch: int = 8, n_test: int = 20) -> Path:

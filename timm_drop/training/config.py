@@ -99,15 +99,24 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["sgd", "adamw"] = "sgd"
+    #: any ``timm.optim.list_optimizers()`` name (``sgd``, ``adamw``, ``lamb``, ``lion``...), optionally
+    #: ``lookahead_<name>``; built by ``timm.optim.create_optimizer_v2``
+    name: str = "sgd"
     lr: float = 0.1
+    #: momentum-type optimizers only (timm ignores it for the others)
     momentum: float = 0.9
+    #: ``sgd``/``momentum`` only; unlike timm's ``sgd`` (Nesterov by default) the recipe's default is plain momentum
     nesterov: bool = False
     weight_decay: float = 5e-4
-    #: exclude biases and norm weights (1-d params) from weight decay (timm's ``filter_bias_and_bn``)
+    #: also exclude biases and norm weights (1-d params) from weight decay (timm's ``filter_bias_and_bn``); the
+    #: model's ``no_weight_decay()`` names (``pos_embed``, ``cls_token``...) are always excluded
     no_decay_norm_bias: bool = False
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
+    #: layer-wise LR decay (BEiT/timm ``layer_decay``): layer i of n gets ``lr * layer_decay ** (n - i)``; None = off
+    layer_decay: float | None = None
+    #: Adam-type optimizers only (ignored by the others); None = the optimizer's default ((0.9, 0.999) for AdamW)
+    betas: list[float] | None = None
+    #: None = the optimizer's default (1e-8 for AdamW)
+    eps: float | None = None
 
 
 @dataclass
@@ -345,18 +354,25 @@ def validate(cfg: TrainConfig, *, check_paths: bool = True) -> None:
 
     _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     _check(0.0 <= o.momentum < 1.0, "optim.momentum", f"must be in [0, 1), got {o.momentum}")
+    info = _check_optimizer_name(o.name)
     _check(
-        not o.nesterov or (o.name == "sgd" and o.momentum > 0),
+        not o.nesterov or (o.name in ("sgd", "momentum") and o.momentum > 0),
         "optim.nesterov",
-        "needs optim.name sgd and momentum > 0",
+        "needs optim.name sgd (or momentum) and momentum > 0",
     )
     _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
     _check(
-        len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
-        "optim.betas",
-        f"must be two values in [0, 1), got {o.betas}",
+        o.layer_decay is None or 0 < o.layer_decay <= 1,
+        "optim.layer_decay",
+        f"must be in (0, 1] or null, got {o.layer_decay}",
     )
-    _check(o.eps > 0, "optim.eps", f"must be > 0, got {o.eps}")
+    if o.betas is not None and info.has_betas:  # others ignore betas (older saved configs carry them)
+        _check(
+            len(o.betas) == info.num_betas and all(0 <= b < 1 for b in o.betas),
+            "optim.betas",
+            f"must be {info.num_betas} values in [0, 1) for {o.name!r}, got {o.betas}",
+        )
+    _check(o.eps is None or o.eps > 0, "optim.eps", f"must be > 0 or null, got {o.eps}")
 
     _check(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}")
     _check(t.grad_accum_steps >= 1, "train.grad_accum_steps", f"must be >= 1, got {t.grad_accum_steps}")
@@ -435,6 +451,20 @@ def _check_model_name(name: str) -> None:
     near = difflib.get_close_matches(name, timm.list_models(), n=3)
     hint = f"; did you mean {', '.join(near)}?" if near else " (see timm.list_models())"
     raise ConfigError(f"model.name: {name!r} is not a timm model{hint}")
+
+
+def _check_optimizer_name(name: str) -> Any:
+    """timm's ``OptimInfo`` for ``name`` (``lookahead_`` prefix allowed); an unknown name names the field."""
+    import timm.optim
+
+    from timm_drop.suggest import did_you_mean
+
+    known = timm.optim.list_optimizers()
+    base = name.lower().removeprefix("lookahead_")
+    if base not in known:
+        hint = did_you_mean(name, known) or " (see timm.optim.list_optimizers())"
+        raise ConfigError(f"optim.name: {name!r} is not a timm optimizer{hint}")
+    return timm.optim.get_optimizer_info(base)
 
 
 def _validate_layerout(section: dict) -> None:

@@ -99,7 +99,8 @@ class LRSchedule:
     def apply(self, optimizer, step: int) -> float:
         lr = self(step)
         for g in optimizer.param_groups:
-            g["lr"] = lr
+            # layer-wise decay groups carry their multiplier (timm's schedulers apply it the same way)
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         return lr
 
 
@@ -118,19 +119,50 @@ def _regularizers(model: nn.Module) -> list[nn.Module]:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """``timm.optim.create_optimizer_v2`` from ``cfg.optim``: the model's ``no_weight_decay()`` names are never
+    decayed, 1-d params only with ``no_decay_norm_bias``, ``layer_decay`` sets per-group ``lr_scale``."""
+    from timm.optim import create_optimizer_v2
+
     o = cfg.optim
-    params = [p for p in model.parameters() if p.requires_grad]
-    if o.no_decay_norm_bias and o.weight_decay > 0:
-        decay = [p for p in params if p.ndim > 1]
-        no_decay = [p for p in params if p.ndim <= 1]
-        groups: Any = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-    else:
-        groups = params
-    if o.name == "sgd":
-        return torch.optim.SGD(
-            groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
+    kwargs: dict[str, Any] = {}
+    if o.name.lower() in ("sgd", "momentum"):
+        # timm's "sgd" means Nesterov; the recipe keeps its own (documented) switch
+        kwargs["nesterov"] = o.nesterov
+    if o.betas is not None:
+        kwargs["betas"] = tuple(o.betas)
+    if o.eps is not None:
+        kwargs["eps"] = o.eps
+    try:
+        return create_optimizer_v2(
+            model,
+            opt=o.name,
+            lr=o.lr,
+            weight_decay=o.weight_decay,
+            momentum=o.momentum,
+            filter_bias_and_bn=o.no_decay_norm_bias,
+            layer_decay=o.layer_decay,
+            **kwargs,
         )
-    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    except ImportError as e:  # bitsandbytes / apex optimizers need their package
+        raise ConfigError(f"optim.name: {o.name!r} needs a package that is not installed: {e}") from e
+
+
+def optimizer_groups(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[dict[str, Any]]:
+    """One summary per param group (size, weight decay, LR scale, first names), for ``--dry-run``."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = []
+    for g in optimizer.param_groups:
+        params = g["params"]
+        out.append(
+            {
+                "params": len(params),
+                "numel": sum(p.numel() for p in params),
+                "weight_decay": g.get("weight_decay", 0.0),
+                "lr_scale": g.get("lr_scale", 1.0),
+                "names": [names.get(id(p), "?") for p in params[:3]] + (["..."] if len(params) > 3 else []),
+            }
+        )
+    return out
 
 
 def _build_layerout(section: dict, model: nn.Module, distributed: bool, compiled: bool):

@@ -94,7 +94,13 @@ def test_layerout_frozen_params_do_not_move_under_timm_optimizers(tmp_path, name
     raw = {
         "output_dir": str(tmp_path / name),
         "model": {"name": "resnet20_cifar"},
-        "data": {"dataset": "digits", "image_size": 8, "batch_size": 16, "train_subset": 32, "eval_subset": 16},
+        "data": {
+            "dataset": "digits",
+            "image_size": 8,
+            "batch_size": 16,
+            "train_subset": 32,
+            "eval_subset": 16,
+        },
         "optim": {"name": name, "lr": 0.05, "weight_decay": 0.01},
         "layerout": {"freeze_probs": "random", "seed": 1, "skip_backward": False},
         "train": {"epochs": 1},

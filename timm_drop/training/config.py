@@ -56,6 +56,11 @@ class ModelConfig:
     name: str = "resnet20_cifar"
     #: extra ``timm.create_model`` kwargs (``drop_rate``, ``drop_path_rate``...); ``num_classes`` defaults to the data's
     kwargs: dict = field(default_factory=dict)
+    #: load timm's pretrained weights (a download, or ``checkpoint_path``); the data's mean/std/interpolation/crop
+    #: then default to the model's ``pretrained_cfg``
+    pretrained: bool = False
+    #: local weights file for ``pretrained`` (timm's ``pretrained_cfg_overlay=dict(file=...)``); None = download
+    checkpoint_path: str | None = None
 
 
 @dataclass
@@ -94,6 +99,11 @@ class DataConfig:
     #: per-channel normalisation in [0, 1] pixel units; None = the dataset's usual statistics
     mean: list[float] | None = None
     std: list[float] | None = None
+    #: resize interpolation; None = the model's with ``model.pretrained``, else bilinear
+    interpolation: Literal["bilinear", "bicubic", "nearest"] | None = None
+    #: imagefolder eval: resize to ``image_size / crop_pct`` then centre-crop; None = the model's with
+    #: ``model.pretrained``, else 0.875 with ``random_resized_crop`` (no crop without)
+    crop_pct: float | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -325,6 +335,18 @@ def validate(cfg: TrainConfig, *, check_paths: bool = True) -> None:
         v = getattr(d, k)
         _check(v is None or len(v) in (1, 3), f"data.{k}", f"must have 1 or 3 values, got {v}")
     _check(d.std is None or all(x > 0 for x in d.std), "data.std", f"must be positive, got {d.std}")
+    _check(
+        d.crop_pct is None or 0 < d.crop_pct <= 1, "data.crop_pct", f"must be in (0, 1] or null, got {d.crop_pct}"
+    )
+    m = cfg.model
+    if m.checkpoint_path is not None:
+        _check(m.pretrained, "model.checkpoint_path", "is the pretrained weights file: set model.pretrained: true")
+        if check_paths:
+            _check(
+                os.path.isfile(m.checkpoint_path),
+                "model.checkpoint_path",
+                f"does not exist: {m.checkpoint_path!r}",
+            )
     if d.dataset in ("imagefolder", "npz"):
         _check(d.root is not None, "data.root", f"is required for dataset {d.dataset!r}")
     if d.dataset == "npz" and d.root is not None:

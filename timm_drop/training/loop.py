@@ -238,7 +238,11 @@ class Trainer:
         if not self.dry_run:
             self.dir_mode = check_output_dir(self.out, cfg_dict, overwrite=self.overwrite, resume=self.resume)
 
-        # Data first: the number of classes may come from it.
+        # Data first: the number of classes may come from it. A pretrained model's input pipeline fills the
+        # normalisation/interpolation/crop keys the config leaves null.
+        from timm_drop.training.data_config import resolve_data
+
+        data_cfg, self.data_config = resolve_data(cfg)
         set_seed(cfg.seed)
         if self.dry_run:
             self.train_loader = self.eval_loader = None
@@ -257,7 +261,7 @@ class Trainer:
 
             try:
                 self.train_loader, self.eval_loader, found = build_loaders(
-                    cfg.data,
+                    data_cfg,
                     device=self.device,
                     seed=cfg.seed,
                     rank=self.rank,
@@ -270,13 +274,16 @@ class Trainer:
                 raise ConfigError(msg if msg.startswith("data.") else f"data: {msg}") from e
             num_classes = cfg.data.num_classes or found
             self.steps_per_epoch = len(self.train_loader) // t.grad_accum_steps
+            # what the loaders actually normalise with (the dataset's statistics where nothing else decided)
+            self.data_config["mean"], self.data_config["std"] = self.train_loader.mean, self.train_loader.std
         self.num_classes = num_classes
         self.total_steps = self.steps_per_epoch * t.epochs
 
         # Model: identical initialisation on every rank (seeded above, before any per-rank re-seed).
-        kwargs = dict(cfg.model.kwargs)
+        from timm_drop.training.data_config import format_data_config, model_create_kwargs
+
+        kwargs = model_create_kwargs(cfg.model)
         kwargs.setdefault("num_classes", num_classes)
-        kwargs.setdefault("pretrained", False)
         try:
             model = timm.create_model(cfg.model.name, **kwargs)
         except RuntimeError as e:
@@ -290,6 +297,7 @@ class Trainer:
             model.train()
             _apply_regularizer(model, cfg.regularizer, torch.zeros(2, 3, size, size))
         self.n_regularizers = len(_regularizers(model))
+        acc.print(format_data_config(self.data_config))
         model.to(self.device)
         if t.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -636,6 +644,12 @@ class Trainer:
         if not torch.isfinite(self.criterion(out.float(), y)):
             raise ConfigError(f"model.name: {self.cfg.model.name} gave a non-finite loss on a stub batch")
         n_params = sum(p.numel() for p in self.unwrapped.parameters())
+        groups = optimizer_groups(self.optimizer, self.unwrapped)
+        for i, g in enumerate(groups):
+            self.accelerator.print(
+                f"optimizer group {i}: {g['params']} tensors ({g['numel']} values), weight_decay={g['weight_decay']:g}, "
+                f"lr_scale={g['lr_scale']:.4g}: {', '.join(g['names'])}"
+            )
         info = {
             "model": self.cfg.model.name,
             "params": n_params,
@@ -646,7 +660,9 @@ class Trainer:
             "lr_first": self.lr_schedule(0),
             "lr_last": self.lr_schedule(max(0, self.total_steps - 1)),
         }
-        self.accelerator.print("dry run ok: " + ", ".join(f"{k}={v}" for k, v in info.items()))
+        printed = dict(info)
+        info["data_config"], info["optimizer_groups"] = self.data_config, groups
+        self.accelerator.print("dry run ok: " + ", ".join(f"{k}={v}" for k, v in printed.items()))
         return info
 
 

@@ -301,9 +301,8 @@ class LayerOut:
         distributed, compiled: override the detection used by ``skip_backward="auto"``.
     """
 
-    #: not an activation op: the rewriter must not place it at a site.
+    #: a training-loop controller, not an activation op (it has no place at a site)
     is_controller: bool = True
-    registry_name: str = "layerout"
 
     def __init__(
         self,

@@ -8,7 +8,7 @@ Sources (``data.dataset``):
 * ``cifar10`` / ``cifar100`` — with ``download: true`` torchvision downloads and MD5-verifies the archive; otherwise
   ``root`` must hold the python-pickle layout (``cifar-10-batches-py/`` or ``cifar-100-python/``), read with a
   restricted unpickler that only admits numpy arrays (the CIFAR format is a pickle; a data file must not be able
-  to run code). Re-exported pickles (``/work/shared/data/export_cifar10.py``) fail torchvision's MD5 check, so
+  to run code). Re-exported pickles (``../shared/data/export_cifar10.py``) fail torchvision's MD5 check, so
   they are read this way.
 * ``npz`` — decoded arrays ``x_train (N,H,W,C) uint8, y_train, x_test, y_test`` (optional ``classes``), or the
   JPEG-buffer format (``{split}_jpeg``, ``{split}_offsets``, ``{split}_labels``, ``classes``).

@@ -296,6 +296,9 @@ class Trainer:
         if cfg.regularizer is not None:
             model.train()
             _apply_regularizer(model, cfg.regularizer, torch.zeros(2, 3, size, size))
+            from timm_drop.summary import track_drops
+
+            track_drops(model)  # realised drop fraction per rule in metrics.jsonl (on device; read once an epoch)
         self.n_regularizers = len(_regularizers(model))
         acc.print(format_data_config(self.data_config))
         model.to(self.device)
@@ -558,6 +561,11 @@ class Trainer:
             regs = _regularizers(self.unwrapped)
             if regs:
                 row["reg_strength"] = sum(float(r.strength) for r in regs) / len(regs)
+                from timm_drop.summary import summary
+
+                for n, rule in enumerate(summary(self.unwrapped).rules, 1):
+                    row[f"rule{n}_strength"] = rule.multiplier
+                    row[f"rule{n}_drop_fraction"] = rule.drop_fraction
             self.state.epoch = epoch + 1
             top1 = row.get("eval_top1")
             improved = top1 is not None and top1 > self.state.best_top1
@@ -578,6 +586,9 @@ class Trainer:
             acc.print(self._log_line(row))
             if cfg.log.mask_every:
                 from timm_drop.viz import log_epoch_masks
+
+                if self.is_main:
+                    self.run_dir.claim("masks")
 
                 log_epoch_masks(self, epoch)
             last = row

@@ -74,6 +74,16 @@ class AugmentConfig:
     cutout: int = 0
     #: probability of Random Erasing (Zhong et al. 2020) per image; 0 = off (their value: 0.5)
     random_erasing: float = 0.0
+    #: Mixup alpha (Zhang et al. 2018) through timm's batch ``Mixup`` on the device; 0 = off (timm's usual: 0.8)
+    mixup: float = 0.0
+    #: CutMix alpha (Yun et al. 2019), same ``Mixup`` object; 0 = off (timm's usual: 1.0)
+    cutmix: float = 0.0
+    #: probability of mixing a batch at all (Mixup or CutMix)
+    mix_prob: float = 1.0
+    #: with both on: probability of CutMix instead of Mixup for a batch
+    mix_switch_prob: float = 0.5
+    #: timm RandAugment config string (``rand-m9-mstd0.5-inc1``), image folders only (PIL ops in the workers)
+    randaugment: str | None = None
 
 
 @dataclass
@@ -373,6 +383,33 @@ def validate(cfg: TrainConfig, *, check_paths: bool = True) -> None:
         "data.augment.random_erasing",
         f"must be in [0, 1], got {a.random_erasing}",
     )
+    for k in ("mixup", "cutmix"):
+        _check(getattr(a, k) >= 0, f"data.augment.{k}", f"must be >= 0 (0 = off), got {getattr(a, k)}")
+    for k in ("mix_prob", "mix_switch_prob"):
+        v = getattr(a, k)
+        _check(0.0 <= v <= 1.0, f"data.augment.{k}", f"must be in [0, 1], got {v}")
+    if a.mixup > 0 or a.cutmix > 0:
+        _check(
+            d.batch_size % 2 == 0,
+            "data.batch_size",
+            f"must be even with data.augment.mixup/cutmix (timm pairs each image with the batch's mirror), got {d.batch_size}",
+        )
+    if a.randaugment is not None:
+        _check(
+            d.dataset == "imagefolder",
+            "data.augment.randaugment",
+            f"needs dataset imagefolder (PIL ops in the loader workers); tensor datasets ({d.dataset!r}) are "
+            "augmented on the device: use mixup/cutmix, cutout or random_erasing there",
+        )
+        from timm.data.auto_augment import rand_augment_transform
+
+        try:
+            rand_augment_transform(a.randaugment, {"translate_const": 100})
+        except (AssertionError, ValueError, KeyError, IndexError) as e:
+            raise ConfigError(
+                f"data.augment.randaugment: {a.randaugment!r} is not a timm RandAugment string "
+                f"(e.g. 'rand-m9-mstd0.5-inc1'): {e}"
+            ) from e
 
     _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     _check(0.0 <= o.momentum < 1.0, "optim.momentum", f"must be in [0, 1), got {o.momentum}")

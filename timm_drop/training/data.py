@@ -444,6 +444,17 @@ class FolderLoader(_ShardedLoader):
                 tf.append(T.RandomCrop(size, padding=a.crop_padding))
             if a.hflip:
                 tf.append(T.RandomHorizontalFlip())
+            if a.randaugment:
+                from timm.data.auto_augment import rand_augment_transform
+                from timm.data.transforms import str_to_pil_interp
+
+                # timm's hparams for its own transforms: fill with the normalisation mean, translate 45% of size
+                hp = {
+                    "translate_const": int(size * 0.45),
+                    "img_mean": tuple(min(255, round(255 * v)) for v in mean),
+                    "interpolation": str_to_pil_interp(cfg.interpolation or "bilinear"),
+                }
+                tf.append(rand_augment_transform(a.randaugment, hp))
         else:
             # ImageNet convention: resize to size/0.875 then centre-crop, when training used resized crops.
             # (data.crop_pct, e.g. a pretrained model's, decides when given; timm floors the same way)

@@ -165,6 +165,24 @@ def optimizer_groups(optimizer: torch.optim.Optimizer, model: nn.Module) -> list
     return out
 
 
+def build_mixup(cfg: TrainConfig, num_classes: int):
+    """timm's ``Mixup`` (batch mode, on whatever device the batch is) for ``data.augment``, or None when off."""
+    a = cfg.data.augment
+    if a.mixup <= 0 and a.cutmix <= 0:
+        return None
+    from timm.data import Mixup
+
+    return Mixup(
+        mixup_alpha=a.mixup,
+        cutmix_alpha=a.cutmix,
+        prob=a.mix_prob,
+        switch_prob=a.mix_switch_prob,
+        mode="batch",
+        label_smoothing=cfg.train.label_smoothing,
+        num_classes=num_classes,
+    )
+
+
 def _build_layerout(section: dict, model: nn.Module, distributed: bool, compiled: bool):
     """``LayerOut(**section).bind(model)``; tells it whether the run is distributed/compiled so that its
     ``skip_backward="auto"`` never toggles ``requires_grad`` where that is unsafe (DDP) or recompiles (compile)."""
@@ -326,7 +344,14 @@ class Trainer:
             from timm.utils import ModelEmaV3
 
             self.ema = ModelEmaV3(self.unwrapped, decay=t.ema.decay, use_warmup=t.ema.warmup)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+        self.mixup = build_mixup(cfg, num_classes)
+        if self.mixup is not None:
+            from timm.loss import SoftTargetCrossEntropy
+
+            # Mixup's targets are already smoothed by train.label_smoothing
+            self.criterion: nn.Module = SoftTargetCrossEntropy()
+        else:
+            self.criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
         # Per-rank noise from here on (regularizer masks); data order and LayerOut use their own generators.
         set_seed(cfg.seed, device_specific=True)
 
@@ -447,9 +472,13 @@ class Trainer:
         t0 = time.perf_counter()
         for i, (x, y) in enumerate(self.train_loader):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            # soft targets when mixing; accuracy below still counts the unmixed labels
+            target = y
+            if self.mixup is not None:
+                x, target = self.mixup(x, y)
             with acc.accumulate(self.model):
                 out = self.model(x)
-                loss = self.criterion(out.float(), y)
+                loss = self.criterion(out.float(), target)
                 acc.backward(loss)
                 if acc.sync_gradients:
                     if t.clip_grad_norm is not None:
@@ -652,6 +681,8 @@ class Trainer:
             raise ConfigError(
                 f"model.name: {self.cfg.model.name} gave logits {tuple(out.shape)}, expected (2, {self.num_classes})"
             )
+        if self.mixup is not None:
+            y = F.one_hot(y, self.num_classes).float()
         if not torch.isfinite(self.criterion(out.float(), y)):
             raise ConfigError(f"model.name: {self.cfg.model.name} gave a non-finite loss on a stub batch")
         n_params = sum(p.numel() for p in self.unwrapped.parameters())

@@ -191,6 +191,9 @@ class LogConfig:
     plot: bool = True
     #: every N epochs draw the regularizers' masks on a fixed eval batch into masks/epoch_NNN.png (0 = never)
     mask_every: int = 0
+    #: Accelerate trackers (``tensorboard``, ``wandb``, ``mlflow``, ``comet_ml``, ``aim``, ``clearml``, ``dvclive``...)
+    #: fed the same per-epoch scalars as metrics.jsonl; local ones write under ``<output_dir>/trackers/``
+    trackers: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -473,6 +476,7 @@ def validate(cfg: TrainConfig, *, check_paths: bool = True) -> None:
     _check(0 <= s.min_lr <= o.lr, "sched.min_lr", f"must be in [0, optim.lr], got {s.min_lr}")
 
     _check(cfg.log.log_interval >= 1, "log.log_interval", f"must be >= 1, got {cfg.log.log_interval}")
+    _check_trackers(cfg.log.trackers)
     _check(cfg.log.mask_every >= 0, "log.mask_every", f"must be >= 0 (0 = never), got {cfg.log.mask_every}")
     _check(
         cfg.checkpoint.total_limit >= 1,
@@ -510,6 +514,27 @@ def _check_model_name(name: str) -> None:
     near = difflib.get_close_matches(name, timm.list_models(), n=3)
     hint = f"; did you mean {', '.join(near)}?" if near else " (see timm.list_models())"
     raise ConfigError(f"model.name: {name!r} is not a timm model{hint}")
+
+
+def _check_trackers(names: list[str]) -> None:
+    """Accelerate's tracker names, each installed (Accelerate itself would only warn and drop a missing one)."""
+    import accelerate.utils
+    from accelerate.utils import LoggerType
+
+    from timm_drop.suggest import did_you_mean
+
+    known = [t.value for t in LoggerType if t.value != "all"]
+    for i, name in enumerate(names):
+        key = f"log.trackers[{i}]"
+        if name not in known:
+            raise ConfigError(f"{key}: {name!r} is not an Accelerate tracker{did_you_mean(name, known)} (known: {known})")
+        available = getattr(accelerate.utils, f"is_{name}_available", None)
+        _check(
+            available is None or available(),
+            key,
+            f"{name!r} is not installed (pip install {name.replace('_', '-')})",
+        )
+    _check(len(set(names)) == len(names), "log.trackers", f"lists a tracker twice: {names}")
 
 
 def _check_optimizer_name(name: str) -> Any:

@@ -43,6 +43,9 @@ from timm_drop.training.metrics import MetricsLog, plot_curves
 
 __all__ = ["LRSchedule", "NonFiniteLossError", "TrainState", "Trainer", "train"]
 
+#: Accelerate ``init_trackers`` project name: the W&B project, and TensorBoard's folder under ``trackers/``
+TRACKER_PROJECT = "timm_drop"
+
 KNOWN_NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}
 KNOWN_TRAIN_SIZES = {"digits": 1437, "cifar10": 50000, "cifar100": 50000}
 
@@ -183,6 +186,21 @@ def build_mixup(cfg: TrainConfig, num_classes: int):
     )
 
 
+def _flat_scalars(d: dict[str, Any], prefix: str = "", *, as_text: bool = False) -> dict[str, Any]:
+    """Nested dict -> ``{"a/b": number}`` for trackers; other values dropped (or, ``as_text``, kept as strings:
+    TensorBoard's hparams take only scalars)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{'.' if as_text else '/'}{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(_flat_scalars(v, key, as_text=as_text))
+        elif isinstance(v, (bool, int, float)) and (as_text or not isinstance(v, bool)):
+            out[key] = v
+        elif as_text:
+            out[key] = str(v)
+    return out
+
+
 def _build_layerout(section: dict, model: nn.Module, distributed: bool, compiled: bool):
     """``LayerOut(**section).bind(model)``; tells it whether the run is distributed/compiled so that its
     ``skip_backward="auto"`` never toggles ``requires_grad`` where that is unsafe (DDP) or recompiles (compile)."""
@@ -240,7 +258,18 @@ class Trainer:
         if t.precision == "fp16" and (t.cpu or not torch.cuda.is_available()):
             raise ConfigError("train.precision: fp16 needs a CUDA device; use bf16 or no on CPU")
         _release_accelerator_state()
+        tracking: dict[str, Any] = {}
+        if cfg.log.trackers and not self.dry_run:
+            from accelerate.utils import ProjectConfiguration
+
+            tracking = dict(
+                log_with=list(cfg.log.trackers),
+                project_config=ProjectConfiguration(
+                    project_dir=str(self.out), logging_dir=str(self.out / "trackers")
+                ),
+            )
         self.accelerator = acc = Accelerator(
+            **tracking,
             cpu=t.cpu,
             mixed_precision=t.precision,
             gradient_accumulation_steps=t.grad_accum_steps,
@@ -366,6 +395,14 @@ class Trainer:
         self.metrics = (
             MetricsLog(self.out, claim=self.run_dir.claim) if (self.is_main and not self.dry_run) else None
         )
+        if cfg.log.trackers and not self.dry_run:
+            if self.is_main:
+                self.run_dir.claim("trackers")
+            acc.init_trackers(
+                TRACKER_PROJECT,
+                config=_flat_scalars(config_to_dict(cfg), as_text=True),
+                init_kwargs={"wandb": {"name": cfg.name}, "mlflow": {"run_name": cfg.name}},
+            )
         if self.metrics is not None and self.resume is not None:
             self.metrics.truncate(self.state.epoch)
         self._set_progress()
@@ -602,6 +639,9 @@ class Trainer:
                 self.state.best_top1, self.state.best_epoch = top1, epoch + 1
             if self.is_main:
                 self.metrics.append(row)
+            if cfg.log.trackers:
+                acc.log(_flat_scalars(row), step=row["epoch"])
+            if self.is_main:
                 sd = self.unwrapped.state_dict()
                 self.run_dir.claim("last_model.pth", "last_model.pth.tmp")
                 save_weights(sd, self.out / "last_model.pth")
@@ -646,6 +686,7 @@ class Trainer:
                     f"done: final eval top-1 {last.get('eval_top1', float('nan')):.2f}%, best "
                     f"{self.state.best_top1:.2f}% (epoch {self.state.best_epoch}); outputs in {self.out}"
                 )
+        acc.end_training()  # flushes and closes the trackers (no-op without)
         acc.wait_for_everyone()
         return summary
 

@@ -260,6 +260,7 @@ LOCK = ".timm_drop_run.lock"
 _RUN_FOLDERS = {
     "checkpoints": re.compile(r"^(\.tmp-|\.old-)?epoch_\d{4,}$"),
     "masks": re.compile(r"^epoch_\d{3,}\.png$"),  # log.mask_every (timm_drop.viz.log_epoch_masks)
+    "trackers": re.compile(r"^timm_drop$"),  # log.trackers: Accelerate's run folder (loop.TRACKER_PROJECT)
 }
 
 

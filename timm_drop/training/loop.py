@@ -702,7 +702,10 @@ class Trainer:
                     f"done: final eval top-1 {last.get('eval_top1', float('nan')):.2f}%, best "
                     f"{self.state.best_top1:.2f}% (epoch {self.state.best_epoch}); outputs in {self.out}"
                 )
-        acc.end_training()  # flushes and closes the trackers (no-op without)
+        # flush and close the trackers (no-op without); not acc.end_training(): it also destroys the process group,
+        # which the caller may still use (a second Trainer, a gather after fit)
+        for tracker in acc.trackers:
+            tracker.finish()
         acc.wait_for_everyone()
         return summary
 

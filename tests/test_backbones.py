@@ -240,3 +240,30 @@ def test_swin_backbone_stage_sites_are_channels_last():
     kwargs = FAMILIES[1][2]
     entries = timm_drop.plan(create("swin_tiny_patch4_window7_224", features_only=True, **kwargs), DROPBLOCK_34)
     assert [e.layout for e in entries.entries] == ["NHWC", "NHWC"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# stage sites wherever feature_info names a stage
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("features_only", [False, True], ids=["classifier", "features_only"])
+def test_coat_stage_is_the_last_block_of_its_iterated_container(features_only):
+    # CoaT's serial_blocksN are ModuleLists the model iterates and never calls
+    model = create("coat_lite_tiny", features_only=features_only)
+    entries = timm_drop.plan(model, TOKENS_34).entries
+    prefix = "model." if features_only else ""
+    assert [(e.module, e.stage) for e in entries] == [
+        (f"{prefix}serial_blocks3.1", 3),
+        (f"{prefix}serial_blocks4.1", 4),
+    ]
+
+
+def test_coat_backbone_regularizes_its_stages():
+    check_backbone("coat_lite_tiny", TOKENS_34, size=(64, 64), clean=2, img_size=64)
+
+
+@pytest.mark.parametrize("features_only", [False, True], ids=["classifier", "features_only"])
+def test_hrnet_multi_branch_stages_are_refused_by_name(features_only):
+    model = create("hrnet_w18_small", features_only=features_only)
+    with pytest.raises(timm_drop.RewriteError, match=r"not a single tensor.*stage3 \(stage 2\)"):
+        timm_drop.apply_regularizer(model, DROPBLOCK_34)
+    assert not any(isinstance(m, timm_drop.Regularizer) for m in model.modules())

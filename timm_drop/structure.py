@@ -174,7 +174,8 @@ def feature_module(model: nn.Module, name: str, named: dict[str, nn.Module] | No
 
     A ``features_only`` wrapper keeps the original model's ``feature_info`` but holds its modules under other
     names: ``FeatureListNet`` / ``FeatureDictNet`` flatten a first-level ``nn.Sequential`` (``stages.0`` becomes
-    ``stages_0``), ``FeatureHookNet`` may keep the whole model as ``body``, ``FeatureGetterNet`` as ``model``.
+    ``stages_0``), ``FeatureHookNet`` may keep the whole model as ``body``, ``FeatureGetterNet`` as ``model``
+    (Gemma 4's ViT further down, ``model.encoder.blocks.N`` for ``blocks.N``).
     """
     named = dict(model.named_modules()) if named is None else named
     if name in named:
@@ -182,9 +183,11 @@ def feature_module(model: nn.Module, name: str, named: dict[str, nn.Module] | No
     head, dot, rest = name.partition(".")
     if dot and f"{head}_{rest}" in named:
         return f"{head}_{rest}"
-    for child, _ in model.named_children():
-        if f"{child}.{name}" in named:
-            return f"{child}.{name}"
+    # held one or more levels down (FeatureGetterNet(model) of a model whose blocks sit in ``encoder``): the
+    # shallowest module whose name ends with the entry, if that is unambiguous
+    found = sorted((n.count("."), n) for n in named if n.endswith("." + name))
+    if found and (len(found) == 1 or found[0][0] < found[1][0]):
+        return found[0][1]
     return None
 
 

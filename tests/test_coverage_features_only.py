@@ -1,0 +1,43 @@
+"""``timm-drop coverage --features-only``: the rewriter guarantees over timm's backbone form of each model."""
+
+from __future__ import annotations
+
+import pytest
+
+from timm_drop.cli import main
+from timm_drop.tools.coverage import check_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_check_model_on_a_features_only_backbone_passes_with_stage_sites():
+    r = check_model("test_resnet", model_kwargs={"features_only": True})
+    assert r.ok, r.reason
+    assert r.n_sites.get("stage", 0) == 4
+
+
+def test_features_only_without_stage_sites_is_a_named_failure():
+    r = check_model("hrnet_w18_small", model_kwargs={"features_only": True})
+    assert not r.ok and r.stage == "plan"
+    assert "HighResolutionNetFeatures: no stage site" in r.reason
+
+
+def test_model_without_a_features_only_form_is_skipped_with_timms_reason():
+    r = check_model("test_mambaout", model_kwargs={"features_only": True})
+    assert r.ok or r.skipped, r.reason  # timm builds it (then it must pass) or names why not
+
+
+def test_cli_features_only_report(tmp_path, monkeypatch):
+    import timm_drop.tools.coverage as coverage
+
+    def in_process(names, **kwargs):  # the worker subprocess costs more than the check; run it here
+        assert kwargs.pop("features_only") is True
+        for name in names:
+            yield check_model(name, model_kwargs={"features_only": True}, max_params=kwargs["max_params"])
+
+    monkeypatch.setattr(coverage, "run_coverage", in_process)
+    out = tmp_path / "report.md"
+    rc = main(["coverage", "--features-only", "--filter", "test_resnet", "--out", str(out)])
+    assert rc == 0
+    text = out.read_text()
+    assert "features_only models (backbones)" in text and "pass rate: 1/1 = 100.0 %" in text

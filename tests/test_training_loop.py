@@ -108,6 +108,15 @@ def test_schedules_advance_once_per_optimizer_step_not_per_micro_batch(full_run)
     assert before == after and trainer.state.step == 4
 
 
+def test_metrics_log_each_rules_strength_and_realised_drop_fraction(full_run):
+    _, _, out = full_run
+    rows = _rows(out)
+    assert [r["rule1_strength"] for r in rows] == pytest.approx([0.5, 1.0])
+    # DropBlock at drop_prob 0.2 x strength: the last training forward of epoch 2 ran at 0.2 x 0.75 (step 3 of 4)
+    assert 0.0 < rows[0]["rule1_drop_fraction"] < rows[1]["rule1_drop_fraction"] < 0.35
+    assert "rule1_drop_fraction" in (out / "summary.csv").read_text().splitlines()[0]
+
+
 def test_ema_copy_keeps_its_own_regularizers(full_run):
     trainer, _, out = full_run
     ours = [m for m in trainer.unwrapped.modules() if isinstance(m, Regularizer)]

@@ -382,9 +382,7 @@ _PENDING: dict[type, type] = {}
 
 def _finish_setstate(self: nn.Module, state: Any) -> None:
     recipe = self.__dict__.pop("_timm_drop_pending")
-    recipe.base.__setstate__(self, state) if hasattr(recipe.base, "__setstate__") else self.__dict__.update(
-        state
-    )
+    recipe.base.__setstate__(self, state)
     _set_recipe(self, recipe)
 
 

@@ -17,11 +17,13 @@ micro-batches or eval forwards cannot advance it.
 
 Who moves progress: a loop calls :func:`set_progress` (or lets :func:`timm_drop.drive` do it from an optimizer
 step hook). Until the first call a regularizer runs at its full configured strength, and a scheduled one warns
-once on its first training forward. A schedule with ``steps: N`` needs no caller at all: each regularizer counts
+once on its first eager training forward (inside a ``torch.compile`` graph the check is skipped, so that it adds
+neither a graph break nor a guard: a model that only ever runs compiled does not warn). A schedule with ``steps: N`` needs no caller at all: each regularizer counts
 its own training forwards in a non-persistent int64 buffer (in place on the device, so ``torch.compile`` does not
 recompile, there is no host sync, and DDP ranks, which run the same number of forwards, stay in step) and is at
 progress ``min(count / N, 1)``. That is for scripts nobody can edit (timm's ``train.py``); with gradient
-accumulation a forward is a micro-batch, so state ``N`` in micro-batches there.
+accumulation a forward is a micro-batch, so state ``N`` in micro-batches there; activation checkpointing's
+recomputed forwards count too, and the count is not saved in a checkpoint (use :func:`timm_drop.drive` then).
 """
 
 from __future__ import annotations

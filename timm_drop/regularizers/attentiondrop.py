@@ -41,7 +41,7 @@ Choices where the paper is ambiguous (they change results, so they are stated he
   algorithm, which is the paper's final statement of the method.
 * **Top units and ties**: ``k = ceil(top_rate * n)`` of the ``n`` spatial positions (clamped to [1, n], same
   rule as SelectScale); a unit is "top" when strictly greater than ``tau``, the (k+1)-th largest value of its
-  map (one ``topk(k + 1)``), so at most ``k`` units are selected and ties at the boundary are left out: a
+  map (one unsorted ``topk(k + 1)``), so at most ``k`` units are selected and ties at the boundary are left out: a
   constant map has no top units (nothing stands out). ``top_rate = 1`` selects every unit. Scores
   use the signed activation ("activation values"), not its magnitude. ``top_rate`` is unused by ``sm``.
 * Layouts: tokens ``(B, L, C)`` arrive from the base class as ``(B, C, L, 1)``: each embedding channel is a
@@ -62,7 +62,7 @@ from __future__ import annotations
 
 import torch
 
-from timm_drop.regularizers.base import Regularizer, check_probability, check_strength, passes_through
+from timm_drop.regularizers.base import Regularizer, check_probability, check_strength, ones, passes_through
 from timm_drop.regularizers.registry import register_regularizer
 from timm_drop.regularizers.selectscale import check_top_rate, num_selected
 
@@ -102,14 +102,15 @@ def _scores(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def _top_units(xs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Indices, values and selection flags of the top ``k`` units of each row of ``xs`` ``(N, C, n)``, k < n.
+    """Indices, values and selection flags of the ``k + 1`` largest units of each row of ``xs`` ``(N, C, n)``,
+    k < n, in no particular order.
 
-    One ``topk(k + 1)``: the (k+1)-th value is the threshold ``tau``; a unit among the first k is selected only
-    if strictly greater than ``tau``, so ties at the boundary (a constant map) select nothing.
+    The smallest of them is the threshold ``tau`` (the (k+1)-th largest value); a unit is selected only if strictly
+    greater than ``tau``, so at most k are and ties at the boundary (a constant map) select nothing. An unsorted
+    ``topk`` is ~2x cheaper than a sorted one on large maps and selects the same set.
     """
-    vals, idx = xs.topk(k + 1, dim=-1, sorted=True)
-    top_vals = vals[..., :k]
-    return idx[..., :k], top_vals, top_vals > vals[..., k:]
+    vals, idx = xs.topk(k + 1, dim=-1, sorted=False)
+    return idx, vals, vals > vals.amin(dim=-1, keepdim=True)
 
 
 @torch.no_grad()
@@ -184,9 +185,9 @@ def attention_drop(
         if mode == "am":
             w = sel.float()
         else:
-            hi = top_vals[..., :1]
+            hi = top_vals.amax(dim=-1, keepdim=True)
             w = _min_max_normalise(top_vals, xs_low.amin(dim=-1, keepdim=True), hi).mul_(sel)
-        factor = torch.ones(xs.shape, device=x.device, dtype=x.dtype)
+        factor = ones(xs.shape, x.dtype, x.device)
         factor.scatter_(-1, idx, _factor(w, drop_prob).to(x.dtype))
     return x * factor.view(x.shape)
 

@@ -104,6 +104,21 @@ def passes_through(name: str, x: torch.Tensor, training: bool, strength: float |
     return is_static_zero(strength) or x.numel() == 0
 
 
+_SAME_SIZE_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+# torch.compiler.is_compiling is torch >= 2.3; the project supports torch >= 2.1.
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or torch._dynamo.is_compiling
+
+
+def ones(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``torch.ones``; on CPU written as the bit pattern of 1 in a same-size integer type, because CPU fills
+    bf16/fp16 with a scalar loop but integers with vector stores (~3x faster; masks start as such a fill)."""
+    int_dtype = _SAME_SIZE_INT.get(torch.finfo(dtype).bits // 8) if dtype.is_floating_point else None
+    if torch.device(device).type != "cpu" or int_dtype is None or _is_compiling():
+        return torch.ones(shape, dtype=dtype, device=device)
+    bits = torch.ones((), dtype=dtype).view(int_dtype).item()
+    return torch.empty(shape, dtype=int_dtype).fill_(bits).view(dtype)
+
+
 def check_token_grid(grid: Any, num_prefix_tokens: Any) -> tuple[tuple[int, int] | None, int]:
     """Validate a token grid ``(H, W)`` (or None) and a prefix-token count >= 0."""
     if grid is not None:

@@ -10,7 +10,9 @@ What is implemented (Algorithm 1 of the paper):
   ("Algorithm 1 corresponds to the latter [each channel has its own mask], which tends to work better");
   ``per_channel=False`` draws one mask per sample, shared by all channels (the paper's other variant);
 * line 6: every seed is expanded to a ``block_size x block_size`` zero block: a stride-1 max-pool of the
-  seed map;
+  seed map on accelerators; on CPU (gamma is ~0.3 % for the usual settings) the seeds are drawn sparsely, as
+  geometric gaps between successes (the same distribution as one Bernoulli draw per valid position), and each
+  seed's block is written into the keep mask directly, so the cost follows the seeds, not the map;
 * lines 7-8: ``A * M * count(M) / count_ones(M)``, counts over the whole batch mask, in float32.
 
 Choices where the paper is silent or only approximate:
@@ -42,7 +44,7 @@ Choices where the paper is silent or only approximate:
   so a schedule that moves ``drop_prob`` neither syncs the device nor recompiles ``torch.compile``.
 * **Numerics.** Seeds come from ``bernoulli_`` (its uniform draw and threshold are float32, only the 0/1
   outcome is stored in the input dtype, so bf16/fp16 are not biased the way ``torch.rand(dtype=bf16) < p``
-  is); no float32 noise tensor is allocated at all. The mask counts are summed in float32 (an fp16 sum of a
+  is) or, on CPU, from float64 geometric gaps; no float32 noise tensor is allocated at all. The mask counts are summed in float32 (an fp16 sum of a
   large mask overflows), the rescale is a float32 0-dim tensor, and the kept count is clamped below by
   ``eps`` so an all-dropped batch gives zeros, not inf/NaN.
 
@@ -53,6 +55,8 @@ over training (Scheduled DropBlock), with the rate for group 3 divided by 4; 78.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -61,6 +65,7 @@ from timm_drop.regularizers.base import (
     check_positive_int,
     check_probability,
     check_strength,
+    ones,
     passes_through,
 )
 from timm_drop.regularizers.registry import register_regularizer
@@ -194,34 +199,144 @@ def drop_block2d(
         return x
     if x.dim() != 4:
         raise ValueError(f"drop_block2d expects a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
-    n, c, h, w = x.shape
-    kh, kw = _clip_block(block_size, h, w)
-    tables = _tables(h, w, kh, kw, x.device)
-    gamma = _gamma(_as_prob_tensor(drop_prob, x.device), h, w, kh, kw, tables)
-    valid = tables[2]
+    kh, kw = _clip_block(block_size, x.shape[2], x.shape[3])
+    p = _as_prob_tensor(drop_prob, x.device)
+    if x.device.type == "cpu" and _keep_mask_op is not None and _is_compiling():
+        # Inductor's CPU max-pool is ~5x slower than this eager kernel; as an opaque op the mask costs what it
+        # costs in eager mode and the multiply still fuses into the surrounding graph (no graph break).
+        keep, scale = _keep_mask_op(x.detach(), p, kh, kw, per_channel, eps)
+    else:
+        keep, scale = _keep_mask(x.detach(), p, kh, kw, per_channel, eps)
+    # keep is 0/1, exact in every float dtype, and the only tensor autograd keeps for backward. The float32 rescale
+    # is applied in place in the multiply's float32 compute type and rounded once to x.dtype (folding it into a
+    # bf16 mask would bias the expectation by up to 0.4 %).
+    return torch.mul(x, keep).mul_(scale)
 
+
+#: Above this seed rate the dense draw (one Bernoulli per valid position) is cheaper than drawing gaps.
+_SPARSE_MAX_GAMMA = 0.25
+
+
+def _mask_channels_last(x: torch.Tensor, per_channel: bool) -> bool:
+    """Lay a per-channel mask out like a channels-last input (ViT token grids included), so the multiply reads
+    both with the same strides."""
+    return per_channel and x.shape[1] > 1 and x.stride(1) == 1
+
+
+def _keep_mask(
+    x: torch.Tensor, p: torch.Tensor, kh: int, kw: int, per_channel: bool, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 0/1 keep mask in ``x.dtype`` (``(N, C or 1, H, W)``, or ``(N, C or 1, 1, 1)`` when the block spans the
+    map) and the float32 0-dim rescale ``count / count_ones``."""
+    n, c, h, w = x.shape
     mask_channels = c if per_channel else 1
+    tables = _tables(h, w, kh, kw, x.device)
+    gamma = _gamma(p, h, w, kh, kw, tables)
     if kh == h and kw == w:
         # One valid seed per map and its block is the whole map: SpatialDropout, no pooling needed.
-        mask = x.new_empty((n, mask_channels, 1, 1)).bernoulli_(gamma)
+        keep = x.new_empty((n, mask_channels, 1, 1)).bernoulli_(1.0 - gamma)
+    elif x.device.type == "cpu" and (g := float(gamma)) <= _SPARSE_MAX_GAMMA:  # a CPU .item() costs no sync
+        keep = _sparse_keep(x, g, kh, kw, mask_channels)
     else:
-        # CPU's channels-last max-pool vectorises over channels (~3-5x faster than NCHW there, even counting
-        # the mixed-layout multiply); on accelerators the mask follows the input's layout.
-        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        channels_last = per_channel and (channels_last or x.device.type == "cpu")
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        mask = torch.empty((n, mask_channels, h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
-        mask.bernoulli_(valid * gamma)  # seeds, only where a block fits (Figure 2a)
-        mask = _expand_seeds(mask, kh, kw)[..., :h, :w]
-    count = float(mask.numel())
-    count_ones = count - mask.sum(dtype=torch.float32)
+        keep = _dense_keep(x, gamma, tables[2], kh, kw, per_channel, mask_channels)
+    count = float(keep.numel())
+    count_ones = keep.sum(dtype=torch.float32)
     # tensor / tensor, not float / tensor: the latter is computed as count * reciprocal(count_ones), which is
     # not exactly 1 when nothing is dropped (strength 0 must be the identity bit for bit).
-    scale = count_ones.new_tensor(count) / count_ones.clamp_min(eps)
-    keep = 1 - mask  # 0/1, exact in every float dtype; the only tensor autograd keeps for backward
-    # The float32 rescale is applied in place in the multiply's float32 compute type and rounded once to
-    # x.dtype (folding it into a bf16 mask would bias the expectation by up to 0.4 %).
-    return torch.mul(x, keep).mul_(scale)
+    return keep, count_ones.new_tensor(count) / count_ones.clamp_min(eps)
+
+
+def _sparse_seeds(positions: int, gamma: float) -> torch.Tensor:
+    """Indices in ``[0, positions)`` of independent Bernoulli(gamma) successes, drawn as geometric gaps.
+
+    Same distribution as one Bernoulli draw per position, but the work is proportional to the ~gamma * positions
+    seeds (gamma is ~0.3 % for DropBlock's usual settings) instead of to every position. Gaps are float64, so
+    their running sum is exact far beyond any tensor size.
+    """
+    if gamma <= 0.0:
+        return torch.empty(0, dtype=torch.long)
+    mean = positions * gamma
+    chunk = int(mean + 6.0 * math.sqrt(mean) + 16.0)
+    ends = torch.empty(chunk, dtype=torch.float64).geometric_(gamma).cumsum_(0)
+    while ends[-1].item() <= positions:  # rarely: the draw may not have passed the last position yet
+        more = torch.empty(chunk, dtype=torch.float64).geometric_(gamma).cumsum_(0).add_(ends[-1])
+        ends = torch.cat([ends, more])
+    return ends[ends <= positions].long().sub_(1)
+
+
+def _sparse_keep(x: torch.Tensor, gamma: float, kh: int, kw: int, mask_channels: int) -> torch.Tensor:
+    """Keep mask with every seed's ``kh x kw`` block written directly: seeds ~ Bernoulli(gamma) at each valid
+    position of each map, a valid position being the block's top-left corner (Figure 2a)."""
+    n, _, h, w = x.shape
+    hs, ws = h - kh + 1, w - kw + 1
+    seeds = _sparse_seeds(n * mask_channels * hs * ws, gamma)
+    maps, cell = seeds.div(hs * ws, rounding_mode="floor"), seeds.remainder(hs * ws)
+    row, col = cell.div(ws, rounding_mode="floor"), cell.remainder(ws)
+    rows = torch.arange(kh).unsqueeze(1)
+    cols = torch.arange(kw)
+    if _mask_channels_last(x, mask_channels > 1):
+        sample, channel = maps.div(mask_channels, rounding_mode="floor"), maps.remainder(mask_channels)
+        corner = sample * (h * w * mask_channels) + (row * w + col) * mask_channels + channel
+        offsets = ((rows * w + cols) * mask_channels).flatten()
+        keep = ones((n, h, w, mask_channels), x.dtype, x.device).permute(0, 3, 1, 2)
+    else:
+        corner = maps * (h * w) + row * w + col
+        offsets = (rows * w + cols).flatten()
+        keep = ones((n, mask_channels, h, w), x.dtype, x.device)
+    # The permuted view shares storage with a contiguous buffer, so flat indices address it in memory order.
+    flat = keep.as_strided((keep.numel(),), (1,))
+    flat.index_fill_(0, (corner.unsqueeze(1) + offsets).flatten(), 0)
+    return keep
+
+
+def _dense_keep(
+    x: torch.Tensor,
+    gamma: torch.Tensor,
+    valid: torch.Tensor,
+    kh: int,
+    kw: int,
+    per_channel: bool,
+    mask_channels: int,
+) -> torch.Tensor:
+    """Keep mask from one Bernoulli draw per position (seeds only where a block fits) and a max-pool; no host
+    sync, so this is the path on accelerators and for large seed rates."""
+    n, _, h, w = x.shape
+    # CPU's channels-last max-pool vectorises over channels (~3-5x faster than NCHW there, even counting
+    # the mixed-layout multiply); on accelerators the mask follows the input's layout.
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    channels_last = per_channel and (channels_last or x.device.type == "cpu")
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    mask = torch.empty((n, mask_channels, h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
+    mask.bernoulli_(valid * gamma)  # seeds, only where a block fits (Figure 2a)
+    return 1 - _expand_seeds(mask, kh, kw)[..., :h, :w]
+
+
+def _keep_mask_fake(
+    x: torch.Tensor, p: torch.Tensor, kh: int, kw: int, per_channel: bool, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    n, c, h, w = x.shape
+    shape = (n, c if per_channel else 1) + ((1, 1) if (kh, kw) == (h, w) else (h, w))
+    fmt = torch.channels_last if _mask_channels_last(x, per_channel) and shape[2:] != (1, 1) else None
+    keep = x.new_empty(shape) if fmt is None else x.new_empty(shape).contiguous(memory_format=fmt)
+    return keep, p.new_empty((), dtype=torch.float32)
+
+
+def _keep_mask_eager(
+    x: torch.Tensor, p: torch.Tensor, kh: int, kw: int, per_channel: bool, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    keep, scale = _keep_mask(x, p, kh, kw, per_channel, eps)
+    # The compiled graph trusts the strides the fake kernel promised.
+    like = _keep_mask_fake(x, p, kh, kw, per_channel, eps)[0]
+    return keep if keep.stride() == like.stride() else torch.empty_like(like).copy_(keep), scale
+
+
+# torch.library.custom_op is torch >= 2.4; older versions trace the eager code (slower compiled, same result).
+_keep_mask_op = None
+if hasattr(torch.library, "custom_op"):
+    _keep_mask_op = torch.library.custom_op("timm_drop::dropblock_keep_mask", mutates_args=())(
+        _keep_mask_eager
+    )
+    _keep_mask_op.register_fake(_keep_mask_fake)
 
 
 @register_regularizer("dropblock")

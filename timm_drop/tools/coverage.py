@@ -515,7 +515,7 @@ def _check(
         raise CheckFailed("input", "model output has no tensors")
 
     result.stage = "plan"
-    example, sites = _example_input(model, x, input_size, model_kwargs)
+    example, sites = _example_input(model, x, input_size)
     spec_obj = _fit_spec(spec, sites, adapt, spatial_stage_rule)
     n_entries = _check_plan(result, model, orig, spec_obj, example, features_only)
     result.stage = "apply"
@@ -535,17 +535,18 @@ def _check(
 
 
 def _example_input(
-    model: nn.Module, x: torch.Tensor, input_size: Sequence[int] | None, model_kwargs: Mapping[str, Any] | None
+    model: nn.Module, x: torch.Tensor, input_size: Sequence[int] | None
 ) -> tuple[torch.Tensor | None, list[timm_drop.Site]]:
     """The ``example_input`` to pass on, and the sites it finds: ``None`` (the default shape pass users get)
-    unless the size is one timm does not record (an explicit ``input_size``, or an ``img_size`` kwarg the default
-    path cannot find)."""
+    unless the size is one timm does not record (an explicit ``input_size``, or a fixed-size model built at a
+    smaller ``img_size`` than its config says)."""
     if input_size is not None:
         return x[:1], timm_drop.find_sites(model, x[:1])
     try:
         return None, timm_drop.find_sites(model)
     except SiteError:
-        if "img_size" not in (model_kwargs or {}):
+        configured = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size", ()))
+        if tuple(x.shape[1:]) == configured:
             raise
         return x[:1], timm_drop.find_sites(model, x[:1])
 

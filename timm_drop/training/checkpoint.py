@@ -254,7 +254,12 @@ def verify_checkpoint(path: str | os.PathLike, num_processes: int) -> str | None
 
 #: the marker that makes a directory provably a timm_drop run: it lists what the recipe created there
 MARKER = ".timm_drop_run.json"
-_CKPT_ENTRY = re.compile(r"^(\.tmp-|\.old-)?epoch_\d{4,}$")
+#: the folders the recipe creates, and the only entries inside them that ``remove_run`` removes
+_RUN_FOLDERS = {
+    "checkpoints": re.compile(r"^(\.tmp-|\.old-)?epoch_\d{4,}$"),
+    "masks": re.compile(r"^epoch_\d{3,}\.png$"),  # log.mask_every (timm_drop.viz.log_epoch_masks)
+    "trackers": re.compile(r"^timm_drop$"),  # log.trackers: Accelerate's run folder (loop.TRACKER_PROJECT)
+}
 
 
 def _atomic_suffixes(name: str) -> tuple[str, ...]:
@@ -275,7 +280,7 @@ RUN_ENTRIES = frozenset(
         "result.json",
     )
     for n in _atomic_suffixes(base)
-) | {"checkpoints"}
+) | set(_RUN_FOLDERS)
 # MetricsLog writes its temporaries with with_suffix(): metrics.jsonl.tmp / summary.csv.tmp (covered above)
 
 
@@ -284,8 +289,8 @@ class RunDir:
 
     ``claim(name)`` records an entry *before* the recipe creates it; ``remove_run()`` (``--overwrite``, or a
     start that never finished an epoch) removes exactly the claimed entries: never anything unlisted, never a
-    symlink's target, and inside ``checkpoints/`` only checkpoint folders. A directory without a marker (made by
-    hand, or by a version before markers) is never removed.
+    symlink's target, and inside ``checkpoints/`` and ``masks/`` only what the recipe names there. A directory
+    without a marker (made by hand, or by a version before markers) is never removed.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -362,10 +367,10 @@ class RunDir:
             if p.is_symlink() or (p.exists() and not p.is_dir()):
                 p.unlink()  # a link is removed as a link: its target is never touched
             elif p.is_dir():
-                if name != "checkpoints":  # pragma: no cover - only checkpoints/ is a folder
+                if name not in _RUN_FOLDERS:  # pragma: no cover - every folder entry has its pattern
                     continue
                 for child in p.iterdir():
-                    if not _CKPT_ENTRY.match(child.name):
+                    if not _RUN_FOLDERS[name].match(child.name):
                         continue
                     if child.is_symlink() or not child.is_dir():
                         child.unlink()

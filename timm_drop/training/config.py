@@ -56,6 +56,11 @@ class ModelConfig:
     name: str = "resnet20_cifar"
     #: extra ``timm.create_model`` kwargs (``drop_rate``, ``drop_path_rate``...); ``num_classes`` defaults to the data's
     kwargs: dict = field(default_factory=dict)
+    #: load timm's pretrained weights (a download, or ``checkpoint_path``); the data's mean/std/interpolation/crop
+    #: then default to the model's ``pretrained_cfg``
+    pretrained: bool = False
+    #: local weights file for ``pretrained`` (timm's ``pretrained_cfg_overlay=dict(file=...)``); None = download
+    checkpoint_path: str | None = None
 
 
 @dataclass
@@ -69,6 +74,16 @@ class AugmentConfig:
     cutout: int = 0
     #: probability of Random Erasing (Zhong et al. 2020) per image; 0 = off (their value: 0.5)
     random_erasing: float = 0.0
+    #: Mixup alpha (Zhang et al. 2018) through timm's batch ``Mixup`` on the device; 0 = off (timm's usual: 0.8)
+    mixup: float = 0.0
+    #: CutMix alpha (Yun et al. 2019), same ``Mixup`` object; 0 = off (timm's usual: 1.0)
+    cutmix: float = 0.0
+    #: probability of mixing a batch at all (Mixup or CutMix)
+    mix_prob: float = 1.0
+    #: with both on: probability of CutMix instead of Mixup for a batch
+    mix_switch_prob: float = 0.5
+    #: timm RandAugment config string (``rand-m9-mstd0.5-inc1``), image folders only (PIL ops in the workers)
+    randaugment: str | None = None
 
 
 @dataclass
@@ -94,20 +109,34 @@ class DataConfig:
     #: per-channel normalisation in [0, 1] pixel units; None = the dataset's usual statistics
     mean: list[float] | None = None
     std: list[float] | None = None
+    #: resize interpolation; None = the model's with ``model.pretrained``, else bilinear
+    interpolation: Literal["bilinear", "bicubic", "nearest"] | None = None
+    #: imagefolder eval: resize to ``image_size / crop_pct`` then centre-crop; None = the model's with
+    #: ``model.pretrained``, else 0.875 with ``random_resized_crop`` (no crop without)
+    crop_pct: float | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
 class OptimConfig:
-    name: Literal["sgd", "adamw"] = "sgd"
+    #: any ``timm.optim.list_optimizers()`` name (``sgd``, ``adamw``, ``lamb``, ``lion``...), optionally
+    #: ``lookahead_<name>``; built by ``timm.optim.create_optimizer_v2``
+    name: str = "sgd"
     lr: float = 0.1
+    #: momentum-type optimizers only (timm ignores it for the others)
     momentum: float = 0.9
+    #: ``sgd``/``momentum`` only; unlike timm's ``sgd`` (Nesterov by default) the recipe's default is plain momentum
     nesterov: bool = False
     weight_decay: float = 5e-4
-    #: exclude biases and norm weights (1-d params) from weight decay (timm's ``filter_bias_and_bn``)
+    #: also exclude biases and norm weights (1-d params) from weight decay (timm's ``filter_bias_and_bn``); the
+    #: model's ``no_weight_decay()`` names (``pos_embed``, ``cls_token``...) are always excluded
     no_decay_norm_bias: bool = False
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
+    #: layer-wise LR decay (BEiT/timm ``layer_decay``): layer i of n gets ``lr * layer_decay ** (n - i)``; None = off
+    layer_decay: float | None = None
+    #: Adam-type optimizers only (ignored by the others); None = the optimizer's default ((0.9, 0.999) for AdamW)
+    betas: list[float] | None = None
+    #: None = the optimizer's default (1e-8 for AdamW)
+    eps: float | None = None
 
 
 @dataclass
@@ -162,6 +191,9 @@ class LogConfig:
     plot: bool = True
     #: every N epochs draw the regularizers' masks on a fixed eval batch into masks/epoch_NNN.png (0 = never)
     mask_every: int = 0
+    #: Accelerate trackers (``tensorboard``, ``wandb``, ``mlflow``, ``comet_ml``, ``aim``, ``clearml``, ``dvclive``...)
+    #: fed the same per-epoch scalars as metrics.jsonl; local ones write under ``<output_dir>/trackers/``
+    trackers: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -316,6 +348,18 @@ def validate(cfg: TrainConfig, *, check_paths: bool = True) -> None:
         v = getattr(d, k)
         _check(v is None or len(v) in (1, 3), f"data.{k}", f"must have 1 or 3 values, got {v}")
     _check(d.std is None or all(x > 0 for x in d.std), "data.std", f"must be positive, got {d.std}")
+    _check(
+        d.crop_pct is None or 0 < d.crop_pct <= 1, "data.crop_pct", f"must be in (0, 1] or null, got {d.crop_pct}"
+    )
+    m = cfg.model
+    if m.checkpoint_path is not None:
+        _check(m.pretrained, "model.checkpoint_path", "is the pretrained weights file: set model.pretrained: true")
+        if check_paths:
+            _check(
+                os.path.isfile(m.checkpoint_path),
+                "model.checkpoint_path",
+                f"does not exist: {m.checkpoint_path!r}",
+            )
     if d.dataset in ("imagefolder", "npz"):
         _check(d.root is not None, "data.root", f"is required for dataset {d.dataset!r}")
     if d.dataset == "npz" and d.root is not None:
@@ -342,21 +386,55 @@ def validate(cfg: TrainConfig, *, check_paths: bool = True) -> None:
         "data.augment.random_erasing",
         f"must be in [0, 1], got {a.random_erasing}",
     )
+    for k in ("mixup", "cutmix"):
+        _check(getattr(a, k) >= 0, f"data.augment.{k}", f"must be >= 0 (0 = off), got {getattr(a, k)}")
+    for k in ("mix_prob", "mix_switch_prob"):
+        v = getattr(a, k)
+        _check(0.0 <= v <= 1.0, f"data.augment.{k}", f"must be in [0, 1], got {v}")
+    if a.mixup > 0 or a.cutmix > 0:
+        _check(
+            d.batch_size % 2 == 0,
+            "data.batch_size",
+            f"must be even with data.augment.mixup/cutmix (timm pairs each image with the batch's mirror), got {d.batch_size}",
+        )
+    if a.randaugment is not None:
+        _check(
+            d.dataset == "imagefolder",
+            "data.augment.randaugment",
+            f"needs dataset imagefolder (PIL ops in the loader workers); tensor datasets ({d.dataset!r}) are "
+            "augmented on the device: use mixup/cutmix, cutout or random_erasing there",
+        )
+        from timm.data.auto_augment import rand_augment_transform
+
+        try:
+            rand_augment_transform(a.randaugment, {"translate_const": 100})
+        except (AssertionError, ValueError, KeyError, IndexError) as e:
+            raise ConfigError(
+                f"data.augment.randaugment: {a.randaugment!r} is not a timm RandAugment string "
+                f"(e.g. 'rand-m9-mstd0.5-inc1'): {e}"
+            ) from e
 
     _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     _check(0.0 <= o.momentum < 1.0, "optim.momentum", f"must be in [0, 1), got {o.momentum}")
+    info = _check_optimizer_name(o.name)
     _check(
-        not o.nesterov or (o.name == "sgd" and o.momentum > 0),
+        not o.nesterov or (o.name in ("sgd", "momentum") and o.momentum > 0),
         "optim.nesterov",
-        "needs optim.name sgd and momentum > 0",
+        "needs optim.name sgd (or momentum) and momentum > 0",
     )
     _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
     _check(
-        len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
-        "optim.betas",
-        f"must be two values in [0, 1), got {o.betas}",
+        o.layer_decay is None or 0 < o.layer_decay <= 1,
+        "optim.layer_decay",
+        f"must be in (0, 1] or null, got {o.layer_decay}",
     )
-    _check(o.eps > 0, "optim.eps", f"must be > 0, got {o.eps}")
+    if o.betas is not None and info.has_betas:  # others ignore betas (older saved configs carry them)
+        _check(
+            len(o.betas) == info.num_betas and all(0 <= b < 1 for b in o.betas),
+            "optim.betas",
+            f"must be {info.num_betas} values in [0, 1) for {o.name!r}, got {o.betas}",
+        )
+    _check(o.eps is None or o.eps > 0, "optim.eps", f"must be > 0 or null, got {o.eps}")
 
     _check(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}")
     _check(t.grad_accum_steps >= 1, "train.grad_accum_steps", f"must be >= 1, got {t.grad_accum_steps}")
@@ -398,6 +476,7 @@ def validate(cfg: TrainConfig, *, check_paths: bool = True) -> None:
     _check(0 <= s.min_lr <= o.lr, "sched.min_lr", f"must be in [0, optim.lr], got {s.min_lr}")
 
     _check(cfg.log.log_interval >= 1, "log.log_interval", f"must be >= 1, got {cfg.log.log_interval}")
+    _check_trackers(cfg.log.trackers)
     _check(cfg.log.mask_every >= 0, "log.mask_every", f"must be >= 0 (0 = never), got {cfg.log.mask_every}")
     _check(
         cfg.checkpoint.total_limit >= 1,
@@ -435,6 +514,41 @@ def _check_model_name(name: str) -> None:
     near = difflib.get_close_matches(name, timm.list_models(), n=3)
     hint = f"; did you mean {', '.join(near)}?" if near else " (see timm.list_models())"
     raise ConfigError(f"model.name: {name!r} is not a timm model{hint}")
+
+
+def _check_trackers(names: list[str]) -> None:
+    """Accelerate's tracker names, each installed (Accelerate itself would only warn and drop a missing one)."""
+    import accelerate.utils
+    from accelerate.utils import LoggerType
+
+    from timm_drop.suggest import did_you_mean
+
+    known = [t.value for t in LoggerType if t.value != "all"]
+    for i, name in enumerate(names):
+        key = f"log.trackers[{i}]"
+        if name not in known:
+            raise ConfigError(f"{key}: {name!r} is not an Accelerate tracker{did_you_mean(name, known)} (known: {known})")
+        available = getattr(accelerate.utils, f"is_{name}_available", None)
+        _check(
+            available is None or available(),
+            key,
+            f"{name!r} is not installed (pip install {name.replace('_', '-')})",
+        )
+    _check(len(set(names)) == len(names), "log.trackers", f"lists a tracker twice: {names}")
+
+
+def _check_optimizer_name(name: str) -> Any:
+    """timm's ``OptimInfo`` for ``name`` (``lookahead_`` prefix allowed); an unknown name names the field."""
+    import timm.optim
+
+    from timm_drop.suggest import did_you_mean
+
+    known = timm.optim.list_optimizers()
+    base = name.lower().removeprefix("lookahead_")
+    if base not in known:
+        hint = did_you_mean(name, known) or " (see timm.optim.list_optimizers())"
+        raise ConfigError(f"optim.name: {name!r} is not a timm optimizer{hint}")
+    return timm.optim.get_optimizer_info(base)
 
 
 def _validate_layerout(section: dict) -> None:

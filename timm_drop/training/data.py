@@ -8,7 +8,7 @@ Sources (``data.dataset``):
 * ``cifar10`` / ``cifar100`` — with ``download: true`` torchvision downloads and MD5-verifies the archive; otherwise
   ``root`` must hold the python-pickle layout (``cifar-10-batches-py/`` or ``cifar-100-python/``), read with a
   restricted unpickler that only admits numpy arrays (the CIFAR format is a pickle; a data file must not be able
-  to run code). Re-exported pickles (``/work/shared/data/export_cifar10.py``) fail torchvision's MD5 check, so
+  to run code). Re-exported pickles (``../shared/data/export_cifar10.py``) fail torchvision's MD5 check, so
   they are read this way.
 * ``npz`` — decoded arrays ``x_train (N,H,W,C) uint8, y_train, x_test, y_test`` (optional ``classes``), or the
   JPEG-buffer format (``{split}_jpeg``, ``{split}_offsets``, ``{split}_labels``, ``classes``).
@@ -207,7 +207,10 @@ def load_arrays(cfg: DataConfig, train: bool) -> ArrayData:
         x = np.repeat(x, 3, axis=-1)
     if x.shape[1] != cfg.image_size or x.shape[2] != cfg.image_size:
         t = torch.from_numpy(x).permute(0, 3, 1, 2).float()
-        t = F.interpolate(t, size=(cfg.image_size, cfg.image_size), mode="bilinear", antialias=True)
+        mode = cfg.interpolation or "bilinear"
+        t = F.interpolate(
+            t, size=(cfg.image_size, cfg.image_size), mode=mode, antialias=mode != "nearest"
+        )
         x = t.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
     return ArrayData(x, data.y, data.classes)
 
@@ -296,6 +299,7 @@ class _ShardedLoader:
         self.batch_size = cfg.batch_size if train else cfg.eval_batch_size
         self.batch_multiple = batch_multiple
         self.norm = _Normalizer(mean, std, device, channels_last)
+        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
         if train and n // world < self.batch_size * batch_multiple:
             raise ValueError(
                 f"data.batch_size: {self.batch_size} x grad_accum {batch_multiple} exceeds the {n // world} "
@@ -429,18 +433,36 @@ class FolderLoader(_ShardedLoader):
         from torchvision import transforms as T
 
         size, a = cfg.image_size, cfg.augment
+        interp = T.InterpolationMode(cfg.interpolation or "bilinear")
         if train:
             tf = (
-                [T.RandomResizedCrop(size)] if a.random_resized_crop else [T.Resize(size), T.CenterCrop(size)]
+                [T.RandomResizedCrop(size, interpolation=interp)]
+                if a.random_resized_crop
+                else [T.Resize(size, interpolation=interp), T.CenterCrop(size)]
             )
             if not a.random_resized_crop and a.crop_padding:
                 tf.append(T.RandomCrop(size, padding=a.crop_padding))
             if a.hflip:
                 tf.append(T.RandomHorizontalFlip())
+            if a.randaugment:
+                from timm.data.auto_augment import rand_augment_transform
+                from timm.data.transforms import str_to_pil_interp
+
+                # timm's hparams for its own transforms: fill with the normalisation mean, translate 45% of size
+                hp = {
+                    "translate_const": int(size * 0.45),
+                    "img_mean": tuple(min(255, round(255 * v)) for v in mean),
+                    "interpolation": str_to_pil_interp(cfg.interpolation or "bilinear"),
+                }
+                tf.append(rand_augment_transform(a.randaugment, hp))
         else:
             # ImageNet convention: resize to size/0.875 then centre-crop, when training used resized crops.
-            resize = int(round(size / 0.875)) if a.random_resized_crop else size
-            tf = [T.Resize(resize), T.CenterCrop(size)]
+            # (data.crop_pct, e.g. a pretrained model's, decides when given; timm floors the same way)
+            if cfg.crop_pct is not None:
+                resize = math.floor(size / cfg.crop_pct)
+            else:
+                resize = int(round(size / 0.875)) if a.random_resized_crop else size
+            tf = [T.Resize(resize, interpolation=interp), T.CenterCrop(size)]
         tf.append(T.PILToTensor())
         # its loader gives RGB; empty class folders are kept so train and eval agree on the class indices
         self.dataset = torchvision.datasets.ImageFolder(root, transform=T.Compose(tf), allow_empty=True)

@@ -43,6 +43,9 @@ from timm_drop.training.metrics import MetricsLog, plot_curves
 
 __all__ = ["LRSchedule", "NonFiniteLossError", "TrainState", "Trainer", "train"]
 
+#: Accelerate ``init_trackers`` project name: the W&B project, and TensorBoard's folder under ``trackers/``
+TRACKER_PROJECT = "timm_drop"
+
 KNOWN_NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}
 KNOWN_TRAIN_SIZES = {"digits": 1437, "cifar10": 50000, "cifar100": 50000}
 
@@ -99,7 +102,8 @@ class LRSchedule:
     def apply(self, optimizer, step: int) -> float:
         lr = self(step)
         for g in optimizer.param_groups:
-            g["lr"] = lr
+            # layer-wise decay groups carry their multiplier (timm's schedulers apply it the same way)
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         return lr
 
 
@@ -118,19 +122,83 @@ def _regularizers(model: nn.Module) -> list[nn.Module]:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """``timm.optim.create_optimizer_v2`` from ``cfg.optim``: the model's ``no_weight_decay()`` names are never
+    decayed, 1-d params only with ``no_decay_norm_bias``, ``layer_decay`` sets per-group ``lr_scale``."""
+    from timm.optim import create_optimizer_v2
+
     o = cfg.optim
-    params = [p for p in model.parameters() if p.requires_grad]
-    if o.no_decay_norm_bias and o.weight_decay > 0:
-        decay = [p for p in params if p.ndim > 1]
-        no_decay = [p for p in params if p.ndim <= 1]
-        groups: Any = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-    else:
-        groups = params
-    if o.name == "sgd":
-        return torch.optim.SGD(
-            groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
+    kwargs: dict[str, Any] = {}
+    if o.name.lower() in ("sgd", "momentum"):
+        # timm's "sgd" means Nesterov; the recipe keeps its own (documented) switch
+        kwargs["nesterov"] = o.nesterov
+    if o.betas is not None:
+        kwargs["betas"] = tuple(o.betas)
+    if o.eps is not None:
+        kwargs["eps"] = o.eps
+    try:
+        return create_optimizer_v2(
+            model,
+            opt=o.name,
+            lr=o.lr,
+            weight_decay=o.weight_decay,
+            momentum=o.momentum,
+            filter_bias_and_bn=o.no_decay_norm_bias,
+            layer_decay=o.layer_decay,
+            **kwargs,
         )
-    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    except ImportError as e:  # bitsandbytes / apex optimizers need their package
+        raise ConfigError(f"optim.name: {o.name!r} needs a package that is not installed: {e}") from e
+
+
+def optimizer_groups(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[dict[str, Any]]:
+    """One summary per param group (size, weight decay, LR scale, first names), for ``--dry-run``."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = []
+    for g in optimizer.param_groups:
+        params = g["params"]
+        out.append(
+            {
+                "params": len(params),
+                "numel": sum(p.numel() for p in params),
+                "weight_decay": g.get("weight_decay", 0.0),
+                "lr_scale": g.get("lr_scale", 1.0),
+                "names": [names.get(id(p), "?") for p in params[:3]] + (["..."] if len(params) > 3 else []),
+            }
+        )
+    return out
+
+
+def build_mixup(cfg: TrainConfig, num_classes: int):
+    """timm's ``Mixup`` (batch mode, on whatever device the batch is) for ``data.augment``, or None when off."""
+    a = cfg.data.augment
+    if a.mixup <= 0 and a.cutmix <= 0:
+        return None
+    from timm.data import Mixup
+
+    return Mixup(
+        mixup_alpha=a.mixup,
+        cutmix_alpha=a.cutmix,
+        prob=a.mix_prob,
+        switch_prob=a.mix_switch_prob,
+        mode="batch",
+        label_smoothing=cfg.train.label_smoothing,
+        num_classes=num_classes,
+    )
+
+
+def _flat_scalars(d: dict[str, Any], prefix: str = "", *, as_text: bool = False) -> dict[str, Any]:
+    """Nested dict -> ``{"a/b": number}`` for trackers; other values dropped (or, ``as_text``, kept as strings:
+    TensorBoard's hparams take only scalars)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{'.' if as_text else '/'}{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(_flat_scalars(v, key, as_text=as_text))
+        elif isinstance(v, (bool, int, float)) and (as_text or not isinstance(v, bool)):
+            out[key] = v
+        elif as_text:
+            out[key] = str(v)
+    return out
 
 
 def _build_layerout(section: dict, model: nn.Module, distributed: bool, compiled: bool):
@@ -190,7 +258,18 @@ class Trainer:
         if t.precision == "fp16" and (t.cpu or not torch.cuda.is_available()):
             raise ConfigError("train.precision: fp16 needs a CUDA device; use bf16 or no on CPU")
         _release_accelerator_state()
+        tracking: dict[str, Any] = {}
+        if cfg.log.trackers and not self.dry_run:
+            from accelerate.utils import ProjectConfiguration
+
+            tracking = dict(
+                log_with=list(cfg.log.trackers),
+                project_config=ProjectConfiguration(
+                    project_dir=str(self.out), logging_dir=str(self.out / "trackers")
+                ),
+            )
         self.accelerator = acc = Accelerator(
+            **tracking,
             cpu=t.cpu,
             mixed_precision=t.precision,
             gradient_accumulation_steps=t.grad_accum_steps,
@@ -206,7 +285,11 @@ class Trainer:
         if not self.dry_run:
             self.dir_mode = check_output_dir(self.out, cfg_dict, overwrite=self.overwrite, resume=self.resume)
 
-        # Data first: the number of classes may come from it.
+        # Data first: the number of classes may come from it. A pretrained model's input pipeline fills the
+        # normalisation/interpolation/crop keys the config leaves null.
+        from timm_drop.training.data_config import resolve_data
+
+        data_cfg, self.data_config = resolve_data(cfg)
         set_seed(cfg.seed)
         if self.dry_run:
             self.train_loader = self.eval_loader = None
@@ -225,7 +308,7 @@ class Trainer:
 
             try:
                 self.train_loader, self.eval_loader, found = build_loaders(
-                    cfg.data,
+                    data_cfg,
                     device=self.device,
                     seed=cfg.seed,
                     rank=self.rank,
@@ -238,13 +321,16 @@ class Trainer:
                 raise ConfigError(msg if msg.startswith("data.") else f"data: {msg}") from e
             num_classes = cfg.data.num_classes or found
             self.steps_per_epoch = len(self.train_loader) // t.grad_accum_steps
+            # what the loaders actually normalise with (the dataset's statistics where nothing else decided)
+            self.data_config["mean"], self.data_config["std"] = self.train_loader.mean, self.train_loader.std
         self.num_classes = num_classes
         self.total_steps = self.steps_per_epoch * t.epochs
 
         # Model: identical initialisation on every rank (seeded above, before any per-rank re-seed).
-        kwargs = dict(cfg.model.kwargs)
+        from timm_drop.training.data_config import format_data_config, model_create_kwargs
+
+        kwargs = model_create_kwargs(cfg.model)
         kwargs.setdefault("num_classes", num_classes)
-        kwargs.setdefault("pretrained", False)
         try:
             model = timm.create_model(cfg.model.name, **kwargs)
         except RuntimeError as e:
@@ -257,7 +343,11 @@ class Trainer:
         if cfg.regularizer is not None:
             model.train()
             _apply_regularizer(model, cfg.regularizer, torch.zeros(2, 3, size, size))
+            from timm_drop.summary import track_drops
+
+            track_drops(model)  # realised drop fraction per rule in metrics.jsonl (on device; read once an epoch)
         self.n_regularizers = len(_regularizers(model))
+        acc.print(format_data_config(self.data_config))
         model.to(self.device)
         if t.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -283,7 +373,14 @@ class Trainer:
             from timm.utils import ModelEmaV3
 
             self.ema = ModelEmaV3(self.unwrapped, decay=t.ema.decay, use_warmup=t.ema.warmup)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+        self.mixup = build_mixup(cfg, num_classes)
+        if self.mixup is not None:
+            from timm.loss import SoftTargetCrossEntropy
+
+            # Mixup's targets are already smoothed by train.label_smoothing
+            self.criterion: nn.Module = SoftTargetCrossEntropy()
+        else:
+            self.criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
         # Per-rank noise from here on (regularizer masks); data order and LayerOut use their own generators.
         set_seed(cfg.seed, device_specific=True)
 
@@ -298,6 +395,14 @@ class Trainer:
         self.metrics = (
             MetricsLog(self.out, claim=self.run_dir.claim) if (self.is_main and not self.dry_run) else None
         )
+        if cfg.log.trackers and not self.dry_run:
+            if self.is_main:
+                self.run_dir.claim("trackers")
+            acc.init_trackers(
+                TRACKER_PROJECT,
+                config=_flat_scalars(config_to_dict(cfg), as_text=True),
+                init_kwargs={"wandb": {"name": cfg.name}, "mlflow": {"run_name": cfg.name}},
+            )
         if self.metrics is not None and self.resume is not None:
             self.metrics.truncate(self.state.epoch)
         self._set_progress()
@@ -404,9 +509,13 @@ class Trainer:
         t0 = time.perf_counter()
         for i, (x, y) in enumerate(self.train_loader):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            # soft targets when mixing; accuracy below still counts the unmixed labels
+            target = y
+            if self.mixup is not None:
+                x, target = self.mixup(x, y)
             with acc.accumulate(self.model):
                 out = self.model(x)
-                loss = self.criterion(out.float(), y)
+                loss = self.criterion(out.float(), target)
                 acc.backward(loss)
                 if acc.sync_gradients:
                     if t.clip_grad_norm is not None:
@@ -518,6 +627,11 @@ class Trainer:
             regs = _regularizers(self.unwrapped)
             if regs:
                 row["reg_strength"] = sum(float(r.strength) for r in regs) / len(regs)
+                from timm_drop.summary import summary
+
+                for n, rule in enumerate(summary(self.unwrapped).rules, 1):
+                    row[f"rule{n}_strength"] = rule.multiplier
+                    row[f"rule{n}_drop_fraction"] = rule.drop_fraction
             self.state.epoch = epoch + 1
             top1 = row.get("eval_top1")
             improved = top1 is not None and top1 > self.state.best_top1
@@ -525,6 +639,9 @@ class Trainer:
                 self.state.best_top1, self.state.best_epoch = top1, epoch + 1
             if self.is_main:
                 self.metrics.append(row)
+            if cfg.log.trackers:
+                acc.log(_flat_scalars(row), step=row["epoch"])
+            if self.is_main:
                 sd = self.unwrapped.state_dict()
                 self.run_dir.claim("last_model.pth", "last_model.pth.tmp")
                 save_weights(sd, self.out / "last_model.pth")
@@ -538,6 +655,9 @@ class Trainer:
             acc.print(self._log_line(row))
             if cfg.log.mask_every:
                 from timm_drop.viz import log_epoch_masks
+
+                if self.is_main:
+                    self.run_dir.claim("masks")
 
                 log_epoch_masks(self, epoch)
             last = row
@@ -566,6 +686,7 @@ class Trainer:
                     f"done: final eval top-1 {last.get('eval_top1', float('nan')):.2f}%, best "
                     f"{self.state.best_top1:.2f}% (epoch {self.state.best_epoch}); outputs in {self.out}"
                 )
+        acc.end_training()  # flushes and closes the trackers (no-op without)
         acc.wait_for_everyone()
         return summary
 
@@ -601,9 +722,17 @@ class Trainer:
             raise ConfigError(
                 f"model.name: {self.cfg.model.name} gave logits {tuple(out.shape)}, expected (2, {self.num_classes})"
             )
+        if self.mixup is not None:
+            y = F.one_hot(y, self.num_classes).float()
         if not torch.isfinite(self.criterion(out.float(), y)):
             raise ConfigError(f"model.name: {self.cfg.model.name} gave a non-finite loss on a stub batch")
         n_params = sum(p.numel() for p in self.unwrapped.parameters())
+        groups = optimizer_groups(self.optimizer, self.unwrapped)
+        for i, g in enumerate(groups):
+            self.accelerator.print(
+                f"optimizer group {i}: {g['params']} tensors ({g['numel']} values), weight_decay={g['weight_decay']:g}, "
+                f"lr_scale={g['lr_scale']:.4g}: {', '.join(g['names'])}"
+            )
         info = {
             "model": self.cfg.model.name,
             "params": n_params,
@@ -614,7 +743,9 @@ class Trainer:
             "lr_first": self.lr_schedule(0),
             "lr_last": self.lr_schedule(max(0, self.total_steps - 1)),
         }
-        self.accelerator.print("dry run ok: " + ", ".join(f"{k}={v}" for k, v in info.items()))
+        printed = dict(info)
+        info["data_config"], info["optimizer_groups"] = self.data_config, groups
+        self.accelerator.print("dry run ok: " + ", ".join(f"{k}={v}" for k, v in printed.items()))
         return info
 
 

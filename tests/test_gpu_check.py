@@ -1,0 +1,51 @@
+"""The CPU twin of benchmarks/gpu_check.sh runs every step of the GPU check, tiny, so the script cannot rot."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_cpu_twin_runs_every_step_and_writes_dated_markdown(tmp_path):
+    env = {**os.environ, "GPU_CHECK_OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--cpu"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    for step in ("ops", "recipe_speed", "apply_speed", "train_smoke"):
+        assert f"{step}: ok" in proc.stdout, proc.stdout[-2000:]
+    reports = {p.name: p.read_text() for p in tmp_path.glob("*.md")}
+    assert sorted(reports) == sorted(
+        f"{s}_cpu_twin.md" for s in ("ops", "recipe_speed", "apply_speed", "train_smoke")
+    ), sorted(reports)
+    for name, text in reports.items():
+        assert torch.__version__ in text, name
+        assert "UTC" in text, name
+    assert "| dropblock |" in reports["ops_cpu_twin.md"]
+    assert "best top-1" in reports["train_smoke_cpu_twin.md"]
+
+
+def test_gpu_mode_refuses_without_cuda_naming_the_cpu_twin(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the GPU mode would run for real")
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh")],
+        cwd=ROOT,
+        env={**os.environ, "GPU_CHECK_OUT": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0 and "--cpu" in proc.stderr
+    assert not list(tmp_path.iterdir())

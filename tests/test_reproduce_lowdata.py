@@ -1,0 +1,131 @@
+"""recipes/reproduce.py --preset cpu-lowdata: the configs, the statistics, and a tiny end-to-end table with resume."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import multiprocessing
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+
+import timm_drop
+
+REPRODUCE = Path(__file__).resolve().parents[1] / "recipes" / "reproduce.py"
+
+
+@pytest.fixture(scope="module")
+def rep():
+    spec = importlib.util.spec_from_file_location("timm_drop_recipe_reproduce", REPRODUCE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tiny_cifar(root: Path, per_batch: int = 8, n_test: int = 20) -> Path:
+    """CIFAR-10's python-pickle layout (cifar-10-batches-py) with a few random images."""
+    sub = root / "cifar-10-batches-py"
+    sub.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+
+    def dump(name: str, n: int) -> None:
+        data = rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8)
+        with open(sub / name, "wb") as f:
+            pickle.dump({b"data": data, b"labels": rng.integers(0, 10, n).tolist()}, f)
+
+    for i in range(1, 6):
+        dump(f"data_batch_{i}", per_batch)
+    dump("test_batch", n_test)
+    with open(sub / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, f)
+    return root
+
+
+def _one_epoch(cfg) -> None:
+    from timm_drop.training.loop import Trainer
+
+    Trainer(cfg).fit(max_epochs=1)
+
+
+# rules per method and the number of sites each places on resnet20_cifar (3 stages x 3 basic blocks, 19 convs)
+EXPECTED_SITES = {"dropblock": 18, "corrdrop": 3, "selectscale": 19, "selectout": 19, "attentiondrop": 2}
+
+
+def test_every_preset_method_is_a_valid_config_that_differs_from_the_baseline_only_in_its_method(rep):
+    a = rep.build_parser().parse_args(["--preset", "cpu-lowdata"])
+    runs = rep.plan_runs(rep.PRESETS["cpu-lowdata"], a)
+    assert {r.method for r in runs} == set(rep.PRESETS["cpu-lowdata"].methods)
+    assert len(runs) == 7 * 3 and {r.seed for r in runs} == {0, 1, 2}
+    base = next(r.cfg for r in runs if r.method == "baseline" and r.seed == 0)
+    assert base.data.eval_subset is None and base.data.train_subset == 2000
+    for r in runs:
+        assert r.cfg.train.eval_every == r.cfg.train.epochs  # test split seen once, at the end
+        assert (r.cfg.data, r.cfg.optim, r.cfg.sched, r.cfg.model) == (
+            base.data,
+            base.optim,
+            base.sched,
+            base.model,
+        )
+        if r.method in EXPECTED_SITES:
+            model = timm.create_model(r.cfg.model.name, num_classes=10, pretrained=False)
+            timm_drop.apply_regularizer(model, r.cfg.regularizer)
+            n = sum(isinstance(m, timm_drop.Regularizer) for m in model.modules())
+            assert n == EXPECTED_SITES[r.method], r.method
+        elif r.method == "layerout":
+            assert r.cfg.layerout["seed"] == r.seed and r.cfg.layerout["warmup_epochs"] == 7
+        else:
+            assert r.cfg.regularizer is None and r.cfg.layerout is None
+
+
+def test_paired_interval_and_verdict_say_when_the_spread_is_too_large(rep):
+    mean, lo, hi = rep.paired_ci([1.0, 2.0, 3.0])
+    assert mean == pytest.approx(2.0) and hi - mean == pytest.approx(4.303 / 3**0.5)
+    assert rep.verdict((mean, lo, hi)) == "cannot tell (interval spans 0)"
+    assert rep.verdict(rep.paired_ci([1.0, 1.2, 0.9])) == "better than baseline"
+    assert rep.verdict(rep.paired_ci([-1.0, -1.2, -0.9])) == "worse than baseline"
+    assert rep.verdict(rep.paired_ci([0.5])) == "too few seeds to tell"
+
+
+def test_preset_trains_resumes_an_interrupted_run_skips_finished_ones_and_writes_the_table(rep, tmp_path):
+    data = _tiny_cifar(tmp_path / "cifar")
+    out, table = tmp_path / "runs", tmp_path / "table.md"
+    argv = ["--preset", "cpu-lowdata", "--data-root", str(data), "--out", str(out), "--table", str(table)]
+    argv += ["--epochs", "2", "--train-subset", "16", "--eval-subset", "12", "--seeds", "0"]
+    argv += ["--only", "baseline", "layerout", "--extra", "data.batch_size=8", "data.eval_batch_size=16"]
+    argv += ["--timing-rounds", "1", "--timing-iters", "1", "--timing-epochs", "1", "--timing-batch", "4"]
+    a = rep.build_parser().parse_args(argv)
+    runs = {r.method: r for r in rep.plan_runs(rep.PRESETS["cpu-lowdata"], a)}
+    # an interrupted baseline: 1 of its 2 epochs done and checkpointed by a process that is gone now
+    child = multiprocessing.get_context("fork").Process(target=_one_epoch, args=(runs["baseline"].cfg,))
+    child.start()
+    child.join()
+    assert child.exitcode == 0
+    first_epoch = (runs["baseline"].out_dir / "metrics.jsonl").read_text().splitlines()[0]
+    assert rep.run_state(runs["baseline"]) == "resume" and rep.run_state(runs["layerout"]) == "new"
+
+    assert rep.main(argv) == 0
+    attempts = [json.loads(x) for x in (out / "attempts.jsonl").read_text().splitlines()]
+    assert {(r["run"], r["mode"], r["rc"]) for r in attempts} == {
+        ("baseline/seed0", "resume", 0),
+        ("layerout/seed0", "new", 0),
+    }
+    rows = (runs["baseline"].out_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 2 and rows[0] == first_epoch  # continued, not restarted
+    assert json.loads(rows[-1])["eval_images"] == 12
+    assert all(rep.run_state(r) == "done" for r in runs.values())
+    text = table.read_text()
+    assert "**Complete**: all 2 runs finished" in text
+    assert "| baseline | 1/1 |" in text and "| layerout | 1/1 |" in text
+    assert "too few seeds to tell" in text  # one seed: no interval, and the table says so
+    assert "LayerOut:" in text and "backward time" in text
+    assert "/work/" not in text and "runs: `python recipes/reproduce.py --preset cpu-lowdata" in text
+
+    # rerunning skips finished runs; --report-only only rewrites the table
+    assert rep.main(argv) == 0
+    assert len((out / "attempts.jsonl").read_text().splitlines()) == 2
+    table.unlink()
+    assert rep.main(argv + ["--report-only"]) == 0
+    assert "| layerout | 1/1 |" in table.read_text()

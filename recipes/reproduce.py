@@ -53,9 +53,8 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 HERE = Path(__file__).resolve().parent
 
@@ -238,8 +237,7 @@ T95 = (
 )
 
 
-@dataclass(frozen=True)
-class Preset:
+class Preset(NamedTuple):
     config_dir: Path
     methods: tuple[str, ...]
     seeds: tuple[int, ...]
@@ -268,15 +266,14 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-@dataclass
-class Run:
+class Run(NamedTuple):
     method: str
     seed: int
     config: Path
     out_dir: Path
     overrides: list[str]
     epochs: int
-    cfg: Any = field(repr=False, default=None)
+    cfg: Any = None  # the resolved TrainConfig
 
     @property
     def key(self) -> str:
@@ -532,6 +529,8 @@ def write_report(preset: Preset, runs: list[Run], a: argparse.Namespace, out: Pa
     first = runs[0].cfg
     command_file = out / "command.txt"
     run_cmd = command_file.read_text().strip() if command_file.is_file() else "(not recorded)"
+    # the runs' parallelism is that of the command that ran them, not of this (maybe --report-only) call
+    ran = build_parser().parse_args(shlex.split(run_cmd)[2:]) if command_file.is_file() else a
     now = datetime.datetime.now(datetime.timezone.utc)
     status = (
         f"**Complete**: all {len(runs)} runs finished."
@@ -555,7 +554,7 @@ def write_report(preset: Preset, runs: list[Run], a: argparse.Namespace, out: Pa
         f"- methods: `{preset.config_dir.relative_to(HERE.parent)}/<method>.yaml` (placement and hyper-parameters "
         "from each paper, scaled to 32x32 maps where needed; the file headers give the sources). No value was tuned "
         "on the test split.",
-        f"- device: {_device()}, {a.threads} torch thread(s) per run, {a.jobs} run(s) at a time; torch "
+        f"- device: {_device()}, {ran.threads} torch thread(s) per run, {ran.jobs} run(s) at a time; torch "
         f"{torch.__version__}, timm {timm.__version__}, timm_drop {timm_drop.__version__}, python "
         f"{platform.python_version()}",
         f"- date: {now:%Y-%m-%d %H:%M} UTC (table written); runs: `{run_cmd}`",
@@ -614,14 +613,22 @@ def write_report(preset: Preset, runs: list[Run], a: argparse.Namespace, out: Pa
     lines += [
         "How to read it: *train top-1* is the running accuracy of the last epoch with augmentation and the "
         "regularizer active. *Δ* is the mean over seeds of (method − baseline) on the same seed with a two-sided 95% "
-        "Student-t interval (n − 1 degrees of freedom); with 3 seeds the interval is wide (t = 4.30), and "
-        f"{max(0, len(methods) - 1)} methods are compared to one baseline without correction for multiple "
-        "comparisons. *Cannot tell* means the seed-to-seed spread is too large to tell an effect from noise at this "
-        "number of seeds; it is not evidence of no effect. Train/CPU minutes were measured on a CPU shared with "
-        "other jobs: they compare runs only roughly.",
+        f"Student-t interval (n − 1 degrees of freedom; with {len(seeds)} seeds t = {t95(max(1, len(seeds) - 1)):.2f}, "
+        f"so the interval is wide), and {max(0, len(methods) - 1)} methods are compared to one baseline without "
+        "correction for multiple comparisons. *Cannot tell* means the seed-to-seed spread is too large to tell an "
+        "effect from noise at this number of seeds; it is not evidence of no effect. Train/CPU minutes were "
+        "measured on a CPU shared with other jobs: they compare runs only roughly.",
         "",
-        "Not the papers' setting: 2,000 images instead of 50,000, 60 epochs instead of 160-300, one small network. "
-        "It tests one claim only, that each method regularizes where a plain model memorises its training set.",
+        f"Not the papers' setting: {first.data.train_subset or 'all'} training images instead of 50,000, "
+        f"{first.train.epochs} epochs instead of 160-300, one small network, no hyper-parameter search. It tests one "
+        "claim only: whether each method, placed and set as its paper says, regularizes where a plain model "
+        "memorises its training set.",
+        "",
+        "Reproduce: CIFAR-10 in torchvision's python-pickle layout under `--data-root` (`DIR/cifar-10-batches-py`; "
+        "add `--download` to fetch it, or export a local copy, e.g. `python ../shared/data/export_cifar10.py "
+        "--format pickle --out data/cifar10`), then run the command above; rerunning it skips finished runs and "
+        "resumes interrupted ones (`train.py --resume latest`); `--report-only` rewrites this table. Per-run "
+        "outputs and logs stay in the runs folder (`--out`).",
         "",
     ]
     if summary:
@@ -647,7 +654,7 @@ def preset_main(a: argparse.Namespace) -> int:
         report()
         return 0
     (out / "command.txt").write_text(
-        "python recipes/reproduce.py " + " ".join(shlex.quote(x) for x in sys.argv[1:]) + "\n"
+        "python recipes/reproduce.py " + " ".join(shlex.quote(x) for x in a.argv) + "\n"
     )
     import threading
 
@@ -718,7 +725,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     a = build_parser().parse_args(argv)
+    a.argv = argv
     if a.preset:
         return preset_main(a)
     if a.data_root is None:

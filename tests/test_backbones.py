@@ -258,7 +258,7 @@ def test_coat_stage_is_the_last_block_of_its_iterated_container(features_only):
 
 
 def test_coat_backbone_regularizes_its_stages():
-    check_backbone("coat_lite_tiny", TOKENS_34, size=(224, 224), clean=2)  # fixed input size
+    check_backbone("coat_lite_tiny", TOKENS_34, size=(64, 64), clean=2, img_size=64)
 
 
 @pytest.mark.parametrize("features_only", [False, True], ids=["classifier", "features_only"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from timm_drop.cli import main
-from timm_drop.coverage import check_model
+from timm_drop.tools.coverage import check_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,7 +28,7 @@ def test_model_without_a_features_only_form_is_skipped_with_timms_reason():
 
 
 def test_cli_features_only_report(tmp_path, monkeypatch):
-    import timm_drop.coverage as coverage
+    import timm_drop.tools.coverage as coverage
 
     def in_process(names, **kwargs):  # the worker subprocess costs more than the check; run it here
         assert kwargs.pop("features_only") is True

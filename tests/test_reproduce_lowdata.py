@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import multiprocessing
 import pickle
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +21,8 @@ REPRODUCE = Path(__file__).resolve().parents[1] / "recipes" / "reproduce.py"
 def rep():
     spec = importlib.util.spec_from_file_location("timm_drop_recipe_reproduce", REPRODUCE)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses resolve their annotations through sys.modules
     spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    return module
 
 
 def _tiny_cifar(root: Path, per_batch: int = 8, n_test: int = 20) -> Path:
@@ -44,6 +42,12 @@ def _tiny_cifar(root: Path, per_batch: int = 8, n_test: int = 20) -> Path:
     with open(sub / "batches.meta", "wb") as f:
         pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, f)
     return root
+
+
+def _one_epoch(cfg) -> None:
+    from timm_drop.training.loop import Trainer
+
+    Trainer(cfg).fit(max_epochs=1)
 
 
 # rules per method and the number of sites each places on resnet20_cifar (3 stages x 3 basic blocks, 19 convs)
@@ -86,8 +90,6 @@ def test_paired_interval_and_verdict_say_when_the_spread_is_too_large(rep):
 
 
 def test_preset_trains_resumes_an_interrupted_run_skips_finished_ones_and_writes_the_table(rep, tmp_path):
-    from timm_drop.training.loop import Trainer
-
     data = _tiny_cifar(tmp_path / "cifar")
     out, table = tmp_path / "runs", tmp_path / "table.md"
     argv = ["--preset", "cpu-lowdata", "--data-root", str(data), "--out", str(out), "--table", str(table)]
@@ -96,8 +98,11 @@ def test_preset_trains_resumes_an_interrupted_run_skips_finished_ones_and_writes
     argv += ["--timing-rounds", "1", "--timing-iters", "1", "--timing-epochs", "1", "--timing-batch", "4"]
     a = rep.build_parser().parse_args(argv)
     runs = {r.method: r for r in rep.plan_runs(rep.PRESETS["cpu-lowdata"], a)}
-    # an interrupted baseline: 1 of its 2 epochs done and checkpointed
-    Trainer(runs["baseline"].cfg).fit(max_epochs=1)
+    # an interrupted baseline: 1 of its 2 epochs done and checkpointed by a process that is gone now
+    child = multiprocessing.get_context("fork").Process(target=_one_epoch, args=(runs["baseline"].cfg,))
+    child.start()
+    child.join()
+    assert child.exitcode == 0
     first_epoch = (runs["baseline"].out_dir / "metrics.jsonl").read_text().splitlines()[0]
     assert rep.run_state(runs["baseline"]) == "resume" and rep.run_state(runs["layerout"]) == "new"
 

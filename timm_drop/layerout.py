@@ -19,8 +19,7 @@ Usage (Accelerate)::
         lo.end_epoch()
         log(lo.history[-1])                   # epoch, n_frozen, frozen_fraction
 
-Choices where the paper is silent or where the official code differs from it
-(see shared/research/seed-methods.md section 5):
+Choices where the paper is silent or where the official code differs from it:
 
 * ``v`` is the probability of *freezing* (the paper's text and Eq. 1); the official code uses it as a survival
   probability. For the U(0, 1) default both readings give the same distribution. ``"random"`` draws ``v`` once
@@ -97,9 +96,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from timm_drop.regularizers.registry import nearest_names
 from timm_drop.sites import find_blocks
 from timm_drop.structure import feature_info, is_norm, match_pattern, unwrap
+from timm_drop.suggest import nearest
 
 __all__ = [
     "FREEZE_PRESETS",
@@ -439,7 +438,7 @@ class LayerOut:
         for pat in patterns:
             hits = [n for n in all_names if match_pattern(pat, n)]
             if not hits:
-                near = nearest_names(pat, all_names)
+                near = nearest(pat, all_names)
                 hint = f"; nearest: {near}" if near else ""
                 raise ValueError(f"LayerOut unit {pat!r} matches no module of {type(model).__name__}{hint}")
             out += [h for h in hits if h not in out]

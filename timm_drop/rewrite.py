@@ -30,7 +30,6 @@ wrapped, ``torch.compile``d and meta-device models are refused: apply first, the
 
 from __future__ import annotations
 
-import difflib
 import itertools
 from dataclasses import dataclass
 from typing import Any
@@ -52,8 +51,9 @@ from timm_drop.insertions import (
 from timm_drop.regularizers.base import Regularizer
 from timm_drop.regularizers.registry import create_regularizer
 from timm_drop.sites import SKIP_KINDS, Analysis, RewriteTarget, Site, analyze_model, rewrite_target
-from timm_drop.spec import STRENGTH_PARAMS, Rule, Spec, load_spec
+from timm_drop.spec import REGEX_PREFIX, STRENGTH_PARAMS, Rule, Spec, load_spec
 from timm_drop.structure import feature_info, feature_module, wrapper_kind
+from timm_drop.suggest import nearest
 
 __all__ = ["Plan", "PlanEntry", "RewriteError", "apply_regularizer", "plan", "strip_regularizers"]
 
@@ -215,7 +215,7 @@ def _no_match_error(
         candidates = [n for n in named if n]
         near: list[str] = []
         for pattern in rule.name:
-            near += difflib.get_close_matches(pattern.removeprefix("re:"), candidates, n=3, cutoff=0.5)
+            near += nearest(pattern.removeprefix(REGEX_PREFIX), candidates)
         if near:
             parts.append(f"nearest module names: {', '.join(dict.fromkeys(near))}")
     kinds_found = sorted({s.kind for s in analysis.sites})

@@ -485,6 +485,12 @@ def _input_channels(model: nn.Module, cfg: dict[str, Any]) -> list[int]:
     return list(dict.fromkeys(chans or [3]))
 
 
+def _size2(value: Any) -> bool:
+    return isinstance(value, int) or (
+        isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(i, int) for i in value)
+    )
+
+
 def _default_inputs(model: nn.Module, example_input: Any) -> list[Any]:
     if example_input is not None:
         return [example_input]
@@ -499,11 +505,9 @@ def _default_inputs(model: nn.Module, example_input: Any) -> list[Any]:
     r = max(r, 8)
     if not cfg.get("fixed_input_size", False):
         sizes.append((2 * r, 3 * r))
-    img = None
-    for m in (model, *model.children()):  # a features_only wrapper holds the model as a child
-        img = getattr(getattr(m, "patch_embed", None), "img_size", None) or getattr(m, "img_size", None)
-        if img is not None:
-            break
+    # the configured size of a fixed-size model: the first module that records one (the root, its patch embed,
+    # CoaT's patch_embed1; a features_only wrapper holds the model as a child)
+    img = next((m.img_size for m in model.modules() if _size2(getattr(m, "img_size", None))), None)
     if isinstance(img, int):
         img = (img, img)
     if isinstance(img, (tuple, list)) and len(img) == 2 and all(isinstance(i, int) for i in img):

@@ -94,7 +94,7 @@ def run(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     backbone.eval(), neck.eval()
     xt, yt = _tensors(False, image_size)
     with torch.no_grad():

@@ -5,7 +5,7 @@ download) for a few epochs with the precision / memory format / compile settings
 directory, and reports wall time, final loss and accuracy, next to the device, versions and date.
 
     python benchmarks/train_smoke.py --device cuda --epochs 2 --precision bf16 --channels-last --compile
-    python benchmarks/train_smoke.py --device cpu --epochs 2 --train-subset 128   # the CPU twin
+    python benchmarks/train_smoke.py --device cpu --epochs 2 --train-subset 32 --batch-size 16   # CPU twin
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--train-subset", type=int, default=None, help="first N training images (default: all)")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: the config's")
     ap.add_argument(
         "--out", type=Path, default=None, help="default: benchmarks/results/train_smoke_<device>.md"
     )
@@ -50,6 +51,8 @@ def main(argv: list[str] | None = None) -> Path:
         f"train.cpu={str(args.device == 'cpu').lower()}",
         "log.plot=false",
     ]
+    if args.batch_size:
+        overrides.append(f"data.batch_size={args.batch_size}")
     if args.train_subset:
         overrides += [f"data.train_subset={args.train_subset}", f"data.eval_subset={args.train_subset}"]
     with tempfile.TemporaryDirectory() as tmp:

@@ -616,7 +616,9 @@ def write_report(preset: Preset, runs: list[Run], a: argparse.Namespace, out: Pa
         f"Student-t interval (n − 1 degrees of freedom; with {len(seeds)} seeds t = {t95(max(1, len(seeds) - 1)):.2f}, "
         f"so the interval is wide), and {max(0, len(methods) - 1)} methods are compared to one baseline without "
         "correction for multiple comparisons. *Cannot tell* means the seed-to-seed spread is too large to tell an "
-        "effect from noise at this number of seeds; it is not evidence of no effect. Train/CPU minutes were "
+        "effect from noise at this number of seeds; it is not evidence of no effect. *Train min* sums the epochs' "
+        "training wall time (resumes included, evaluation excluded); *CPU min* is the CPU time of the train.py "
+        "processes the driver saw exit (an attempt killed together with the driver is not counted). Both were "
         "measured on a CPU shared with other jobs: they compare runs only roughly.",
         "",
         f"Not the papers' setting: {first.data.train_subset or 'all'} training images instead of 50,000, "
@@ -640,7 +642,13 @@ def write_report(preset: Preset, runs: list[Run], a: argparse.Namespace, out: Pa
 def preset_main(a: argparse.Namespace) -> int:
     preset = PRESETS[a.preset]
     out = Path(a.out or preset.out)
-    runs = plan_runs(preset, a)
+    from timm_drop.training import ConfigError
+
+    try:
+        runs = plan_runs(preset, a)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     table = Path(a.table or preset.table)
     out.mkdir(parents=True, exist_ok=True)
 

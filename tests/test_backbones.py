@@ -267,3 +267,16 @@ def test_hrnet_multi_branch_stages_are_refused_by_name(features_only):
     with pytest.raises(timm_drop.RewriteError, match=r"not a single tensor.*stage3 \(stage 2\)"):
         timm_drop.apply_regularizer(model, DROPBLOCK_34)
     assert not any(isinstance(m, timm_drop.Regularizer) for m in model.modules())
+
+
+GEMMA4_TINY = {"depth": 4, "embed_dim": 64, "num_heads": 2, "intermediate_size": 128}
+
+
+def test_gemma4_vit_stages_in_classifier_and_backbone():
+    # gemma4_vit_570m's architecture at a tiny size: feature_info names blocks.N, the blocks sit in encoder
+    clf = timm_drop.plan(create("gemma4_vit_570m", **GEMMA4_TINY), TOKENS_34).entries
+    assert [(e.module, e.stage) for e in clf] == [("encoder.blocks.2", 3), ("encoder.blocks.3", 4)]
+    backbone = create("gemma4_vit_570m", features_only=True, **GEMMA4_TINY)
+    entries = timm_drop.plan(backbone, TOKENS_34).entries
+    assert [(e.module, e.stage) for e in entries] == [("model.encoder.blocks.2", 3), ("model.encoder.blocks.3", 4)]
+    check_backbone("gemma4_vit_570m", TOKENS_34, size=(64, 64), clean=1, **GEMMA4_TINY)

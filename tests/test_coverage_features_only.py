@@ -41,3 +41,22 @@ def test_cli_features_only_report(tmp_path, monkeypatch):
     assert rc == 0
     text = out.read_text()
     assert "features_only models (backbones)" in text and "pass rate: 1/1 = 100.0 %" in text
+
+
+def test_cli_resume_checks_only_the_models_a_cut_short_run_lacks(tmp_path, monkeypatch):
+    import timm_drop.tools.coverage as coverage
+
+    asked: list[str] = []
+
+    def in_process(names, **kwargs):
+        for name in names:
+            asked.append(name)
+            yield check_model(name, model_kwargs={"features_only": True}, max_params=kwargs["max_params"])
+
+    monkeypatch.setattr(coverage, "run_coverage", in_process)
+    jsonl, out = tmp_path / "run.jsonl", tmp_path / "report.md"
+    common = ["coverage", "--features-only", "--jsonl", str(jsonl), "--out", str(out)]
+    assert main([*common, "--filter", "test_resnet"]) == 0  # the "cut short" run: one of the two models
+    assert main([*common, "--filter", "test_[rv]*t", "--resume"]) == 0
+    assert asked == ["test_resnet", "test_vit"]
+    assert len(jsonl.read_text().splitlines()) == 2 and "pass rate: 2/2" in out.read_text()

@@ -129,3 +129,10 @@ def test_preset_trains_resumes_an_interrupted_run_skips_finished_ones_and_writes
     table.unlink()
     assert rep.main(argv + ["--report-only"]) == 0
     assert "| layerout | 1/1 |" in table.read_text()
+
+
+def test_a_bad_override_is_refused_before_any_run_naming_the_key(rep, tmp_path, capsys):
+    argv = ["--preset", "cpu-lowdata", "--out", str(tmp_path / "runs"), "--table", str(tmp_path / "t.md")]
+    assert rep.main(argv + ["--extra", "train.epoch=3"]) == 2
+    assert "train.epoch: unknown key; did you mean train.epochs?" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "t.md").exists()

@@ -175,16 +175,22 @@ def cmd_coverage(args: argparse.Namespace) -> int:
     names = select_models(filter=args.filter, limit=args.limit, sample=args.sample, seed=args.seed)
     if not names:
         raise UsageError(f"no timm model matches --filter {args.filter!r}")
-    total = len(names)
-    t0 = time.perf_counter()
     results = []
+    if args.resume:  # continue a cut-short --jsonl run: keep its results, check only the models it lacks
+        if not args.jsonl or not os.path.exists(args.jsonl):
+            raise UsageError("--resume needs the --jsonl file of the earlier run")
+        results = _read_jsonl(args.jsonl)
+        done = {r.name for r in results}
+        names = [n for n in names if n not in done]
+    total = len(names) + len(results)
+    t0 = time.perf_counter()
 
     def progress(res) -> None:
         results_done = len(results) + 1
         status = "ok" if res.ok else ("skip" if res.skipped else f"FAIL[{res.stage}] {res.reason[:120]}")
         print(f"[{results_done}/{total}] {res.name} ({res.seconds:.1f}s): {status}", flush=True)
 
-    jsonl = open(args.jsonl, "w") if args.jsonl else None  # noqa: SIM115  (closed below)
+    jsonl = open(args.jsonl, "a" if args.resume else "w") if args.jsonl else None  # noqa: SIM115  (closed below)
     try:
         for res in run_coverage(
             names,
@@ -223,17 +229,24 @@ def cmd_viz(args: argparse.Namespace) -> int:
     return run(args)
 
 
-def _coverage_from_jsonl(args: argparse.Namespace) -> int:
-    """Re-render a report from the JSON lines of an earlier (possibly cut-short) ``--jsonl`` run."""
-    from timm_drop.tools.coverage import CoverageResult, render_report
+def _read_jsonl(path: str) -> list[Any]:
+    from timm_drop.tools.coverage import CoverageResult
 
     try:
-        with open(args.from_jsonl) as f:
+        with open(path) as f:
             results = [CoverageResult(**json.loads(line)) for line in f if line.strip()]
     except (OSError, ValueError, TypeError) as exc:
-        raise UsageError(f"--from-jsonl {args.from_jsonl!r}: {exc}") from None
+        raise UsageError(f"{path!r}: {exc}") from None
     for r in results:
         r.input_size = tuple(r.input_size) if r.input_size is not None else None
+    return results
+
+
+def _coverage_from_jsonl(args: argparse.Namespace) -> int:
+    """Re-render a report from the JSON lines of an earlier (possibly cut-short) ``--jsonl`` run."""
+    from timm_drop.tools.coverage import render_report
+
+    results = _read_jsonl(args.from_jsonl)
     report = render_report(
         results, command=args.command_note or "", features_only=args.features_only, partial=args.partial
     )
@@ -303,6 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jsonl", default=None, metavar="PATH", help="also write each result as a JSON line here")
     p.add_argument(
         "--from-jsonl", default=None, metavar="PATH", help="only render a report from a --jsonl file"
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run recorded in --jsonl: keep its results, check only the models it lacks",
     )
     p.add_argument("--command-note", default=None, help="with --from-jsonl: how the results were produced")
     p.add_argument(

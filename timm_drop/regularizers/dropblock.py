@@ -62,6 +62,7 @@ import torch.nn.functional as F
 
 from timm_drop.regularizers.base import (
     Regularizer,
+    _is_compiling,
     check_positive_int,
     check_probability,
     check_strength,
@@ -77,8 +78,6 @@ _NEWTON_STEPS = 2
 #: Per-shape tables built once per (H, W, kh, kw, device) in eager mode; bounded so odd shapes cannot leak.
 _TABLES: dict[tuple, tuple[torch.Tensor, ...]] = {}
 _TABLES_MAX = 256
-# torch.compiler.is_compiling is torch >= 2.3; the project supports torch >= 2.1.
-_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or torch._dynamo.is_compiling
 
 
 def _axis_tables(length: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

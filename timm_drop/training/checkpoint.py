@@ -61,6 +61,26 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -
     os.replace(tmp, path)
 
 
+def save_weights_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Atomically write ``state_dict`` as ``.safetensors`` (no pickle; timm's ``pretrained_cfg_overlay=dict(file=)``
+    and ``safetensors.torch.load_file`` read it). Tied tensors are stored once per key, so every key loads
+    strictly."""
+    from safetensors.torch import save_file
+
+    seen: set[tuple[int, int]] = set()
+    tensors = {}
+    for k, v in state_dict.items():
+        v = v.detach().cpu().contiguous()
+        ident = (v.untyped_storage().data_ptr(), v.storage_offset())
+        # safetensors refuses tensors sharing memory; a copy keeps every key loadable with strict=True
+        owns_storage = v.untyped_storage().nbytes() == v.numel() * v.element_size()
+        tensors[k] = v if owns_storage and ident not in seen else v.clone()
+        seen.add(ident)
+    tmp = Path(str(path) + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+
+
 def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read weights written by :func:`save_weights` (``weights_only=True``: a weights file cannot run code)."""
     return torch.load(path, map_location="cpu", weights_only=True)
@@ -279,6 +299,8 @@ RUN_ENTRIES = frozenset(
         "curves.png",
         "best_model.pth",
         "last_model.pth",
+        "best_model.safetensors",
+        "last_model.safetensors",
         "result.json",
     )
     for n in _atomic_suffixes(base)

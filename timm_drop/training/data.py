@@ -393,7 +393,9 @@ class _IndexSampler(torch.utils.data.Sampler):
         idx = shard_indices(o.n, gen, o.rank, o.world, pad=not o.train)
         if o.train:
             idx = idx[: len(o) * o.batch_size]
-        return iter(idx.tolist())
+        # each index carries its epoch's key: persistent workers reseed from it (see _PaddedDataset)
+        key = o.worker_key()
+        return iter([(i, key) for i in idx.tolist()])
 
     def __len__(self) -> int:
         return len(self.owner) * self.owner.batch_size
@@ -406,7 +408,20 @@ class _PaddedDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, item: tuple[int, int]):
+        i, key = item
+        info = torch.utils.data.get_worker_info()
+        if info is not None and getattr(self, "_key", None) != key:
+            # A persistent worker outlives the epoch, so its RNG would carry over and a run resumed at this epoch
+            # (fresh workers) would augment differently; reseed at the epoch's first sample: (seed, epoch, rank,
+            # worker) alone fixes the stream. The main process (num_workers=0) keeps its RNG untouched.
+            import random
+
+            self._key = key
+            s = (key * 1_000_003 + info.id) % 2**63
+            torch.manual_seed(s)
+            random.seed(s)
+            np.random.seed(s % 2**32)
         img, label = self.ds[i % self.n]
         return img, label, i < self.n
 
@@ -490,12 +505,17 @@ class FolderLoader(_ShardedLoader):
             pin_memory=device.type == "cuda",
             drop_last=False,
             generator=self._gen,
-            persistent_workers=False,
+            # workers (and their decoders, file handles) live for the whole run instead of respawning every epoch
+            persistent_workers=cfg.num_workers > 0,
         )
+
+    def worker_key(self) -> int:
+        """The seed of this epoch's worker augmentation stream, a pure function of ``(seed, epoch, rank)``."""
+        return seeded_generator("cpu", self.seed, self.epoch, self.rank, 2).initial_seed()
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         # Worker seeds derive from this generator: (seed, epoch, rank) fixes the augmentation stream.
-        self._gen.manual_seed(seeded_generator("cpu", self.seed, self.epoch, self.rank, 2).initial_seed())
+        self._gen.manual_seed(self.worker_key())
         aug_gen = seeded_generator(self.device, self.seed, self.epoch, self.rank, 3) if self.train else None
         a = self.cfg.augment
         for x, y, valid in self.loader:

@@ -37,6 +37,7 @@ from timm_drop.training.checkpoint import (
     RunDir,
     check_output_dir,
     save_weights,
+    save_weights_safetensors,
 )
 from timm_drop.training.config import ConfigError, TrainConfig, config_to_dict, save_config
 from timm_drop.training.metrics import MetricsLog, plot_curves
@@ -659,11 +660,15 @@ class Trainer:
                 acc.log(_flat_scalars(row), step=row["epoch"])
             if self.is_main:
                 sd = self.unwrapped.state_dict()
-                self.run_dir.claim("last_model.pth", "last_model.pth.tmp")
+                for name in ("last_model.pth", "last_model.safetensors"):
+                    self.run_dir.claim(name, name + ".tmp")
                 save_weights(sd, self.out / "last_model.pth")
+                save_weights_safetensors(sd, self.out / "last_model.safetensors")
                 if improved and cfg.checkpoint.save_best:
-                    self.run_dir.claim("best_model.pth", "best_model.pth.tmp")
+                    for name in ("best_model.pth", "best_model.safetensors"):
+                        self.run_dir.claim(name, name + ".tmp")
                     save_weights(sd, self.out / "best_model.pth")
+                    save_weights_safetensors(sd, self.out / "best_model.safetensors")
             if (epoch + 1) % cfg.checkpoint.every == 0 or epoch + 1 == cfg.train.epochs:
                 if self.is_main:
                     self.run_dir.claim("checkpoints")

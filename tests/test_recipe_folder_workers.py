@@ -1,0 +1,60 @@
+"""Image-folder loaders keep their worker processes across epochs (``persistent_workers``), and the augmentation
+stream stays a pure function of ``(seed, epoch, rank)``: a loader started at epoch 1 (a resumed run) yields what
+the long-lived one yields at epoch 1."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+import timm_drop  # noqa: F401
+from timm_drop.training import Trainer, load_config
+
+
+def _folder(root, n=4, size=12):
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(d / f"{i}.png")
+
+
+def _trainer(tmp_path, name):
+    raw = {
+        "output_dir": str(tmp_path / name),
+        "model": {"name": "resnet20_cifar"},
+        "data": {
+            "dataset": "imagefolder",
+            "root": str(tmp_path / "imgs"),
+            "image_size": 8,
+            "batch_size": 2,
+            "num_workers": 2,
+            "augment": {"random_resized_crop": True, "hflip": True, "crop_padding": 0},
+        },
+        "train": {"epochs": 2},
+        "log": {"progress_bar": False, "plot": False},
+    }
+    return Trainer(load_config(raw)).setup()
+
+
+def _epoch(loader, epoch):
+    loader.set_epoch(epoch)
+    batches = list(loader)
+    pids = sorted(w.pid for w in loader.loader._iterator._workers)
+    return torch.cat([x for x, _ in batches]), pids
+
+
+def test_workers_survive_epochs_and_the_stream_depends_only_on_the_epoch(tmp_path):
+    _folder(tmp_path / "imgs")
+    long = _trainer(tmp_path, "long")
+    assert long.train_loader.loader.persistent_workers and long.eval_loader.loader.persistent_workers
+    x0, pids0 = _epoch(long.train_loader, 0)
+    x1, pids1 = _epoch(long.train_loader, 1)
+    assert pids0 == pids1 and len(pids0) == 2
+    assert not torch.equal(x0, x1)
+    fresh = _trainer(tmp_path, "fresh")
+    y1, _ = _epoch(fresh.train_loader, 1)
+    assert torch.equal(x1, y1)

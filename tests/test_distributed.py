@@ -1,7 +1,7 @@
 """The recipe in 2 real processes on CPU (gloo), started with torchrun.
 
 ``accelerate launch --cpu --num_processes 2`` starts ONE process, and ``accelerate launch --multi_gpu`` on a box
-without GPUs starts two processes that each believe they are alone (shared/research/anchors-recipes.md §2.4), so
+without GPUs starts two processes that each believe they are alone, so
 this test launches ``torchrun --nproc_per_node 2`` with ``train.cpu=true`` (Accelerate then runs MULTI_CPU over
 gloo) and asserts the world size inside the workers. The workers check:
 

@@ -41,7 +41,7 @@ TRACERS = {
 def _resnet() -> torch.nn.Module:
     torch.manual_seed(0)
     # zero_init_last=False: timm zero-initialises each residual branch's last BN, which would hide any
-    # regularizer inside the branch (DESIGN §6)
+    # regularizer inside the branch
     return timm.create_model("resnet18", pretrained=False, zero_init_last=False)
 
 

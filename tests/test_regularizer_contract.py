@@ -1,4 +1,4 @@
-"""The behaviour every registered activation regularizer shares (DESIGN §3), checked for each one.
+"""The behaviour every registered activation regularizer shares, checked for each one.
 
 Every activation regularizer in the registry must have an entry in ``CASES`` (representative parameters, the
 parameters that make it a no-op, and, where ``drop_prob`` is the fraction of units zeroed, that fraction);

@@ -381,7 +381,7 @@ def test_depth_scaling_and_stage_params_resolve_per_site(resnet18):
 
 
 def test_schedule_is_attached_at_full_strength_until_the_first_set_progress():
-    # DESIGN §2: until the first set_progress call a regularizer runs at full strength (a scheduled one warns)
+    # the documented contract: until the first set_progress call a regularizer runs at full strength (a scheduled one warns)
     model = timm.create_model("resnet18", pretrained=False)
     schedule = {"kind": "linear", "start": 0.0, "end": 0.5}
     apply_regularizer(model, {"rules": [_rule("dropout", DROP, ["stage"], schedule=schedule)]})

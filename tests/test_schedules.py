@@ -131,7 +131,7 @@ def test_set_progress_moves_every_regularizer_along_its_own_schedule():
     assert none.strength.item() == 1.0
     assert corr.strength.item() == pytest.approx(0.25)
     assert timm_drop.set_progress is set_progress
-    set_progress(model, 1.0, epoch=9)
+    set_progress(model, 1.0)
     assert [m.strength.item() for m in (lin, none, corr)] == [1.0, 1.0, 1.0]
     assert cur.strength.item() == pytest.approx(1 - math.exp(-4.0))
 

@@ -735,3 +735,16 @@ def test_a_spec_with_more_rules_than_the_limit_is_refused_in_one_problem(form):
     assert len(err.problems) == 1
     assert f"field 'rules': has {MAX_RULES + 1:,} rules, more than the limit of {MAX_RULES:,}" in str(err)
     assert len(load_spec({"rules": [rule] * 3})) == 3
+
+
+@pytest.mark.parametrize(
+    "regularizer, params, field",
+    [
+        ("attentiondrop", {"drop_prob": 0.1, "top_rate": 0.2, "mode": "soft"}, "params.mode"),
+        ("dropblock", {"drop_prob": 0.1, "block_size": 3, "per_channel": "yes"}, "params.per_channel"),
+        ("selectout", {"drop_prob": 0.1, "top_rate": 0}, "params.top_rate"),
+    ],
+)
+def test_built_in_parameter_errors_land_on_their_field(regularizer, params, field):
+    err = _error({"rules": [{"regularizer": regularizer, "params": params, "sites": "block"}]})
+    assert [p.field for p in err.problems] == [field], str(err)

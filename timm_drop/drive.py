@@ -77,7 +77,7 @@ class Driver:
         self._sync()
 
     def _sync(self) -> None:
-        set_progress(self.model, self.progress, epoch=self.epoch)
+        set_progress(self.model, self.progress)
         lo = self.layerout
         if lo is not None and lo.epoch != self.epoch:
             lo.start_epoch(self.epoch)

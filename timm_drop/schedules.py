@@ -134,7 +134,7 @@ def make_schedule(spec: Schedule | str | dict[str, Any] | None) -> Schedule | No
     raise TypeError(f"schedule must be a kind name, a mapping or None, got {type(spec).__name__}")
 
 
-def set_progress(model: nn.Module, progress: float, epoch: int | None = None) -> int:
+def set_progress(model: nn.Module, progress: float) -> int:
     """Move every regularizer in ``model`` to training ``progress`` in [0, 1]; returns how many were set.
 
     Call once per optimizer step (not per micro-batch, never from eval). Writes 0-dim buffers in place, so a
@@ -147,7 +147,7 @@ def set_progress(model: nn.Module, progress: float, epoch: int | None = None) ->
     count = 0
     for module in model.modules():
         if isinstance(module, Regularizer):
-            module.set_progress(float(progress), epoch)
+            module.set_progress(float(progress))
             module.schedule_progress = float(progress)  # read by timm_drop.summary only
             schedule = module.schedule
             if schedule is not None and schedule.steps is not None:

@@ -55,7 +55,6 @@ lands on a site an earlier rule already took raises (``error``), adds a second r
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 import os
 import re
@@ -68,6 +67,7 @@ import yaml
 
 from timm_drop.problems import ProblemCollector, YamlLocator
 from timm_drop.schedules import Schedule, make_schedule
+from timm_drop.structure import REGEX_PREFIX, match_pattern
 from timm_drop.suggest import did_you_mean
 from timm_drop.yaml_io import YAMLInputError, load_yaml_bounded
 
@@ -125,30 +125,9 @@ MAX_YAML_NODES: int = 50_000
 #: up with a RecursionError; counting brackets first refuses it at once and names the line.
 MAX_YAML_DEPTH: int = 100
 MAX_RULES: int = 1_000
-REGEX_PREFIX = "re:"
 _YAML_SUFFIXES = (".yaml", ".yml")
 _BRACKET = re.compile(r"[\[\]{}]")
 _QUALIFIED_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Pattern semantics shared by the spec, the rewriter and the CLI
-# ---------------------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=1024)
-def _compiled(pattern: str) -> re.Pattern[str]:
-    if pattern.startswith(REGEX_PREFIX):
-        return re.compile(pattern[len(REGEX_PREFIX) :])
-    # fnmatch.translate anchors at both ends, so a glob is a full match: `layer1` never hits `layer10`.
-    return re.compile(fnmatch.translate(pattern))
-
-
-def match_pattern(pattern: str, qualname: str) -> bool:
-    """Whether a module's qualified name matches ``pattern`` as a whole.
-
-    ``"re:<regex>"`` is ``re.fullmatch``; anything else is a case-sensitive glob (``fnmatch``: ``*`` also
-    crosses dots, so ``layer1.*`` matches ``layer1.0.conv1``). Neither is a prefix or substring match.
-    """
-    return _compiled(pattern).fullmatch(qualname) is not None
 
 
 def _fmt_list(items: Iterable[Any]) -> str:

@@ -17,14 +17,14 @@ Site discovery (:mod:`timm_drop.sites`), the rewriter (:mod:`timm_drop.rewrite`)
 
 from __future__ import annotations
 
+import fnmatch
+import functools
 import inspect
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from torch import nn
-
-from timm_drop.spec import match_pattern
 
 __all__ = [
     "composite",
@@ -41,6 +41,27 @@ __all__ = [
     "unwrap",
     "wrapper_kind",
 ]
+
+
+#: prefix that makes a name pattern a full-match regular expression instead of a glob
+REGEX_PREFIX = "re:"
+
+
+@functools.lru_cache(maxsize=1024)
+def _compiled(pattern: str) -> re.Pattern[str]:
+    if pattern.startswith(REGEX_PREFIX):
+        return re.compile(pattern[len(REGEX_PREFIX) :])
+    # fnmatch.translate anchors at both ends, so a glob is a full match: `layer1` never hits `layer10`.
+    return re.compile(fnmatch.translate(pattern))
+
+
+def match_pattern(pattern: str, qualname: str) -> bool:
+    """Whether a module's qualified name matches ``pattern`` as a whole.
+
+    ``"re:<regex>"`` is ``re.fullmatch``; anything else is a case-sensitive glob (``fnmatch``: ``*`` also
+    crosses dots, so ``layer1.*`` matches ``layer1.0.conv1``). Neither is a prefix or substring match.
+    """
+    return _compiled(pattern).fullmatch(qualname) is not None
 
 _NORM_NAME = re.compile(
     r"^(?!Conv)(?!.*(Block|Stage|Layer$))(.*Norm(\d[dD])?(Act(\d[dD])?)?(Fp32)?|EvoNorm.*)$"

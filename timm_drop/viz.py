@@ -13,7 +13,7 @@ record its input; the call is then replayed on a detached copy of that input fro
 (inside ``torch.random.fork_rng``, so the model's own random stream is untouched) and ``d out / d in`` is the
 realised mask *exactly*, also where the input is 0 (a ratio ``out / in`` is undefined there, and post-ReLU maps
 are half zeros). This holds for every built-in method because each one multiplies its input by a factor computed
-without gradient (DESIGN §3); for a custom regularizer that is not such a product the ratio ``out / in`` is used
+without gradient (every built-in regularizer is one); for a custom regularizer that is not such a product the ratio ``out / in`` is used
 where the input is non-zero, and the figure says so. The hooks return nothing, so the forward computes exactly what
 it computes without them (pinned by a test).
 

@@ -1,7 +1,7 @@
 """The regularizer library: one file per method family, each a functional form plus an ``nn.Module``."""
 
 from timm_drop.regularizers import attentiondrop, baselines, corrdrop, dropblock, selectscale  # noqa: F401,E402  (registers)
-from timm_drop.regularizers.base import LAYOUTS, Regularizer
+from timm_drop.regularizers.base import LAYOUTS, ParamError, ParamTypeError, Regularizer
 from timm_drop.regularizers.registry import (
     create_regularizer,
     get_regularizer_class,
@@ -12,6 +12,8 @@ from timm_drop.regularizers.registry import (
 
 __all__ = [
     "LAYOUTS",
+    "ParamError",
+    "ParamTypeError",
     "Regularizer",
     "create_regularizer",
     "get_regularizer_class",

@@ -1,4 +1,4 @@
-"""The behaviour every timm_drop regularizer shares (DESIGN §3).
+"""The behaviour every timm_drop regularizer shares.
 
 A regularizer is a parameter-free ``nn.Module`` that
 
@@ -214,7 +214,7 @@ class Regularizer(nn.Module):
         """True when the configured (static) strength is zero, so training forward is the identity too."""
         return False
 
-    def set_progress(self, progress: float, epoch: int | None = None) -> None:
+    def set_progress(self, progress: float) -> None:
         """Move the schedule to ``progress`` in [0, 1]: writes ``strength`` in place (no recompile)."""
         value = 1.0 if self.schedule is None else float(self.schedule(progress))
         self.strength.fill_(value)

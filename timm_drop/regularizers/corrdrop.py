@@ -53,7 +53,7 @@ Choices where the paper is ambiguous or its formula does not hold
 * **Grid alignment.** Cells start at the top-left corner (PyTorch ceil-mode pooling); the cropped partial
   cells are the last row/column. The official code pads symmetrically and centre-crops.
 
-Differences from the official code (``Sandy-Zeng/CorrDrop``, see ``shared/research/seed-methods.md`` §2), whose
+Differences from the official code (``Sandy-Zeng/CorrDrop``), whose
 bugs are not inherited: it replaces Eq. (4) by a softmax over cells (which protects about one cell per sample,
 so the correlation hardly matters) where we use Eq. (4); it ramps ``p`` with a per-forward counter (a silent
 no-op under ``DataParallel``) where we use the ``strength`` buffer driven by ``set_progress``; it mutates

@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 
 from timm_drop.regularizers.base import (
+    ParamTypeError,
     Regularizer,
     _is_compiling,
     check_positive_int,
@@ -357,7 +358,9 @@ class DropBlock2d(Regularizer):
         self.drop_prob = check_probability("drop_prob", drop_prob)
         self.block_size = check_positive_int("block_size", block_size)
         if not isinstance(per_channel, bool):
-            raise TypeError(f"per_channel must be a bool, got {type(per_channel).__name__} ({per_channel!r})")
+            raise ParamTypeError(
+                f"per_channel must be a bool, got {type(per_channel).__name__} ({per_channel!r})", "per_channel"
+            )
         self.per_channel = per_channel
 
     def is_noop(self) -> bool:

@@ -19,7 +19,6 @@ from typing import Any
 from torch import nn
 
 from timm_drop.suggest import did_you_mean
-from timm_drop.suggest import nearest as nearest_names  # noqa: F401  (layerout.py imports it from here)
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 

@@ -67,7 +67,13 @@ import math
 
 import torch
 
-from timm_drop.regularizers.base import Regularizer, check_probability, check_strength, passes_through
+from timm_drop.regularizers.base import (
+    ParamError,
+    Regularizer,
+    check_probability,
+    check_strength,
+    passes_through,
+)
 from timm_drop.regularizers.registry import register_regularizer
 
 __all__ = [
@@ -89,7 +95,7 @@ def check_top_rate(value: float) -> float:
     """``top_rate`` is the fraction of feature maps (or units) selected: it must lie in ``(0, 1]``."""
     value = check_probability("top_rate", value, allow_one=True)
     if value <= 0.0:
-        raise ValueError(f"top_rate must be in (0, 1], got {value}")
+        raise ParamError(f"top_rate must be in (0, 1], got {value}", "top_rate")
     return value
 
 
@@ -125,7 +131,7 @@ def _apply_channel_factor(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
 
 
 def _uniform_factors(shape: tuple[int, ...], q: Number, device: torch.device) -> torch.Tensor:
-    # float32 noise: low-precision rand is visibly quantised (DESIGN §3).
+    # float32 noise: low-precision rand is visibly quantised.
     u = torch.rand(shape, device=device, dtype=torch.float32)
     return 1.0 + q * (2.0 * u - 1.0)
 

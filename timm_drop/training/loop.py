@@ -1,6 +1,6 @@
 """The Accelerate training loop behind ``recipes/train.py``.
 
-Build order (DESIGN §6): ``timm.create_model`` -> ``apply_regularizer`` -> channels_last -> SyncBN -> optimizer ->
+Build order: ``timm.create_model`` -> ``apply_regularizer`` -> channels_last -> SyncBN -> optimizer ->
 LayerOut ``bind``/``attach`` -> ``accelerator.prepare`` -> ``torch.compile`` -> EMA (a deepcopy of the unwrapped,
 already-regularized model, so the EMA carries its own regularizer modules).
 
@@ -466,9 +466,9 @@ class Trainer:
         from timm_drop.schedules import set_progress
 
         progress = min(1.0, self.state.step / max(1, self.total_steps))
-        set_progress(self.unwrapped, progress, epoch=self.state.epoch)
+        set_progress(self.unwrapped, progress)
         if self.ema is not None:
-            set_progress(self.ema.module, progress, epoch=self.state.epoch)
+            set_progress(self.ema.module, progress)
 
     def _extra_state(self) -> dict[str, Any]:
         d: dict[str, Any] = {"train_state": asdict(self.state), "format": 1}

@@ -132,3 +132,12 @@ def test_swin_nhwc_stage_sites_keep_working_without_a_grid():
         assert not torch.equal(y1, model(x))
         timm_drop.strip_regularizers(model.eval())
         assert torch.equal(model(x), before)
+
+
+def test_a_token_site_after_pooling_is_refused_naming_site_and_lengths():
+    # CaiT's class-attention blocks return the class token alone: a (B, 1, C) sequence with no grid in it.
+    model = timm.create_model("cait_xxs24_224", pretrained=False, img_size=64, depth=2)
+    spec = _spec("module")
+    spec["rules"][0]["name"] = ["blocks_token_only.0"]
+    with pytest.raises(RewriteError, match=r"site module:blocks_token_only\.0 .*its 1 tokens.*1 prefix.*4x4"):
+        timm_drop.apply_regularizer(model, spec)

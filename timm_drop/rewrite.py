@@ -319,7 +319,7 @@ def _site_params(rule: Rule, site: Site, i: int, n: int) -> dict[str, Any]:
 
 
 def _site_grid(
-    model: nn.Module, rule: Rule, site: Site, grids: dict[int, Any]
+    model: nn.Module, rule: Rule, site: Site, grids: dict[int, tuple[tuple[int, int], int] | str]
 ) -> tuple[tuple[int, int] | None, int]:
     """``(grid, num_prefix_tokens)`` for a site whose regularizer needs a 2-D map of ``NLC`` tokens (else
     ``(None, 0)``); refuses, naming the site, where its tokens are not the model's prefix tokens + patch grid."""
@@ -329,20 +329,12 @@ def _site_grid(
         return None, 0
     if site.layout != "NLC" or "NLC" not in needs:
         return None, 0
-    if id(model) not in grids:  # one lookup per rule
-        grids[id(model)] = token_grid(model)
-    found = grids[id(model)]
-    if isinstance(found, tuple):
-        (h, w), p = found
-        length = site.shape[1] if site.shape is not None and len(site.shape) == 3 else None
-        if length == p + h * w:
-            return (h, w), p
-        reason = (
-            f"its {length} tokens are not the model's {p} prefix token(s) + {h}x{w} patch grid ({p + h * w} "
-            f"tokens; pooled or downsampled tokens have no grid we can know)"
-        )
-    else:
-        reason = found
+    length = site.shape[1] if site.shape is not None and len(site.shape) == 3 else -1
+    if length not in grids:  # one model lookup per rule and sequence length
+        grids[length] = token_grid(model, length)
+    reason = grids[length]
+    if isinstance(reason, tuple):
+        return reason
     raise RewriteError(
         f"{rule.describe()}: {rule.regularizer} cannot act at site {site.name} (layout NLC, shape {site.shape}): "
         f"it needs a 2-D map, so the tokens must be a patch grid, and {reason}; exclude it or pick a "
@@ -401,7 +393,8 @@ def _entries_of(
 ) -> list[PlanEntry]:
     """The plan entries of one rule, in depth order (checked by building each regularizer once)."""
     selected = [s for s in targets.analysis.sites if _rule_selects(rule, s, named[s.module])]
-    entries, grids = [], {}
+    entries: list[PlanEntry] = []
+    grids: dict[int, tuple[tuple[int, int], int] | str] = {}
     for i, site in enumerate(selected):
         params = _site_params(rule, site, i, len(selected))
         grid = _site_grid(model, rule, site, grids)

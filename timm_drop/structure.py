@@ -300,14 +300,14 @@ def _pair(value: Any) -> tuple[int, int] | None:
     return None
 
 
-def token_grid(model: nn.Module) -> tuple[tuple[int, int], int] | str:
+def token_grid(model: nn.Module, length: int | None = None) -> tuple[tuple[int, int], int] | str:
     """``((H, W), num_prefix_tokens)`` of a ViT-style model whose token sequences are prefix tokens followed by
-    its patch grid (row-major), or a sentence saying why it has none.
+    its patch grid (row-major), or a sentence saying why it has none; with ``length`` (a site's sequence
+    length), also why that sequence is not ``num_prefix_tokens + H * W`` tokens (pooled or downsampled).
 
     The grid is the ``grid_size`` of the model's one patch embed (timm's ``PatchEmbed``: ``patch_embed`` on
     ViT, DeiT, BEiT, EVA; ``stem`` on MLP-Mixer); the prefix count (class, distillation, register tokens) is
-    ``num_prefix_tokens`` of the nearest module holding the patch embed, else 0. A caller still checks that a
-    site's sequence length is ``num_prefix_tokens + H * W``. No grid, rather than one that would be a guess:
+    ``num_prefix_tokens`` of the nearest module holding the patch embed, else 0. No grid, rather than one that would be a guess:
     no patch embed (LeViT, CoaT's per-stage embeds count as several), a dynamic image size (the grid changes
     with each input), or patch dropout (training keeps a random subset of the patch tokens).
     """
@@ -337,4 +337,10 @@ def token_grid(model: nn.Module) -> tuple[tuple[int, int], int] | str:
         (named[h].num_prefix_tokens for h in holders if isinstance(getattr(named[h], "num_prefix_tokens", None), int)),
         0,
     )
-    return _pair(named[embed].grid_size), prefix  # type: ignore[return-value]
+    (h, w) = _pair(named[embed].grid_size)  # type: ignore[misc]
+    if length is not None and length != prefix + h * w:
+        return (
+            f"its {length} tokens are not the model's {prefix} prefix token(s) + {h}x{w} patch grid "
+            f"({prefix + h * w} tokens; pooled or downsampled tokens have no grid we can know)"
+        )
+    return (h, w), prefix

@@ -141,3 +141,20 @@ def test_a_token_site_after_pooling_is_refused_naming_site_and_lengths():
     spec["rules"][0]["name"] = ["blocks_token_only.0"]
     with pytest.raises(RewriteError, match=r"site module:blocks_token_only\.0 .*its 1 tokens.*1 prefix.*4x4"):
         timm_drop.apply_regularizer(model, spec)
+
+
+@pytest.mark.parametrize(
+    "model_name, kwargs, expected",
+    [
+        ("vit_tiny_patch16_224", {"img_size": 64, "depth": 2}, 2),  # feature_info: one stage per block
+        ("deit_tiny_distilled_patch16_224", {"img_size": 64, "depth": 2}, 2),
+        ("levit_128s", {"img_size": 64}, 0),  # no patch grid: its token stages stay excluded
+    ],
+)
+def test_coverage_puts_dropblock_on_vit_family_token_stages_with_a_grid(model_name, kwargs, expected):
+    from timm_drop.tools.coverage import check_model
+
+    torch.manual_seed(0)
+    res = check_model(model_name, model_kwargs=kwargs)
+    assert res.ok, (res.stage, res.reason)
+    assert res.n_regularizers.get("dropblock", 0) == expected

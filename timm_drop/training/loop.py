@@ -707,7 +707,10 @@ class Trainer:
                     f"done: final eval top-1 {last.get('eval_top1', float('nan')):.2f}%, best "
                     f"{self.state.best_top1:.2f}% (epoch {self.state.best_epoch}); outputs in {self.out}"
                 )
-        acc.end_training()  # flushes and closes the trackers (no-op without)
+        # flush and close the trackers; not acc.end_training(), which also destroys the process group that the
+        # caller (and the barrier below) may still use
+        for tracker in acc.trackers:
+            tracker.finish()
         acc.wait_for_everyone()
         return summary
 

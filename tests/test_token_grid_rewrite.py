@@ -158,3 +158,18 @@ def test_coverage_puts_dropblock_on_vit_family_token_stages_with_a_grid(model_na
     res = check_model(model_name, model_kwargs=kwargs)
     assert res.ok, (res.stage, res.reason)
     assert res.n_regularizers.get("dropblock", 0) == expected
+
+
+def test_a_features_only_vit_gets_the_grid_of_the_model_it_wraps():
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, features_only=True, img_size=64, depth=3, out_indices=(1, 2)
+    )
+    timm_drop.apply_regularizer(model, _spec("stage"))
+    regs = _regs(model)
+    assert regs and all(r.token_grid == (4, 4) and r.num_prefix_tokens == 1 for r in regs)
+    model.train()
+    x = torch.randn(2, 3, 64, 64)
+    torch.manual_seed(1)
+    y1 = model(x)
+    torch.manual_seed(2)
+    assert any(not torch.equal(a, b) for a, b in zip(y1, model(x)))

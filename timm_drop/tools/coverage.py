@@ -145,7 +145,8 @@ class CoverageResult:
 
     ``stage`` is the check that failed (one of :data:`STAGES`) or ``"ok"``; ``reason`` says why, ``where`` is
     the innermost traceback frame inside ``timm_drop`` (for grouping failures by cause), ``n_sites`` counts
-    the planned sites by kind, ``n_regularizers`` the planned entries by regularizer, ``notes`` are non-fatal observations (e.g. a changed ``state_dict`` key order).
+    the planned sites by kind, ``n_regularizers`` the planned entries by regularizer, ``notes`` are non-fatal
+    observations (e.g. a changed ``state_dict`` key order).
     """
 
     name: str

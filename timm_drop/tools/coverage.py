@@ -591,7 +591,8 @@ def _check_plan(
     entries."""
     entries = timm_drop.plan(model, spec, example_input=example).entries
     result.n_sites = dict(Counter(e.kind for e in entries))
-    result.n_regularizers = dict(Counter(e.regularizer for e in entries))
+    # the checker is itself tested against stand-in rewriters whose entries name only their kind
+    result.n_regularizers = dict(Counter(e.regularizer for e in entries if hasattr(e, "regularizer")))
     if not entries:
         raise CheckFailed("plan", "no site matched any rule (every model must get at least one)")
     if features_only and not result.n_sites.get("stage"):

@@ -16,7 +16,10 @@ Parameters of an entry: ``rule.params_for_stage(site.stage)``; with ``depth_scal
 parameters (``drop_prob``, ``q``) are multiplied by ``(i + 1) / n`` over the rule's ``n`` matched sites in depth
 order (timm's drop-path rule). Each regularizer gets ``schedule = rule.schedule`` (left at full strength until the
 first ``set_progress``, see :mod:`timm_drop.schedules`) and ``set_layout(site.layout)``; a layout it does not accept
-is an error naming the site, its layout and the rule.
+is an error naming the site, its layout and the rule. A method that needs a 2-D map (``grid_layouts``: DropBlock,
+CorrDrop) at an ``NLC`` token site first gets the model's patch grid (:func:`timm_drop.structure.token_grid`) through
+``set_token_grid`` when the site's sequence is exactly the prefix tokens plus that grid; otherwise (no patch embed,
+a dynamic image size, patch dropout, pooled or downsampled tokens) the site is refused with the reason.
 
 Conflicts: when a rule selects a site that an earlier rule already holds, the *later* rule's ``on_conflict``
 decides: ``error`` (default) raises naming both rules and the site, ``stack`` runs both (earlier rule first),
@@ -49,10 +52,10 @@ from timm_drop.insertions import (
     record_of,
 )
 from timm_drop.regularizers.base import Regularizer
-from timm_drop.regularizers.registry import create_regularizer
+from timm_drop.regularizers.registry import create_regularizer, get_regularizer_class
 from timm_drop.sites import SKIP_KINDS, Analysis, RewriteTarget, Site, analyze_model, rewrite_target
 from timm_drop.spec import REGEX_PREFIX, STRENGTH_PARAMS, Rule, Spec, load_spec
-from timm_drop.structure import feature_info, feature_module, wrapper_kind
+from timm_drop.structure import feature_info, feature_module, token_grid, wrapper_kind
 from timm_drop.suggest import nearest
 
 __all__ = ["Plan", "PlanEntry", "RewriteError", "apply_regularizer", "plan", "strip_regularizers"]
@@ -85,6 +88,8 @@ class PlanEntry:
     node: str | None = None
     norm_position: str | None = None
     owner: str | None = None  # module whose forward is rewritten / whose slot or hook is used
+    token_grid: tuple[int, int] | None = None  # (H, W) patch grid of an NLC site, for methods that need a map
+    num_prefix_tokens: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -102,6 +107,8 @@ class PlanEntry:
             "insertion": self.insertion,
             "owner": self.owner,
             "depth": self.depth,
+            "token_grid": list(self.token_grid) if self.token_grid is not None else None,
+            "num_prefix_tokens": self.num_prefix_tokens,
         }
 
 
@@ -311,8 +318,37 @@ def _site_params(rule: Rule, site: Site, i: int, n: int) -> dict[str, Any]:
     return params
 
 
+def _site_grid(
+    model: nn.Module, rule: Rule, site: Site, grids: dict[int, tuple[tuple[int, int], int] | str]
+) -> tuple[tuple[int, int] | None, int]:
+    """``(grid, num_prefix_tokens)`` for a site whose regularizer needs a 2-D map of ``NLC`` tokens (else
+    ``(None, 0)``); refuses, naming the site, where its tokens are not the model's prefix tokens + patch grid."""
+    try:
+        needs = getattr(get_regularizer_class(rule.regularizer), "grid_layouts", ())
+    except KeyError:  # an unknown name is reported by _make_regularizer
+        return None, 0
+    if site.layout != "NLC" or "NLC" not in needs:
+        return None, 0
+    length = site.shape[1] if site.shape is not None and len(site.shape) == 3 else -1
+    if length not in grids:  # one model lookup per rule and sequence length
+        grids[length] = token_grid(model, length)
+    reason = grids[length]
+    if isinstance(reason, tuple):
+        return reason
+    raise RewriteError(
+        f"{rule.describe()}: {rule.regularizer} cannot act at site {site.name} (layout NLC, shape {site.shape}): "
+        f"it needs a 2-D map, so the tokens must be a patch grid, and {reason}; exclude it or pick a "
+        f"layout-agnostic regularizer"
+    )
+
+
 def _make_regularizer(
-    rule: Rule, site_name: str, layout: str | None, shape: Any, params: dict[str, Any]
+    rule: Rule,
+    site_name: str,
+    layout: str | None,
+    shape: Any,
+    params: dict[str, Any],
+    grid: tuple[tuple[int, int] | None, int] = (None, 0),
 ) -> nn.Module:
     """Build one regularizer for a site; every refusal names the rule and the site."""
     try:
@@ -326,6 +362,8 @@ def _make_regularizer(
         )
     if isinstance(reg, Regularizer):
         try:
+            if grid[0] is not None:
+                reg.set_token_grid(*grid)
             reg.set_layout(layout)
         except ValueError as exc:
             raise RewriteError(
@@ -355,10 +393,12 @@ def _entries_of(
 ) -> list[PlanEntry]:
     """The plan entries of one rule, in depth order (checked by building each regularizer once)."""
     selected = [s for s in targets.analysis.sites if _rule_selects(rule, s, named[s.module])]
-    entries = []
+    entries: list[PlanEntry] = []
+    grids: dict[int, tuple[tuple[int, int], int] | str] = {}
     for i, site in enumerate(selected):
         params = _site_params(rule, site, i, len(selected))
-        _make_regularizer(rule, site.name, site.layout, site.shape, params)
+        grid = _site_grid(model, rule, site, grids)
+        _make_regularizer(rule, site.name, site.layout, site.shape, params, grid)
         insertion, owner = _insertion_for(model, site, rule, targets)
         entries.append(
             PlanEntry(
@@ -378,6 +418,8 @@ def _entries_of(
                 node=site.node,
                 norm_position=rule.norm_position if site.kind == "norm" else None,
                 owner=owner,
+                token_grid=grid[0],
+                num_prefix_tokens=grid[1],
             )
         )
     return entries
@@ -473,7 +515,8 @@ def _materialize(the_plan: Plan, spec: Spec, model: nn.Module) -> list[nn.Module
     device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
     regs = []
     for e in the_plan.entries:
-        reg = _make_regularizer(rules[e.rule], e.site, e.layout, e.shape, dict(e.params))
+        grid = (e.token_grid, e.num_prefix_tokens)
+        reg = _make_regularizer(rules[e.rule], e.site, e.layout, e.shape, dict(e.params), grid)
         reg.to(device)
         reg.train(model.get_submodule(e.module).training)
         regs.append(reg)

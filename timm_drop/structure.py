@@ -11,6 +11,7 @@ Site discovery (:mod:`timm_drop.sites`), the rewriter (:mod:`timm_drop.rewrite`)
   and ``LayerOut(unit="block")`` both come from it, so they are the same modules.
 * **norms** — :func:`is_norm`; **containers** — :func:`is_container`, :func:`iterates_children`.
 * **wrappers** — :func:`wrapper_kind` / :func:`unwrap`: DDP, DataParallel, FSDP and ``torch.compile``.
+* **token grids** — :func:`token_grid`: the patch grid and prefix-token count of a ViT-style token sequence.
 * **names** — :func:`match_pattern`: glob or ``re:`` regex, always a full match (``layer1`` never hits
   ``layer10``).
 """
@@ -37,6 +38,7 @@ __all__ = [
     "match_pattern",
     "mro_names",
     "stage_blocks",
+    "token_grid",
     "torch_forward",
     "unwrap",
     "wrapper_kind",
@@ -308,3 +310,58 @@ def outermost(names: Iterable[str]) -> list[str]:
     """``names`` without those nested in another one of them (order kept)."""
     names = list(names)
     return [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# token grids
+# ---------------------------------------------------------------------------------------------------------
+def _pair(value: Any) -> tuple[int, int] | None:
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) and v > 0 for v in value):
+        return int(value[0]), int(value[1])
+    return None
+
+
+def token_grid(model: nn.Module, length: int | None = None) -> tuple[tuple[int, int], int] | str:
+    """``((H, W), num_prefix_tokens)`` of a ViT-style model whose token sequences are prefix tokens followed by
+    its patch grid (row-major), or a sentence saying why it has none; with ``length`` (a site's sequence
+    length), also why that sequence is not ``num_prefix_tokens + H * W`` tokens (pooled or downsampled).
+
+    The grid is the ``grid_size`` of the model's one patch embed (timm's ``PatchEmbed``: ``patch_embed`` on
+    ViT, DeiT, BEiT, EVA; ``stem`` on MLP-Mixer); the prefix count (class, distillation, register tokens) is
+    ``num_prefix_tokens`` of the nearest module holding the patch embed, else 0. No grid, rather than one that would be a guess:
+    no patch embed (LeViT, CoaT's per-stage embeds count as several), a dynamic image size (the grid changes
+    with each input), or patch dropout (training keeps a random subset of the patch tokens).
+    """
+    named = dict(model.named_modules())
+    embeds = [n for n, m in named.items() if _pair(getattr(m, "grid_size", None)) and hasattr(m, "patch_size")]
+    if not embeds:
+        return f"{type(model).__name__} records no patch grid (no patch embed with a grid_size)"
+    if len(embeds) > 1:
+        return f"{type(model).__name__} has several patch embeds ({', '.join(embeds[:4])}): which grid a site holds is ambiguous"
+    embed = embeds[0]
+    parts = embed.split(".")
+    holders = [".".join(parts[:i]) for i in range(len(parts) - 1, -1, -1)]
+    for holder in [embed, *holders]:
+        if getattr(named[holder], "dynamic_img_size", False) is True:
+            return (
+                f"{holder or type(model).__name__} has dynamic_img_size=True, so its patch grid changes with "
+                f"each input size; create it with dynamic_img_size=False (a fixed img_size) for spatial methods"
+            )
+    for holder in holders:
+        drop = getattr(named[holder], "patch_drop", None)
+        if isinstance(getattr(drop, "prob", None), float) and drop.prob > 0:
+            return (
+                f"{(holder + '.') if holder else ''}patch_drop keeps a random {1 - drop.prob:.0%} of the patch "
+                f"tokens in training, so they are no grid; create the model with patch_drop_rate=0"
+            )
+    prefix = next(
+        (named[h].num_prefix_tokens for h in holders if isinstance(getattr(named[h], "num_prefix_tokens", None), int)),
+        0,
+    )
+    (h, w) = _pair(named[embed].grid_size)  # type: ignore[misc]
+    if length is not None and length != prefix + h * w:
+        return (
+            f"its {length} tokens are not the model's {prefix} prefix token(s) + {h}x{w} patch grid "
+            f"({prefix + h * w} tokens; pooled or downsampled tokens have no grid we can know)"
+        )
+    return (h, w), prefix

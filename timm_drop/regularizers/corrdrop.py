@@ -210,6 +210,10 @@ class CorrDrop2d(Regularizer):
     Args:
         drop_prob: expected fraction of units dropped per sample at full schedule strength, in [0, 1).
         block_size: side of the pooled cells / dropped squares (paper: 9, 7, 5 on 32, 16, 8 maps).
+
+    On ViT-family token sites (``NLC``) it acts on the patch grid the rewriter reads from the model
+    (:func:`timm_drop.structure.token_grid`), prefix tokens untouched; a ``dynamic_img_size=True`` ViT, whose grid
+    changes with each input, and tokens with no known grid are refused by site name rather than guessed.
     """
 
     layouts = ("NCHW", "NHWC")

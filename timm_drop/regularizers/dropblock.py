@@ -347,6 +347,10 @@ class DropBlock2d(Regularizer):
         drop_prob: probability that a unit is dropped, in [0, 1); multiplied by the schedule strength.
         block_size: side of the dropped square, >= 1 (clipped to the map per axis).
         per_channel: one mask per (sample, channel) (paper's Algorithm 1, default) or one per sample.
+
+    On ViT-family token sites (``NLC``) it acts on the patch grid the rewriter reads from the model
+    (:func:`timm_drop.structure.token_grid`), prefix tokens untouched; a ``dynamic_img_size=True`` ViT, whose grid
+    changes with each input, and tokens with no known grid are refused by site name rather than guessed.
     """
 
     layouts = ("NCHW", "NHWC")

@@ -42,6 +42,7 @@ import timm_drop
 from timm_drop.regularizers import Regularizer, get_regularizer_class
 from timm_drop.sites import SiteError
 from timm_drop.spec import load_spec
+from timm_drop.structure import token_grid
 
 #: A spec that uses every site kind (``timm_drop.spec.SITE_KINDS``) with layout-agnostic regularizers, so NCHW, NHWC and token
 #: sites are all exercised. ``allow_empty`` everywhere: a family may lack a kind (VGG has no skip adds), but
@@ -144,7 +145,8 @@ class CoverageResult:
 
     ``stage`` is the check that failed (one of :data:`STAGES`) or ``"ok"``; ``reason`` says why, ``where`` is
     the innermost traceback frame inside ``timm_drop`` (for grouping failures by cause), ``n_sites`` counts
-    the planned sites by kind, ``notes`` are non-fatal observations (e.g. a changed ``state_dict`` key order).
+    the planned sites by kind, ``n_regularizers`` the planned entries by regularizer, ``notes`` are non-fatal
+    observations (e.g. a changed ``state_dict`` key order).
     """
 
     name: str
@@ -152,6 +154,7 @@ class CoverageResult:
     stage: str
     reason: str = ""
     n_sites: dict[str, int] = field(default_factory=dict)
+    n_regularizers: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     input_size: tuple[int, ...] | None = None
     params: int | None = None
@@ -330,11 +333,22 @@ def _rule_kinds(rule: Mapping[str, Any]) -> list[str]:
     return [sites] if isinstance(sites, str) else list(sites)
 
 
+def _accepts(cls: Any, site: Any, model: nn.Module | None) -> bool:
+    """Whether regularizer class ``cls`` acts at ``site``: a layout it lists, or (``grid_layouts``: DropBlock,
+    CorrDrop on ViT tokens) one it takes where ``model`` gives the site's tokens a patch grid."""
+    if site.layout in (getattr(cls, "layouts", ()) or ()):
+        return True
+    if model is None or site.layout not in getattr(cls, "grid_layouts", ()):
+        return False
+    return isinstance(token_grid(model, site.shape[1] if site.shape and len(site.shape) == 3 else -1), tuple)
+
+
 def adapt_spec(
     spec: Mapping[str, Any],
     sites: Iterable[Any],
     *,
     dropblock_params: Mapping[str, Any] | None = DROPBLOCK_STAGE_PARAMS,
+    model: nn.Module | None = None,
 ) -> dict[str, Any]:
     """Fit a generic spec to one model's sites (from ``find_sites``) the way a user would, by ``exclude``.
 
@@ -342,6 +356,9 @@ def adapt_spec(
       2-D ``NC`` head norms after pooling), since the rewriter rightly refuses to place it there.
     * With ``dropblock_params``, the stage sites with a layout ``dropblock`` accepts get a ``dropblock`` rule
       inserted before the first stage-only rule, which then excludes them.
+
+    With ``model``, a regularizer's ``grid_layouts`` count where the model gives the tokens a patch grid
+    (:func:`timm_drop.structure.token_grid`), so DropBlock acts on ViT-family token stage sites.
     """
     sites = list(sites)
     spec = copy.deepcopy(dict(spec))
@@ -349,8 +366,9 @@ def adapt_spec(
     for raw in spec["rules"]:
         rule = dict(raw)
         kinds = _rule_kinds(rule)
-        layouts = tuple(getattr(get_regularizer_class(rule["regularizer"]), "layouts", ()) or ())
-        bad = sorted({s.module for s in sites if s.kind in kinds and layouts and s.layout not in layouts})
+        cls = get_regularizer_class(rule["regularizer"])
+        layouts = tuple(getattr(cls, "layouts", ()) or ())
+        bad = sorted({s.module for s in sites if s.kind in kinds and layouts and not _accepts(cls, s, model)})
         if bad:
             rule["exclude"] = list(rule.get("exclude", [])) + [_exact(n) for n in bad]
         if (
@@ -358,8 +376,8 @@ def adapt_spec(
             and kinds == ["stage"]
             and not any(r["regularizer"] == "dropblock" for r in rules)
         ):
-            db_layouts = tuple(getattr(get_regularizer_class("dropblock"), "layouts", ("NCHW",)))
-            spatial = sorted({s.module for s in sites if s.kind == "stage" and s.layout in db_layouts})
+            db = get_regularizer_class("dropblock")
+            spatial = sorted({s.module for s in sites if s.kind == "stage" and _accepts(db, s, model)})
             if spatial:
                 names = [_exact(n) for n in spatial]
                 rules.append(
@@ -516,7 +534,7 @@ def _check(
 
     result.stage = "plan"
     example, sites = _example_input(model, x, input_size)
-    spec_obj = _fit_spec(spec, sites, adapt, spatial_stage_rule)
+    spec_obj = _fit_spec(spec, sites, adapt, spatial_stage_rule, model)
     n_entries = _check_plan(result, model, orig, spec_obj, example, features_only)
     result.stage = "apply"
     regs = _check_apply(model, orig, spec_obj, example, n_entries)
@@ -551,11 +569,13 @@ def _example_input(
         return x[:1], timm_drop.find_sites(model, x[:1])
 
 
-def _fit_spec(spec: Any, sites: list[timm_drop.Site], adapt: bool, spatial_stage_rule: bool) -> Any:
+def _fit_spec(
+    spec: Any, sites: list[timm_drop.Site], adapt: bool, spatial_stage_rule: bool, model: nn.Module
+) -> Any:
     spec_obj = spec if isinstance(spec, Mapping) else load_spec(spec).to_dict()
     if adapt:
         dropblock = DROPBLOCK_STAGE_PARAMS if spatial_stage_rule else None
-        spec_obj = adapt_spec(spec_obj, sites, dropblock_params=dropblock)
+        spec_obj = adapt_spec(spec_obj, sites, dropblock_params=dropblock, model=model)
     return spec_obj
 
 
@@ -571,6 +591,8 @@ def _check_plan(
     entries."""
     entries = timm_drop.plan(model, spec, example_input=example).entries
     result.n_sites = dict(Counter(e.kind for e in entries))
+    # the checker is itself tested against stand-in rewriters whose entries name only their kind
+    result.n_regularizers = dict(Counter(e.regularizer for e in entries if hasattr(e, "regularizer")))
     if not entries:
         raise CheckFailed("plan", "no site matched any rule (every model must get at least one)")
     if features_only and not result.n_sites.get("stage"):

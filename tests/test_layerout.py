@@ -440,14 +440,16 @@ def test_ddp_ranks_freeze_the_same_layers_and_stay_in_sync():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    # fork: a spawned worker re-imports torch and timm (20+ s on a loaded runner)
-    ctx = mp.get_context("fork")
+    # spawn, not fork: a forked worker inherits autograd's engine state, and its backward fails ("Unable to handle
+    # autograd's threading in combination with fork-based multiprocessing") once an earlier test in this process
+    # has run a torch.compile'd model. A spawned worker re-imports torch and timm instead (slower, but clean).
+    ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, queue)) for r in range(2)]
     for p in procs:
         p.start()
     try:
-        results = dict(queue.get(timeout=120) for _ in procs)
+        results = dict(queue.get(timeout=300) for _ in procs)
     finally:
         for p in procs:
             p.join(timeout=10)

@@ -191,3 +191,18 @@ def test_coverage_report_renders_from_jsonl_with_failures_grouped(tmp_path, caps
     # both eval failures fold into one cause (numbers abstracted)
     assert "| 2 | eval: eval output differs from the original (max abs diff N) | net_b, net_c |" in out
     assert "net_d (300M parameters > max_params 100M)" in out
+
+
+@pytest.mark.parametrize("where", ["missing_dir", "a_dir", "a_dir_with_overwrite"])
+def test_apply_out_that_cannot_be_written_is_a_usage_error_before_any_work(tmp_path, capsys, monkeypatch, where):
+    (tmp_path / "a_dir").mkdir()
+    (tmp_path / "a_dir" / "keep.txt").write_text("keep")
+    out = {"missing_dir": tmp_path / "nope" / "ckpt.pth"}.get(where, tmp_path / "a_dir")
+    built = []
+    monkeypatch.setattr("timm_drop.cli.create_model", lambda *a, **k: built.append(a) or 1 / 0)
+    args = ["apply", "resnet10t", str(SPECS / "droppath.yaml"), "--out", str(out)]
+    assert main(args + (["--overwrite"] if where.endswith("overwrite") else [])) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and str(out) in err
+    assert not built  # refused before the model was built
+    assert (tmp_path / "a_dir" / "keep.txt").read_text() == "keep"

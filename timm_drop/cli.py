@@ -122,13 +122,23 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_out_file(out: str, overwrite: bool) -> None:
+    """Refuse an ``--out`` that cannot take a file, before any model is built (the work would be lost)."""
+    if os.path.isdir(out):
+        raise UsageError(f"--out {out!r} is a directory; give a file path such as {os.path.join(out, 'ckpt.pth')!r}")
+    if os.path.exists(out) and not overwrite:
+        raise UsageError(f"--out {out!r} exists; pass --overwrite to replace it")
+    parent = os.path.dirname(out) or "."
+    if not os.path.isdir(parent):
+        raise UsageError(f"--out {out!r}: directory {parent!r} does not exist; create it first")
+
+
 def cmd_apply(args: argparse.Namespace) -> int:
     import torch
 
     import timm_drop
 
-    if os.path.exists(args.out) and not args.overwrite:
-        raise UsageError(f"--out {args.out!r} exists; pass --overwrite to replace it")
+    _check_out_file(args.out, args.overwrite)
     check_model_name(args.model)
     spec = load_spec_or_exit(args.spec)
     model = create_model(args.model, args.num_classes)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from scripts import load_script
 
 import timm_drop
 
@@ -18,11 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _example():
-    spec = importlib.util.spec_from_file_location("backbone_fpn", ROOT / "recipes" / "examples" / "backbone_fpn.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through the module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("recipes/examples/backbone_fpn.py", "backbone_fpn")
 
 
 def test_retinanet_backbone_spec_places_dropblock_like_the_classifier_spec():

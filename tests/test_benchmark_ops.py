@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import re
 from pathlib import Path
 
 import pytest
 import torch
+from scripts import load_script
 
 import timm_drop
 
@@ -17,10 +17,7 @@ OPS = Path(__file__).resolve().parents[1] / "benchmarks" / "ops.py"
 
 @pytest.fixture(scope="module")
 def ops():
-    spec = importlib.util.spec_from_file_location("timm_drop_bench_ops", OPS)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(OPS)
 
 
 def _row(report: str, name: str, settings_start: str = "") -> list[str]:

@@ -3,11 +3,11 @@ YAML alias bombs get a clear error naming the field or file instead of a raw tra
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from pathlib import Path
 
 import pytest
+from scripts import load_script
 
 from timm_drop.training import ConfigError, load_config
 
@@ -28,10 +28,7 @@ FAST = [
 
 
 def train_cli():
-    spec = importlib.util.spec_from_file_location("recipes_train", REPO / "recipes" / "train.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.main
+    return load_script("recipes/train.py").main
 
 
 def test_override_numbers_in_exponent_form_are_numbers():

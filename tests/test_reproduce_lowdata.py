@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import multiprocessing
 import pickle
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import timm
+from scripts import load_script
 
 import timm_drop
 
@@ -19,10 +19,7 @@ REPRODUCE = Path(__file__).resolve().parents[1] / "recipes" / "reproduce.py"
 
 @pytest.fixture(scope="module")
 def rep():
-    spec = importlib.util.spec_from_file_location("timm_drop_recipe_reproduce", REPRODUCE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPRODUCE)
 
 
 def _tiny_cifar(root: Path, per_batch: int = 8, n_test: int = 20) -> Path:

@@ -7,7 +7,6 @@ a copy or a kill damages it: truncated, overwritten with garbage, deleted. ``--r
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from scripts import load_script
 
 from timm_drop.training import Trainer, load_config
 from timm_drop.training.checkpoint import CheckpointError, CheckpointManager, load_weights
@@ -161,9 +161,7 @@ def test_cli_names_the_file_and_exits_2_when_no_checkpoint_verifies(finished_run
     out = copy_run(finished_run, tmp_path / "run")
     for ck in ("epoch_0002", "epoch_0003"):
         damage(out / "checkpoints" / ck / "random_states_0.pkl", "deleted")
-    spec = importlib.util.spec_from_file_location("recipes_train", REPO / "recipes" / "train.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("recipes/train.py")
     cfg_file = tmp_path / "cfg.json"  # JSON is YAML
     cfg_file.write_text(json.dumps({**RUN, "output_dir": str(out)}))
     assert mod.main(["--config", str(cfg_file), "--resume", "latest"]) == 2

@@ -3,12 +3,12 @@ failed starts leave nothing that blocks the corrected rerun."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
 
 import pytest
+from scripts import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "recipes" / "configs" / "quickstart.yaml")
@@ -29,10 +29,7 @@ FAST = [
 
 
 def train_cli():
-    spec = importlib.util.spec_from_file_location("recipes_train", REPO / "recipes" / "train.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.main
+    return load_script("recipes/train.py").main
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from scripts import load_script
 
 from timm_drop.training.checkpoint import RunDir, check_output_dir
 from timm_drop.training.config import ConfigError, config_to_dict, load_config, save_config
@@ -183,12 +184,9 @@ def test_every_recipe_config_builds_in_a_dry_run(path):
 
 
 def test_reproduce_table_variants_are_valid_configs():
-    import importlib.util
     import json
 
-    spec = importlib.util.spec_from_file_location("reproduce", REPO / "recipes/reproduce.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("recipes/reproduce.py")
     assert set(mod.VARIANTS) == {
         "baseline",
         "dropblock",

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scripts import load_script
 
 from timm_drop.training.augment import cutout, random_crop, random_erasing, random_hflip
 from timm_drop.training.config import DataConfig, load_config
@@ -171,11 +172,8 @@ def _export_pickle_in_process(src: Path, out: Path, monkeypatch) -> None:
     The exporter cuts the training split into five 10,000-image batch files, so it needs > 40,000 training
     images; the small source's 64 are tiled up to 40,064 (decoding that many JPEGs would take far longer).
     """
-    import importlib.util
 
-    spec = importlib.util.spec_from_file_location("export_cifar10", SHARED / "export_cifar10.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script(SHARED / "export_cifar10.py")
     real_decode = mod.decode
 
     def decode(d, split):

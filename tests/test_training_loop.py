@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from scripts import load_script
 
 import timm_drop  # noqa: F401  (registers the CIFAR models)
 from timm_drop.regularizers.base import Regularizer
@@ -186,11 +187,8 @@ def test_half_written_checkpoints_are_never_the_latest(tmp_path):
 
 
 def test_cli_rejects_a_bad_key_before_any_work(tmp_path, capsys):
-    import importlib.util
 
-    spec = importlib.util.spec_from_file_location("train_script", REPO / "recipes/train.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("recipes/train.py")
     argv = [
         "--config",
         str(REPO / "recipes/configs/quickstart.yaml"),

@@ -99,3 +99,14 @@ def test_a_follow_on_check_does_not_repeat_a_reported_mistake():
     with pytest.raises(ConfigError) as ei:
         load_config(None, ["optim.lr=-0.1", "data.augment.mixup=0.2", "data.batch_size=-3"])
     assert [p.key for p in ei.value.problems] == ["data.batch_size", "optim.lr"]
+
+
+def test_a_key_given_twice_is_refused_with_both_problems_like_a_spec(tmp_path):
+    # YAML keeps only the last value of a repeated key: silently training with the other one loses a setting
+    (tmp_path / "base.yaml").write_text("optim:\n  lr: 0.1\n  lr: 0.2\n")
+    path = tmp_path / "c.yaml"
+    path.write_text("base: base.yaml\ntrain:\n  epochs: 3\n  epochs: 5\n")
+    with pytest.raises(ConfigError) as ei:
+        load_config(path)
+    assert sorted(_where(ei.value)) == [("optim.lr", "base.yaml", 3), ("train.epochs", "c.yaml", 4)]
+    assert "train.epochs: given twice; YAML would silently keep only the last one" in str(ei.value)

@@ -4,7 +4,10 @@ A config is a tree of small dataclasses (:class:`TrainConfig` at the root). Load
 
     YAML file -> dict -> dotted ``key=value`` overrides -> typed, validated dataclasses
 
-and every error names the dotted key at fault (``train.precision: must be one of ['no', 'bf16', 'fp16']``).
+and every problem names the dotted key at fault (``train.precision: must be one of ['no', 'bf16', 'fp16']``)
+and, for a value from a YAML file, the file and line. A config with several mistakes gets them all in one
+:class:`ConfigError` (collected with :class:`timm_drop.problems.ProblemCollector`, as a spec's are); the range
+checks run one step per section (``_check_model``, ``_check_data``...).
 The resolved config (with the regularizer spec inlined) is what :func:`save_config` writes next to the run's
 outputs, so ``--config <run>/config.yaml`` reproduces the run.
 
@@ -283,12 +286,33 @@ def _key_path(key: str) -> tuple[Any, ...]:
     return tuple(path)
 
 
+def _dotted(path: tuple[Any, ...]) -> str:
+    """``("log", "trackers", 0)`` -> ``"log.trackers[0]"``: the inverse of :func:`_key_path`."""
+    out = ""
+    for step in path:
+        out += f"[{step}]" if isinstance(step, int) else (f".{step}" if out else str(step))
+    return out
+
+
 class _Sources:
     """Where each value of a raw config came from: overrides first, then the file, then its ``base:`` files."""
 
     def __init__(self) -> None:
         self.files: list[tuple[str, YamlLocator]] = []  # the config file first, then its bases in order
         self.overrides: list[str] = []
+
+    def add_file(self, name: str, locator: YamlLocator) -> None:
+        self.files.append((name, locator))
+
+    def duplicate_keys(self) -> list[ConfigProblem]:
+        """A key a file's mapping repeats: PyYAML would silently keep the last value (a spec refuses it too)."""
+        return [
+            ConfigProblem(
+                _dotted(path + (key,)), "given twice; YAML would silently keep only the last one", name, line
+            )
+            for name, locator in self.files
+            for path, key, line in locator.duplicate_keys()
+        ]
 
     def locate(self, key: str | None) -> tuple[str | None, int | None]:
         """``(source, line)`` of the value at dotted ``key``: the override that set it or the file that gave it.
@@ -904,7 +928,7 @@ def _resolve_base(raw: dict, path: Path, seen: tuple[Path, ...], sources: _Sourc
     base_raw = base_raw or {}
     if not isinstance(base_raw, dict):
         raise ConfigError(f"base: {base_path}: top level must be a mapping")
-    sources.files.append((str(base_path), locator))
+    sources.add_file(str(base_path), locator)
     base_raw = _resolve_base(base_raw, base_path, seen + (base_path,), sources)
     return _merge(base_raw, raw)
 
@@ -927,6 +951,8 @@ def load_config(
         raw = apply_overrides(raw, pairs)  # type: ignore[arg-type]
         sources.overrides = [key for key, _ in pairs]
     report = _Report(sources)
+    for problem in sources.duplicate_keys():
+        report.problems.add(problem)
     cfg = _build(TrainConfig, raw, "", report)
     # range checks on a field that failed its type check would run on its default: wrong, so stop here
     report.raise_if_any()
@@ -955,7 +981,7 @@ def _read_raw(src: str | os.PathLike | dict | None) -> tuple[dict, Path | None, 
     raw = raw or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"--config {str(src)!r}: top level must be a mapping")
-    sources.files.append((str(path), locator))
+    sources.add_file(str(path), locator)
     raw = _resolve_base(raw, path, (path.resolve(),), sources)
     return raw, path.parent, sources
 

@@ -114,6 +114,20 @@ def test_driver_state_dict_resumes_the_same_schedule():
         timm_drop.drive(_model(), torch.optim.SGD(model.parameters()), total_steps=9).load_state_dict(state)
 
 
+def test_a_step_the_grad_scaler_skips_does_not_move_the_schedule():
+    model = _model().train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu")
+    driver = timm_drop.drive(model, opt, total_steps=4)
+    x, y = _batch()
+    for scale, expected in ((1.0, 1), (float("inf"), 1), (1.0, 2)):  # inf gradients: the scaler skips the step
+        scaler.scale(nn.functional.cross_entropy(model(x), y) * scale).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        assert driver.step == expected and _strengths(model) == [pytest.approx(expected / 4)] * 4
+
+
 def test_drive_also_moves_an_ema_copy_along_the_same_schedule():
     from timm.utils import ModelEmaV3
 

@@ -464,11 +464,14 @@ class Trainer:
                     f"--resume {path}: the checkpoint has no EMA state but train.ema.enabled is true"
                 )
             self.ema.load_state_dict(extra["ema"])
-        # a checkpoint from before the recipe used drive() has no "driver": its schedules followed the step count
+        # only the step: the recipe's resume config check decides what may change (a longer train.epochs stretches
+        # the schedule, as progress = step / total_steps always did); a checkpoint from before the recipe used
+        # drive() has no "driver", and its schedules followed the step count
+        step = extra["driver"]["step"] if "driver" in extra else self.state.step
         try:
-            self.driver.load_state_dict(extra.get("driver", {"step": self.state.step}))
+            self.driver.load_state_dict({"step": step})
         except ValueError as e:
-            raise CheckpointError(f"--resume {path}: {e}") from e
+            raise CheckpointError(f"--resume {path}: driver {e}") from e
         self.accelerator.print(f"resumed from {path} at epoch {self.state.epoch}, step {self.state.step}")
 
     def _extra_state(self) -> dict[str, Any]:

@@ -7,8 +7,9 @@ already-regularized model, so the EMA carries its own regularizer modules).
 Clocks:
 
 * the LR is a pure function of the optimizer-step counter (:class:`LRSchedule`), applied before every step;
-* ``set_progress(model, step / total_steps)`` runs once per *optimizer* step (``accelerator.sync_gradients``), never
-  per micro-batch and never from eval, so regularizer schedules follow training and survive a resume exactly;
+* regularizer schedules (the model's and the EMA copy's) move through :func:`timm_drop.drive`, the optimizer step
+  hook users call too: once per *optimizer* step that ran, never per micro-batch, never from eval, and not on a step
+  the fp16 GradScaler skipped; the driver's step is saved in every checkpoint, so a resume continues the same curve;
 * LayerOut's ``start_epoch(epoch)`` / ``end_epoch()`` bracket every epoch.
 
 Randomness: the model is initialised under ``set_seed(seed)`` (identical on every rank); after ``prepare`` the
@@ -282,7 +283,6 @@ class Trainer:
                 )
             if self.metrics is not None and self.resume is not None:
                 self.metrics.truncate(self.state.epoch)
-            self._set_progress()
         except BaseException:
             self.run_dir.release()
             raise
@@ -426,7 +426,8 @@ class Trainer:
         return model
 
     def _prepare(self, model: nn.Module) -> None:
-        """Accelerate's wrapping (DDP, precision), ``torch.compile``, the EMA copy, Mixup and the loss."""
+        """Accelerate's wrapping (DDP, precision), ``torch.compile``, the EMA copy, the schedule driver (the optimizer
+        step hook that moves the regularizers' schedules), Mixup and the loss."""
         cfg, t = self.cfg, self.cfg.train
         acc = self.accelerator
         self.model, self.optimizer = acc.prepare(model, self.optimizer)
@@ -438,6 +439,10 @@ class Trainer:
             from timm.utils import ModelEmaV3
 
             self.ema = ModelEmaV3(self.unwrapped, decay=t.ema.decay, use_warmup=t.ema.warmup)
+        from timm_drop.drive import drive
+
+        also = [self.ema.module] if self.ema is not None else []
+        self.driver = drive(self.unwrapped, self.optimizer, max(1, self.total_steps), also=also)
         self.mixup = build_mixup(cfg, self.num_classes)
         if self.mixup is not None:
             from timm.loss import SoftTargetCrossEntropy
@@ -498,18 +503,19 @@ class Trainer:
                     f"--resume {path}: the checkpoint has no EMA state but train.ema.enabled is true"
                 )
             self.ema.load_state_dict(extra["ema"])
+        # only the step: the recipe's resume config check decides what may change (a longer train.epochs stretches
+        # the schedule, as progress = step / total_steps always did); a checkpoint from before the recipe used
+        # drive() has no "driver", and its schedules followed the step count
+        step = extra["driver"]["step"] if "driver" in extra else self.state.step
+        try:
+            self.driver.load_state_dict({"step": step})
+        except ValueError as e:
+            raise CheckpointError(f"--resume {path}: driver {e}") from e
         self.accelerator.print(f"resumed from {path} at epoch {self.state.epoch}, step {self.state.step}")
 
-    def _set_progress(self) -> None:
-        from timm_drop.schedules import set_progress
-
-        progress = min(1.0, self.state.step / max(1, self.total_steps))
-        set_progress(self.unwrapped, progress)
-        if self.ema is not None:
-            set_progress(self.ema.module, progress)
-
     def _extra_state(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"train_state": asdict(self.state), "format": 1}
+        # "driver" is optional for readers (see _restore), so the format stays 1
+        d: dict[str, Any] = {"train_state": asdict(self.state), "format": 1, "driver": self.driver.state_dict()}
         if self.layerout is not None:
             d["layerout"] = self.layerout.state_dict()
         if self.ema is not None:
@@ -576,8 +582,7 @@ class Trainer:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             if acc.sync_gradients:
-                self.state.step += 1
-                self._set_progress()
+                self.state.step += 1  # the schedules already moved in the optimizer step hook (self.driver)
                 if self.ema is not None:
                     self.ema.update(self.unwrapped, step=self.state.step)
             with torch.no_grad():

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import os
 import re
 import types
@@ -37,7 +36,7 @@ from typing import Any, Literal
 import yaml
 
 from timm_drop.problems import ProblemCollector, YamlLocator
-from timm_drop.suggest import did_you_mean
+from timm_drop.suggest import did_you_mean, nearest
 from timm_drop.yaml_io import YAMLInputError, load_yaml_bounded
 
 __all__ = [
@@ -445,7 +444,7 @@ def _build(cls: type, raw: Any, prefix: str, report: _Report) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     for k in raw:
         if k not in names:
-            near = difflib.get_close_matches(str(k), names, n=1)
+            near = nearest(str(k), names, n=1)
             hint = f"; did you mean {dot}{near[0]}?" if near else ""
             report.add(f"{dot}{k}", f"unknown key{hint} (known: {names})")
     kwargs = {}
@@ -519,7 +518,7 @@ def _check_model_name(name: str, r: _Report) -> None:
 
     if timm.is_model(name):
         return
-    near = difflib.get_close_matches(name, timm.list_models(), n=3)
+    near = nearest(name, timm.list_models(), n=3)
     hint = f"; did you mean {', '.join(near)}?" if near else " (see timm.list_models())"
     r.add("model.name", f"{name!r} is not a timm model{hint}")
 

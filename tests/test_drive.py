@@ -114,6 +114,42 @@ def test_driver_state_dict_resumes_the_same_schedule():
         timm_drop.drive(_model(), torch.optim.SGD(model.parameters()), total_steps=9).load_state_dict(state)
 
 
+def test_a_step_the_grad_scaler_skips_does_not_move_the_schedule():
+    model = _model().train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu")
+    driver = timm_drop.drive(model, opt, total_steps=4)
+    x, y = _batch()
+    for scale, expected in ((1.0, 1), (float("inf"), 1), (1.0, 2)):  # inf gradients: the scaler skips the step
+        scaler.scale(nn.functional.cross_entropy(model(x), y) * scale).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        assert driver.step == expected and _strengths(model) == [pytest.approx(expected / 4)] * 4
+
+
+def test_drive_also_moves_an_ema_copy_along_the_same_schedule():
+    from timm.utils import ModelEmaV3
+
+    model = _model().train()
+    ema = ModelEmaV3(model, decay=0.9)  # a deepcopy: its own regularizer modules
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    driver = timm_drop.drive(model, opt, total_steps=4, also=[ema.module])
+    assert _strengths(ema.module) == [0.0] * 4
+    x, y = _batch()
+    for k in (1, 2):
+        _step(model, opt, x, y)
+        ema.update(model, step=k)
+        assert _strengths(model) == _strengths(ema.module) == [pytest.approx(k / 4)] * 4
+    copy = ModelEmaV3(model, decay=0.9)
+    resumed = timm_drop.drive(_model(), torch.optim.SGD(model.parameters()), total_steps=4, also=[copy.module])
+    resumed.load_state_dict(dict(driver.state_dict(), step=3))
+    assert _strengths(copy.module) == [pytest.approx(0.75)] * 4
+    assert "also=1" in repr(driver)
+    with pytest.raises(TypeError, match=r"also\[0\]"):
+        timm_drop.drive(model, opt, total_steps=4, also=[ema.state_dict()])
+
+
 def test_drive_runs_layerout_epochs_from_the_step_count():
     model = _model().train()
     lo = LayerOut(freeze_probs="random", seed=3).bind(model)

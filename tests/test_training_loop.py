@@ -126,6 +126,38 @@ def test_ema_copy_keeps_its_own_regularizers(full_run):
     assert all("ema_eval_top1" in r for r in _rows(out))
 
 
+def _reg_strengths(model: torch.nn.Module) -> list[float]:
+    return [float(m.strength) for m in model.modules() if isinstance(m, Regularizer)]
+
+
+def test_recipe_drives_schedules_of_the_model_and_its_ema_through_timm_drop_drive(tmp_path):
+    trainer = Trainer(tiny_cfg(tmp_path / "driven"))
+    trainer.fit(max_epochs=1)
+    driver = trainer.driver  # the recipe uses the same public timm_drop.drive users call
+    # 2 optimizer steps (4 micro-batches, grad_accum 2) of total 4: linear schedule at 0.5 on both models
+    assert driver.step == trainer.state.step == 2 and driver.total_steps == trainer.total_steps == 4
+    assert _reg_strengths(trainer.unwrapped) == _reg_strengths(trainer.ema.module) == [pytest.approx(0.5)] * 2
+    trainer.optimizer.step()  # the optimizer step hook moves both, no trainer bookkeeping involved
+    assert driver.step == 3
+    assert _reg_strengths(trainer.unwrapped) == _reg_strengths(trainer.ema.module) == [pytest.approx(0.75)] * 2
+
+
+def test_resume_from_a_checkpoint_without_driver_state_continues_from_its_step(full_run, tmp_path, monkeypatch):
+    # checkpoints written before the recipe used drive() carry no "driver" entry: the schedule resumes at the
+    # restored optimizer step, as it did then
+    _, _, full_out = full_run
+    out = tmp_path / "old"
+    saved = Trainer._extra_state
+    monkeypatch.setattr(Trainer, "_extra_state", lambda self: {k: v for k, v in saved(self).items() if k != "driver"})
+    Trainer(tiny_cfg(out)).fit(max_epochs=1)
+    monkeypatch.undo()
+    resumed = Trainer(tiny_cfg(out), resume="latest").setup()
+    assert resumed.driver.step == resumed.state.step == 2
+    assert _reg_strengths(resumed.unwrapped) == _reg_strengths(resumed.ema.module) == [pytest.approx(0.5)] * 2
+    resumed.fit()
+    assert [r["reg_strength"] for r in _rows(out)] == [r["reg_strength"] for r in _rows(full_out)]
+
+
 def test_resume_continues_the_same_curve_and_weights(full_run, tmp_path):
     _, _, full_out = full_run
     out = tmp_path / "split"

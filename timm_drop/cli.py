@@ -79,13 +79,11 @@ def load_spec_or_exit(src: str):
         raise UsageError(str(exc)) from None
 
 
-def _example_input(model, input_size: Sequence[int] | None):
+def _example_input(input_size: Sequence[int] | None):
+    """``--input-size`` as an example input; without it ``None``: the library's default input, as users get."""
     import torch
 
-    if input_size is None:
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        input_size = cfg.get("input_size", (3, 224, 224))
-    return torch.randn(1, *input_size)
+    return None if input_size is None else torch.randn(1, *input_size)
 
 
 def _plan(model, spec, example):
@@ -118,7 +116,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     spec = load_spec_or_exit(args.spec)
     model = create_model(args.model, args.num_classes)
     model.eval()
-    print(_plan(model, spec, _example_input(model, args.input_size)))
+    print(_plan(model, spec, _example_input(args.input_size)))
     return 0
 
 
@@ -143,7 +141,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     spec = load_spec_or_exit(args.spec)
     model = create_model(args.model, args.num_classes)
     model.eval()
-    example = _example_input(model, args.input_size)
+    example = _example_input(args.input_size)
     plan = _plan(model, spec, example)
     print(plan)
     timm_drop.apply_regularizer(model, spec, example_input=example)
@@ -170,7 +168,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
     check_model_name(args.model)
     spec = load_spec_or_exit(args.spec)
     model = create_model(args.model, args.num_classes)
-    example = _example_input(model, args.input_size)
+    example = _example_input(args.input_size)
     _plan(model, spec, example)  # a spec that does not fit is a usage error, as for plan
     timm_drop.apply_regularizer(model, spec, example_input=example)
     print(summary(model))

@@ -14,10 +14,15 @@ LayerOut is an epoch-level controller; a loop without an epoch hook (an HF ``Tra
 plain ``for step in range(n)`` loop) passes ``layerout`` and ``steps_per_epoch``: epoch ``e`` covers steps
 ``[e * steps_per_epoch, (e + 1) * steps_per_epoch)``, so its frozen set, a pure function of ``(seed, epoch)``, is
 the same after a resume.
+
+A model with a copy that keeps its own regularizers (an EMA: timm's ``ModelEmaV3`` deep-copies the model) passes the
+copy's module in ``also``, e.g. ``drive(model, optimizer, total_steps, also=[ema.module])``, so evaluating the EMA
+uses the same strengths as the model it averages.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from torch import nn
@@ -45,8 +50,15 @@ class Driver:
         *,
         layerout: LayerOut | None = None,
         steps_per_epoch: int | None = None,
+        also: Iterable[nn.Module] = (),
     ) -> None:
         self.model = model
+        self.also = list(also)
+        for i, m in enumerate(self.also):
+            if not isinstance(m, nn.Module):
+                raise TypeError(
+                    f"drive: also[{i}] must be an nn.Module (such as an EMA copy), got {type(m).__name__}"
+                )
         self.total_steps = _positive_int("total_steps", total_steps)
         self.steps_per_epoch = None if steps_per_epoch is None else _positive_int("steps_per_epoch", steps_per_epoch)
         if layerout is not None and self.steps_per_epoch is None:
@@ -77,7 +89,8 @@ class Driver:
         self._sync()
 
     def _sync(self) -> None:
-        set_progress(self.model, self.progress)
+        for m in (self.model, *self.also):
+            set_progress(m, self.progress)
         lo = self.layerout
         if lo is not None and lo.epoch != self.epoch:
             lo.start_epoch(self.epoch)
@@ -112,7 +125,8 @@ class Driver:
 
     def __repr__(self) -> str:
         lo = f", layerout epoch={self.epoch}" if self.layerout is not None else ""
-        return f"Driver(step={self.step}/{self.total_steps}, progress={self.progress:.4g}{lo})"
+        also = f", also={len(self.also)}" if self.also else ""
+        return f"Driver(step={self.step}/{self.total_steps}, progress={self.progress:.4g}{lo}{also})"
 
 
 def drive(
@@ -122,11 +136,13 @@ def drive(
     *,
     layerout: LayerOut | None = None,
     steps_per_epoch: int | None = None,
+    also: Iterable[nn.Module] = (),
 ) -> Driver:
     """Advance every schedule in ``model`` once per step of ``optimizer`` over ``total_steps`` steps.
 
     Moves the schedules to progress 0 at once. ``optimizer`` may be a ``torch.optim.Optimizer`` or a wrapper of
     one (Accelerate's). With ``layerout`` (a bound :class:`~timm_drop.LayerOut`) and ``steps_per_epoch`` it also
     runs LayerOut's epochs from the step count, and attaches LayerOut to the optimizer if it is not yet attached.
+    Modules in ``also`` (an EMA copy's ``.module``) follow the same progress.
     """
-    return Driver(model, optimizer, total_steps, layerout=layerout, steps_per_epoch=steps_per_epoch)
+    return Driver(model, optimizer, total_steps, layerout=layerout, steps_per_epoch=steps_per_epoch, also=also)

@@ -52,6 +52,7 @@ from torch import nn
 
 __all__ = ["BasicBlock", "CifarResNet", "PadShortcut", "PreActBlock", "VGGCifar", "WideResNet"]
 
+#: CIFAR-10 training-set channel statistics (the recipe's data pipeline normalises with these too)
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 

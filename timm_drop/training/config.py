@@ -4,7 +4,10 @@ A config is a tree of small dataclasses (:class:`TrainConfig` at the root). Load
 
     YAML file -> dict -> dotted ``key=value`` overrides -> typed, validated dataclasses
 
-and every error names the dotted key at fault (``train.precision: must be one of ['no', 'bf16', 'fp16']``).
+and every problem names the dotted key at fault (``train.precision: must be one of ['no', 'bf16', 'fp16']``)
+and, for a value from a YAML file, the file and line. A config with several mistakes gets them all in one
+:class:`ConfigError` (collected with :class:`timm_drop.problems.ProblemCollector`, as a spec's are); the range
+checks run one step per section (``_check_model``, ``_check_data``...).
 The resolved config (with the regularizer spec inlined) is what :func:`save_config` writes next to the run's
 outputs, so ``--config <run>/config.yaml`` reproduces the run.
 
@@ -22,18 +25,23 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from timm_drop.problems import ProblemCollector, YamlLocator
+from timm_drop.suggest import did_you_mean, nearest
 from timm_drop.yaml_io import YAMLInputError, load_yaml_bounded
 
 __all__ = [
     "ConfigError",
+    "ConfigProblem",
     "TrainConfig",
     "apply_overrides",
     "config_to_dict",
@@ -43,8 +51,45 @@ __all__ = [
 ]
 
 
+@dataclass(frozen=True)
+class ConfigProblem:
+    """One thing wrong with a config: the dotted key at fault, what, and where the value came from.
+
+    ``source`` is the YAML file that gave the value (or ``"override <key>"``), ``line`` its 1-based line there;
+    both are None for values given in a dict or left at their default.
+    """
+
+    key: str | None
+    message: str
+    source: str | None = None
+    line: int | None = None
+
+    def __str__(self) -> str:
+        text = f"{self.key}: {self.message}" if self.key else self.message
+        if self.source is None:
+            return text
+        return f"{text} ({self.source}{f', line {self.line}' if self.line is not None else ''})"
+
+
 class ConfigError(ValueError):
-    """A config problem; the message starts with the dotted key at fault."""
+    """Config problems: a message (one problem) or :class:`ConfigProblem` s, each starting with the dotted key.
+
+    ``problems`` lists everything found; a config with several mistakes reports them all in one error.
+    """
+
+    def __init__(self, problems: str | ConfigProblem | Sequence[ConfigProblem]) -> None:
+        if isinstance(problems, str):
+            problems = [ConfigProblem(None, problems)]
+        elif isinstance(problems, ConfigProblem):
+            problems = [problems]
+        self.problems: tuple[ConfigProblem, ...] = tuple(problems)
+        if len(self.problems) == 1:
+            text = str(self.problems[0])
+        else:
+            text = "\n".join(
+                [f"config has {len(self.problems)} problems:"] + [f"  - {p}" for p in self.problems]
+            )
+        super().__init__(text)
 
 
 # -- schema ------------------------------------------------------------------------------------------------
@@ -224,6 +269,100 @@ class TrainConfig:
     description: str = ""
 
 
+# -- where values came from, and the problems found in them ------------------------------------------------
+
+_INDEX = re.compile(r"\[(\d+)\]")
+
+
+def _key_path(key: str) -> tuple[Any, ...]:
+    """``"log.trackers[0]"`` -> ``("log", "trackers", 0)``: the field path a :class:`YamlLocator` walks."""
+    path: list[Any] = []
+    for part in key.split("."):
+        name, *indices = _INDEX.split(part)
+        if name:
+            path.append(name)
+        path.extend(int(i) for i in indices if i)
+    return tuple(path)
+
+
+def _dotted(path: tuple[Any, ...]) -> str:
+    """``("log", "trackers", 0)`` -> ``"log.trackers[0]"``: the inverse of :func:`_key_path`."""
+    out = ""
+    for step in path:
+        out += f"[{step}]" if isinstance(step, int) else (f".{step}" if out else str(step))
+    return out
+
+
+class _Sources:
+    """Where each value of a raw config came from: overrides first, then the file, then its ``base:`` files."""
+
+    def __init__(self) -> None:
+        self.files: list[tuple[str, YamlLocator]] = []  # the config file first, then its bases in order
+        self.overrides: list[str] = []
+
+    def add_file(self, name: str, locator: YamlLocator) -> None:
+        self.files.append((name, locator))
+
+    def duplicate_keys(self) -> list[ConfigProblem]:
+        """A key a file's mapping repeats: PyYAML would silently keep the last value (a spec refuses it too)."""
+        return [
+            ConfigProblem(
+                _dotted(path + (key,)), "given twice; YAML would silently keep only the last one", name, line
+            )
+            for name, locator in self.files
+            for path, key, line in locator.duplicate_keys()
+        ]
+
+    def locate(self, key: str | None) -> tuple[str | None, int | None]:
+        """``(source, line)`` of the value at dotted ``key``: the override that set it or the file that gave it.
+
+        A key no file gives (a required field left out) points at its deepest parent section that a file
+        gives, so "data.root: is required" names the ``data:`` line.
+        """
+        if not key:
+            return None, None
+        for item in self.overrides:
+            if key == item or key.startswith((item + ".", item + "[")):
+                return f"override {item}", None
+        path = _key_path(key)
+        best: tuple[int, str | None, int | None] = (0, None, None)
+        for name, locator in self.files:
+            for depth in range(len(path), best[0], -1):
+                if locator.node(path[:depth]) is not None:
+                    best = (depth, name, locator.line(path[:depth]))
+                    break
+        return best[1], best[2]
+
+
+class _Report:
+    """Collects every problem of a config (each located through :class:`_Sources`); raises them together."""
+
+    def __init__(self, sources: _Sources | None = None) -> None:
+        self.sources = sources or _Sources()
+        self.problems: ProblemCollector[ConfigProblem] = ProblemCollector()
+
+    def add(self, key: str | None, message: str) -> None:
+        source, line = self.sources.locate(key)
+        self.problems.add(ConfigProblem(key, message, source, line))
+
+    def add_error(self, error: ConfigError) -> None:
+        for p in error.problems:
+            self.add(p.key, p.message)
+
+    def check(self, cond: bool, key: str, message: str) -> bool:
+        """Record ``key: message`` unless ``cond``; returns ``cond`` so a dependent check can be skipped."""
+        if not cond:
+            self.add(key, message)
+        return cond
+
+    def has(self, key: str) -> bool:
+        return any(p.key == key or (p.key or "").startswith(key + ".") for p in self.problems.sorted())
+
+    def raise_if_any(self) -> None:
+        if self.problems:
+            raise ConfigError(self.problems.sorted())
+
+
 # -- generic typed construction ----------------------------------------------------------------------------
 
 
@@ -231,8 +370,13 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against annotation ``tp``; ints are accepted for floats. Raises ConfigError naming key."""
+def _fail(key: str, message: str) -> ConfigError:
+    return ConfigError(ConfigProblem(key, message))
+
+
+def _coerce(value: Any, tp: Any, key: str, report: _Report) -> Any:
+    """Check ``value`` against annotation ``tp``; ints are accepted for floats. Raises ConfigError naming key;
+    a nested section is built field by field, its problems going to ``report``."""
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
@@ -240,71 +384,76 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
+        errors: list[ConfigProblem] = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, key)
+                return _coerce(value, arg, key, report)
             except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[-1] if len(errors) == 1 else f"{key}: {value!r} matches none of {tp}")
+                errors.extend(e.problems)
+        if len(errors) == 1:
+            raise ConfigError(errors[0])
+        raise _fail(key, f"{value!r} matches none of {tp}")
     if origin is Literal:
         choices = typing.get_args(tp)
         for c in choices:
             if value == c and type(value) is type(c):
                 return value
-        raise ConfigError(f"{key}: must be one of {list(choices)}, got {value!r}")
+        raise _fail(key, f"must be one of {list(choices)}, got {value!r}")
     if origin is list:
         (item_tp,) = typing.get_args(tp) or (Any,)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: must be a list, got {type(value).__name__} ({value!r})")
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+            raise _fail(key, f"must be a list, got {type(value).__name__} ({value!r})")
+        return [_coerce(v, item_tp, f"{key}[{i}]", report) for i, v in enumerate(value)]
     if tp is dict or origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: must be a mapping, got {type(value).__name__} ({value!r})")
+            raise _fail(key, f"must be a mapping, got {type(value).__name__} ({value!r})")
         return copy.deepcopy(value)
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
+        return _build(tp, value, key, report)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: must be true or false, got {value!r}")
+            raise _fail(key, f"must be true or false, got {value!r}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: must be an integer, got {type(value).__name__} ({value!r})")
+            raise _fail(key, f"must be an integer, got {type(value).__name__} ({value!r})")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: must be a number, got {type(value).__name__} ({value!r})")
+            raise _fail(key, f"must be a number, got {type(value).__name__} ({value!r})")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: must be a string, got {type(value).__name__} ({value!r})")
+            raise _fail(key, f"must be a string, got {type(value).__name__} ({value!r})")
         return value
-    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")  # pragma: no cover - schema bug
+    raise _fail(key, f"unsupported type {_type_name(tp)}")  # pragma: no cover - schema bug
 
 
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    where = prefix or "config"
+def _build(cls: type, raw: Any, prefix: str, report: _Report) -> Any:
+    """``cls`` from a raw mapping; every unknown key and ill-typed field goes to ``report`` (that field then keeps
+    its default, so the rest of the section is still checked)."""
+    dot = prefix + "." if prefix else ""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: must be a mapping, got {type(raw).__name__} ({raw!r})")
+        report.add(prefix or "config", f"must be a mapping, got {type(raw).__name__} ({raw!r})")
+        return cls()
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in raw if k not in names]
-    if unknown:
-        import difflib
-
-        k = unknown[0]
-        near = difflib.get_close_matches(str(k), names, n=1)
-        hint = f"; did you mean {prefix + '.' if prefix else ''}{near[0]}?" if near else ""
-        raise ConfigError(f"{prefix + '.' if prefix else ''}{k}: unknown key{hint} (known: {names})")
+    for k in raw:
+        if k not in names:
+            near = nearest(str(k), names, n=1)
+            hint = f"; did you mean {dot}{near[0]}?" if near else ""
+            report.add(f"{dot}{k}", f"unknown key{hint} (known: {names})")
     kwargs = {}
     for name in names:
         if name in raw:
-            kwargs[name] = _coerce(raw[name], hints[name], f"{prefix + '.' if prefix else ''}{name}")
+            try:
+                kwargs[name] = _coerce(raw[name], hints[name], f"{dot}{name}", report)
+            except ConfigError as e:
+                report.add_error(e)
     return cls(**kwargs)
 
 
@@ -313,270 +462,339 @@ def config_to_dict(cfg: Any) -> dict:
     return copy.deepcopy(dataclasses.asdict(cfg))
 
 
-# -- semantic checks ---------------------------------------------------------------------------------------
+# -- semantic checks: one step per section -----------------------------------------------------------------
 
 
-def _check(cond: bool, key: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{key}: {msg}")
+def validate(cfg: TrainConfig, *, check_paths: bool = True, report: _Report | None = None) -> None:
+    """Range and consistency checks; every failure names its key, and all of them are raised together.
+
+    ``check_paths=False`` skips file existence. With ``report`` the problems are added there and not raised.
+    """
+    own = report is None
+    r = report if report is not None else _Report()
+    for step in _SECTION_CHECKS:
+        step(cfg, r, check_paths)
+    if own:
+        r.raise_if_any()
 
 
-def validate(cfg: TrainConfig, *, check_paths: bool = True) -> None:
-    """Range and consistency checks; every failure names its key. ``check_paths=False`` skips file existence."""
-    d, o, s, t = cfg.data, cfg.optim, cfg.sched, cfg.train
-    _check(bool(cfg.output_dir), "output_dir", "must not be empty")
-    _check(bool(cfg.model.name), "model.name", "must name a timm model")
-    _check_model_name(cfg.model.name)
+def _check_run(cfg: TrainConfig, r: _Report, check_paths: bool) -> None:
+    r.check(bool(cfg.output_dir), "output_dir", "must not be empty")
     # numpy's seed range: anything else fails deep inside set_seed, after the run directory exists
-    _check(0 <= cfg.seed <= 2**32 - 1, "seed", f"must be in [0, 2**32 - 1], got {cfg.seed}")
-    _check(
-        "num_classes" not in cfg.model.kwargs or isinstance(cfg.model.kwargs["num_classes"], int),
+    r.check(0 <= cfg.seed <= 2**32 - 1, "seed", f"must be in [0, 2**32 - 1], got {cfg.seed}")
+
+
+def _check_model(cfg: TrainConfig, r: _Report, check_paths: bool) -> None:
+    m = cfg.model
+    if r.check(bool(m.name), "model.name", "must name a timm model"):
+        _check_model_name(m.name, r)
+    r.check(
+        "num_classes" not in m.kwargs or isinstance(m.kwargs["num_classes"], int),
         "model.kwargs.num_classes",
         "must be an integer",
     )
-    _check(d.image_size >= 8, "data.image_size", f"must be >= 8, got {d.image_size}")
-    _check(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
-    _check(d.eval_batch_size >= 1, "data.eval_batch_size", f"must be >= 1, got {d.eval_batch_size}")
-    _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
-    _check(
-        d.num_classes is None or d.num_classes >= 2, "data.num_classes", f"must be >= 2, got {d.num_classes}"
-    )
-    for k in ("train_subset", "eval_subset"):
-        v = getattr(d, k)
-        _check(v is None or v >= 1, f"data.{k}", f"must be >= 1 or null, got {v}")
-    for k in ("mean", "std"):
-        v = getattr(d, k)
-        _check(v is None or len(v) in (1, 3), f"data.{k}", f"must have 1 or 3 values, got {v}")
-    _check(d.std is None or all(x > 0 for x in d.std), "data.std", f"must be positive, got {d.std}")
-    _check(
-        d.crop_pct is None or 0 < d.crop_pct <= 1, "data.crop_pct", f"must be in (0, 1] or null, got {d.crop_pct}"
-    )
-    m = cfg.model
     if m.checkpoint_path is not None:
-        _check(m.pretrained, "model.checkpoint_path", "is the pretrained weights file: set model.pretrained: true")
+        r.check(
+            m.pretrained,
+            "model.checkpoint_path",
+            "is the pretrained weights file: set model.pretrained: true",
+        )
         if check_paths:
-            _check(
+            r.check(
                 os.path.isfile(m.checkpoint_path),
                 "model.checkpoint_path",
                 f"does not exist: {m.checkpoint_path!r}",
             )
-    if d.dataset in ("imagefolder", "npz"):
-        _check(d.root is not None, "data.root", f"is required for dataset {d.dataset!r}")
-    if d.dataset == "npz" and d.root is not None:
-        _check(
-            str(d.root).endswith(".npz"),
-            "data.root",
-            f"must be an .npz file for dataset 'npz', got {d.root!r}",
-        )
-    if d.dataset in ("cifar10", "cifar100") and not d.download:
-        _check(d.root is not None, "data.root", "is required for CIFAR unless data.download is true")
-    if check_paths and d.root is not None and not (d.dataset.startswith("cifar") and d.download):
-        _check(os.path.exists(d.root), "data.root", f"does not exist: {d.root!r}")
-    a = d.augment
-    _check(
-        0 <= a.crop_padding <= d.image_size,
-        "data.augment.crop_padding",
-        f"must be in [0, image_size], got {a.crop_padding}",
-    )
-    _check(
-        0 <= a.cutout <= d.image_size, "data.augment.cutout", f"must be in [0, image_size], got {a.cutout}"
-    )
-    _check(
-        0.0 <= a.random_erasing <= 1.0,
-        "data.augment.random_erasing",
-        f"must be in [0, 1], got {a.random_erasing}",
-    )
-    for k in ("mixup", "cutmix"):
-        _check(getattr(a, k) >= 0, f"data.augment.{k}", f"must be >= 0 (0 = off), got {getattr(a, k)}")
-    for k in ("mix_prob", "mix_switch_prob"):
-        v = getattr(a, k)
-        _check(0.0 <= v <= 1.0, f"data.augment.{k}", f"must be in [0, 1], got {v}")
-    if a.mixup > 0 or a.cutmix > 0:
-        _check(
-            d.batch_size % 2 == 0,
-            "data.batch_size",
-            f"must be even with data.augment.mixup/cutmix (timm pairs each image with the batch's mirror), got {d.batch_size}",
-        )
-    if a.randaugment is not None:
-        _check(
-            d.dataset == "imagefolder",
-            "data.augment.randaugment",
-            f"needs dataset imagefolder (PIL ops in the loader workers); tensor datasets ({d.dataset!r}) are "
-            "augmented on the device: use mixup/cutmix, cutout or random_erasing there",
-        )
-        from timm.data.auto_augment import rand_augment_transform
-
-        try:
-            rand_augment_transform(a.randaugment, {"translate_const": 100})
-        except (AssertionError, ValueError, KeyError, IndexError) as e:
-            raise ConfigError(
-                f"data.augment.randaugment: {a.randaugment!r} is not a timm RandAugment string "
-                f"(e.g. 'rand-m9-mstd0.5-inc1'): {e}"
-            ) from e
-
-    _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
-    _check(0.0 <= o.momentum < 1.0, "optim.momentum", f"must be in [0, 1), got {o.momentum}")
-    info = _check_optimizer_name(o.name)
-    _check(
-        not o.nesterov or (o.name in ("sgd", "momentum") and o.momentum > 0),
-        "optim.nesterov",
-        "needs optim.name sgd (or momentum) and momentum > 0",
-    )
-    _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
-    _check(
-        o.layer_decay is None or 0 < o.layer_decay <= 1,
-        "optim.layer_decay",
-        f"must be in (0, 1] or null, got {o.layer_decay}",
-    )
-    if o.betas is not None and info.has_betas:  # others ignore betas (older saved configs carry them)
-        _check(
-            len(o.betas) == info.num_betas and all(0 <= b < 1 for b in o.betas),
-            "optim.betas",
-            f"must be {info.num_betas} values in [0, 1) for {o.name!r}, got {o.betas}",
-        )
-    _check(o.eps is None or o.eps > 0, "optim.eps", f"must be > 0 or null, got {o.eps}")
-
-    _check(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}")
-    _check(t.grad_accum_steps >= 1, "train.grad_accum_steps", f"must be >= 1, got {t.grad_accum_steps}")
-    _check(
-        0.0 <= t.label_smoothing < 1.0, "train.label_smoothing", f"must be in [0, 1), got {t.label_smoothing}"
-    )
-    _check(
-        t.clip_grad_norm is None or t.clip_grad_norm > 0,
-        "train.clip_grad_norm",
-        f"must be > 0 or null, got {t.clip_grad_norm}",
-    )
-    _check(0.0 < t.ema.decay < 1.0, "train.ema.decay", f"must be in (0, 1), got {t.ema.decay}")
-    _check(t.eval_every >= 1, "train.eval_every", f"must be >= 1, got {t.eval_every}")
-
-    if s.milestones is not None and s.milestone_fractions is not None:
-        raise ConfigError(
-            "sched.milestones: give either milestones (epochs) or milestone_fractions, not both"
-        )
-    if s.milestones is not None:
-        _check(
-            s.milestones == sorted(s.milestones) and all(0 < m <= t.epochs for m in s.milestones),
-            "sched.milestones",
-            f"must be increasing epochs in (0, train.epochs={t.epochs}], got {s.milestones}",
-        )
-    if s.milestone_fractions is not None:
-        _check(
-            s.milestone_fractions == sorted(s.milestone_fractions)
-            and all(0 < m < 1 for m in s.milestone_fractions),
-            "sched.milestone_fractions",
-            f"must be increasing fractions in (0, 1), got {s.milestone_fractions}",
-        )
-    _check(0.0 < s.gamma <= 1.0, "sched.gamma", f"must be in (0, 1], got {s.gamma}")
-    _check(
-        0.0 <= s.warmup_epochs < t.epochs,
-        "sched.warmup_epochs",
-        f"must be in [0, train.epochs), got {s.warmup_epochs}",
-    )
-    _check(s.warmup_lr >= 0, "sched.warmup_lr", f"must be >= 0, got {s.warmup_lr}")
-    _check(0 <= s.min_lr <= o.lr, "sched.min_lr", f"must be in [0, optim.lr], got {s.min_lr}")
-
-    _check(cfg.log.log_interval >= 1, "log.log_interval", f"must be >= 1, got {cfg.log.log_interval}")
-    _check_trackers(cfg.log.trackers)
-    _check(cfg.log.mask_every >= 0, "log.mask_every", f"must be >= 0 (0 = never), got {cfg.log.mask_every}")
-    _check(
-        cfg.checkpoint.total_limit >= 1,
-        "checkpoint.total_limit",
-        f"must be >= 1, got {cfg.checkpoint.total_limit}",
-    )
-    _check(cfg.checkpoint.every >= 1, "checkpoint.every", f"must be >= 1, got {cfg.checkpoint.every}")
-
-    if cfg.regularizer is not None:
-        _check(
-            isinstance(cfg.regularizer, (str, dict)),
-            "regularizer",
-            f"must be a spec mapping, a path to a spec YAML, or null; got {type(cfg.regularizer).__name__}",
-        )
-    if cfg.layerout is not None:
-        _validate_layerout(cfg.layerout)
 
 
-def _check_model_name(name: str) -> None:
+def _check_model_name(name: str, r: _Report) -> None:
     """The name must be in timm's registry (the CIFAR models register on ``import timm_drop``)."""
     if ":" in name:  # ``hf-hub:...`` / ``local-dir:...``: timm resolves these itself when building
         return
     import timm
 
     import timm_drop  # noqa: F401
+    import timm_drop.models  # noqa: F401
 
-    try:
-        import timm_drop.models  # noqa: F401
-    except ImportError:  # pragma: no cover
-        pass
     if timm.is_model(name):
         return
-    import difflib
-
-    near = difflib.get_close_matches(name, timm.list_models(), n=3)
+    near = nearest(name, timm.list_models(), n=3)
     hint = f"; did you mean {', '.join(near)}?" if near else " (see timm.list_models())"
-    raise ConfigError(f"model.name: {name!r} is not a timm model{hint}")
+    r.add("model.name", f"{name!r} is not a timm model{hint}")
 
 
-def _check_trackers(names: list[str]) -> None:
-    """Accelerate's tracker names, each installed (Accelerate itself would only warn and drop a missing one)."""
-    import accelerate.utils
-    from accelerate.utils import LoggerType
+def _check_data(cfg: TrainConfig, r: _Report, check_paths: bool) -> None:
+    d = cfg.data
+    r.check(d.image_size >= 8, "data.image_size", f"must be >= 8, got {d.image_size}")
+    r.check(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
+    r.check(d.eval_batch_size >= 1, "data.eval_batch_size", f"must be >= 1, got {d.eval_batch_size}")
+    r.check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    r.check(
+        d.num_classes is None or d.num_classes >= 2, "data.num_classes", f"must be >= 2, got {d.num_classes}"
+    )
+    for k in ("train_subset", "eval_subset"):
+        v = getattr(d, k)
+        r.check(v is None or v >= 1, f"data.{k}", f"must be >= 1 or null, got {v}")
+    for k in ("mean", "std"):
+        v = getattr(d, k)
+        r.check(v is None or len(v) in (1, 3), f"data.{k}", f"must have 1 or 3 values, got {v}")
+    r.check(d.std is None or all(x > 0 for x in d.std), "data.std", f"must be positive, got {d.std}")
+    r.check(
+        d.crop_pct is None or 0 < d.crop_pct <= 1,
+        "data.crop_pct",
+        f"must be in (0, 1] or null, got {d.crop_pct}",
+    )
+    _check_data_root(d, r, check_paths)
+    _check_augment(d, r)
 
-    from timm_drop.suggest import did_you_mean
 
-    known = [t.value for t in LoggerType if t.value != "all"]
-    for i, name in enumerate(names):
-        key = f"log.trackers[{i}]"
-        if name not in known:
-            raise ConfigError(f"{key}: {name!r} is not an Accelerate tracker{did_you_mean(name, known)} (known: {known})")
-        available = getattr(accelerate.utils, f"is_{name}_available", None)
-        _check(
-            available is None or available(),
-            key,
-            f"{name!r} is not installed (pip install {name.replace('_', '-')})",
+def _check_data_root(d: DataConfig, r: _Report, check_paths: bool) -> None:
+    if d.dataset in ("imagefolder", "npz"):
+        r.check(d.root is not None, "data.root", f"is required for dataset {d.dataset!r}")
+    if d.dataset == "npz" and d.root is not None:
+        r.check(
+            str(d.root).endswith(".npz"),
+            "data.root",
+            f"must be an .npz file for dataset 'npz', got {d.root!r}",
         )
-    _check(len(set(names)) == len(names), "log.trackers", f"lists a tracker twice: {names}")
+    if d.dataset in ("cifar10", "cifar100") and not d.download:
+        r.check(d.root is not None, "data.root", "is required for CIFAR unless data.download is true")
+    if check_paths and d.root is not None and not (d.dataset.startswith("cifar") and d.download):
+        r.check(os.path.exists(d.root), "data.root", f"does not exist: {d.root!r}")
 
 
-def _check_optimizer_name(name: str) -> Any:
-    """timm's ``OptimInfo`` for ``name`` (``lookahead_`` prefix allowed); an unknown name names the field."""
+def _check_augment(d: DataConfig, r: _Report) -> None:
+    a = d.augment
+    if d.image_size >= 8:  # a bad image_size is reported once, not again through every bound it sets
+        r.check(
+            0 <= a.crop_padding <= d.image_size,
+            "data.augment.crop_padding",
+            f"must be in [0, image_size], got {a.crop_padding}",
+        )
+        r.check(
+            0 <= a.cutout <= d.image_size,
+            "data.augment.cutout",
+            f"must be in [0, image_size], got {a.cutout}",
+        )
+    r.check(
+        0.0 <= a.random_erasing <= 1.0,
+        "data.augment.random_erasing",
+        f"must be in [0, 1], got {a.random_erasing}",
+    )
+    for k in ("mixup", "cutmix"):
+        r.check(getattr(a, k) >= 0, f"data.augment.{k}", f"must be >= 0 (0 = off), got {getattr(a, k)}")
+    for k in ("mix_prob", "mix_switch_prob"):
+        v = getattr(a, k)
+        r.check(0.0 <= v <= 1.0, f"data.augment.{k}", f"must be in [0, 1], got {v}")
+    if (a.mixup > 0 or a.cutmix > 0) and d.batch_size >= 1:
+        r.check(
+            d.batch_size % 2 == 0,
+            "data.batch_size",
+            f"must be even with data.augment.mixup/cutmix (timm pairs each image with the batch's mirror), got {d.batch_size}",
+        )
+    if a.randaugment is not None:
+        _check_randaugment(a.randaugment, d.dataset, r)
+
+
+def _check_randaugment(text: str, dataset: str, r: _Report) -> None:
+    if not r.check(
+        dataset == "imagefolder",
+        "data.augment.randaugment",
+        f"needs dataset imagefolder (PIL ops in the loader workers); tensor datasets ({dataset!r}) are "
+        "augmented on the device: use mixup/cutmix, cutout or random_erasing there",
+    ):
+        return
+    from timm.data.auto_augment import rand_augment_transform
+
+    try:
+        rand_augment_transform(text, {"translate_const": 100})
+    except (AssertionError, ValueError, KeyError, IndexError) as e:
+        r.add(
+            "data.augment.randaugment",
+            f"{text!r} is not a timm RandAugment string (e.g. 'rand-m9-mstd0.5-inc1'): {e}",
+        )
+
+
+def _check_optim(cfg: TrainConfig, r: _Report, check_paths: bool) -> None:
+    o = cfg.optim
+    r.check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    momentum_ok = r.check(0.0 <= o.momentum < 1.0, "optim.momentum", f"must be in [0, 1), got {o.momentum}")
+    info = _optimizer_info(o.name, r)
+    if momentum_ok:
+        r.check(
+            not o.nesterov or (o.name in ("sgd", "momentum") and o.momentum > 0),
+            "optim.nesterov",
+            "needs optim.name sgd (or momentum) and momentum > 0",
+        )
+    r.check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    r.check(
+        o.layer_decay is None or 0 < o.layer_decay <= 1,
+        "optim.layer_decay",
+        f"must be in (0, 1] or null, got {o.layer_decay}",
+    )
+    # optimizers without betas ignore them (older saved configs carry them)
+    if o.betas is not None and info is not None and info.has_betas:
+        r.check(
+            len(o.betas) == info.num_betas and all(0 <= b < 1 for b in o.betas),
+            "optim.betas",
+            f"must be {info.num_betas} values in [0, 1) for {o.name!r}, got {o.betas}",
+        )
+    r.check(o.eps is None or o.eps > 0, "optim.eps", f"must be > 0 or null, got {o.eps}")
+
+
+def _optimizer_info(name: str, r: _Report) -> Any:
+    """timm's ``OptimInfo`` for ``name`` (``lookahead_`` prefix allowed); None (and a problem) for an unknown one."""
     import timm.optim
-
-    from timm_drop.suggest import did_you_mean
 
     known = timm.optim.list_optimizers()
     base = name.lower().removeprefix("lookahead_")
     if base not in known:
         hint = did_you_mean(name, known) or " (see timm.optim.list_optimizers())"
-        raise ConfigError(f"optim.name: {name!r} is not a timm optimizer{hint}")
+        r.add("optim.name", f"{name!r} is not a timm optimizer{hint}")
+        return None
     return timm.optim.get_optimizer_info(base)
 
 
-def _validate_layerout(section: dict) -> None:
+def _check_train(cfg: TrainConfig, r: _Report, check_paths: bool) -> None:
+    t = cfg.train
+    r.check(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}")
+    r.check(t.grad_accum_steps >= 1, "train.grad_accum_steps", f"must be >= 1, got {t.grad_accum_steps}")
+    r.check(
+        0.0 <= t.label_smoothing < 1.0, "train.label_smoothing", f"must be in [0, 1), got {t.label_smoothing}"
+    )
+    r.check(
+        t.clip_grad_norm is None or t.clip_grad_norm > 0,
+        "train.clip_grad_norm",
+        f"must be > 0 or null, got {t.clip_grad_norm}",
+    )
+    r.check(0.0 < t.ema.decay < 1.0, "train.ema.decay", f"must be in (0, 1), got {t.ema.decay}")
+    r.check(t.eval_every >= 1, "train.eval_every", f"must be >= 1, got {t.eval_every}")
+
+
+def _check_sched(cfg: TrainConfig, r: _Report, check_paths: bool) -> None:
+    s, epochs, lr = cfg.sched, cfg.train.epochs, cfg.optim.lr
+    if s.milestones is not None and s.milestone_fractions is not None:
+        r.add("sched.milestones", "give either milestones (epochs) or milestone_fractions, not both")
+    elif s.milestones is not None and epochs >= 1:
+        r.check(
+            s.milestones == sorted(s.milestones) and all(0 < m <= epochs for m in s.milestones),
+            "sched.milestones",
+            f"must be increasing epochs in (0, train.epochs={epochs}], got {s.milestones}",
+        )
+    elif s.milestone_fractions is not None:
+        r.check(
+            s.milestone_fractions == sorted(s.milestone_fractions)
+            and all(0 < m < 1 for m in s.milestone_fractions),
+            "sched.milestone_fractions",
+            f"must be increasing fractions in (0, 1), got {s.milestone_fractions}",
+        )
+    r.check(0.0 < s.gamma <= 1.0, "sched.gamma", f"must be in (0, 1], got {s.gamma}")
+    if epochs >= 1:  # the bounds below come from train.epochs and optim.lr: a bad one is reported once, there
+        r.check(
+            0.0 <= s.warmup_epochs < epochs,
+            "sched.warmup_epochs",
+            f"must be in [0, train.epochs), got {s.warmup_epochs}",
+        )
+    r.check(s.warmup_lr >= 0, "sched.warmup_lr", f"must be >= 0, got {s.warmup_lr}")
+    if lr > 0:
+        r.check(0 <= s.min_lr <= lr, "sched.min_lr", f"must be in [0, optim.lr], got {s.min_lr}")
+
+
+def _check_log(cfg: TrainConfig, r: _Report, check_paths: bool) -> None:
+    log = cfg.log
+    r.check(log.log_interval >= 1, "log.log_interval", f"must be >= 1, got {log.log_interval}")
+    _check_trackers(log.trackers, r)
+    r.check(log.mask_every >= 0, "log.mask_every", f"must be >= 0 (0 = never), got {log.mask_every}")
+
+
+def _check_trackers(names: list[str], r: _Report) -> None:
+    """Accelerate's tracker names, each installed (Accelerate itself would only warn and drop a missing one)."""
+    import accelerate.utils
+    from accelerate.utils import LoggerType
+
+    known = [t.value for t in LoggerType if t.value != "all"]
+    for i, name in enumerate(names):
+        key = f"log.trackers[{i}]"
+        if not r.check(
+            name in known,
+            key,
+            f"{name!r} is not an Accelerate tracker{did_you_mean(name, known)} (known: {known})",
+        ):
+            continue
+        available = getattr(accelerate.utils, f"is_{name}_available", None)
+        r.check(
+            available is None or available(),
+            key,
+            f"{name!r} is not installed (pip install {name.replace('_', '-')})",
+        )
+    r.check(len(set(names)) == len(names), "log.trackers", f"lists a tracker twice: {names}")
+
+
+def _check_checkpoint(cfg: TrainConfig, r: _Report, check_paths: bool) -> None:
+    c = cfg.checkpoint
+    r.check(c.total_limit >= 1, "checkpoint.total_limit", f"must be >= 1, got {c.total_limit}")
+    r.check(c.every >= 1, "checkpoint.every", f"must be >= 1, got {c.every}")
+
+
+def _check_regularizer(cfg: TrainConfig, r: _Report, check_paths: bool) -> None:
+    """Only the form here; the spec itself is loaded and checked by :func:`resolve_regularizer`."""
+    r.check(
+        cfg.regularizer is None or isinstance(cfg.regularizer, (str, dict)),
+        "regularizer",
+        f"must be a spec mapping, a path to a spec YAML, or null; got {type(cfg.regularizer).__name__}",
+    )
+
+
+def _check_layerout(cfg: TrainConfig, r: _Report, check_paths: bool) -> None:
+    section = cfg.layerout
+    if section is None:
+        return
     import inspect
 
-    try:
-        from timm_drop.layerout import LayerOut
-    except ImportError as e:  # pragma: no cover - LayerOut ships with the package
-        raise ConfigError(f"layerout: timm_drop.layerout is not available ({e})") from e
+    from timm_drop.layerout import LayerOut
+
     params = inspect.signature(LayerOut.__init__).parameters
     accepts_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
     known = [n for n in params if n != "self"]
+    ok = True
     for k in section:
-        _check(accepts_any or k in known, f"layerout.{k}", f"unknown LayerOut argument (known: {known})")
+        ok &= r.check(
+            accepts_any or k in known, f"layerout.{k}", f"unknown LayerOut argument (known: {known})"
+        )
     probs = section.get("freeze_probs", "random")
     if not isinstance(probs, str):
-        _check(
+        ok &= r.check(
             isinstance(probs, list)
             and all(isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p <= 1 for p in probs),
             "layerout.freeze_probs",
             f"must be a preset name or a list of probabilities in [0, 1], got {probs!r}",
         )
+    if not ok:  # building LayerOut would only restate the problems above
+        return
     try:
         LayerOut(**section)
     except (TypeError, ValueError) as e:
         # LayerOut's messages start with the argument's name: make it the dotted key
         first, _, rest = str(e).partition(" ")
-        raise ConfigError(f"layerout.{first}: {rest}" if first in known else f"layerout: {e}") from e
+        if first in known:
+            r.add(f"layerout.{first}", rest)
+        else:
+            r.add("layerout", str(e))
+
+
+#: the config's sections in the order their problems are listed
+_SECTION_CHECKS = (
+    _check_run,
+    _check_model,
+    _check_data,
+    _check_optim,
+    _check_train,
+    _check_sched,
+    _check_log,
+    _check_checkpoint,
+    _check_regularizer,
+    _check_layerout,
+)
 
 
 def resolve_regularizer(cfg: TrainConfig, base_dir: str | os.PathLike | None = None) -> None:
@@ -597,12 +815,12 @@ def resolve_regularizer(cfg: TrainConfig, base_dir: str | os.PathLike | None = N
             if alt.exists():
                 path = alt
         if not path.exists():
-            raise ConfigError(f"regularizer: spec file not found: {src!r}")
+            raise ConfigError(ConfigProblem("regularizer", f"spec file not found: {src!r}"))
         src = str(path)
     try:
         spec = load_spec(src)
     except (ValueError, TypeError, KeyError) as e:
-        raise ConfigError(f"regularizer: {e}") from e
+        raise ConfigError(ConfigProblem("regularizer", str(e))) from e
     cfg.regularizer = spec.to_dict()
 
 
@@ -669,9 +887,10 @@ def _merge(base: dict, child: dict) -> dict:
     return out
 
 
-def _read_yaml(path: Path, what: str) -> Any:
-    """A config file's data, bounded in size and alias expansion (an alias bomb would otherwise grow memory
-    without limit in ``dataclasses.asdict``/``deepcopy``); errors start with ``what`` and name the file."""
+def _read_yaml(path: Path, what: str) -> tuple[Any, YamlLocator]:
+    """A config file's data and the lines of its fields, bounded in size and alias expansion (an alias bomb
+    would otherwise grow memory without limit in ``dataclasses.asdict``/``deepcopy``); errors start with
+    ``what`` and name the file."""
     from timm_drop.yaml_io import DEFAULT_MAX_BYTES
 
     try:
@@ -684,13 +903,16 @@ def _read_yaml(path: Path, what: str) -> Any:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{what}: cannot read {path}: {e}") from e
     try:
-        return load_yaml_bounded(text, str(path), yaml12_floats=True)[0]
+        data, root = load_yaml_bounded(text, str(path), yaml12_floats=True)
     except YAMLInputError as e:
         raise ConfigError(f"{what}: invalid YAML: {e}") from e
+    return data, YamlLocator(root)
 
 
-def _resolve_base(raw: dict, path: Path, seen: tuple[Path, ...]) -> dict:
-    """``base: other.yaml`` (relative to this file) makes this config a set of changes on top of another one."""
+def _resolve_base(raw: dict, path: Path, seen: tuple[Path, ...], sources: _Sources) -> dict:
+    """``base: other.yaml`` (relative to this file) makes this config a set of changes on top of another one.
+
+    Each base file read is appended to ``sources``, after the files that override it."""
     if "base" not in raw:
         return raw
     base_ref = raw.pop("base")
@@ -701,10 +923,12 @@ def _resolve_base(raw: dict, path: Path, seen: tuple[Path, ...]) -> dict:
         raise ConfigError(f"base: circular reference to {base_path} (in {path})")
     if not base_path.is_file():
         raise ConfigError(f"base: file not found: {base_ref!r} (relative to {path.parent})")
-    base_raw = _read_yaml(base_path, "base") or {}
+    base_raw, locator = _read_yaml(base_path, "base")
+    base_raw = base_raw or {}
     if not isinstance(base_raw, dict):
         raise ConfigError(f"base: {base_path}: top level must be a mapping")
-    base_raw = _resolve_base(base_raw, base_path, seen + (base_path,))
+    sources.add_file(str(base_path), locator)
+    base_raw = _resolve_base(base_raw, base_path, seen + (base_path,), sources)
     return _merge(base_raw, raw)
 
 
@@ -715,29 +939,50 @@ def load_config(
     resolve_spec: bool = True,
     check_paths: bool = True,
 ) -> TrainConfig:
-    """Build a validated :class:`TrainConfig` from a YAML path or dict plus ``key=value`` overrides."""
-    base_dir = None
-    if src is None:
-        raw: dict = {}
-    elif isinstance(src, dict):
-        raw = copy.deepcopy(src)
-    else:
-        path = Path(src)
-        if not path.is_file():
-            raise ConfigError(f"--config: file not found: {str(src)!r}")
-        raw = _read_yaml(path, "--config") or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"--config {str(src)!r}: top level must be a mapping")
-        base_dir = path.parent
-        raw = _resolve_base(raw, path, seen=(path.resolve(),))
+    """Build a validated :class:`TrainConfig` from a YAML path or dict plus ``key=value`` overrides.
+
+    Every problem is reported in one :class:`ConfigError`: first all unknown keys and ill-typed values, then (when
+    the types are right) all range and consistency problems, each with the file and line its value came from.
+    """
+    raw, base_dir, sources = _read_raw(src)
     if overrides:
         pairs = overrides if isinstance(overrides[0], tuple) else parse_overrides(overrides)  # type: ignore[arg-type]
         raw = apply_overrides(raw, pairs)  # type: ignore[arg-type]
-    cfg = _build(TrainConfig, raw, "")
-    validate(cfg, check_paths=check_paths)
-    if resolve_spec:
-        resolve_regularizer(cfg, base_dir)
+        sources.overrides = [key for key, _ in pairs]
+    report = _Report(sources)
+    for problem in sources.duplicate_keys():
+        report.problems.add(problem)
+    cfg = _build(TrainConfig, raw, "", report)
+    # range checks on a field that failed its type check would run on its default: wrong, so stop here
+    report.raise_if_any()
+    validate(cfg, check_paths=check_paths, report=report)
+    if resolve_spec and not report.has("regularizer"):
+        try:
+            resolve_regularizer(cfg, base_dir)
+        except ConfigError as e:
+            report.add_error(e)
+    report.raise_if_any()
     return cfg
+
+
+def _read_raw(src: str | os.PathLike | dict | None) -> tuple[dict, Path | None, _Sources]:
+    """The raw config (``base:`` files merged in), the folder relative spec paths resolve against, and where
+    each value came from."""
+    sources = _Sources()
+    if src is None:
+        return {}, None, sources
+    if isinstance(src, dict):
+        return copy.deepcopy(src), None, sources
+    path = Path(src)
+    if not path.is_file():
+        raise ConfigError(f"--config: file not found: {str(src)!r}")
+    raw, locator = _read_yaml(path, "--config")
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config {str(src)!r}: top level must be a mapping")
+    sources.add_file(str(path), locator)
+    raw = _resolve_base(raw, path, (path.resolve(),), sources)
+    return raw, path.parent, sources
 
 
 def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:

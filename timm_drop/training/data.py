@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from timm_drop.models.cifar import CIFAR_MEAN, CIFAR_STD
 from timm_drop.training.augment import cutout, random_crop, random_erasing, random_hflip
 from timm_drop.training.config import DataConfig
 
@@ -48,7 +49,7 @@ __all__ = [
     "seeded_generator",
 ]
 
-CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR10_MEAN, CIFAR10_STD = CIFAR_MEAN, CIFAR_STD  # the CIFAR models' pretrained_cfg states them
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

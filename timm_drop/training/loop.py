@@ -7,8 +7,9 @@ already-regularized model, so the EMA carries its own regularizer modules).
 Clocks:
 
 * the LR is a pure function of the optimizer-step counter (:class:`LRSchedule`), applied before every step;
-* ``set_progress(model, step / total_steps)`` runs once per *optimizer* step (``accelerator.sync_gradients``), never
-  per micro-batch and never from eval, so regularizer schedules follow training and survive a resume exactly;
+* regularizer schedules (the model's and the EMA copy's) move through :func:`timm_drop.drive`, the optimizer step
+  hook users call too: once per *optimizer* step that ran, never per micro-batch, never from eval, and not on a step
+  the fp16 GradScaler skipped; the driver's step is saved in every checkpoint, so a resume continues the same curve;
 * LayerOut's ``start_epoch(epoch)`` / ``end_epoch()`` bracket every epoch.
 
 Randomness: the model is initialised under ``set_seed(seed)`` (identical on every rank); after ``prepare`` the
@@ -244,18 +245,56 @@ class Trainer:
 
     # -- setup -------------------------------------------------------------------------------------------------
     def setup(self) -> Trainer:
-        import timm
-        from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs, set_seed
+        """Everything before the first step, in order; a failed check anywhere leaves the output dir untouched."""
+        from accelerate.utils import set_seed
 
-        import timm_drop  # noqa: F401  (registers the CIFAR models)
-
-        try:
-            import timm_drop.models  # noqa: F401
-        except ImportError:  # pragma: no cover
-            pass
         cfg = self.cfg
-        t = cfg.train
+        acc = self._start_accelerator()
+        # Read-only decision now; the directory is created (or a previous run in it replaced) only after every
+        # other check below has passed, so a failed start loses nothing and leaves nothing behind.
+        cfg_dict = config_to_dict(cfg)
+        if not self.dry_run:
+            self.dir_mode = check_output_dir(self.out, cfg_dict, overwrite=self.overwrite, resume=self.resume)
+        self._build_data()
+        model = self._build_model()
+        self._apply_spec(model)
+        model = self._build_optimizer(model)
+        self._prepare(model)
+        # Per-rank noise from here on (regularizer masks); data order and LayerOut use their own generators.
+        set_seed(cfg.seed, device_specific=True)
+
+        self._resume()
+        self.run_dir = RunDir(self.out)
+        try:
+            if not self.dry_run:
+                self._prepare_run_dir()
+            self.metrics = (
+                MetricsLog(self.out, claim=self.run_dir.claim)
+                if (self.is_main and not self.dry_run)
+                else None
+            )
+            if cfg.log.trackers and not self.dry_run:
+                if self.is_main:
+                    self.run_dir.claim("trackers")
+                acc.init_trackers(
+                    TRACKER_PROJECT,
+                    config=_flat_scalars(config_to_dict(cfg), as_text=True),
+                    init_kwargs={"wandb": {"name": cfg.name}, "mlflow": {"run_name": cfg.name}},
+                )
+            if self.metrics is not None and self.resume is not None:
+                self.metrics.truncate(self.state.epoch)
+        except BaseException:
+            self.run_dir.release()
+            raise
+        self._setup_done = True
+        return self
+
+    def _start_accelerator(self) -> Any:
+        """The Accelerator (precision, accumulation, trackers, DDP options) and this process's place in the run."""
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        cfg, t = self.cfg, self.cfg.train
         if t.precision == "fp16" and (t.cpu or not torch.cuda.is_available()):
             raise ConfigError("train.precision: fp16 needs a CUDA device; use bf16 or no on CPU")
         _release_accelerator_state()
@@ -279,17 +318,19 @@ class Trainer:
         self.device = acc.device
         self.is_main = acc.is_main_process
         self.rank, self.world = acc.process_index, acc.num_processes
+        return acc
 
-        # Read-only decision now; the directory is created (or a previous run in it replaced) only after every
-        # other check below has passed, so a failed start loses nothing and leaves nothing behind.
-        cfg_dict = config_to_dict(cfg)
-        if not self.dry_run:
-            self.dir_mode = check_output_dir(self.out, cfg_dict, overwrite=self.overwrite, resume=self.resume)
+    def _build_data(self) -> None:
+        """Loaders (none in a dry run), the number of classes and the steps per epoch; seeds the run.
 
-        # Data first: the number of classes may come from it. A pretrained model's input pipeline fills the
-        # normalisation/interpolation/crop keys the config leaves null.
+        Data comes before the model: the number of classes may come from it. A pretrained model's input pipeline
+        fills the normalisation/interpolation/crop keys the config leaves null.
+        """
+        from accelerate.utils import set_seed
+
         from timm_drop.training.data_config import resolve_data
 
+        cfg, t = self.cfg, self.cfg.train
         data_cfg, self.data_config = resolve_data(cfg)
         set_seed(cfg.seed)
         if self.dry_run:
@@ -327,30 +368,46 @@ class Trainer:
         self.num_classes = num_classes
         self.total_steps = self.steps_per_epoch * t.epochs
 
-        # Model: identical initialisation on every rank (seeded above, before any per-rank re-seed).
-        from timm_drop.training.data_config import format_data_config, model_create_kwargs
+    def _build_model(self) -> nn.Module:
+        """The timm model: identical initialisation on every rank (seeded by :meth:`_build_data`, before any
+        per-rank re-seed)."""
+        import timm
 
+        import timm_drop.models  # noqa: F401  (registers the CIFAR models)
+        from timm_drop.training.data_config import model_create_kwargs
+
+        cfg = self.cfg
         kwargs = model_create_kwargs(cfg.model)
-        kwargs.setdefault("num_classes", num_classes)
+        kwargs.setdefault("num_classes", self.num_classes)
         try:
-            model = timm.create_model(cfg.model.name, **kwargs)
+            return timm.create_model(cfg.model.name, **kwargs)
         except RuntimeError as e:
             if "Unknown model" in str(e):
                 raise ConfigError(f"model.name: {e}") from e
             raise
         except TypeError as e:
             raise ConfigError(f"model.kwargs: {cfg.model.name} rejected them: {e}") from e
+
+    def _apply_spec(self, model: nn.Module) -> None:
+        """Insert the config's regularizers (in place) and track their realised drop fractions."""
+        cfg = self.cfg
         size = cfg.data.image_size
         if cfg.regularizer is not None:
             model.train()
             _apply_regularizer(model, cfg.regularizer, torch.zeros(2, 3, size, size))
             from timm_drop.summary import track_drops
 
-            track_drops(
-                model
-            )  # realised drop fraction per rule in metrics.jsonl (on device; read once an epoch)
+            # realised drop fraction per rule in metrics.jsonl (on device; read once an epoch)
+            track_drops(model)
         self.n_regularizers = len(_regularizers(model))
-        acc.print(format_data_config(self.data_config))
+
+    def _build_optimizer(self, model: nn.Module) -> nn.Module:
+        """Model on the device (channels-last, SyncBatchNorm as configured), its optimizer, LayerOut attached to
+        that optimizer, and the LR schedule. Returns the model (SyncBatchNorm conversion replaces it)."""
+        from timm_drop.training.data_config import format_data_config
+
+        cfg, t = self.cfg, self.cfg.train
+        self.accelerator.print(format_data_config(self.data_config))
         model.to(self.device)
         if t.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -366,7 +423,13 @@ class Trainer:
             )
             self.layerout.attach(self.optimizer)
         self.lr_schedule = LRSchedule(cfg, self.steps_per_epoch)
+        return model
 
+    def _prepare(self, model: nn.Module) -> None:
+        """Accelerate's wrapping (DDP, precision), ``torch.compile``, the EMA copy, the schedule driver (the optimizer
+        step hook that moves the regularizers' schedules), Mixup and the loss."""
+        cfg, t = self.cfg, self.cfg.train
+        acc = self.accelerator
         self.model, self.optimizer = acc.prepare(model, self.optimizer)
         if t.compile:
             self.model = torch.compile(self.model, mode=t.compile_mode)
@@ -376,7 +439,11 @@ class Trainer:
             from timm.utils import ModelEmaV3
 
             self.ema = ModelEmaV3(self.unwrapped, decay=t.ema.decay, use_warmup=t.ema.warmup)
-        self.mixup = build_mixup(cfg, num_classes)
+        from timm_drop.drive import drive
+
+        also = [self.ema.module] if self.ema is not None else []
+        self.driver = drive(self.unwrapped, self.optimizer, max(1, self.total_steps), also=also)
+        self.mixup = build_mixup(cfg, self.num_classes)
         if self.mixup is not None:
             from timm.loss import SoftTargetCrossEntropy
 
@@ -384,39 +451,15 @@ class Trainer:
             self.criterion: nn.Module = SoftTargetCrossEntropy()
         else:
             self.criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
-        # Per-rank noise from here on (regularizer masks); data order and LayerOut use their own generators.
-        set_seed(cfg.seed, device_specific=True)
 
-        self.ckpt = CheckpointManager(self.out, cfg.checkpoint.total_limit)
+    def _resume(self) -> None:
+        """The checkpoint manager; with ``--resume``, the checkpoint verified (sizes + checksums) and loaded into
+        memory before the run directory is touched: a damaged or mismatched one leaves nothing behind."""
+        self.ckpt = CheckpointManager(self.out, self.cfg.checkpoint.total_limit)
         if self.resume is not None and not self.dry_run:
-            # verified (sizes + checksums) and loaded into memory before the run directory is touched: a
-            # damaged or mismatched checkpoint leaves nothing behind
-            self._restore(self.ckpt.resolve(self.resume, num_processes=self.world, log=acc.print))
-        self.run_dir = RunDir(self.out)
-        try:
-            if not self.dry_run:
-                self._prepare_run_dir()
-            self.metrics = (
-                MetricsLog(self.out, claim=self.run_dir.claim)
-                if (self.is_main and not self.dry_run)
-                else None
+            self._restore(
+                self.ckpt.resolve(self.resume, num_processes=self.world, log=self.accelerator.print)
             )
-            if cfg.log.trackers and not self.dry_run:
-                if self.is_main:
-                    self.run_dir.claim("trackers")
-                acc.init_trackers(
-                    TRACKER_PROJECT,
-                    config=_flat_scalars(config_to_dict(cfg), as_text=True),
-                    init_kwargs={"wandb": {"name": cfg.name}, "mlflow": {"run_name": cfg.name}},
-                )
-            if self.metrics is not None and self.resume is not None:
-                self.metrics.truncate(self.state.epoch)
-            self._set_progress()
-        except BaseException:
-            self.run_dir.release()
-            raise
-        self._setup_done = True
-        return self
 
     def _prepare_run_dir(self) -> None:
         """Create the run directory, or replace what a previous run of ours listed in its marker (``--overwrite``,
@@ -460,18 +503,19 @@ class Trainer:
                     f"--resume {path}: the checkpoint has no EMA state but train.ema.enabled is true"
                 )
             self.ema.load_state_dict(extra["ema"])
+        # only the step: the recipe's resume config check decides what may change (a longer train.epochs stretches
+        # the schedule, as progress = step / total_steps always did); a checkpoint from before the recipe used
+        # drive() has no "driver", and its schedules followed the step count
+        step = extra["driver"]["step"] if "driver" in extra else self.state.step
+        try:
+            self.driver.load_state_dict({"step": step})
+        except ValueError as e:
+            raise CheckpointError(f"--resume {path}: driver {e}") from e
         self.accelerator.print(f"resumed from {path} at epoch {self.state.epoch}, step {self.state.step}")
 
-    def _set_progress(self) -> None:
-        from timm_drop.schedules import set_progress
-
-        progress = min(1.0, self.state.step / max(1, self.total_steps))
-        set_progress(self.unwrapped, progress)
-        if self.ema is not None:
-            set_progress(self.ema.module, progress)
-
     def _extra_state(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"train_state": asdict(self.state), "format": 1}
+        # "driver" is optional for readers (see _restore), so the format stays 1
+        d: dict[str, Any] = {"train_state": asdict(self.state), "format": 1, "driver": self.driver.state_dict()}
         if self.layerout is not None:
             d["layerout"] = self.layerout.state_dict()
         if self.ema is not None:
@@ -538,8 +582,7 @@ class Trainer:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             if acc.sync_gradients:
-                self.state.step += 1
-                self._set_progress()
+                self.state.step += 1  # the schedules already moved in the optimizer step hook (self.driver)
                 if self.ema is not None:
                     self.ema.update(self.unwrapped, step=self.state.step)
             with torch.no_grad():

@@ -204,7 +204,8 @@ def test_kill_9_mid_checkpoint_resumes_from_the_previous_complete_one(reference_
     # the child imports this checkout's timm_drop, as the tests here do
     env = {
         **os.environ,
-        "OMP_NUM_THREADS": "1",
+        # the same intra-op thread count as this process: reductions split differently across threads
+        "OMP_NUM_THREADS": str(torch.get_num_threads()),
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
     }
     child = subprocess.Popen(

@@ -21,7 +21,9 @@ there and back. The model carries the list of insertions it received (``model._t
   kept in an ``nn.ModuleDict`` named ``_timm_drop_regularizers``, so ``copy.deepcopy`` (timm's EMA) rebinds
   it to the copy's own regularizers. That dict lives on the outermost module around the owner whose forward
   does not run every child it holds (not an ``nn.Sequential`` or a ``features_only`` wrapper: they would call
-  it), normally the model root.
+  it), normally the model root. A hook with a ``branch`` (a stage returning a list or tuple: HRNet, PiT,
+  CrossViT) regularizes that element only and returns a new container of the same type with the others as
+  they were (where the element appears several times, each place gets the regularized tensor).
 
 Pickling (``torch.save(model)``, ``pickle``, spawn): a generated subclass pickles by reference to the original
 class plus a :class:`RewriteRecipe` (pure data: the insert steps); unpickling re-traces the original forward
@@ -124,13 +126,19 @@ class SlotInsertion(Insertion):
 # hooks
 # ---------------------------------------------------------------------------------------------------------
 class _SiteHook(nn.Module):
-    """Holds the regularizers of one hooked site; its bound methods are the hooks (deepcopy-safe)."""
+    """Holds the regularizers of one hooked site; its bound methods are the hooks (deepcopy-safe). With
+    ``branch``, the forward hook acts on that element of a list/tuple output only."""
 
     _timm_drop_internal = True
+    branch: int | None = None  # also for holders pickled before branches existed
 
-    def __init__(self, regs: list[nn.Module]):
+    def __init__(self, regs: list[nn.Module], branch: int | None = None):
         super().__init__()
         self.regs = nn.ModuleList(regs)
+        self.branch = branch
+
+    def extra_repr(self) -> str:
+        return "" if self.branch is None else f"branch={self.branch}"
 
     def _follow(self, module: nn.Module) -> None:
         # The regularizers act for the hooked module, so they take its mode: a features_only wrapper built
@@ -148,9 +156,14 @@ class _SiteHook(nn.Module):
 
     def forward_hook(self, module: nn.Module, args: Any, output: Any) -> Any:
         self._follow(module)
+        if self.branch is not None:
+            return _replace_branch(output, self.branch, self._chain)
+        return self._chain(output)
+
+    def _chain(self, x: Any) -> Any:
         for reg in self.regs:
-            output = self._run(reg, output)
-        return output
+            x = self._run(reg, x)
+        return x
 
     def forward_pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         self._follow(module)
@@ -158,6 +171,17 @@ class _SiteHook(nn.Module):
         for reg in self.regs:
             x = self._run(reg, x)
         return (x, *args[1:])
+
+
+def _replace_branch(output: Any, branch: int, fn: Any) -> Any:
+    """``output`` (a list or tuple) with element ``branch`` replaced by ``fn`` of it, in a new container of the
+    same type (a named tuple stays one); every element that is the same object gets the same new value."""
+    old = output[branch]
+    new = fn(old)
+    items = [new if x is old else x for x in output]
+    if isinstance(output, list):
+        return items
+    return type(output)(*items) if hasattr(output, "_fields") else type(output)(items)
 
 
 def _ours_first(hooks: Any) -> None:
@@ -193,6 +217,7 @@ class HookInsertion(Insertion):
     home: str = ""
     key: str = ""
     handle: Any = field(default=None, repr=False)
+    branch: int | None = None  # the element of a list/tuple output the regularizers act on
 
     def _register(self, owner: nn.Module, holder: _SiteHook) -> Any:
         handle = owner.register_forward_hook(holder.forward_hook)
@@ -207,7 +232,7 @@ class HookInsertion(Insertion):
             side = nn.ModuleDict()
             home.add_module(SIDE, side)
         self.key = _unique_attr(side, self.site.replace(":", "_").replace(".", "_"))
-        holder = _SiteHook(self.regs)
+        holder = _SiteHook(self.regs, self.branch)
         side[self.key] = holder
         self.handle = self._register(_get(model, self.owner), holder)
 

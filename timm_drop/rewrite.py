@@ -14,8 +14,9 @@ module) gets a forward hook.
 
 Parameters of an entry: ``rule.params_for_stage(site.stage)``; with ``depth_scaling: linear`` the strength
 parameters (``drop_prob``, ``q``) are multiplied by ``(i + 1) / n`` over the rule's ``n`` matched sites in depth
-order (timm's drop-path rule). Each regularizer gets ``schedule = rule.schedule`` (left at full strength until the
-first ``set_progress``, see :mod:`timm_drop.schedules`) and ``set_layout(site.layout)``; a layout it does not accept
+order (timm's drop-path rule; the branch sites of one stage output count as one). Each regularizer gets
+``schedule = rule.schedule`` (left at full strength until the first ``set_progress``, see
+:mod:`timm_drop.schedules`) and ``set_layout(site.layout)``; a layout it does not accept
 is an error naming the site, its layout and the rule. A method that needs a 2-D map (``grid_layouts``: DropBlock,
 CorrDrop) at an ``NLC`` token site first gets the model's patch grid (:func:`timm_drop.structure.token_grid`) through
 ``set_token_grid`` when the site's sequence is exactly the prefix tokens plus that grid; otherwise (no patch embed,
@@ -90,6 +91,7 @@ class PlanEntry:
     owner: str | None = None  # module whose forward is rewritten / whose slot or hook is used
     token_grid: tuple[int, int] | None = None  # (H, W) patch grid of an NLC site, for methods that need a map
     num_prefix_tokens: int = 0
+    branch: int | None = None  # element of a stage's list/tuple output (Site.branch)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -109,6 +111,7 @@ class PlanEntry:
             "depth": self.depth,
             "token_grid": list(self.token_grid) if self.token_grid is not None else None,
             "num_prefix_tokens": self.num_prefix_tokens,
+            "branch": self.branch,
         }
 
 
@@ -393,10 +396,14 @@ def _entries_of(
 ) -> list[PlanEntry]:
     """The plan entries of one rule, in depth order (checked by building each regularizer once)."""
     selected = [s for s in targets.analysis.sites if _rule_selects(rule, s, named[s.module])]
+    # the branches of one stage output share one depth position (depth scaling counts the stage once)
+    units = list(dict.fromkeys(s.name if s.branch is None else (s.kind, s.module) for s in selected))
+    position = {u: i for i, u in enumerate(units)}
     entries: list[PlanEntry] = []
     grids: dict[int, tuple[tuple[int, int], int] | str] = {}
-    for i, site in enumerate(selected):
-        params = _site_params(rule, site, i, len(selected))
+    for site in selected:
+        unit = site.name if site.branch is None else (site.kind, site.module)
+        params = _site_params(rule, site, position[unit], len(units))
         grid = _site_grid(model, rule, site, grids)
         _make_regularizer(rule, site.name, site.layout, site.shape, params, grid)
         insertion, owner = _insertion_for(model, site, rule, targets)
@@ -420,6 +427,7 @@ def _entries_of(
                 owner=owner,
                 token_grid=grid[0],
                 num_prefix_tokens=grid[1],
+                branch=site.branch,
             )
         )
     return entries
@@ -536,7 +544,7 @@ def _insertions(
         entries, group_regs = [p[0] for p in pairs], [p[1] for p in pairs]
         first = entries[0]
         if insertion == "hook":
-            out.append(HookInsertion(first.owner, group_regs, first.site))
+            out.append(HookInsertion(first.owner, group_regs, first.site, branch=first.branch))
         elif insertion == "pre_hook":
             out.append(PreHookInsertion(first.owner, group_regs, first.site))
         elif insertion == "slot":

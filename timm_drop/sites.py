@@ -25,7 +25,18 @@
 Kinds (``Site.kind``):
 
 * ``stage`` — output of a ``feature_info`` module, numbered from 1 without the stem entry
-  (:func:`timm_drop.structure.feature_stages`; resnet50 stage 3 = ``layer3``).
+  (:func:`timm_drop.structure.feature_stages`; resnet50 stage 3 = ``layer3``). A stage module that returns a
+  list or tuple of tensors gives one site per tensor *branch*, named ``stage:<module>[i]`` (``Site.branch = i``,
+  shape and layout of that branch): every branch that is a map (``NCHW`` / ``NHWC``) or a token sequence with a
+  patch grid (:func:`timm_drop.structure.token_grid`), or, when none is, every tensor branch with a layout (so
+  a method that needs a map keeps its named refusal). Other branches pass through untouched (PiT's class
+  tokens, EfficientViM's hidden state) and a branch that is the same tensor as an earlier one (EfficientViM's
+  last stage returns its map twice) is that one's site. The regularizer replaces its branch in a container of
+  the same type. HRNet: stage ``i`` is the paper's stage ``i`` — ``layer1`` (one branch), ``stage2`` ..
+  ``stage4`` (2, 3, 4 resolution branches, each regularized), as the module names in its ``feature_info``
+  say; the features a ``features_only`` HRNet returns all come out of ``stage4`` (through its ``incre_modules``),
+  so a stage rule regularizes every output resolution downstream of that stage. CrossViT: stage ``i`` is
+  ``blocks.{i-1}``, both token branches (each on its own patch grid).
 * ``block`` — output of each block of a stage (:func:`timm_drop.structure.stage_blocks`). Modules that run
   between two stages without being under either (EfficientNet's ``blocks.3``) contribute their blocks to the
   following stage. :func:`find_blocks` lists them; ``LayerOut(unit="block")`` uses the same list.
@@ -55,6 +66,7 @@ regularizer accepts them).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import itertools
 import operator
@@ -73,6 +85,7 @@ from timm_drop.structure import (
     is_norm,
     mro_names,
     stage_blocks,
+    token_grid,
     torch_forward,
 )
 
@@ -110,6 +123,7 @@ class Site:
         layout: ``"NCHW"``, ``"NHWC"``, ``"NLC"``, ``"NC"`` or None.
         depth: position in execution order over all sites (0 = earliest).
         node: FX node name of the add for skip sites, else None.
+        branch: for a stage module returning a list or tuple, the index of the tensor this site is; else None.
     """
 
     name: str
@@ -121,6 +135,7 @@ class Site:
     layout: str | None
     depth: int
     node: str | None = None
+    branch: int | None = None
 
     @property
     def path(self) -> str:
@@ -536,6 +551,16 @@ def _clone(v: Any) -> Any:
     return v
 
 
+def _branch_shapes(output: tuple[Any, ...] | list[Any]) -> tuple[tuple[tuple[int, ...] | None, int | None], ...]:
+    """``(shape, alias)`` of each element of a list/tuple output: its shape (None if not a tensor) and the index of
+    an earlier element that is the same tensor object (None if none)."""
+    out = []
+    for i, x in enumerate(output):
+        alias = next((j for j in range(i) if output[j] is x), None) if isinstance(x, torch.Tensor) else None
+        out.append((tuple(x.shape) if isinstance(x, torch.Tensor) else None, alias))
+    return tuple(out)
+
+
 class _Recorder:
     """Temporary hooks of the shape pass."""
 
@@ -545,6 +570,7 @@ class _Recorder:
         self.end: dict[str, int] = {}
         self.calls: dict[str, int] = {}
         self.out: dict[str, Any] = {}
+        self.branches: dict[str, tuple[tuple[tuple[int, ...] | None, int | None], ...]] = {}
         self.inputs: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
         self.handles: list[Any] = []
         for name, m in model.named_modules():
@@ -575,6 +601,8 @@ class _Recorder:
                     if isinstance(output, torch.Tensor)
                     else ("tuple" if output is not None else None)
                 )
+                if isinstance(output, (tuple, list)):
+                    self.branches[name] = _branch_shapes(output)
                 if capture:
                     self.out["\0" + name] = _clone(output)
             return None
@@ -738,17 +766,21 @@ def _emit_sites(
     in_hw = _input_hw(used_input if not isinstance(used_input, (tuple, list)) else used_input[0])
     raw: list[tuple[tuple[int, int], Site]] = []
 
-    def add_site(kind, path, module, shape, key, node=None, layout_module=None) -> None:
+    def add_site(kind, path, module, shape, key, node=None, layout_module=None, branch=None, layout=None) -> None:
         if not (isinstance(shape, tuple) and all(isinstance(s, int) for s in shape)):
             return
-        layout = infer_layout(shape, in_hw, layout_module)
+        layout = layout or infer_layout(shape, in_hw, layout_module)
         site = Site(f"{kind}:{path}", kind, module_stage.get(module), module, mro_names(named[module]), shape,
-                    layout, 0, node)  # fmt: skip
+                    layout, 0, node, branch)  # fmt: skip
         raw.append((key, site))
 
     stage_mods = [s for s in sorted(stages, key=lambda n: rec.end[n]) if stages[s] is not None]
     for s in stage_mods:
-        add_site("stage", s, s, rec.out.get(s), (rec.end[s], 2))
+        if s not in rec.branches:
+            add_site("stage", s, s, rec.out.get(s), (rec.end[s], 2))
+            continue
+        for i, shape, layout in stage_branches(model, rec.branches[s], in_hw):
+            add_site("stage", f"{s}[{i}]", s, shape, (rec.end[s], 2, i), branch=i, layout=layout)
     for b in _blocks(named, stage_mods, module_stage, graphs, rec):
         add_site("block", b, b, rec.out.get(b), (rec.end[b], 1))
     for name, lg in graphs.items():
@@ -771,10 +803,34 @@ def _emit_sites(
             add_site("norm", name, name, rec.out.get(name), (rec.end[name], 0), layout_module=m)
         add_site("module", name, name, rec.out.get(name), (rec.end[name], 0), layout_module=m)
     raw.sort(key=lambda t: t[0])
-    return [
-        Site(s.name, s.kind, s.stage, s.module, s.classes, s.shape, s.layout, i, s.node)
-        for i, (_, s) in enumerate(raw)
-    ]
+    return [dataclasses.replace(s, depth=i) for i, (_, s) in enumerate(raw)]
+
+
+def stage_branches(
+    model: nn.Module,
+    branches: tuple[tuple[tuple[int, ...] | None, int | None], ...],
+    in_hw: tuple[int, int],
+) -> list[tuple[int, tuple[int, ...], str]]:
+    """``(index, shape, layout)`` of the branches of a list/tuple stage output that get a site (module
+    docstring): the maps and patch-grid token sequences, else every tensor with a layout."""
+    grids: dict[int, bool] = {}
+
+    def spatial(shape: tuple[int, ...], layout: str) -> bool:
+        if layout in ("NCHW", "NHWC"):
+            return True
+        if layout != "NLC":
+            return False
+        if shape[1] not in grids:
+            grids[shape[1]] = isinstance(token_grid(model, shape[1]), tuple)
+        return grids[shape[1]]
+
+    found = []
+    for i, (shape, alias) in enumerate(branches):
+        layout = infer_layout(shape, in_hw) if shape is not None and alias is None else None
+        if layout is not None:
+            found.append((i, shape, layout))
+    maps = [b for b in found if spatial(b[1], b[2])]
+    return maps or found
 
 
 def _candidate_adds(graph: fx.Graph) -> bool:

@@ -6,7 +6,9 @@ Site discovery (:mod:`timm_drop.sites`), the rewriter (:mod:`timm_drop.rewrite`)
 * **stages** — :func:`feature_stages`: the ``feature_info`` modules, numbered from 1 with the stem entry left out.
   Entry 0 is the stem when its module name has a ``stem`` component, is the model root (TResNet), or has a
   shallower module tree than the next entry (ResNet's ``act1``, MobileNetV3's ``bn1``, DenseNet's
-  ``features.norm0`` against stages holding blocks).
+  ``features.norm0`` against stages holding blocks). Numbers follow the ``feature_info`` position, so an entry
+  naming no module leaves a gap instead of shifting the later stages; a module listed several times (CrossViT's
+  ``blocks.N``, once per token branch) is one stage, numbered at its first entry.
 * **blocks** — :func:`stage_blocks`: the blocks of one stage module (see its docstring). A spec's ``block`` sites
   and ``LayerOut(unit="block")`` both come from it, so they are the same modules.
 * **norms** — :func:`is_norm`; **containers** — :func:`is_container`, :func:`iterates_children`.
@@ -192,17 +194,45 @@ def feature_info(model: nn.Module) -> list[dict[str, Any]]:
         return []
 
 
+#: ``feature_info`` names some timm models give to modules they hold under another name, by model class (any class
+#: in the MRO, so timm's ``*Features`` subclasses share the entry). HRNet lists ``stem``, ``stage1`` ... ``stage4``
+#: while its modules are ``layer1`` (the paper's single-branch stage 1), ``stage2``, ``stage3``, ``stage4`` (its
+#: own comment: "module names aren't actually valid here"); its stem is several layers, left unnamed.
+FEATURE_ALIASES: dict[str, dict[str, str]] = {
+    "HighResolutionNet": {"stage1": "layer1"},
+}
+
+
+def _feature_alias(model: nn.Module, name: str) -> str | None:
+    for cls in type(model).__mro__:
+        alias = FEATURE_ALIASES.get(cls.__name__, {}).get(name)
+        if alias is not None:
+            return alias
+    for m in model.children():  # a features_only wrapper holding the model (FeatureListNet's body & co.)
+        if not isinstance(m, nn.ModuleDict) and feature_info(m):
+            alias = _feature_alias(m, name)
+            if alias is not None:
+                return alias
+    return None
+
+
 def feature_module(model: nn.Module, name: str, named: dict[str, nn.Module] | None = None) -> str | None:
     """The module a ``feature_info`` entry names, under its name in ``model`` (None if it has none).
 
     A ``features_only`` wrapper keeps the original model's ``feature_info`` but holds its modules under other
     names: ``FeatureListNet`` / ``FeatureDictNet`` flatten a first-level ``nn.Sequential`` (``stages.0`` becomes
     ``stages_0``), ``FeatureHookNet`` may keep the whole model as ``body``, ``FeatureGetterNet`` as ``model``
-    (Gemma 4's ViT further down, ``model.encoder.blocks.N`` for ``blocks.N``).
+    (Gemma 4's ViT further down, ``model.encoder.blocks.N`` for ``blocks.N``). Models whose ``feature_info`` names
+    a module they do not have get it from :data:`FEATURE_ALIASES`.
     """
     named = dict(model.named_modules()) if named is None else named
     if name in named:
         return name
+    alias = _feature_alias(model, name)
+    if alias is not None:
+        found = feature_module(model, alias, named)
+        if found is not None:
+            return found
     head, dot, rest = name.partition(".")
     if dot and f"{head}_{rest}" in named:
         return f"{head}_{rest}"
@@ -214,10 +244,12 @@ def feature_module(model: nn.Module, name: str, named: dict[str, nn.Module] | No
     return None
 
 
+def _stem_named(name: str) -> bool:
+    return any(part.startswith("stem") or part.endswith("stem") for part in name.split("."))
+
+
 def _is_stem_entry(name: str, module: nn.Module, next_module: nn.Module | None) -> bool:
-    if name == "":
-        return True
-    if any(part.startswith("stem") or part.endswith("stem") for part in name.split(".")):
+    if name == "" or _stem_named(name):
         return True
     # A stage holds blocks, a stem is a layer or two: a shallower module tree than the next entry's.
     return next_module is not None and _subtree_depth(module) < _subtree_depth(next_module)
@@ -228,8 +260,12 @@ def feature_stages(
 ) -> dict[str, int | None]:
     """``feature_info`` module name -> stage (1-based; None for the stem entry), in ``feature_info`` order.
 
-    ``keep`` filters entries before numbering (site discovery keeps only modules that ran); a container entry
-    that ``keep`` rejects stands for its last kept descendant.
+    Stage ``k`` is ``feature_info`` entry ``k`` (entry ``k - 1`` when entry 0 is no stem): an entry whose module
+    the model does not hold, or that ``keep`` rejects, leaves its number unused rather than renumbering the
+    stages after it (HRNet keeps ``stage3`` as stage 3). A module named by several entries (CrossViT's
+    ``blocks.N``, once per branch) is one stage, numbered at its first entry. ``keep`` filters entries (site
+    discovery keeps only modules that ran); a container entry that ``keep`` rejects stands for its last kept
+    descendant.
     """
     named = dict(model.named_modules())
 
@@ -245,17 +281,18 @@ def feature_stages(
                     return found
         return None
 
-    resolved = (kept(feature_module(model, d["module"], named)) for d in feature_info(model))
-    names = [n for n in resolved if n is not None]
+    info = feature_info(model)
+    names = [kept(feature_module(model, d["module"], named)) for d in info]
+    stem = len(names) > 1 and (
+        _is_stem_entry(names[0], named[names[0]], named[names[1]] if names[1] is not None else None)
+        if names[0] is not None
+        else _stem_named(info[0]["module"])
+    )
     stages: dict[str, int | None] = {}
-    stem = len(names) > 1 and _is_stem_entry(names[0], named[names[0]], named[names[1]])
-    k = 0
     for i, name in enumerate(names):
-        if i == 0 and stem:
-            stages[name] = None
-        else:
-            k += 1
-            stages[name] = k
+        if name is None or name in stages:
+            continue
+        stages[name] = None if i == 0 and stem else i + (0 if stem else 1)
     return stages
 
 
@@ -321,24 +358,43 @@ def _pair(value: Any) -> tuple[int, int] | None:
     return None
 
 
-def token_grid(model: nn.Module, length: int | None = None) -> tuple[tuple[int, int], int] | str:
-    """``((H, W), num_prefix_tokens)`` of a ViT-style model whose token sequences are prefix tokens followed by
-    its patch grid (row-major), or a sentence saying why it has none; with ``length`` (a site's sequence
-    length), also why that sequence is not ``num_prefix_tokens + H * W`` tokens (pooled or downsampled).
+def _embed_grid(module: nn.Module) -> tuple[int, int] | None:
+    """The patch grid of a patch embed: timm's ``grid_size``, or ``img_size // patch_size`` where the module also
+    records that many ``num_patches`` (CrossViT's per-branch ``PatchEmbed`` has no ``grid_size``)."""
+    grid = _pair(getattr(module, "grid_size", None))
+    if grid is not None:
+        return grid if hasattr(module, "patch_size") else None
+    img, patch = _pair(getattr(module, "img_size", None)), _pair(getattr(module, "patch_size", None))
+    if img is None or patch is None:
+        return None
+    grid = (img[0] // patch[0], img[1] // patch[1])
+    return grid if getattr(module, "num_patches", None) == grid[0] * grid[1] else None
 
-    The grid is the ``grid_size`` of the model's one patch embed (timm's ``PatchEmbed``: ``patch_embed`` on
-    ViT, DeiT, BEiT, EVA; ``stem`` on MLP-Mixer); the prefix count (class, distillation, register tokens) is
-    ``num_prefix_tokens`` of the nearest module holding the patch embed, else 0. No grid, rather than one that would be a guess:
-    no patch embed (LeViT, CoaT's per-stage embeds count as several), a dynamic image size (the grid changes
-    with each input), or patch dropout (training keeps a random subset of the patch tokens).
-    """
-    named = dict(model.named_modules())
-    embeds = [n for n, m in named.items() if _pair(getattr(m, "grid_size", None)) and hasattr(m, "patch_size")]
-    if not embeds:
-        return f"{type(model).__name__} records no patch grid (no patch embed with a grid_size)"
-    if len(embeds) > 1:
-        return f"{type(model).__name__} has several patch embeds ({', '.join(embeds[:4])}): which grid a site holds is ambiguous"
-    embed = embeds[0]
+
+#: prefix-token parameters of a model that records no ``num_prefix_tokens`` (PiT's ``cls_token``); a numbered one
+#: belongs to the patch embed of that index (CrossViT's ``cls_token_1`` to ``patch_embed.1``)
+_PREFIX_PARAM = re.compile(r"(?:cls|dist|reg)_tokens?(?:_(\d+))?")
+
+
+def _prefix_tokens(named: dict[str, nn.Module], embed: str, holders: list[str]) -> int:
+    for h in holders:
+        count = getattr(named[h], "num_prefix_tokens", None)
+        if isinstance(count, int):
+            return count
+    index = embed.rpartition(".")[2]
+    for h in holders:
+        count = 0
+        for pname, p in named[h].named_parameters(recurse=False):
+            found = _PREFIX_PARAM.fullmatch(pname)
+            if found and found.group(1) in (None, index) and p.dim() == 3:
+                count += int(p.shape[1])
+        if count:
+            return count
+    return 0
+
+
+def _embed_tokens(named: dict[str, nn.Module], model: nn.Module, embed: str) -> tuple[tuple[int, int], int] | str:
+    """``(grid, num_prefix_tokens)`` of one patch embed's token sequences, or why they are no fixed grid."""
     parts = embed.split(".")
     holders = [".".join(parts[:i]) for i in range(len(parts) - 1, -1, -1)]
     for holder in [embed, *holders]:
@@ -354,11 +410,41 @@ def token_grid(model: nn.Module, length: int | None = None) -> tuple[tuple[int, 
                 f"{(holder + '.') if holder else ''}patch_drop keeps a random {1 - drop.prob:.0%} of the patch "
                 f"tokens in training, so they are no grid; create the model with patch_drop_rate=0"
             )
-    prefix = next(
-        (named[h].num_prefix_tokens for h in holders if isinstance(getattr(named[h], "num_prefix_tokens", None), int)),
-        0,
-    )
-    (h, w) = _pair(named[embed].grid_size)  # type: ignore[misc]
+    return _embed_grid(named[embed]), _prefix_tokens(named, embed, holders)  # type: ignore[return-value]
+
+
+def token_grid(model: nn.Module, length: int | None = None) -> tuple[tuple[int, int], int] | str:
+    """``((H, W), num_prefix_tokens)`` of a ViT-style model whose token sequences are prefix tokens followed by
+    its patch grid (row-major), or a sentence saying why it has none; with ``length`` (a site's sequence
+    length), also why that sequence is not ``num_prefix_tokens + H * W`` tokens (pooled or downsampled).
+
+    The grid is that of the model's one patch embed (timm's ``PatchEmbed`` ``grid_size``: ``patch_embed`` on
+    ViT, DeiT, BEiT, EVA; ``stem`` on MLP-Mixer); the prefix count (class, distillation, register tokens) is
+    ``num_prefix_tokens`` of the nearest module holding the patch embed, else the tokens of that module's
+    ``cls_token`` / ``dist_token`` / ``reg_token`` parameters (PiT), else 0. With several patch embeds (CrossViT's
+    two branches, CoaT's per-stage embeds) a site's ``length`` must pick exactly one of their grids. No grid,
+    rather than one that would be a guess: no patch embed (LeViT), several without a length that tells them
+    apart, a dynamic image size (the grid changes with each input), or patch dropout (training keeps a random
+    subset of the patch tokens).
+    """
+    named = dict(model.named_modules())
+    embeds = [n for n, m in named.items() if _embed_grid(m) is not None]
+    if not embeds:
+        return f"{type(model).__name__} records no patch grid (no patch embed with a grid_size)"
+    if len(embeds) > 1:
+        found = [_embed_tokens(named, model, n) for n in embeds]
+        fits = {f for f in found if isinstance(f, tuple) and f[1] + f[0][0] * f[0][1] == length}
+        if len(fits) == 1:
+            return fits.pop()
+        tail = "" if length is None else f" and its {length} tokens do not single out one of their grids"
+        return (
+            f"{type(model).__name__} has several patch embeds ({', '.join(embeds[:4])}){tail}: which grid a "
+            f"site holds is ambiguous"
+        )
+    found = _embed_tokens(named, model, embeds[0])
+    if isinstance(found, str):
+        return found
+    (h, w), prefix = found
     if length is not None and length != prefix + h * w:
         return (
             f"its {length} tokens are not the model's {prefix} prefix token(s) + {h}x{w} patch grid "

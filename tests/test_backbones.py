@@ -262,11 +262,19 @@ def test_coat_backbone_regularizes_its_stages():
 
 
 @pytest.mark.parametrize("features_only", [False, True], ids=["classifier", "features_only"])
-def test_hrnet_multi_branch_stages_are_refused_by_name(features_only):
+def test_hrnet_stages_3_and_4_are_its_modules_with_a_site_per_branch(features_only):
+    # stage3 / stage4 return one map per resolution branch (3 and 4 of them): each branch is regularized
     model = create("hrnet_w18_small", features_only=features_only)
-    with pytest.raises(timm_drop.RewriteError, match=r"not a single tensor.*stage3 \(stage 2\)"):
-        timm_drop.apply_regularizer(model, DROPBLOCK_34)
-    assert not any(isinstance(m, timm_drop.Regularizer) for m in model.modules())
+    entries = timm_drop.plan(model, DROPBLOCK_34).entries
+    assert [(e.module, e.branch, e.stage) for e in entries] == [
+        *[("stage3", b, 3) for b in range(3)],
+        *[("stage4", b, 4) for b in range(4)],
+    ]
+
+
+def test_hrnet_backbone_regularizes_every_output_after_its_stages_3_and_4():
+    # every output but the stem's comes out of stage4 (through the incre modules)
+    check_backbone("hrnet_w18_small", DROPBLOCK_34, clean=1)
 
 
 GEMMA4_TINY = {"depth": 4, "embed_dim": 64, "num_heads": 2, "intermediate_size": 128}

@@ -91,10 +91,6 @@ SKIP_KINDS = ("residual", "shortcut", "merge")
 NO_SITES: dict[str, set[str]] = {
     "nf_regnet_b0": {"norm"},  # normalizer-free by design
     "resmlp_12_224": {"norm"},  # ResMLP replaces LayerNorm by an Affine layer
-    "hrnet_w18_small": {
-        "stage"
-    },  # stages return lists of multi-resolution maps; feature_info names no modules
-    "pit_ti_224": {"stage"},  # stages return (tokens, cls_token) tuples
     "twins_svt_small": {"stage"},  # stage ModuleLists are iterated by the model's forward, never called
 }
 

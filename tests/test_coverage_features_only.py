@@ -17,9 +17,17 @@ def test_check_model_on_a_features_only_backbone_passes_with_stage_sites():
 
 
 def test_features_only_without_stage_sites_is_a_named_failure():
-    r = check_model("hrnet_w18_small", model_kwargs={"features_only": True})
+    # timm's Twins names its stages block.N in feature_info; its modules are blocks.N, so no stage is found
+    r = check_model("twins_svt_small", model_kwargs={"features_only": True, "depths": (1, 1, 1, 1)})
     assert not r.ok and r.stage == "plan"
-    assert "HighResolutionNetFeatures: no stage site" in r.reason
+    assert "FeatureGetterNet: no stage site" in r.reason
+
+
+def test_features_only_multi_branch_stages_pass_with_a_site_per_branch():
+    # HRNet's stage2 .. stage4 return one map per resolution branch: each branch is a stage site
+    r = check_model("hrnet_w18_small", model_kwargs={"features_only": True})
+    assert r.ok, r.reason
+    assert r.n_sites.get("stage", 0) == 1 + 2 + 3 + 4
 
 
 def test_model_without_a_features_only_form_is_skipped_with_timms_reason():

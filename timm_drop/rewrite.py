@@ -236,17 +236,17 @@ def _no_match_error(
 
 
 def _stage_gaps(model: nn.Module, analysis: Analysis) -> list[str]:
-    """Why ``feature_info`` entries gave no stage site: a stage whose output is not one tensor (HRNet's stages
-    return one map per resolution branch: which branch is "the stage" is the user's call, so it is refused rather
-    than guessed), or a module this model does not run (a features_only wrapper that rebuilt the outputs)."""
+    """Why ``feature_info`` entries gave no stage site: a stage whose output is neither one tensor nor a list /
+    tuple holding a tensor with a layout (a list of tensors gets a site per branch, see :mod:`timm_drop.sites`),
+    or a module this model does not hold or run (a features_only wrapper that rebuilt the outputs)."""
     with_site = {s.module for s in analysis.sites if s.kind == "stage"}
     multi = [f"{n} (stage {k})" for n, k in analysis.stages.items() if k is not None and n not in with_site]
     missing = [d["module"] for d in feature_info(model) if feature_module(model, d["module"]) is None]
     parts = []
     if multi:
         parts.append(
-            f"stage modules whose output is not a single tensor (e.g. one map per resolution branch): "
-            f"{', '.join(multi)}; select their branches with block, norm or module sites instead"
+            f"stage modules whose output is not a tensor or a list/tuple of tensors with a layout: "
+            f"{', '.join(multi)}; select the tensors inside them with block, norm or module sites instead"
         )
     if missing:
         parts.append(f"feature_info names modules this {type(model).__name__} does not hold: {', '.join(missing)}")

@@ -8,7 +8,8 @@ Site discovery (:mod:`timm_drop.sites`), the rewriter (:mod:`timm_drop.rewrite`)
   shallower module tree than the next entry (ResNet's ``act1``, MobileNetV3's ``bn1``, DenseNet's
   ``features.norm0`` against stages holding blocks). Numbers follow the ``feature_info`` position, so an entry
   naming no module leaves a gap instead of shifting the later stages; a module listed several times (CrossViT's
-  ``blocks.N``, once per token branch) is one stage, numbered at its first entry.
+  ``blocks.N``, once per token branch; CoaT's ``parallel_blocks`` for stages 2-4) is one stage, numbered at its
+  first entry, whose list output gives one site per branch (:mod:`timm_drop.sites`).
 * **blocks** — :func:`stage_blocks`: the blocks of one stage module (see its docstring). A spec's ``block`` sites
   and ``LayerOut(unit="block")`` both come from it, so they are the same modules.
 * **norms** — :func:`is_norm`; **containers** — :func:`is_container`, :func:`iterates_children`.

@@ -211,3 +211,16 @@ def test_crossvit_token_branches_get_their_own_patch_grid():
         (0, (10, 10), 1, "NLC"),
         (1, (7, 7), 1, "NLC"),
     }
+
+
+def test_pit_class_token_is_a_prefix_token_of_its_first_stage_grid():
+    # PiT records no num_prefix_tokens: its cls_token parameter says one class token precedes the patch grid
+    model = _create("pit_ti_224", False, img_size=64)
+    rule = {**DROPBLOCK["rules"][0], "sites": ["block"], "stages": [1]}
+    entries = timm_drop.plan(model, {"rules": [rule]}).entries
+    assert entries and {(e.layout, e.token_grid, e.num_prefix_tokens) for e in entries} == {
+        ("NLC", (7, 7), 1)
+    }
+    # stage 2's tokens are pooled to another grid the model records nowhere: refused, naming the lengths
+    with pytest.raises(timm_drop.RewriteError, match=r"its 17 tokens are not the model's 1 prefix token"):
+        timm_drop.plan(model, {"rules": [{**rule, "stages": [2]}]})

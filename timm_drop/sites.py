@@ -779,7 +779,7 @@ def _emit_sites(
         if s not in rec.branches:
             add_site("stage", s, s, rec.out.get(s), (rec.end[s], 2))
             continue
-        for i, shape, layout in stage_branches(model, rec.branches[s], in_hw):
+        for i, shape, layout in _stage_branches(model, rec.branches[s], in_hw):
             add_site("stage", f"{s}[{i}]", s, shape, (rec.end[s], 2, i), branch=i, layout=layout)
     for b in _blocks(named, stage_mods, module_stage, graphs, rec):
         add_site("block", b, b, rec.out.get(b), (rec.end[b], 1))
@@ -806,7 +806,7 @@ def _emit_sites(
     return [dataclasses.replace(s, depth=i) for i, (_, s) in enumerate(raw)]
 
 
-def stage_branches(
+def _stage_branches(
     model: nn.Module,
     branches: tuple[tuple[tuple[int, ...] | None, int | None], ...],
     in_hw: tuple[int, int],

@@ -224,3 +224,22 @@ def test_pit_class_token_is_a_prefix_token_of_its_first_stage_grid():
     # stage 2's tokens are pooled to another grid the model records nowhere: refused, naming the lengths
     with pytest.raises(timm_drop.RewriteError, match=r"its 17 tokens are not the model's 1 prefix token"):
         timm_drop.plan(model, {"rules": [{**rule, "stages": [2]}]})
+
+
+@pytest.mark.parametrize(
+    "name,stages",
+    [
+        # feature_info: stem, stage1 .. stage4, of which stem and stage1 name no module (stage1 is layer1)
+        ("hrnet_w18_small", {"layer1": 1, "stage2": 2, "stage3": 3, "stage4": 4}),
+        # feature_info: bn1 (no such module: the stride-2 stem tap), blocks.0 .. blocks.3
+        ("mobilenetv5_300m", {"blocks.0": 1, "blocks.1": 2, "blocks.2": 3, "blocks.3": 4}),
+        # feature_info lists blocks.0 .. blocks.2 once per token branch
+        ("crossvit_tiny_240", {"blocks.0": 1, "blocks.1": 2, "blocks.2": 3}),
+    ],
+)
+def test_stages_are_numbered_by_feature_info_position(name, stages):
+    from timm_drop.structure import feature_stages
+
+    with torch.device("meta"):  # numbering reads the module tree and feature_info only
+        model = timm.create_model(name, pretrained=False)
+    assert feature_stages(model) == stages

@@ -249,6 +249,13 @@ def _stem_named(name: str) -> bool:
     return any(part.startswith("stem") or part.endswith("stem") for part in name.split("."))
 
 
+def _stem_stride(entry: dict[str, Any], following: dict[str, Any]) -> bool:
+    """A stride-2 tap before a coarser one: a stem layer (no stage of a timm model stops at stride 2 unless it
+    is a module of its own, which the module-based test decides)."""
+    r0, r1 = entry.get("reduction"), following.get("reduction")
+    return isinstance(r0, int) and isinstance(r1, int) and r0 <= 2 < r1
+
+
 def _is_stem_entry(name: str, module: nn.Module, next_module: nn.Module | None) -> bool:
     if name == "" or _stem_named(name):
         return True
@@ -284,11 +291,12 @@ def feature_stages(
 
     info = feature_info(model)
     names = [kept(feature_module(model, d["module"], named)) for d in info]
-    stem = len(names) > 1 and (
-        _is_stem_entry(names[0], named[names[0]], named[names[1]] if names[1] is not None else None)
-        if names[0] is not None
-        else _stem_named(info[0]["module"])
-    )
+    found = [n for n in names if n is not None]
+    if names and names[0] is None:
+        # a stem entry naming no module (HRNet's "stem", MobileNetV5's "bn1"): its name or its stride says so
+        stem = len(names) > 1 and (_stem_named(info[0]["module"]) or _stem_stride(info[0], info[1]))
+    else:
+        stem = len(found) > 1 and _is_stem_entry(found[0], named[found[0]], named[found[1]])
     stages: dict[str, int | None] = {}
     for i, name in enumerate(names):
         if name is None or name in stages:

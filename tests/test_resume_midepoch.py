@@ -290,13 +290,19 @@ def _loader_resumes_with_the_remaining_batches(make_loader, epoch: int = 1, done
     for _ in range(done):
         next(it)
     state = first.state_dict()
+    # without workers, image-folder transforms draw from the global RNG, which the checkpoint carries
+    rng = torch.get_rng_state()
     assert state["epoch"] == epoch and state["batch"] == done
     resumed = make_loader()  # a fresh process's loader
     resumed.load_state_dict(state)
+    torch.set_rng_state(rng)
     resumed.set_epoch(epoch)
     _assert_batches_equal(expected[done:], [(x.clone(), y.clone()) for x, y in resumed])
     # the position applies to that epoch only: the next epoch starts at its first batch again
-    _assert_batches_equal(_batches(full, epoch + 1), _batches(resumed, epoch + 1))
+    rng = torch.get_rng_state()
+    following = _batches(full, epoch + 1)
+    torch.set_rng_state(rng)
+    _assert_batches_equal(following, _batches(resumed, epoch + 1))
 
 
 def test_tensor_loader_resumes_with_exactly_the_remaining_batches_in_order(tmp_path):

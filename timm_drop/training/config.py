@@ -243,9 +243,14 @@ class LogConfig:
 
 @dataclass
 class CheckpointConfig:
-    #: epoch checkpoints kept (oldest deleted first); the best model's weights are kept separately
+    #: checkpoints kept, epoch and step ones counted together in training order (oldest deleted first); the best
+    #: model's weights are kept separately
     total_limit: int = 2
+    #: a full checkpoint every N finished epochs (and after the last one)
     every: int = 1
+    #: also a mid-epoch checkpoint every N optimizer steps (counted over the whole run, so after N * grad_accum_steps
+    #: micro-batches), resumable exactly where it was taken; None = epoch checkpoints only
+    every_steps: int | None = None
     save_best: bool = True
 
 
@@ -734,6 +739,11 @@ def _check_checkpoint(cfg: TrainConfig, r: _Report, check_paths: bool) -> None:
     c = cfg.checkpoint
     r.check(c.total_limit >= 1, "checkpoint.total_limit", f"must be >= 1, got {c.total_limit}")
     r.check(c.every >= 1, "checkpoint.every", f"must be >= 1, got {c.every}")
+    r.check(
+        c.every_steps is None or c.every_steps >= 1,
+        "checkpoint.every_steps",
+        f"must be a positive integer (optimizer steps) or null (epoch checkpoints only), got {c.every_steps}",
+    )
 
 
 def _check_regularizer(cfg: TrainConfig, r: _Report, check_paths: bool) -> None:

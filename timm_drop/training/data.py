@@ -18,7 +18,10 @@ Tensor datasets (all but imagefolder) can live on the accelerator (``data.device
 :class:`DeviceLoader` draws a per-epoch permutation, shards it by rank and augments whole batches there, so the
 loader is never the bottleneck. Every random choice of the data stream comes from generators seeded by
 ``(seed, epoch)`` (the permutation: identical on every rank) and ``(seed, epoch, rank)`` (augmentation), so a
-run resumed at an epoch boundary sees exactly the batches the uninterrupted run saw.
+run resumed at an epoch boundary sees exactly the batches the uninterrupted run saw. A training loader's
+:meth:`~_ShardedLoader.state_dict` is its position inside the epoch (batches yielded, augmentation generators'
+states); :meth:`~_ShardedLoader.load_state_dict` makes its next pass over that epoch yield exactly the remaining
+batches, in order and augmented as they would have been (a mid-epoch resume: ``checkpoint.every_steps``).
 """
 
 from __future__ import annotations
@@ -297,6 +300,8 @@ class _ShardedLoader:
         self.n = n
         self.cfg, self.train, self.device = cfg, train, device
         self.seed, self.rank, self.world, self.epoch = seed, rank, world, 0
+        # position in the epoch being iterated (batches yielded, generators), and a position to resume from
+        self._yielded, self._generators, self._resume_at = 0, {}, None
         self.batch_size = cfg.batch_size if train else cfg.eval_batch_size
         self.batch_multiple = batch_multiple
         self.norm = _Normalizer(mean, std, device, channels_last)
@@ -309,6 +314,38 @@ class _ShardedLoader:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def state_dict(self) -> dict:
+        """Where the current pass stands: its epoch, the batches yielded so far and the states of the generators
+        that augmented them (CPU tensors). Taken between two batches, it resumes exactly there."""
+        return {
+            "epoch": self.epoch,
+            "batch": self._yielded,
+            "generators": {k: g.get_state() for k, g in self._generators.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Make the next pass (over ``state["epoch"]``) start after ``state["batch"]`` batches; later passes start
+        at their first batch again."""
+        batch = state["batch"]
+        if not 0 <= batch <= len(self):
+            raise ValueError(f"loader state: batch {batch} is outside this epoch's {len(self)} batches")
+        self._resume_at = dict(state)
+
+    def _begin(self, generators: dict[str, torch.Generator | None]) -> int:
+        """Start a pass: the first batch to yield, and the generators restored where a resume point says."""
+        self._generators = {k: g for k, g in generators.items() if g is not None}
+        start, resume, self._resume_at = 0, self._resume_at, None
+        if resume is not None:
+            if resume["epoch"] != self.epoch:
+                raise ValueError(
+                    f"loader state: it resumes epoch {resume['epoch']}, but this pass is epoch {self.epoch}"
+                )
+            start = resume["batch"]
+            for k, g in self._generators.items():
+                g.set_state(resume["generators"][k])
+        self._yielded = start
+        return start
 
     def __len__(self) -> int:
         if self.train:
@@ -364,9 +401,10 @@ class DeviceLoader(_ShardedLoader):
         else:
             idx = shard_indices(self.n, None, self.rank, self.world, pad=True)
             aug_gen = None
+        start = self._begin({"aug": aug_gen})
         idx = idx.to(self.device)
         a = self.cfg.augment
-        for b in range(len(self)):
+        for b in range(start, len(self)):
             bi = idx[b * self.batch_size : (b + 1) * self.batch_size]
             valid = bi < self.n
             bi = bi % self.n
@@ -379,8 +417,10 @@ class DeviceLoader(_ShardedLoader):
             if self.train:
                 x = cutout(x, a.cutout, aug_gen)
                 x = random_erasing(x, a.random_erasing, aug_gen)
+                self._yielded = b + 1
                 yield x, self.y[bi]
             else:
+                self._yielded = b + 1
                 yield x, self.y[bi], valid
 
 
@@ -394,12 +434,15 @@ class _IndexSampler(torch.utils.data.Sampler):
         idx = shard_indices(o.n, gen, o.rank, o.world, pad=not o.train)
         if o.train:
             idx = idx[: len(o) * o.batch_size]
-        # each index carries its epoch's key: persistent workers reseed from it (see _PaddedDataset)
+        # a resumed pass skips the batches already trained without decoding them
+        skip = o._skip_batches * o.batch_size
+        # each index carries its epoch's key and its position in the epoch: workers seed each sample's
+        # augmentation from them (see _PaddedDataset)
         key = o.worker_key()
-        return iter([(i, key) for i in idx.tolist()])
+        return iter([(i, key, skip + p) for p, i in enumerate(idx[skip:].tolist())])
 
     def __len__(self) -> int:
-        return len(self.owner) * self.owner.batch_size
+        return (len(self.owner) - self.owner._skip_batches) * self.owner.batch_size
 
 
 class _PaddedDataset(torch.utils.data.Dataset):
@@ -409,17 +452,16 @@ class _PaddedDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, item: tuple[int, int]):
-        i, key = item
-        info = torch.utils.data.get_worker_info()
-        if info is not None and getattr(self, "_key", None) != key:
-            # A persistent worker outlives the epoch, so its RNG would carry over and a run resumed at this epoch
-            # (fresh workers) would augment differently; reseed at the epoch's first sample: (seed, epoch, rank,
-            # worker) alone fixes the stream. The main process (num_workers=0) keeps its RNG untouched.
+    def __getitem__(self, item: tuple[int, int, int]):
+        i, key, pos = item
+        if torch.utils.data.get_worker_info() is not None:
+            # Each sample's augmentation is a pure function of (seed, epoch, rank, position in the epoch): not of
+            # the worker that happens to load it, nor of what that worker loaded before (persistent workers
+            # outlive the epoch; a run resumed mid-epoch skips batches and deals the rest to other workers). The
+            # main process (num_workers=0) keeps its RNG untouched: the checkpoint's global RNG state covers it.
             import random
 
-            self._key = key
-            s = (key * 1_000_003 + info.id) % 2**63
+            s = (key * 1_000_003 + pos) % 2**63
             torch.manual_seed(s)
             random.seed(s)
             np.random.seed(s % 2**32)
@@ -498,6 +540,7 @@ class FolderLoader(_ShardedLoader):
             where=f" in {root}",
         )
         self._gen = torch.Generator()
+        self._skip_batches = 0
         self.loader = torch.utils.data.DataLoader(
             _PaddedDataset(self.dataset, self.n),
             batch_size=self.batch_size,
@@ -518,17 +561,22 @@ class FolderLoader(_ShardedLoader):
         # Worker seeds derive from this generator: (seed, epoch, rank) fixes the augmentation stream.
         self._gen.manual_seed(self.worker_key())
         aug_gen = seeded_generator(self.device, self.seed, self.epoch, self.rank, 3) if self.train else None
+        self._skip_batches = start = self._begin({"aug": aug_gen})
         a = self.cfg.augment
-        for x, y, valid in self.loader:
-            x = x.to(self.device, non_blocking=True).float().div_(255.0)
-            y = y.to(self.device, non_blocking=True)
-            x = self.norm(x)
-            if self.train:
-                x = cutout(x, a.cutout, aug_gen)
-                x = random_erasing(x, a.random_erasing, aug_gen)
-                yield x, y
-            else:
-                yield x, y, valid.to(self.device)
+        try:
+            for b, (x, y, valid) in enumerate(self.loader, start):
+                x = x.to(self.device, non_blocking=True).float().div_(255.0)
+                y = y.to(self.device, non_blocking=True)
+                x = self.norm(x)
+                self._yielded = b + 1
+                if self.train:
+                    x = cutout(x, a.cutout, aug_gen)
+                    x = random_erasing(x, a.random_erasing, aug_gen)
+                    yield x, y
+                else:
+                    yield x, y, valid.to(self.device)
+        finally:
+            self._skip_batches = 0
 
 
 def _folder_split(root: Path, train: bool) -> Path:

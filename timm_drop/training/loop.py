@@ -12,6 +12,12 @@ Clocks:
   the fp16 GradScaler skipped; the driver's step is saved in every checkpoint, so a resume continues the same curve;
 * LayerOut's ``start_epoch(epoch)`` / ``end_epoch()`` bracket every epoch.
 
+Mid-epoch checkpoints (``checkpoint.every_steps``) are taken right after an optimizer step (never inside a
+gradient-accumulation window) and hold, besides an epoch checkpoint's state, each process's data position and
+augmentation generators and the partial epoch's loss/accuracy sums; the global RNG streams are Accelerate's. A run
+resumed from one continues the epoch at its next batch and reports the epoch's metrics as the uninterrupted run
+does (``epoch_time_s`` adds the training time before and after the interruption).
+
 Randomness: the model is initialised under ``set_seed(seed)`` (identical on every rank); after ``prepare`` the
 global RNG is re-seeded with ``seed + process_index`` (``device_specific=True``), so regularizer masks differ across
 ranks, while the data order (seeded by ``(seed, epoch)``) and LayerOut's frozen set (its own ``(seed, epoch)``
@@ -62,6 +68,7 @@ class TrainState:
     step: int = 0  # optimizer steps taken
     best_top1: float = -1.0
     best_epoch: int = -1
+    batch: int = 0  # micro-batches of the epoch in progress already trained (0 except in mid-epoch checkpoints)
 
 
 class LRSchedule:
@@ -242,6 +249,8 @@ class Trainer:
         self.state = TrainState()
         self.out = Path(cfg.output_dir)
         self._setup_done = False
+        # this process's state from a mid-epoch checkpoint, until the resumed epoch starts from it
+        self._resume_point: dict[str, Any] | None = None
 
     # -- setup -------------------------------------------------------------------------------------------------
     def setup(self) -> Trainer:
@@ -491,6 +500,15 @@ class Trainer:
     def _restore(self, path: Path) -> None:
         extra = CheckpointManager.load(self.accelerator, path)
         self.state = TrainState(**extra["train_state"])
+        if self.state.batch:
+            own = extra.get("process_state")
+            if own is None or own["loader"]["batch"] != self.state.batch:
+                raise CheckpointError(
+                    f"--resume {path}: a mid-epoch checkpoint without this process's data position "
+                    f"(process {self.rank})"
+                )
+            self.train_loader.load_state_dict(own["loader"])
+            self._resume_point = own
         if self.layerout is not None:
             if "layerout" not in extra:
                 raise CheckpointError(
@@ -542,17 +560,62 @@ class Trainer:
                 f"{then}"
             )
 
+    def _epoch_checkpoint_due(self, epoch: int) -> bool:
+        return (epoch + 1) % self.cfg.checkpoint.every == 0 or epoch + 1 == self.cfg.train.epochs
+
+    def _step_checkpoint_due(self, epoch: int, batch: int, n_batches: int) -> bool:
+        """After an optimizer step: ``checkpoint.every_steps`` divides the step count, unless the epoch's own
+        checkpoint follows at once."""
+        n = self.cfg.checkpoint.every_steps
+        if n is None or self.state.step % n:
+            return False
+        return not (batch == n_batches and self._epoch_checkpoint_due(epoch))
+
+    def _save_step_checkpoint(self, epoch: int, batch: int, sums: tuple | None) -> None:
+        """A mid-epoch checkpoint after ``batch`` micro-batches of ``epoch`` (an optimizer-step boundary):
+        ``sums`` = this process's (loss sum, correct, images, seconds) of the epoch so far."""
+        accum = self.cfg.train.grad_accum_steps
+        if batch % accum:
+            # the accumulated gradients of the open window are in no checkpoint: resuming there would lose them
+            raise CheckpointError(
+                f"a mid-epoch checkpoint after micro-batch {batch} would fall inside a gradient-accumulation window "
+                f"(train.grad_accum_steps={accum}); checkpoints are taken only at optimizer-step boundaries"
+            )
+        loss_sum, correct, seen, elapsed = sums
+        self._check_finite(loss_sum, f"epoch {epoch + 1}, before the checkpoint at step {self.state.step}")
+        position = self.train_loader.state_dict()
+        assert position["epoch"] == epoch and position["batch"] == batch, position
+        own = {
+            "loader": position,
+            "sums": {"loss": loss_sum.item(), "correct": correct.item(), "seen": seen, "elapsed_s": elapsed},
+        }
+        if self.is_main:
+            self.run_dir.claim("checkpoints")
+        self.state.batch = batch
+        try:
+            self.ckpt.save(
+                self.accelerator, epoch + 1, self._extra_state(), step=self.state.step, process_state=own
+            )
+        finally:
+            self.state.batch = 0
+
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
         from tqdm.auto import tqdm
 
         acc, cfg, t = self.accelerator, self.cfg, self.cfg.train
         self.model.train()
         self.train_loader.set_epoch(epoch)
-        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        correct = torch.zeros((), device=self.device, dtype=torch.float64)
-        seen = 0
+        # a run resumed mid-epoch starts at its checkpoint's batch, with the sums of the batches before it
+        start, own, self._resume_point = 0, self._resume_point, None
+        sums = {"loss": 0.0, "correct": 0.0, "seen": 0, "elapsed_s": 0.0}
+        if own is not None:
+            start, sums = own["loader"]["batch"], own["sums"]
+        loss_sum = torch.tensor(sums["loss"], device=self.device, dtype=torch.float64)
+        correct = torch.tensor(sums["correct"], device=self.device, dtype=torch.float64)
+        seen = sums["seen"]
         n_batches = len(self.train_loader)
         bar = tqdm(
+            initial=start,
             total=n_batches,
             desc=f"epoch {epoch + 1}/{t.epochs}",
             leave=False,
@@ -561,8 +624,8 @@ class Trainer:
         )
         check_every = cfg.log.log_interval * t.grad_accum_steps
         lr = self.lr_schedule(self.state.step)
-        t0 = time.perf_counter()
-        for i, (x, y) in enumerate(self.train_loader):
+        t0 = time.perf_counter() - sums["elapsed_s"]
+        for i, (x, y) in enumerate(self.train_loader, start):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             # soft targets when mixing; accuracy below still counts the unmixed labels
             target = y
@@ -581,7 +644,8 @@ class Trainer:
                     lr = self.lr_schedule.apply(self.optimizer, self.state.step)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            if acc.sync_gradients:
+            stepped = acc.sync_gradients
+            if stepped:
                 self.state.step += 1  # the schedules already moved in the optimizer step hook (self.driver)
                 if self.ema is not None:
                     self.ema.update(self.unwrapped, step=self.state.step)
@@ -593,6 +657,8 @@ class Trainer:
             if (i + 1) % check_every == 0:
                 self._check_finite(loss, f"epoch {epoch + 1}, batch {i + 1}")
                 bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.4g}")
+            if stepped and self._step_checkpoint_due(epoch, i + 1, n_batches):
+                self._save_step_checkpoint(epoch, i + 1, (loss_sum, correct, seen, time.perf_counter() - t0))
         bar.close()
         dt = time.perf_counter() - t0
         totals = torch.stack(
@@ -666,7 +732,9 @@ class Trainer:
         for epoch in range(self.state.epoch, end):
             frozen_fraction = None
             if self.layerout is not None:
-                self.layerout.start_epoch(epoch)
+                if self._resume_point is None:
+                    self.layerout.start_epoch(epoch)
+                # else a mid-epoch checkpoint restored this epoch's frozen set (and its start's norm counters)
                 frozen_fraction = float(self.layerout.frozen_fraction_of_model)
                 frozen_layers = float(self.layerout.frozen_fraction)
             try:
@@ -712,7 +780,7 @@ class Trainer:
                         self.run_dir.claim(name, name + ".tmp")
                     save_weights(sd, self.out / "best_model.pth")
                     save_weights_safetensors(sd, self.out / "best_model.safetensors")
-            if (epoch + 1) % cfg.checkpoint.every == 0 or epoch + 1 == cfg.train.epochs:
+            if self._epoch_checkpoint_due(epoch):
                 if self.is_main:
                     self.run_dir.claim("checkpoints")
                 self.ckpt.save(acc, epoch + 1, self._extra_state())
@@ -775,6 +843,18 @@ class Trainer:
         parts.append(f"{r['epoch_time_s']:.1f}s ({r['train_images_per_s']:.0f} img/s)")
         return "  ".join(parts)
 
+    def _checkpoint_cadence(self) -> str:
+        c = self.cfg.checkpoint
+        text = f"checkpoints: every {c.every} epoch(s)"
+        if c.every_steps is None:
+            text += " (no mid-epoch checkpoints)"
+        else:
+            text += (
+                f" and every {c.every_steps} optimizer steps ({c.every_steps / self.steps_per_epoch:.3g} epochs of "
+                f"{self.steps_per_epoch} steps)"
+            )
+        return text + f"; keeps the newest {c.total_limit} (epoch and step checkpoints together)"
+
     def dry_run_check(self) -> dict[str, Any]:
         """Build-only check: one train-mode forward of a stub batch, no optimizer step, nothing written."""
         size = self.cfg.data.image_size
@@ -812,6 +892,8 @@ class Trainer:
         }
         printed = dict(info)
         info["data_config"], info["optimizer_groups"] = self.data_config, groups
+        info["checkpoint_every_steps"] = self.cfg.checkpoint.every_steps
+        self.accelerator.print(self._checkpoint_cadence())
         self.accelerator.print("dry run ok: " + ", ".join(f"{k}={v}" for k, v in printed.items()))
         return info
 

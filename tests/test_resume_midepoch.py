@@ -99,6 +99,19 @@ def assert_same_run(ref: Path, out: Path) -> None:
     assert [[r[k] for k in keys] for r in rows(ref)] == [[r[k] for k in keys] for r in rows(out)]
 
 
+def stop_after(trainer: Trainer, name: str) -> None:
+    """Interrupt ``trainer`` (KeyboardInterrupt, in this process) right after it completes checkpoint ``name``."""
+    real_save = trainer.ckpt.save
+
+    def save_then_stop(*args, **kwargs):
+        path = real_save(*args, **kwargs)
+        if path.name == name:
+            raise KeyboardInterrupt
+        return path
+
+    trainer.ckpt.save = save_then_stop
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     """The uninterrupted run, without any step checkpoint (writing one must not change the run either)."""
@@ -190,15 +203,7 @@ def test_interrupt_after_every_step_checkpoint_resumes_to_the_same_run(reference
     for stop_at in (1, 3, 5, 7):
         out = tmp_path / f"stop{stop_at}"
         trainer = Trainer(cfg_for(out)).setup()
-        real_save = trainer.ckpt.save
-
-        def save_then_stop(*args, _stop=stop_at, **kwargs):
-            path = real_save(*args, **kwargs)
-            if path.name.endswith(f"_step_{_stop:08d}"):
-                raise KeyboardInterrupt
-            return path
-
-        trainer.ckpt.save = save_then_stop
+        stop_after(trainer, f"epoch_{1 + (stop_at > 4):04d}_step_{stop_at:08d}")
         with pytest.raises(KeyboardInterrupt):
             trainer.fit()
         Trainer(cfg_for(out), resume="latest").fit()
@@ -228,15 +233,7 @@ def test_step_checkpoints_are_listed_in_training_order_and_rotated_together(tmp_
 def test_resume_latest_falls_back_past_a_damaged_step_checkpoint(reference, tmp_path, capsys):
     out = tmp_path / "run"
     trainer = Trainer(cfg_for(out)).setup()
-    real_save = trainer.ckpt.save
-
-    def save_then_stop(*args, **kwargs):
-        path = real_save(*args, **kwargs)
-        if path.name == TARGET:
-            raise KeyboardInterrupt
-        return path
-
-    trainer.ckpt.save = save_then_stop
+    stop_after(trainer, TARGET)
     with pytest.raises(KeyboardInterrupt):
         trainer.fit()
     # the per-process data/metrics state is covered by the manifest like every other file
@@ -282,9 +279,11 @@ def _assert_batches_equal(a, b) -> None:
 
 def _loader_resumes_with_the_remaining_batches(make_loader, epoch: int = 1, done: int = 3) -> None:
     full = make_loader()
+    torch.manual_seed(0)  # both runs start from the same process RNG
     expected = _batches(full, epoch)
     assert len(expected) > done + 1
     first = make_loader()
+    torch.manual_seed(0)
     first.set_epoch(epoch)
     it = iter(first)
     for _ in range(done):
@@ -305,9 +304,19 @@ def _loader_resumes_with_the_remaining_batches(make_loader, epoch: int = 1, done
     _assert_batches_equal(following, _batches(resumed, epoch + 1))
 
 
+def _train_loader(cfg):
+    """The run's training loader, as the recipe builds it (a fresh one: another process's)."""
+    from timm_drop.training.data import build_loaders
+
+    t = cfg.train
+    return build_loaders(
+        cfg.data, device=torch.device("cpu"), seed=cfg.seed, batch_multiple=t.grad_accum_steps
+    )[0]
+
+
 def test_tensor_loader_resumes_with_exactly_the_remaining_batches_in_order(tmp_path):
     def make():
-        return Trainer(cfg_for(tmp_path / "d")).setup().train_loader
+        return _train_loader(cfg_for(tmp_path / "d"))
 
     _loader_resumes_with_the_remaining_batches(make)
 
@@ -346,7 +355,7 @@ def test_image_folder_loader_resumes_with_exactly_the_remaining_batches_in_order
     _folder(tmp_path / "imgs")
 
     def make():
-        return Trainer(_folder_cfg(tmp_path, "f", workers)).setup().train_loader
+        return _train_loader(_folder_cfg(tmp_path, "f", workers))
 
     _loader_resumes_with_the_remaining_batches(make)
 
@@ -357,15 +366,7 @@ def test_image_folder_run_with_workers_resumes_mid_epoch_bit_identical(tmp_path)
     Trainer(_folder_cfg(tmp_path, "ref", 2)).fit()
     out = tmp_path / "cut"
     trainer = Trainer(_folder_cfg(tmp_path, "cut", 2)).setup()
-    real_save = trainer.ckpt.save
-
-    def save_then_stop(*args, **kwargs):
-        path = real_save(*args, **kwargs)
-        if path.name == "epoch_0001_step_00000002":
-            raise KeyboardInterrupt
-        return path
-
-    trainer.ckpt.save = save_then_stop
+    stop_after(trainer, "epoch_0001_step_00000002")
     with pytest.raises(KeyboardInterrupt):
         trainer.fit()
     # the workers of the interrupted run are gone with its loader; the resumed run starts fresh ones

@@ -175,7 +175,7 @@ class CheckpointManager:
         flushed to disk; only then is the folder renamed to its final name.
         """
         if (step is None) != (process_state is None):
-            raise ValueError("CheckpointManager.save: a mid-epoch checkpoint needs both step and process_state")
+            raise ValueError("CheckpointManager.save: a mid-epoch checkpoint needs step and process_state")
         final = self.root / checkpoint_name(epoch, step)
         tmp = self.root / f".tmp-{final.name}"
         if accelerator.is_main_process:
@@ -503,7 +503,12 @@ class RunDir:
 
     def release(self) -> None:
         if self._lock_fh is not None:
-            self._lock_fh.close()  # closing the file releases the flock
+            import fcntl
+
+            # unlock explicitly: forked data-loader workers still alive share the open file (and so the lock),
+            # which closing it here alone would not release
+            fcntl.flock(self._lock_fh, fcntl.LOCK_UN)
+            self._lock_fh.close()
             self._lock_fh = None
 
 

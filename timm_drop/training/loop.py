@@ -68,7 +68,8 @@ class TrainState:
     step: int = 0  # optimizer steps taken
     best_top1: float = -1.0
     best_epoch: int = -1
-    batch: int = 0  # micro-batches of the epoch in progress already trained (0 except in mid-epoch checkpoints)
+    #: micro-batches of the epoch in progress already trained (0 except in mid-epoch checkpoints)
+    batch: int = 0
 
 
 class LRSchedule:

@@ -210,6 +210,20 @@ def test_interrupt_after_every_step_checkpoint_resumes_to_the_same_run(reference
         assert_same_run(reference, out)
 
 
+def test_a_step_checkpoint_at_an_epochs_last_batch_resumes_into_that_epochs_end(reference, tmp_path):
+    # checkpoint.every: 2 -> epoch 1 writes no epoch checkpoint, so step 4 (its last) gets a step checkpoint; the
+    # resumed run has no batch left in epoch 1 and goes straight to its eval, metrics row and weights
+    out = tmp_path / "run"
+    trainer = Trainer(cfg_for(out, every=2, every_steps=4)).setup()
+    stop_after(trainer, "epoch_0001_step_00000004")
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    metrics = out / "metrics.jsonl"
+    assert not metrics.exists() or not metrics.read_text().strip()  # epoch 1 never ended
+    Trainer(cfg_for(out, every=2, every_steps=4), resume="latest").fit()
+    assert_same_run(reference, out)
+
+
 def test_step_checkpoints_are_listed_in_training_order_and_rotated_together(tmp_path):
     out = tmp_path / "run"
     Trainer(cfg_for(out, total_limit=100)).fit()

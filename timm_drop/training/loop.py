@@ -624,7 +624,8 @@ class Trainer:
             disable=not (self.is_main and cfg.log.progress_bar),
         )
         check_every = cfg.log.log_interval * t.grad_accum_steps
-        lr = self.lr_schedule(self.state.step)
+        # the LR reported is the last one applied: a resumed epoch has applied it for the step before its checkpoint
+        lr = self.lr_schedule(self.state.step - 1 if start else self.state.step)
         t0 = time.perf_counter() - sums["elapsed_s"]
         for i, (x, y) in enumerate(self.train_loader, start):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)

@@ -23,9 +23,9 @@ import textwrap
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from tiny import LINEAR_RAMP, dropblock_stage_rule, tiny_run, write_image_folder
 
 import timm_drop  # noqa: F401  (registers the CIFAR models)
 from timm_drop.training import ConfigError, Trainer, load_config
@@ -33,39 +33,26 @@ from timm_drop.training.checkpoint import CheckpointError, CheckpointManager, lo
 
 REPO = Path(__file__).resolve().parents[1]
 
-RUN = {
-    "name": "midepoch",
-    "seed": 5,
-    "model": {"name": "resnet20_cifar"},
-    "regularizer": {
-        "rules": [
-            {
-                "regularizer": "dropblock",
-                "params": {"drop_prob": 0.3, "block_size": 3},
-                "sites": ["stage"],
-                "stages": [1, 2],
-                "schedule": {"kind": "linear", "start": 0.0, "end": 1.0},
-            }
-        ]
-    },
-    "data": {
-        "dataset": "digits",
-        "image_size": 8,
+RUN = tiny_run(
+    name="midepoch",
+    seed=5,
+    regularizer={"rules": [dropblock_stage_rule(0.3, [1, 2], schedule=LINEAR_RAMP)]},
+    data={
         "batch_size": 8,
         "eval_batch_size": 32,
         "train_subset": 64,
         "eval_subset": 32,
         "augment": {"crop_padding": 1, "hflip": True, "cutout": 2},
     },
-    "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
-    "sched": {"name": "cosine"},
+    optim={"momentum": 0.9, "weight_decay": 5e-4},
+    sched={"name": "cosine"},
     # 8 micro-batches of 8 images, accumulated in pairs: 4 optimizer steps per epoch
-    "train": {"epochs": 2, "grad_accum_steps": 2, "ema": {"enabled": True, "decay": 0.9}},
+    train={"grad_accum_steps": 2, "ema": {"enabled": True, "decay": 0.9}},
     # freeze_norm: the frozen layers' norms keep their statistics (and counters) for the epoch
-    "layerout": {"freeze_probs": "random", "seed": 1, "freeze_norm": True},
-    "log": {"progress_bar": False, "log_interval": 1, "plot": False},
-    "checkpoint": {"total_limit": 3, "every_steps": 1},
-}
+    layerout={"freeze_probs": "random", "seed": 1, "freeze_norm": True},
+    log={"log_interval": 1},
+    checkpoint={"total_limit": 3, "every_steps": 1},
+)
 
 #: the step checkpoint the child is killed after: optimizer step 6 = the 2nd of epoch 2's 4 steps
 TARGET = "epoch_0002_step_00000006"
@@ -335,18 +322,6 @@ def test_tensor_loader_resumes_with_exactly_the_remaining_batches_in_order(tmp_p
     _loader_resumes_with_the_remaining_batches(make)
 
 
-def _folder(root: Path, n: int = 10, size: int = 10) -> None:
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c in ("a", "b"):
-            d = root / split / c
-            d.mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(d / f"{i}.png")
-
-
 def _folder_cfg(tmp_path: Path, name: str, workers: int, **checkpoint):
     raw = json.loads(json.dumps(RUN))
     raw["output_dir"] = str(tmp_path / name)
@@ -366,7 +341,7 @@ def _folder_cfg(tmp_path: Path, name: str, workers: int, **checkpoint):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_image_folder_loader_resumes_with_exactly_the_remaining_batches_in_order(tmp_path, workers):
-    _folder(tmp_path / "imgs")
+    write_image_folder(tmp_path / "imgs", n=10, size=10)
 
     def make():
         return _train_loader(_folder_cfg(tmp_path, "f", workers))
@@ -375,7 +350,7 @@ def test_image_folder_loader_resumes_with_exactly_the_remaining_batches_in_order
 
 
 def test_image_folder_run_with_workers_resumes_mid_epoch_bit_identical(tmp_path):
-    _folder(tmp_path / "imgs")
+    write_image_folder(tmp_path / "imgs", n=10, size=10)
     ref = tmp_path / "ref"
     Trainer(_folder_cfg(tmp_path, "ref", 2)).fit()
     out = tmp_path / "cut"

@@ -438,6 +438,37 @@ def test_a_step_checkpoint_inside_an_accumulation_window_is_refused(tmp_path):
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 
+def test_a_training_loader_without_a_position_is_refused_before_any_work(tmp_path, monkeypatch):
+    import timm_drop.training.data as data
+
+    class Positionless:
+        """A loader that cannot say where it stands in its epoch (a stream, say)."""
+
+        def __init__(self, inner):
+            self.inner, self.mean, self.std = inner, inner.mean, inner.std
+
+        def __len__(self):
+            return len(self.inner)
+
+        def __iter__(self):
+            return iter(self.inner)
+
+        def set_epoch(self, epoch):
+            self.inner.set_epoch(epoch)
+
+    real = data.build_loaders
+
+    def build(*args, **kwargs):
+        train, evaluation, classes = real(*args, **kwargs)
+        return Positionless(train), evaluation, classes
+
+    monkeypatch.setattr(data, "build_loaders", build)
+    with pytest.raises(ConfigError, match=r"checkpoint\.every_steps: the training loader .* cannot resume"):
+        Trainer(cfg_for(tmp_path / "r")).setup()
+    assert not (tmp_path / "r").exists()
+    Trainer(cfg_for(tmp_path / "r", every_steps=None)).setup()  # epoch checkpoints need no position
+
+
 def test_overwrite_removes_step_checkpoints_too(tmp_path):
     out = tmp_path / "run"
     Trainer(cfg_for(out)).fit(max_epochs=1)

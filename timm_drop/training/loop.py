@@ -466,6 +466,13 @@ class Trainer:
         """The checkpoint manager; with ``--resume``, the checkpoint verified (sizes + checksums) and loaded into
         memory before the run directory is touched: a damaged or mismatched one leaves nothing behind."""
         self.ckpt = CheckpointManager(self.out, self.cfg.checkpoint.total_limit)
+        loader = getattr(self, "train_loader", None)
+        steps = self.cfg.checkpoint.every_steps
+        if steps is not None and loader is not None and not hasattr(loader, "state_dict"):
+            raise ConfigError(
+                f"checkpoint.every_steps: the training loader of data.dataset {self.cfg.data.dataset!r} cannot "
+                "resume mid-epoch (it has no state_dict/load_state_dict); use null (epoch checkpoints only)"
+            )
         if self.resume is not None and not self.dry_run:
             self._restore(
                 self.ckpt.resolve(self.resume, num_processes=self.world, log=self.accelerator.print)
@@ -585,7 +592,11 @@ class Trainer:
         loss_sum, correct, seen, elapsed = sums
         self._check_finite(loss_sum, f"epoch {epoch + 1}, before the checkpoint at step {self.state.step}")
         position = self.train_loader.state_dict()
-        assert position["epoch"] == epoch and position["batch"] == batch, position
+        if (position["epoch"], position["batch"]) != (epoch, batch):  # a loader that loses its position
+            raise CheckpointError(
+                f"the training loader reports epoch {position['epoch']}, batch {position['batch']} where the loop is "
+                f"at epoch {epoch}, batch {batch}: a mid-epoch checkpoint would not resume at the right batch"
+            )
         own = {
             "loader": position,
             "sums": {"loss": loss_sum.item(), "correct": correct.item(), "seen": seen, "elapsed_s": elapsed},

@@ -20,9 +20,9 @@ A checkpoint is written into ``checkpoints/.tmp-epoch_0007`` and only renamed to
 ``os.replace`` on one filesystem) once every process has written its part and the manifest has been written last,
 so a kill during a write can never leave a half-written "latest". Checkpoints are ordered by training progress
 (``epoch_0007`` < ``epoch_0008_step_*`` by step < ``epoch_0008``); rotation deletes the oldest complete ones, of
-either kind, beyond ``total_limit`` only after the new one is in place. The rename alone does not protect against what happens
-to the files later (a disk, a copy, a sync cut short, a power loss before the data reached the disk), so resume
-checks every file against the manifest before loading anything (:func:`verify_checkpoint`).
+either kind, beyond ``total_limit`` only after the new one is in place. The rename alone does not protect against
+what happens to the files later (a disk, a copy, a sync cut short, a power loss before the data reached the disk),
+so resume checks every file against the manifest before loading anything (:func:`verify_checkpoint`).
 
 The marker is what makes a directory provably a run: ``--overwrite`` removes only what it lists, and a directory
 without one (a ``config.yaml`` alone proves nothing) is never removed.

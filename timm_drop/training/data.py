@@ -462,7 +462,9 @@ class _PaddedDataset(torch.utils.data.Dataset):
             import random
 
             s = (key * 1_000_003 + pos) % 2**63
-            torch.manual_seed(s)
+            # the CPU generator only (a worker's transforms run on the CPU): torch.manual_seed also visits every
+            # accelerator backend, which costs more than the decode of a small image
+            torch.default_generator.manual_seed(s)
             random.seed(s)
             np.random.seed(s % 2**32)
         img, label = self.ds[i % self.n]

@@ -478,6 +478,20 @@ def test_a_training_loader_without_a_position_is_refused_before_any_work(tmp_pat
     Trainer(cfg_for(tmp_path / "r", every_steps=None)).setup()  # epoch checkpoints need no position
 
 
+def test_a_run_with_only_step_checkpoints_is_kept_for_resume_not_restarted(tmp_path):
+    out = tmp_path / "run"
+    trainer = Trainer(cfg_for(out)).setup()
+    stop_after(trainer, "epoch_0001_step_00000002")
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    with pytest.raises(ConfigError, match="already holds a run; pass --resume latest"):
+        Trainer(cfg_for(out)).setup()
+    assert [p.name for p in CheckpointManager(out).list()] == [
+        "epoch_0001_step_00000001",
+        "epoch_0001_step_00000002",
+    ]
+
+
 def test_overwrite_removes_step_checkpoints_too(tmp_path):
     out = tmp_path / "run"
     Trainer(cfg_for(out)).fit(max_epochs=1)

@@ -529,6 +529,8 @@ def _ddp_worker(out_dir: str) -> None:
         raise AssertionError(f"the run was not stopped after {TARGET}")
     except KeyboardInterrupt:
         pass
+    # process 0 has released the run directory's lock (fit's finally) before any process looks at it again
+    cut.accelerator.wait_for_everyone()
     resumed = Trainer(cfg("cut"), resume="latest")
     resumed.setup()
     at = (resumed.state.epoch, resumed.state.step)

@@ -220,11 +220,19 @@ def _release_accelerator_state() -> None:
     Accelerate keeps mixed precision in a process-wide singleton and refuses a different value later; the
     distributed part (``PartialState``: process group, device) is kept, only the per-run settings are dropped.
     """
-    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.state import AcceleratorState, GradientState, PartialState
 
     if AcceleratorState._shared_state:
         AcceleratorState._reset_state(reset_partial_state=False)
         GradientState._reset_state()
+    shared = PartialState._shared_state
+    if shared:
+        # Accelerate writes a run's FSDP type into the kept part too; the next run starts from the launch's own type
+        shared["distributed_type"] = _LAUNCH_TYPE.setdefault("type", shared["distributed_type"])
+
+
+#: the distributed type of this process's launch, before any run's FSDP plugin changed it
+_LAUNCH_TYPE: dict[str, Any] = {}
 
 
 class Trainer:
@@ -297,7 +305,15 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         if t.precision == "fp16" and (t.cpu or not torch.cuda.is_available()):
             raise ConfigError("train.precision: fp16 needs a CUDA device; use bf16 or no on CPU")
+        from accelerate import PartialState
+
+        from timm_drop.training import fsdp
+
+        # the launch (process group, device) first, so its own distributed type is known before a plugin changes it
+        PartialState(cpu=t.cpu)
         _release_accelerator_state()
+
+        plugin = fsdp.fsdp_plugin() if t.strategy == "fsdp" else None
         tracking: dict[str, Any] = {}
         if cfg.log.trackers and not self.dry_run:
             from accelerate.utils import ProjectConfiguration
@@ -308,13 +324,18 @@ class Trainer:
                     project_dir=str(self.out), logging_dir=str(self.out / "trackers")
                 ),
             )
-        self.accelerator = acc = Accelerator(
-            **tracking,
-            cpu=t.cpu,
-            mixed_precision=t.precision,
-            gradient_accumulation_steps=t.grad_accum_steps,
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=t.find_unused_parameters)],
-        )
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=t.find_unused_parameters)
+        with fsdp.use_fsdp_env(t.strategy):
+            self.accelerator = acc = Accelerator(
+                **tracking,
+                cpu=t.cpu,
+                mixed_precision=t.precision,
+                gradient_accumulation_steps=t.grad_accum_steps,
+                kwargs_handlers=[ddp],
+                fsdp_plugin=plugin,
+            )
+        if plugin is not None:
+            fsdp.require_fsdp_launch(acc, plugin, cpu=t.cpu)
         self.device = acc.device
         self.is_main = acc.is_main_process
         self.rank, self.world = acc.process_index, acc.num_processes
@@ -415,6 +436,8 @@ class Trainer:
             from timm.layers import convert_sync_batchnorm
 
             model = convert_sync_batchnorm(model)
+        if t.strategy == "fsdp":
+            self._shard_blocks(model)
         self.optimizer = build_optimizer(model, cfg)
         self.layerout = None
         if cfg.layerout is not None:
@@ -424,6 +447,16 @@ class Trainer:
             self.layerout.attach(self.optimizer)
         self.lr_schedule = LRSchedule(cfg, self.steps_per_epoch)
         return model
+
+    def _shard_blocks(self, model: nn.Module) -> None:
+        """FSDP: every block its own shard unit, before the optimizer sees the parameters (``prepare`` then shards
+        the root around them and moves the optimizer to the sharded parameters)."""
+        from timm_drop.training import fsdp
+
+        size = self.cfg.data.image_size
+        example = torch.zeros(2, 3, size, size, device=self.device)
+        self.fsdp_units = fsdp.fsdp_units(model, example)
+        fsdp.shard_units(model, self.fsdp_units, self.accelerator)
 
     def _prepare(self, model: nn.Module) -> None:
         """Accelerate's wrapping (DDP, precision), ``torch.compile``, the EMA copy, the schedule driver (the optimizer
@@ -701,8 +734,9 @@ class Trainer:
                 self.metrics.append(row)
             if cfg.log.trackers:
                 acc.log(_flat_scalars(row), step=row["epoch"])
+            # the full weights: a collective under FSDP (gathered to the main process), the model's own otherwise
+            sd = acc.get_state_dict(self.unwrapped)
             if self.is_main:
-                sd = self.unwrapped.state_dict()
                 for name in ("last_model.pth", "last_model.safetensors"):
                     self.run_dir.claim(name, name + ".tmp")
                 save_weights(sd, self.out / "last_model.pth")

@@ -6,49 +6,21 @@ Accelerate turns its FSDP plugin on only for GPU-type launches: ``AcceleratorSta
 would be ignored and the run would silently train unsharded with DDP. The recipe refuses that
 (:func:`test_fsdp_outside_a_gpu_launch_is_refused_before_anything_is_written`). Everything below Accelerate's
 gate (``prepare``'s FSDP2 path, ``fully_shard``, the full state dict, ``save_state``/``load_state``, clipping) is
-device-agnostic, so the two-process test lifts exactly that gate (:func:`_lift_accelerates_gpu_gate`) and runs the
-user's command, ``recipes/train.py ... train.cpu=true train.strategy=fsdp``, on 2 CPU processes over gloo;
-``benchmarks/gpu_check.sh`` runs the same recipe on a GPU with the gate untouched.
+device-agnostic, so the two-process test (``benchmarks/fsdp_smoke.py --device cpu``, the CPU twin of the
+GPU check's FSDP step) lifts exactly that gate in its gloo processes and runs the Trainer and the user's command,
+``recipes/train.py ... train.cpu=true train.strategy=fsdp --resume latest``; ``benchmarks/gpu_check.sh`` runs the
+same script on a GPU with the gate untouched.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from scripts import load_script
 
 from timm_drop.training import ConfigError, Trainer, load_config
-
-REPO = Path(__file__).resolve().parents[1]
-
-# ghostnet_050 with one dropout rule at every norm site takes all four insertion kinds: a slot (blocks.9.0.bn1,
-# a BatchNormAct2d), graph rewrites (blocks.N.0.bn_dw), forward hooks (bn1, shortcut norms) and forward
-# pre-hooks (the norms inside the ghost modules' nn.Sequential)
-SPEC = {"rules": [{"regularizer": "dropout", "params": {"drop_prob": 0.1}, "sites": ["norm"]}]}
-CONFIG = {
-    "name": "fsdp",
-    "seed": 3,
-    "model": {"name": "ghostnet_050"},
-    "regularizer": SPEC,
-    "data": {
-        "dataset": "digits",
-        "image_size": 16,
-        "batch_size": 32,
-        "eval_batch_size": 32,
-        "train_subset": 128,
-        "eval_subset": 45,
-        "augment": {"crop_padding": 1, "hflip": False},
-    },
-    "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
-    "sched": {"name": "constant"},
-    "train": {"epochs": 2, "clip_grad_norm": 5.0},
-    "log": {"progress_bar": False, "plot": False},
-}
 
 
 # -- config ------------------------------------------------------------------------------------------------
@@ -80,7 +52,7 @@ def test_fsdp_refuses_what_it_cannot_shard_naming_both_keys(overrides, conflicti
 
 def test_fsdp_outside_a_gpu_launch_is_refused_before_anything_is_written(tmp_path):
     out = tmp_path / "run"
-    cfg = load_config({**CONFIG, "output_dir": str(out)}, ["train.cpu=true", "train.strategy=fsdp"])
+    cfg = load_config({"output_dir": str(out)}, ["train.cpu=true", "train.strategy=fsdp"])
     before = os.environ.get("ACCELERATE_USE_FSDP")
     with pytest.raises(ConfigError) as ei:
         Trainer(cfg).setup()
@@ -93,7 +65,7 @@ def test_fsdp_outside_a_gpu_launch_is_refused_before_anything_is_written(tmp_pat
 
 def test_ddp_refuses_a_launcher_that_asked_accelerate_for_fsdp(tmp_path, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    cfg = load_config({**CONFIG, "output_dir": str(tmp_path / "run")}, ["train.cpu=true"])
+    cfg = load_config({"output_dir": str(tmp_path / "run")}, ["train.cpu=true"])
     with pytest.raises(ConfigError) as ei:
         Trainer(cfg, dry_run=True).setup()
     assert str(ei.value).startswith("train.strategy:") and "ACCELERATE_USE_FSDP" in str(ei.value)
@@ -115,130 +87,21 @@ def test_the_shard_units_are_the_specs_blocks():
 
 
 # -- two processes ---------------------------------------------------------------------------------------------
-def _lift_accelerates_gpu_gate() -> None:
-    """Make Accelerate treat this gloo run as FSDP: what its AcceleratorState does for a GPU launch (the
-    distributed type and the plugin), the one step it skips for MULTI_CPU. Replaces the recipe's launch check."""
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType
-
-    import timm_drop.training.fsdp as fsdp
-
-    def lifted(accelerator, plugin, **_):
-        # AcceleratorState's GPU branch: the type, the plugin, and the type written back into PartialState
-        accelerator.state.distributed_type = DistributedType.FSDP
-        accelerator.state.fsdp_plugin = plugin
-        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-
-    fsdp.require_fsdp_launch = lifted
-
-
-def _worker(out_dir: str, config_path: str) -> None:
-    import torch.distributed as dist
-    from scripts import load_script
-    from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.tensor import DTensor
-
-    from timm_drop.insertions import record_of
-    from timm_drop.training.checkpoint import load_weights
-
-    _lift_accelerates_gpu_gate()
-    overrides = ["train.cpu=true", "train.strategy=fsdp"]
-    # first slice: 1 of 2 epochs (a time-sliced job), through the public Trainer
-    first = Trainer(load_config(config_path, overrides))
-    first.setup()
-    acc, model = first.accelerator, first.unwrapped
-    assert acc.is_fsdp2 and acc.num_processes == 2, (acc.is_fsdp2, acc.num_processes, acc.distributed_type)
-    units = [n for n, m in model.named_modules() if isinstance(m, FSDPModule)]
-    weights = [p for p in model.parameters()]
-    sharded = all(
-        isinstance(p, DTensor) and p.to_local().numel() < p.numel() for p in weights if p.numel() > 1
-    )
-    kinds = sorted({i.kind for i in record_of(model)})
-    first.fit(max_epochs=1)
-    del first
-    # second slice: the user's command resumes it
-    train = load_script(REPO / "recipes" / "train.py")
-    resumed = {}
-    restore = Trainer._restore
-
-    def spy(self, path):
-        restore(self, path)
-        sd = self.accelerator.get_state_dict(self.unwrapped)
-        saved = load_weights(Path(out_dir, "run", "last_model.pth")) if self.is_main else {}
-        resumed["step"] = self.state.step
-        resumed["weights_restored"] = all(torch.equal(sd[k], v) for k, v in saved.items())
-        resumed["momentum"] = sum("momentum_buffer" in s for s in self.optimizer.optimizer.state.values())
-
-    Trainer._restore = spy
-    rc = train.main(["--config", config_path, *overrides, "--resume", "latest"])
-    result = {
-        "rc": rc,
-        "units": units,
-        "sharded": sharded,
-        "kinds": kinds,
-        "resumed": resumed,
-    }
-    Path(out_dir, f"result_{dist.get_rank()}.json").write_text(json.dumps(result))
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-def _fresh_regularized_model():
-    import timm
-
-    import timm_drop
-
-    torch.manual_seed(0)
-    model = timm.create_model("ghostnet_050", num_classes=10)
-    timm_drop.apply_regularizer(model, SPEC, example_input=torch.zeros(2, 3, 16, 16))
-    return model
-
-
 @pytest.mark.slow
 def test_two_process_fsdp_run_shards_blocks_keeps_every_insertion_kind_and_resumes(tmp_path):
-    import yaml
-    from safetensors.torch import load_file
-
-    from timm_drop.sites import find_blocks
-
-    config_path = tmp_path / "fsdp.yaml"
-    config_path.write_text(yaml.safe_dump({**CONFIG, "output_dir": str(tmp_path / "run")}))
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        GLOO_SOCKET_IFNAME="lo",
-        PYTHONUNBUFFERED="1",
-        PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
-    )
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += [__file__, str(tmp_path), str(config_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    results = [json.loads((tmp_path / f"result_{r}.json").read_text()) for r in range(2)]
-    blocks = find_blocks(_fresh_regularized_model(), torch.zeros(2, 3, 16, 16))
-    for r in results:
-        assert r["rc"] == 0
-        assert set(blocks) <= set(r["units"]) and "" in r["units"]  # every block its own unit, the root too
-        assert r["sharded"], "parameters were not sharded across the 2 processes"
-        assert r["kinds"] == ["hook", "pre_hook", "rewrite", "slot"]
-        assert r["resumed"]["step"] == 2 and r["resumed"]["momentum"] > 0
-    assert results[0]["resumed"]["weights_restored"]
-
-    run = tmp_path / "run"
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [1, 2] and [r["step"] for r in rows] == [2, 4]
-    assert all(r["rule1_drop_fraction"] > 0 for r in rows)  # the regularizers ran under sharding
-    assert rows[-1]["eval_images"] == 45
-    # gathered weights and the checkpoint load into an unsharded model, strictly
-    for weights in (
-        load_file(str(run / "last_model.safetensors")),
-        torch.load(run / "checkpoints" / "epoch_0002" / "pytorch_model_fsdp.bin", weights_only=True),
-    ):
-        model = _fresh_regularized_model()
-        model.load_state_dict(weights, strict=True)
-        with torch.no_grad():
-            assert torch.isfinite(model.eval()(torch.zeros(2, 3, 16, 16))).all()
-
-
-if __name__ == "__main__":
-    _worker(sys.argv[1], sys.argv[2])
+    """benchmarks/fsdp_smoke.py on 2 gloo processes (its CPU twin): one epoch through the Trainer, then the
+    user's ``recipes/train.py --resume latest``; the script checks each step and raises naming what failed."""
+    smoke = load_script("benchmarks/fsdp_smoke.py")
+    result = smoke.main(["--device", "cpu", "--nproc", "2", "--out", str(tmp_path / "fsdp.md")])
+    for rank in result["ranks"]:
+        assert set(result["blocks"]) <= set(rank["units"]) and "" in rank["units"]
+        assert rank["all_dtensor"] and rank["local_fraction"] < 0.55  # each process holds about half
+        assert rank["kinds"] == ["hook", "pre_hook", "rewrite", "slot"]
+        assert rank["resumed_step"] == 2 and rank["momentum_buffers"] > 0
+    assert result["ranks"][0]["weights_restored"]
+    assert [r["step"] for r in result["rows"]] == [2, 4]
+    assert all(r["rule1_drop_fraction"] > 0 for r in result["rows"])
+    assert (
+        len(result["loads"]) == 2
+    )  # exported weights and the checkpoint's gathered model, strict, unsharded
+    assert "| 2 | 4 |" in (tmp_path / "fsdp.md").read_text()

@@ -1,6 +1,7 @@
 """The Accelerate training loop behind ``recipes/train.py``.
 
-Build order: ``timm.create_model`` -> ``apply_regularizer`` -> channels_last -> SyncBN -> optimizer ->
+Build order: ``timm.create_model`` -> ``apply_regularizer`` -> channels_last -> SyncBN -> (``train.strategy: fsdp``:
+each block its own ``fully_shard`` unit) -> optimizer ->
 LayerOut ``bind``/``attach`` -> ``accelerator.prepare`` -> ``torch.compile`` -> EMA (a deepcopy of the unwrapped,
 already-regularized model, so the EMA carries its own regularizer modules).
 
@@ -225,10 +226,15 @@ def _release_accelerator_state() -> None:
     if AcceleratorState._shared_state:
         AcceleratorState._reset_state(reset_partial_state=False)
         GradientState._reset_state()
+    from accelerate.utils import DistributedType
+
     shared = PartialState._shared_state
     if shared:
         # Accelerate writes a run's FSDP type into the kept part too; the next run starts from the launch's own type
-        shared["distributed_type"] = _LAUNCH_TYPE.setdefault("type", shared["distributed_type"])
+        if shared["distributed_type"] == DistributedType.FSDP and "type" in _LAUNCH_TYPE:
+            shared["distributed_type"] = _LAUNCH_TYPE["type"]
+        else:
+            _LAUNCH_TYPE["type"] = shared["distributed_type"]
 
 
 #: the distributed type of this process's launch, before any run's FSDP plugin changed it

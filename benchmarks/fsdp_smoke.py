@@ -162,7 +162,8 @@ def check(tmp: Path, world: int) -> dict[str, Any]:
     from timm_drop.sites import find_blocks
 
     ranks = [json.loads((tmp / f"rank_{r}.json").read_text()) for r in range(world)]
-    blocks = find_blocks(_unsharded_model(), torch.zeros(2, 3, IMAGE_SIZE, IMAGE_SIZE))
+    model = _unsharded_model()
+    blocks = find_blocks(model, torch.zeros(2, 3, IMAGE_SIZE, IMAGE_SIZE))
     for r in ranks:
         assert r["rc"] == 0, f"rank {r['rank']}: the resumed recipe exited with {r['rc']}"
         assert r["fsdp2"] and r["world"] == world, r
@@ -178,19 +179,22 @@ def check(tmp: Path, world: int) -> dict[str, Any]:
     assert rows[1]["step"] == 2 * rows[0]["step"] == 2 * ranks[0]["resumed_step"], rows
     assert all(r["rule1_drop_fraction"] > 0 for r in rows), "the regularizers did not act under FSDP"
     assert rows[-1]["eval_images"] == 45
+    exported = load_file(str(run / "last_model.safetensors"))
+    checkpointed = torch.load(
+        run / "checkpoints" / "epoch_0002" / "pytorch_model_fsdp.bin", weights_only=True
+    )
+    assert exported.keys() == checkpointed.keys() and all(
+        torch.equal(exported[k], checkpointed[k]) for k in exported
+    )
     loads = {}
     for name, weights in (
-        ("last_model.safetensors", load_file(str(run / "last_model.safetensors"))),
-        (
-            "checkpoints/epoch_0002/pytorch_model_fsdp.bin",
-            torch.load(run / "checkpoints" / "epoch_0002" / "pytorch_model_fsdp.bin", weights_only=True),
-        ),
+        ("last_model.safetensors", exported),
+        ("checkpoints/epoch_0002/pytorch_model_fsdp.bin", checkpointed),
     ):
-        model = _unsharded_model()
         model.load_state_dict(weights, strict=True)
         with torch.no_grad():
             assert torch.isfinite(model.eval()(torch.zeros(2, 3, IMAGE_SIZE, IMAGE_SIZE))).all(), name
-        loads[name] = "strict load + finite eval forward"
+        loads[name] = "strict load + finite eval forward (the two are equal)"
     return {"ranks": ranks, "rows": rows, "loads": loads, "blocks": blocks}
 
 

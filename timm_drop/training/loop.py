@@ -462,6 +462,11 @@ class Trainer:
         size = self.cfg.data.image_size
         example = torch.zeros(2, 3, size, size, device=self.device)
         self.fsdp_units = fsdp.fsdp_units(model, example)
+        if not self.fsdp_units:
+            self.accelerator.print(
+                f"note: train.strategy=fsdp: {self.cfg.model.name} has no blocks; it is sharded as one unit, so each "
+                "forward gathers all of its weights at once"
+            )
         fsdp.shard_units(model, self.fsdp_units, self.accelerator)
 
     def _prepare(self, model: nn.Module) -> None:

@@ -71,6 +71,24 @@ def test_ddp_refuses_a_launcher_that_asked_accelerate_for_fsdp(tmp_path, monkeyp
     assert str(ei.value).startswith("train.strategy:") and "ACCELERATE_USE_FSDP" in str(ei.value)
 
 
+def test_a_run_after_an_fsdp_run_in_the_same_process_starts_from_the_launchs_type(tmp_path):
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    def start(name):
+        trainer = Trainer(load_config({"output_dir": str(tmp_path / name)}, ["train.cpu=true"]), dry_run=True)
+        trainer._start_accelerator()
+        return trainer.accelerator.distributed_type
+
+    launch = start("first")
+    # what Accelerate's GPU branch leaves in the process-wide state after an FSDP run (it writes its type back)
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    try:
+        assert start("second") == launch
+    finally:
+        PartialState._shared_state["distributed_type"] = launch
+
+
 # -- the wrap policy ---------------------------------------------------------------------------------------
 def test_the_shard_units_are_the_specs_blocks():
     import timm

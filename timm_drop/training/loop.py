@@ -215,6 +215,10 @@ def _build_layerout(section: dict, model: nn.Module, distributed: bool, compiled
     return LayerOut(**section).bind(model)
 
 
+#: the distributed type of this process's launch, before any run's FSDP plugin changed it
+_LAUNCH_TYPE: dict[str, Any] = {}
+
+
 def _release_accelerator_state() -> None:
     """Let a second Trainer in the same process (tests, benchmarks, notebooks) choose its own precision.
 
@@ -222,12 +226,11 @@ def _release_accelerator_state() -> None:
     distributed part (``PartialState``: process group, device) is kept, only the per-run settings are dropped.
     """
     from accelerate.state import AcceleratorState, GradientState, PartialState
+    from accelerate.utils import DistributedType
 
     if AcceleratorState._shared_state:
         AcceleratorState._reset_state(reset_partial_state=False)
         GradientState._reset_state()
-    from accelerate.utils import DistributedType
-
     shared = PartialState._shared_state
     if shared:
         # Accelerate writes a run's FSDP type into the kept part too; the next run starts from the launch's own type
@@ -235,10 +238,6 @@ def _release_accelerator_state() -> None:
             shared["distributed_type"] = _LAUNCH_TYPE["type"]
         else:
             _LAUNCH_TYPE["type"] = shared["distributed_type"]
-
-
-#: the distributed type of this process's launch, before any run's FSDP plugin changed it
-_LAUNCH_TYPE: dict[str, Any] = {}
 
 
 class Trainer:

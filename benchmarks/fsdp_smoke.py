@@ -267,7 +267,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"- torch {torch.__version__}, timm {timm.__version__}, timm_drop {timm_drop.__version__}, "
         f"Python {platform.python_version()}",
         f"- command: `python benchmarks/fsdp_smoke.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
-        f"- model: {MODEL} + dropout at every norm site; insertion kinds {', '.join(rank0['kinds'])}",
+        f"- model: {MODEL} + dropout at every norm site; insertion kinds {', '.join(rank0['kinds'])}; "
+        f"train.precision {args.precision}",
         f"- FSDP units: root + {len(rank0['units']) - 1} ({len(result['blocks'])} blocks); local share of the "
         f"parameters on rank 0: {100 * rank0['local_fraction']:.1f}%",
         f"- resume: step {rank0['resumed_step']}, gathered weights equal the checkpoint's: "

@@ -56,7 +56,7 @@ else
   step train_smoke 120 python benchmarks/train_smoke.py --device cpu --epochs 2 --precision bf16 \
     --channels-last --train-subset 32 --batch-size 16 --out "$out/train_smoke_cpu_twin.md"
   # Accelerate runs FSDP only for GPU launches: the twin lifts that gate in its gloo process (see the script)
-  step fsdp_smoke 240 python benchmarks/fsdp_smoke.py --device cpu --nproc 1 --batch-size 16 \
+  step fsdp_smoke 240 python benchmarks/fsdp_smoke.py --device cpu --nproc 1 --batch-size 16 --precision bf16 \
     --out "$out/fsdp_smoke_cpu_twin.md"
 fi
 

@@ -110,7 +110,9 @@ def test_two_process_fsdp_run_shards_blocks_keeps_every_insertion_kind_and_resum
     """benchmarks/fsdp_smoke.py on 2 gloo processes (its CPU twin): one epoch through the Trainer, then the
     user's ``recipes/train.py --resume latest``; the script checks each step and raises naming what failed."""
     smoke = load_script("benchmarks/fsdp_smoke.py")
-    result = smoke.main(["--device", "cpu", "--nproc", "2", "--out", str(tmp_path / "fsdp.md")])
+    # bf16: a BatchNorm model under Accelerate's FSDP2 parameter casting failed (bf16 weights, fp32 running stats)
+    argv = ["--device", "cpu", "--nproc", "2", "--precision", "bf16", "--out", str(tmp_path / "fsdp.md")]
+    result = smoke.main(argv)
     for rank in result["ranks"]:
         assert set(result["blocks"]) <= set(rank["units"]) and "" in rank["units"]
         assert rank["all_dtensor"] and rank["local_fraction"] < 0.55  # each process holds about half

@@ -33,7 +33,14 @@ from torch import nn
 
 from timm_drop.training.config import ConfigError, ConfigProblem
 
-__all__ = ["fsdp_plugin", "fsdp_units", "require_fsdp_launch", "shard_units", "use_fsdp_env"]
+__all__ = [
+    "autocast_forward",
+    "fsdp_plugin",
+    "fsdp_units",
+    "require_fsdp_launch",
+    "shard_units",
+    "use_fsdp_env",
+]
 
 #: Accelerate reads (and its ``Accelerator`` sets) this to mean "FSDP"; ``accelerate launch --use_fsdp`` sets it
 FSDP_ENV = "ACCELERATE_USE_FSDP"
@@ -41,14 +48,18 @@ FSDP_ENV = "ACCELERATE_USE_FSDP"
 
 def fsdp_plugin() -> Any:
     """Accelerate's FSDP2 plugin as the recipe uses it: no Accelerate auto-wrap (the recipe's units), full state
-    dicts, parameters resharded after forward; offload and the rest from Accelerate's ``FSDP_*`` variables."""
+    dicts, parameters resharded after forward, fp32 parameters (:func:`autocast_forward`); offload and the rest
+    from Accelerate's ``FSDP_*`` variables."""
     from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
     return FullyShardedDataParallelPlugin(
         fsdp_version=2,
         auto_wrap_policy="NO_WRAP",
         reshard_after_forward=True,
         state_dict_type="FULL_STATE_DICT",
+        # set, so Accelerate keeps it instead of casting the parameters to train.precision (see autocast_forward)
+        mixed_precision_policy=MixedPrecisionPolicy(),
         # every process builds the model the same way (seeded): nothing to load on rank 0 and broadcast
         cpu_ram_efficient_loading=False,
         activation_checkpointing=False,
@@ -96,6 +107,18 @@ def require_fsdp_launch(accelerator: Any, plugin: Any, *, cpu: bool = False) -> 
             "model. Launch it that way, or use train.strategy=ddp",
         )
     )
+
+
+def autocast_forward(model: nn.Module, accelerator: Any) -> None:
+    """bf16/fp16 under FSDP: the forward runs in autocast, as Accelerate's ``prepare`` does for DDP.
+
+    Accelerate's own FSDP2 mixed precision casts the parameters instead, and a BatchNorm cannot run with bf16
+    weights beside its fp32 running statistics (``expected scalar type BFloat16 but found Float``); autocast keeps
+    batch norm in fp32 and the convolutions and matmuls in the low precision, as a DDP run of the same config does.
+    The gathered parameters and the gradient reduction stay fp32."""
+    from accelerate.utils import convert_outputs_to_fp32
+
+    model.forward = convert_outputs_to_fp32(accelerator.autocast()(model.forward))
 
 
 def fsdp_units(model: nn.Module, example_input: torch.Tensor) -> list[str]:

@@ -474,6 +474,10 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         acc = self.accelerator
         self.model, self.optimizer = acc.prepare(model, self.optimizer)
+        if t.strategy == "fsdp" and acc.native_amp:
+            from timm_drop.training import fsdp
+
+            fsdp.autocast_forward(self.model, acc)
         if t.compile:
             self.model = torch.compile(self.model, mode=t.compile_mode)
         self.unwrapped = acc.unwrap_model(self.model)

@@ -1,7 +1,7 @@
 """``train.strategy: fsdp``: FSDP2 through Accelerate's plugin, one shard unit per block.
 
-Accelerate does the sharding of the model root, the optimizer's move to the sharded parameters, mixed precision,
-gradient clipping, the full state dict and ``save_state``/``load_state``; the recipe adds:
+Accelerate does the sharding of the model root, the optimizer's move to the sharded parameters, gradient
+clipping, the full state dict and ``save_state``/``load_state``; the recipe adds:
 
 * **the units.** Each block of the model (:func:`timm_drop.sites.find_blocks`: the modules a spec's ``block``
   sites are, the same notion LayerOut's ``unit="block"`` uses) becomes its own ``fully_shard`` unit, deepest first,
@@ -13,9 +13,9 @@ gradient clipping, the full state dict and ``save_state``/``load_state``; the re
   child, a rewritten forward calls its children by attribute, and FSDP's own pre-forward hook (registered after
   timm_drop's, and prepended) gathers the parameters before a timm_drop pre-hook runs.
 * **the checkpoints.** ``FULL_STATE_DICT``: ``save_state`` writes the gathered model (``pytorch_model_fsdp.bin``)
-  and optimizer from the main process, which loads into an unsharded model with ``load_state_dict`` as it is and
-  does not tie a resume to the number of processes' shards; ``last_model``/``best_model`` come from
-  ``Accelerator.get_state_dict`` (a collective: every process calls it).
+  and optimizer from the main process, which loads into an unsharded model with ``load_state_dict`` as it is;
+  ``last_model``/``best_model`` come from ``Accelerator.get_state_dict`` (a collective: every process calls it).
+* **the precision.** fp32 parameters, the forward under autocast (:func:`autocast_forward`).
 * **the launch check.** Accelerate switches to FSDP only in a GPU-type multi-process launch (``AcceleratorState``
   sets ``DistributedType.FSDP`` in its MULTI_GPU/NPU/XPU/... branch; for MULTI_CPU, gloo, and for a single process
   not started by ``torchrun``, it ignores the plugin and would train unsharded). :func:`require_fsdp_launch`

@@ -89,6 +89,32 @@ def test_a_run_after_an_fsdp_run_in_the_same_process_starts_from_the_launchs_typ
         PartialState._shared_state["distributed_type"] = launch
 
 
+def test_accelerate_use_cpu_still_makes_a_launched_process_a_cpu_process(tmp_path):
+    """The recipe creates Accelerate's PartialState itself now (to know the launch's type); ACCELERATE_USE_CPU=1
+    must keep working as it does inside AcceleratorState: a torchrun-style process on CPU joins gloo."""
+    import socket
+    import subprocess
+    import sys
+
+    code = (
+        "from timm_drop.training import Trainer, load_config\n"
+        f"t = Trainer(load_config({{'output_dir': {str(tmp_path / 'run')!r}}}), dry_run=True)\n"
+        "t._start_accelerator()\n"
+        "print('TYPE', t.accelerator.distributed_type.value)\n"
+    )
+    env = dict(
+        os.environ, ACCELERATE_USE_CPU="1", LOCAL_RANK="0", RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1"
+    )
+    with socket.socket() as sock:  # a free port for the one-process gloo group
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    env.pop("ACCELERATE_USE_FSDP", None)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "TYPE MULTI_CPU" in proc.stdout, proc.stdout[-2000:]
+
+
 # -- the wrap policy ---------------------------------------------------------------------------------------
 def test_the_shard_units_are_the_specs_blocks():
     import timm

@@ -311,11 +311,13 @@ class Trainer:
         if t.precision == "fp16" and (t.cpu or not torch.cuda.is_available()):
             raise ConfigError("train.precision: fp16 needs a CUDA device; use bf16 or no on CPU")
         from accelerate import PartialState
+        from accelerate.utils import parse_flag_from_env
 
         from timm_drop.training import fsdp
 
-        # the launch (process group, device) first, so its own distributed type is known before a plugin changes it
-        PartialState(cpu=t.cpu)
+        # the launch (process group, device) first, so its own distributed type is known before a plugin changes it;
+        # ACCELERATE_USE_CPU as AcceleratorState would read it
+        PartialState(cpu=t.cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))
         _release_accelerator_state()
 
         plugin = fsdp.fsdp_plugin() if t.strategy == "fsdp" else None

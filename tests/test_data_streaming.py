@@ -144,6 +144,31 @@ def test_hfds_save_to_disk_folder_trains_one_epoch_seeing_each_image_once(tmp_pa
     _check_one_epoch(Trainer(load_config(raw)).setup())
 
 
+def test_hfds_dataset_id_goes_through_timms_create_dataset(tmp_path, capsys):
+    """``hfds.name``: anything ``datasets.load_dataset`` takes (here a local folder of parquet files, so no network)
+    with ``data.root`` as its cache dir; the dry run does not load it and says the steps are unknown."""
+    folder = tmp_path / "pq" / "data"
+    folder.mkdir(parents=True)
+    _hf_folder(tmp_path / "hf")
+    saved = datasets.load_from_disk(str(tmp_path / "hf"))
+    for split in ("train", "test"):
+        saved[split].to_parquet(str(folder / f"{split}-00000-of-00001.parquet"))
+    data = {
+        "dataset": "hfds",
+        "root": str(tmp_path / "cache"),
+        "num_workers": 0,
+        "hfds": {"name": str(tmp_path / "pq"), "image_key": "img", "label_key": "target"},
+    }
+    with pytest.raises(ConfigError, match="data.num_classes: needed for a dry run.*data.hfds.name"):
+        Trainer(load_config(_raw(tmp_path, data), check_paths=False), dry_run=True).setup()
+    data["num_classes"] = CLASSES
+    info = Trainer(load_config(_raw(tmp_path, data), check_paths=False), dry_run=True).fit()
+    assert info["steps_per_epoch"] is None and "steps_per_epoch=unknown" in capsys.readouterr().out
+    trainer = Trainer(load_config(_raw(tmp_path, data))).setup()
+    assert type(trainer.train_loader.dataset).__module__ == "timm.data.dataset"
+    _check_one_epoch(trainer)
+
+
 def test_hfds_eval_covers_the_eval_split_once_per_rank_share(tmp_path):
     from timm_drop.training.data import build_loaders
 

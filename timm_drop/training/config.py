@@ -622,7 +622,9 @@ def _check_data_root(d: DataConfig, r: _Report, check_paths: bool) -> None:
         )
     if d.dataset in ("cifar10", "cifar100") and not d.download:
         r.check(d.root is not None, "data.root", "is required for CIFAR unless data.download is true")
-    if check_paths and d.root is not None and not (d.dataset.startswith("cifar") and d.download):
+    # a download target (cifar with download, an hfds dataset id's cache dir) need not exist yet
+    fetched = (d.dataset.startswith("cifar") and d.download) or (d.dataset == "hfds" and d.hfds.name is not None)
+    if check_paths and d.root is not None and not fetched:
         r.check(os.path.exists(d.root), "data.root", f"does not exist: {d.root!r}")
 
 

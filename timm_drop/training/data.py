@@ -345,7 +345,13 @@ def peek_dataset(cfg: DataConfig) -> DatasetPeek:
             count = wds_num_samples(cfg)
             found = None if count is None else (count, cfg.num_classes)
         if found is None:
-            return DatasetPeek(None, None, f"{cfg.dataset} data not readable at data.root={root!r}")
+            if cfg.dataset == "hfds" and cfg.hfds.name is not None:
+                why = f"data.hfds.name={cfg.hfds.name!r} is not loaded by a dry run (it may need a download)"
+            elif cfg.dataset == "wds":
+                why = "no data.wds.train_samples and no _info.json under data.root"
+            else:
+                why = f"no {cfg.dataset} data to list at data.root={root!r}"
+            return DatasetPeek(None, None, why)
         n, classes = found
     idx = subset_indices(n, cfg.train_subset)
     return DatasetPeek(n if idx is None else len(idx), classes)

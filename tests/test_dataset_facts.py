@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image
+from tiny import write_image_folder
 
 import timm_drop  # noqa: F401
 from timm_drop.training import ConfigError, Trainer, load_config
@@ -27,16 +27,6 @@ def _both(raw: dict) -> tuple[Trainer, Trainer]:
     dry = Trainer(load_config(raw, check_paths=False), dry_run=True).setup()
     real = Trainer(load_config(raw)).setup()
     return dry, real
-
-
-def _folder(root, n: int = 7, size: int = 8) -> None:
-    rng = np.random.default_rng(0)
-    for split, count in (("train", n), ("val", 2)):
-        for c in ("a", "b", "c"):
-            d = root / split / c
-            d.mkdir(parents=True)
-            for i in range(count):
-                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(d / f"{i}.png")
 
 
 @pytest.mark.parametrize(
@@ -60,14 +50,14 @@ def test_dry_run_steps_per_epoch_equal_the_real_runs(tmp_path, data, train):
 
 
 def test_dry_run_counts_an_image_folder_by_listing_it(tmp_path):
-    _folder(tmp_path / "imgs")  # 21 training images
+    write_image_folder(tmp_path / "imgs", n=7, size=8)  # 2 classes x 7 training images
     raw = _raw(
         tmp_path,
         {"dataset": "imagefolder", "root": str(tmp_path / "imgs"), "batch_size": 4, "num_workers": 0},
     )
     dry, real = _both(raw)
-    assert dry.steps_per_epoch == real.steps_per_epoch == 21 // 4
-    assert dry.num_classes == real.num_classes == 3
+    assert dry.steps_per_epoch == real.steps_per_epoch == 14 // 4
+    assert dry.num_classes == real.num_classes == 2
 
 
 def test_dry_run_counts_an_npz_by_its_labels(tmp_path):

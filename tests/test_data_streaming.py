@@ -117,9 +117,13 @@ def _epoch_indices(loader, epoch: int) -> tuple[list[int], list[int]]:
     return seen, labels
 
 
-def _check_one_epoch(trainer) -> None:
-    """Every training image once in epoch 0 (with its label), then a real one-epoch run that evaluates."""
+def _check_one_epoch(trainer, *, dry_run_knows: bool = True) -> None:
+    """Every training image once in epoch 0 (with its label), then a real one-epoch run that evaluates; the dry run
+    of the same config counts the same steps per epoch without reading an image."""
     assert trainer.num_classes == CLASSES and trainer.steps_per_epoch == N_TRAIN // 10
+    if dry_run_knows:
+        dry = Trainer(trainer.cfg, dry_run=True).setup()
+        assert (dry.steps_per_epoch, dry.num_classes) == (N_TRAIN // 10, CLASSES)
     seen, labels = _epoch_indices(trainer.train_loader, 0)
     assert sorted(seen) == list(range(N_TRAIN))
     assert labels == [_label(i) for i in seen]
@@ -166,7 +170,7 @@ def test_hfds_dataset_id_goes_through_timms_create_dataset(tmp_path, capsys):
     assert info["steps_per_epoch"] is None and "steps_per_epoch=unknown" in capsys.readouterr().out
     trainer = Trainer(load_config(_raw(tmp_path, data))).setup()
     assert type(trainer.train_loader.dataset).__module__ == "timm.data.dataset"
-    _check_one_epoch(trainer)
+    _check_one_epoch(trainer, dry_run_knows=False)
 
 
 def test_hfds_eval_covers_the_eval_split_once_per_rank_share(tmp_path):

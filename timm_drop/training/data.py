@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.data import DEFAULT_CROP_PCT
 from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
 from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 
@@ -308,9 +309,12 @@ class DatasetPeek:
     unknown: str = ""
 
 
-def _peek_npz(path: str) -> tuple[int, int]:
+def _peek_npz(path: str) -> tuple[int, int] | None:
     with np.load(path, allow_pickle=False) as d:
-        y = d["y_train"] if "y_train" in d.files else d["train_labels"]
+        key = next((k for k in ("y_train", "train_labels") if k in d.files), None)
+        if key is None:  # not our layout: the real run's loader says what is missing
+            return None
+        y = d[key]
         named = len(d["classes"]) if "classes" in d.files else 0
     return len(y), max(named, int(y.max()) + 1)
 
@@ -591,7 +595,7 @@ def pil_transform(cfg: DataConfig, train: bool, mean) -> Any:
         if cfg.crop_pct is not None:
             resize = math.floor(size / cfg.crop_pct)
         else:
-            resize = int(round(size / 0.875)) if a.random_resized_crop else size
+            resize = int(round(size / DEFAULT_CROP_PCT)) if a.random_resized_crop else size
         tf = [T.Resize(resize, interpolation=interp), T.CenterCrop(size)]
     tf.append(T.PILToTensor())
     return T.Compose(tf)

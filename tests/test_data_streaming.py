@@ -9,7 +9,12 @@ indices it holds (JPEG keeps a flat colour within +-1).
 from __future__ import annotations
 
 import io
+import json
+import os
+import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,8 +24,11 @@ from PIL import Image
 import timm_drop  # noqa: F401
 from timm_drop.training import ConfigError, Trainer, load_config
 
-datasets = pytest.importorskip("datasets", reason="the streaming extra: pip install 'timm_drop[streaming]'")
-pytest.importorskip("webdataset", reason="the streaming extra: pip install 'timm_drop[streaming]'")
+if __name__ != "__main__":  # the torchrun workers below import only what they use
+    datasets = pytest.importorskip(
+        "datasets", reason="the streaming extra: pip install 'timm_drop[streaming]'"
+    )
+    pytest.importorskip("webdataset", reason="the streaming extra: pip install 'timm_drop[streaming]'")
 
 N_TRAIN, N_EVAL, SIZE, CLASSES = 40, 12, 12, 4
 
@@ -355,3 +363,48 @@ def test_the_flat_colour_index_code_reads_back():
         mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
     assert _indices((x - 0.5) / 0.25, Stats) == list(range(52))
+
+
+# -- two real processes (torchrun, gloo): timm's reader under a process group ------------------------------
+
+
+def _ddp_worker(out_dir: str) -> None:
+    trainer = Trainer(
+        load_config(
+            _raw(Path(out_dir), _wds_data(Path(out_dir), num_workers=0, batch_size=5))
+            | {"train": {"epochs": 1, "cpu": True}}
+        )
+    ).setup()
+    acc = trainer.accelerator
+    assert acc.num_processes == 2
+    seen, _ = _epoch_indices(trainer.train_loader, 0)
+    everyone = [None, None]
+    torch.distributed.all_gather_object(everyone, seen)
+    last = trainer.fit()["last"]
+    Path(out_dir, f"result_{acc.process_index}.json").write_text(
+        json.dumps({"seen": everyone, "steps": trainer.steps_per_epoch, "last": last})
+    )
+    acc.wait_for_everyone()
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_wds_in_two_processes_reads_each_shard_on_one_rank_and_evaluates_every_image_once(tmp_path):
+    _wds_shards(tmp_path / "shards")
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1")
+    # the workers import this checkout's timm_drop, whatever copy is installed
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run(
+        [*cmd, __file__, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    result = json.loads((tmp_path / "result_0.json").read_text())
+    a, b = result["seen"]
+    assert len(a) == len(b) == N_TRAIN // 2 and sorted(a + b) == list(range(N_TRAIN))
+    assert result["steps"] == N_TRAIN // 2 // 5
+    assert result["last"]["eval_images"] == N_EVAL  # gathered over the ranks, each image once
+
+
+if __name__ == "__main__":
+    _ddp_worker(sys.argv[1])

@@ -140,6 +140,13 @@ def _check_one_epoch(trainer, *, dry_run_knows: bool = True) -> None:
     assert last["epoch"] == 1 and last["step"] == N_TRAIN // 10
     assert last["eval_images"] == N_EVAL and 0.0 <= last["eval_top1"] <= 100.0
     assert (trainer.out / "result.json").is_file()
+    _close(trainer.train_loader, trainer.eval_loader)
+
+
+def _close(*loaders) -> None:
+    """Stop the loaders' workers now rather than at an arbitrary garbage collection in a later test."""
+    for loader in loaders:
+        loader.close()
 
 
 def test_hfds_save_to_disk_folder_trains_one_epoch_seeing_each_image_once(tmp_path):
@@ -241,6 +248,10 @@ def test_wds_order_is_a_pure_function_of_seed_and_epoch_with_persistent_workers(
     fresh = Trainer(load_config(raw)).setup()
     f1, _ = _epoch_indices(fresh.train_loader, 1)
     assert f1 == e1
+    # closed workers restart on the next epoch with the same stream
+    long.train_loader.close()
+    assert _epoch_indices(long.train_loader, 1)[0] == e1
+    _close(long.train_loader, fresh.train_loader)
 
 
 def test_wds_ranks_read_disjoint_shards(tmp_path):
@@ -254,6 +265,7 @@ def test_wds_ranks_read_disjoint_shards(tmp_path):
         per_rank.append(_epoch_indices(tr, 0)[0])
         evals += [i for x, _, valid in ev for i, v in zip(_indices(x, ev), valid.tolist()) if v]
         assert len(tr) == N_TRAIN // 2 // 5
+        _close(tr, ev)
     assert sorted(per_rank[0] + per_rank[1]) == list(range(N_TRAIN))
     assert sorted(evals) == list(range(N_TRAIN, N_TRAIN + N_EVAL))
 
@@ -280,6 +292,7 @@ def test_wds_eval_pads_partial_worker_batches_to_the_declared_share(tmp_path):
     assert len(batches) == len(ev) == 3 and all(len(y) == 5 for _, y, _ in batches)
     got = [i for x, _, v in batches for i, ok in zip(_indices(x, ev), v.tolist()) if ok]
     assert sorted(got) == list(range(N_TRAIN, N_TRAIN + N_EVAL))
+    ev.close()
 
 
 # -- settings that cannot work are refused, naming the key -------------------------------------------------

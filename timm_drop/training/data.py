@@ -601,8 +601,21 @@ def pil_transform(cfg: DataConfig, train: bool, mean) -> Any:
     return T.Compose(tf)
 
 
-class _DeviceAugment:
-    """What every worker-fed loader does on ``device``: normalise, then Cutout and Random Erasing for training."""
+class _WorkerFed:
+    """What every worker-fed loader shares: normalisation, Cutout and Random Erasing on ``device``; closing."""
+
+    loader: torch.utils.data.DataLoader
+
+    def close(self) -> None:
+        """Stop the persistent worker processes now (a later epoch starts new ones).
+
+        Otherwise they stop when the loader is garbage-collected, and a loader freed as part of a reference cycle
+        may lose its queues before the workers hear the stop: each then idles until torch's 5 s join timeout.
+        """
+        it = getattr(self.loader, "_iterator", None)  # torch keeps the persistent workers' iterator here
+        if it is not None:
+            it._shutdown_workers()
+            self.loader._iterator = None
 
     def _device_batches(self, batches) -> Iterator[tuple[torch.Tensor, ...]]:
         aug_gen = seeded_generator(self.device, self.seed, self.epoch, self.rank, 3) if self.train else None
@@ -619,7 +632,7 @@ class _DeviceAugment:
                 yield x, y, valid.to(self.device)
 
 
-class WorkerLoader(_ShardedLoader, _DeviceAugment):
+class WorkerLoader(_ShardedLoader, _WorkerFed):
     """A worker-backed loader over a random-access dataset of ``(uint8 CHW image, label)`` (image folders, HF
     datasets): the sampler shuffles by ``(seed, epoch)`` and shards by rank, workers decode and augment
     (:func:`pil_transform`), normalisation, Cutout and Random Erasing run on ``device``."""
@@ -690,7 +703,7 @@ class FolderLoader(WorkerLoader):
         super().__init__(dataset, dataset.classes, cfg, train=train, mean=mean, where=f" in {root}", **kw)
 
 
-class StreamLoader(_ShardedLoader, _DeviceAugment):
+class StreamLoader(_ShardedLoader, _WorkerFed):
     """A worker-backed loader over a webdataset stream (:func:`timm_drop.training.streams.wds_dataset`).
 
     Training: ``len(self)`` batches of the rank's stream per epoch (the declared sample count, counted by

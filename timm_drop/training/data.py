@@ -89,14 +89,18 @@ DATASET_FACTS: dict[str, DatasetFacts] = {
 }
 
 
-def seeded_generator(device: torch.device | str, *keys: int) -> torch.Generator:
-    """A generator on ``device`` seeded by a tuple of integers (e.g. ``(seed, epoch, rank)``)."""
-    # Mix the keys so that (seed=1, epoch=0) and (seed=0, epoch=1) give unrelated streams.
+def mix_seed(*keys: int) -> int:
+    """One 63-bit seed from a tuple of integers: (seed=1, epoch=0) and (seed=0, epoch=1) give unrelated streams."""
     s = 0x9E3779B97F4A7C15
     for k in keys:
         s = (s ^ (int(k) + 0x632BE59BD9B4E019 + (s << 6) + (s >> 2))) & 0x7FFFFFFFFFFFFFFF
+    return s
+
+
+def seeded_generator(device: torch.device | str, *keys: int) -> torch.Generator:
+    """A generator on ``device`` seeded by a tuple of integers (e.g. ``(seed, epoch, rank)``)."""
     g = torch.Generator(device=device)
-    g.manual_seed(s)
+    g.manual_seed(mix_seed(*keys))
     return g
 
 
@@ -436,7 +440,7 @@ class _ShardedLoader:
         return self.epoch_key(self.epoch)
 
     def epoch_key(self, epoch: int) -> int:
-        return seeded_generator("cpu", self.seed, epoch, self.rank, 2).initial_seed()
+        return mix_seed(self.seed, epoch, self.rank, 2)
 
     def __len__(self) -> int:
         return self.n_batches
@@ -538,7 +542,7 @@ def seed_worker_rngs(s: int) -> None:
 
 def worker_seed(key: int, worker_id: int) -> int:
     """One loader worker's seed for an epoch key (a pure function of ``(seed, epoch, rank)``)."""
-    return (key * 1_000_003 + worker_id) % 2**63
+    return mix_seed(key, worker_id)
 
 
 class _PaddedDataset(torch.utils.data.Dataset):

@@ -55,9 +55,6 @@ __all__ = ["LRSchedule", "NonFiniteLossError", "TrainState", "Trainer", "train"]
 #: Accelerate ``init_trackers`` project name: the W&B project, and TensorBoard's folder under ``trackers/``
 TRACKER_PROJECT = "timm_drop"
 
-KNOWN_NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}
-KNOWN_TRAIN_SIZES = {"digits": 1437, "cifar10": 50000, "cifar100": 50000}
-
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN/Inf; the run stopped without writing a checkpoint for that epoch."""
@@ -362,31 +359,30 @@ class Trainer:
         """Loaders (none in a dry run), the number of classes and the steps per epoch; seeds the run.
 
         Data comes before the model: the number of classes may come from it. A pretrained model's input pipeline
-        fills the normalisation/interpolation/crop keys the config leaves null.
+        fills the normalisation/interpolation/crop keys the config leaves null. A dry run counts the steps with the
+        loaders' own :func:`~timm_drop.training.data.train_batches` from what the data says without decoding it
+        (``steps_per_epoch_unknown`` gives the reason where that is nothing).
         """
         from accelerate.utils import set_seed
 
+        from timm_drop.training.data import build_loaders, peek_dataset, train_batches
         from timm_drop.training.data_config import resolve_data
 
         cfg, t = self.cfg, self.cfg.train
         data_cfg, self.data_config = resolve_data(cfg)
         set_seed(cfg.seed)
-        if self.dry_run:
-            self.train_loader = self.eval_loader = None
-            num_classes = cfg.data.num_classes or KNOWN_NUM_CLASSES.get(cfg.data.dataset)
-            if num_classes is None:
-                num_classes = cfg.model.kwargs.get("num_classes")
-            if num_classes is None:
-                raise ConfigError(f"data.num_classes: needed for a dry run of dataset {cfg.data.dataset!r}")
-            n_train = cfg.data.train_subset or KNOWN_TRAIN_SIZES.get(
-                cfg.data.dataset, 10 * cfg.data.batch_size
-            )
-            micro = max(1, (n_train // self.world) // cfg.data.batch_size)
-            self.steps_per_epoch = max(1, micro // t.grad_accum_steps)
-        else:
-            from timm_drop.training.data import build_loaders
-
-            try:
+        self.steps_per_epoch_unknown = ""
+        try:
+            if self.dry_run:
+                self.train_loader = self.eval_loader = None
+                peek = peek_dataset(data_cfg)
+                found = peek.num_classes
+                if peek.train_size is None:
+                    self.steps_per_epoch_unknown = peek.unknown
+                    batches = t.grad_accum_steps  # the schedules are built per epoch; no step count is reported
+                else:
+                    batches = train_batches(peek.train_size, data_cfg, self.world, t.grad_accum_steps)
+            else:
                 self.train_loader, self.eval_loader, found = build_loaders(
                     data_cfg,
                     device=self.device,
@@ -396,14 +392,22 @@ class Trainer:
                     channels_last=t.channels_last,
                     batch_multiple=t.grad_accum_steps,
                 )
-            except (ValueError, KeyError) as e:  # data.py names the key (batch larger than the data, ...)
-                msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-                raise ConfigError(msg if msg.startswith("data.") else f"data: {msg}") from e
-            num_classes = cfg.data.num_classes or found
-            self.steps_per_epoch = len(self.train_loader) // t.grad_accum_steps
-            # what the loaders actually normalise with (the dataset's statistics where nothing else decided)
-            self.data_config["mean"], self.data_config["std"] = self.train_loader.mean, self.train_loader.std
+                batches = len(self.train_loader)
+                # what the loaders actually normalise with (the dataset's statistics where nothing else decided)
+                self.data_config["mean"], self.data_config["std"] = self.train_loader.mean, self.train_loader.std
+        except (ValueError, KeyError) as e:  # data.py names the key (batch larger than the data, ...)
+            if isinstance(e, ConfigError):
+                raise
+            msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+            raise ConfigError(msg if msg.startswith("data.") else f"data: {msg}") from e
+        num_classes = cfg.data.num_classes or found or cfg.model.kwargs.get("num_classes")
+        if num_classes is None:
+            raise ConfigError(
+                f"data.num_classes: needed for a dry run of dataset {cfg.data.dataset!r} "
+                f"({self.steps_per_epoch_unknown})"
+            )
         self.num_classes = num_classes
+        self.steps_per_epoch = batches // t.grad_accum_steps
         self.total_steps = self.steps_per_epoch * t.epochs
 
     def _build_model(self) -> nn.Module:
@@ -949,11 +953,13 @@ class Trainer:
             "regularizers": self.n_regularizers,
             "layerout": self.layerout is not None,
             "num_classes": self.num_classes,
-            "steps_per_epoch": self.steps_per_epoch,
+            "steps_per_epoch": None if self.steps_per_epoch_unknown else self.steps_per_epoch,
             "lr_first": self.lr_schedule(0),
-            "lr_last": self.lr_schedule(max(0, self.total_steps - 1)),
+            "lr_last": None if self.steps_per_epoch_unknown else self.lr_schedule(max(0, self.total_steps - 1)),
         }
         printed = dict(info)
+        if self.steps_per_epoch_unknown:
+            printed["steps_per_epoch"] = f"unknown ({self.steps_per_epoch_unknown})"
         info["data_config"], info["optimizer_groups"] = self.data_config, groups
         info["checkpoint_every_steps"] = self.cfg.checkpoint.every_steps
         self.accelerator.print(self._checkpoint_cadence())

@@ -323,6 +323,15 @@ def test_wds_without_a_sample_count_names_the_key(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_wds_refuses_mid_epoch_checkpoints_by_name(tmp_path):
+    """A stream cannot start at batch k of an epoch, so ``checkpoint.every_steps`` is refused before any work."""
+    _wds_shards(tmp_path / "shards")
+    raw = _raw(tmp_path, _wds_data(tmp_path)) | {"checkpoint": {"every_steps": 2}}
+    with pytest.raises(ConfigError, match=r"checkpoint\.every_steps.*'wds'"):
+        Trainer(load_config(raw)).setup()
+    assert not (tmp_path / "run").exists()
+
+
 def test_wds_with_fewer_shards_than_workers_names_the_key(tmp_path):
     _wds_shards(tmp_path / "shards")
     data = _wds_data(tmp_path, num_workers=3)

@@ -55,15 +55,15 @@ over training (Scheduled DropBlock), with the rate for group 3 divided by 4; 78.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from timm_drop.regularizers.base import (
+    SPARSE_MAX_PROB,
     ParamTypeError,
     Regularizer,
     _is_compiling,
+    bernoulli_positions,
     check_positive_int,
     check_probability,
     check_strength,
@@ -213,10 +213,6 @@ def drop_block2d(
     return torch.mul(x, keep).mul_(scale)
 
 
-#: Above this seed rate the dense draw (one Bernoulli per valid position) is cheaper than drawing gaps.
-_SPARSE_MAX_GAMMA = 0.25
-
-
 def _mask_channels_last(x: torch.Tensor, per_channel: bool) -> bool:
     """Lay a per-channel mask out like a channels-last input (ViT token grids included), so the multiply reads
     both with the same strides."""
@@ -235,7 +231,7 @@ def _keep_mask(
     if kh == h and kw == w:
         # One valid seed per map and its block is the whole map: SpatialDropout, no pooling needed.
         keep = x.new_empty((n, mask_channels, 1, 1)).bernoulli_(1.0 - gamma)
-    elif x.device.type == "cpu" and (g := float(gamma)) <= _SPARSE_MAX_GAMMA:  # a CPU .item() costs no sync
+    elif x.device.type == "cpu" and (g := float(gamma)) <= SPARSE_MAX_PROB:  # a CPU .item() costs no sync
         keep = _sparse_keep(x, g, kh, kw, mask_channels)
     else:
         keep = _dense_keep(x, gamma, tables[2], kh, kw, per_channel, mask_channels)
@@ -246,30 +242,12 @@ def _keep_mask(
     return keep, count_ones.new_tensor(count) / count_ones.clamp_min(eps)
 
 
-def _sparse_seeds(positions: int, gamma: float) -> torch.Tensor:
-    """Indices in ``[0, positions)`` of independent Bernoulli(gamma) successes, drawn as geometric gaps.
-
-    Same distribution as one Bernoulli draw per position, but the work is proportional to the ~gamma * positions
-    seeds (gamma is ~0.3 % for DropBlock's usual settings) instead of to every position. Gaps are float64, so
-    their running sum is exact far beyond any tensor size.
-    """
-    if gamma <= 0.0:
-        return torch.empty(0, dtype=torch.long)
-    mean = positions * gamma
-    chunk = int(mean + 6.0 * math.sqrt(mean) + 16.0)
-    ends = torch.empty(chunk, dtype=torch.float64).geometric_(gamma).cumsum_(0)
-    while ends[-1].item() <= positions:  # rarely: the draw may not have passed the last position yet
-        more = torch.empty(chunk, dtype=torch.float64).geometric_(gamma).cumsum_(0).add_(ends[-1])
-        ends = torch.cat([ends, more])
-    return ends[ends <= positions].long().sub_(1)
-
-
 def _sparse_keep(x: torch.Tensor, gamma: float, kh: int, kw: int, mask_channels: int) -> torch.Tensor:
     """Keep mask with every seed's ``kh x kw`` block written directly: seeds ~ Bernoulli(gamma) at each valid
     position of each map, a valid position being the block's top-left corner (Figure 2a)."""
     n, _, h, w = x.shape
     hs, ws = h - kh + 1, w - kw + 1
-    seeds = _sparse_seeds(n * mask_channels * hs * ws, gamma)
+    seeds = bernoulli_positions(n * mask_channels * hs * ws, gamma)
     maps, cell = seeds.div(hs * ws, rounding_mode="floor"), seeds.remainder(hs * ws)
     row, col = cell.div(ws, rounding_mode="floor"), cell.remainder(ws)
     rows = torch.arange(kh).unsqueeze(1)

@@ -203,7 +203,8 @@ def _factor(w: torch.Tensor, drop_prob: float | torch.Tensor) -> torch.Tensor:
     if _on_eager_cpu(w) and (p := float(drop_prob)) <= SPARSE_MAX_PROB:
         gate = torch.zeros(w.numel(), dtype=torch.float32)
         gate.index_fill_(0, bernoulli_positions(w.numel(), p), 1.0)
-        kept = torch.addcmul(gate.new_ones(()), gate.view(w.shape), w, value=-1.0)  # 1 - g w, exact for g in {0, 1}
+        # 1 - g w, exact for g in {0, 1}
+        kept = torch.addcmul(gate.new_ones(()), gate.view(w.shape), w, value=-1.0)
     else:
         # float32 uniforms: a bf16 rand thresholds ~6x off at small drop_prob.
         dropped = torch.rand(w.shape, device=w.device, dtype=torch.float32) < drop_prob

@@ -358,3 +358,25 @@ def test_sparse_gate_hits_every_position_at_the_gate_probability(mode):
         # binomial(4000, 0.1) per position: sd 0.0047; 30 positions all within 4.5 sd
         assert (per_position - 0.1).abs().max().item() < 0.022
         torch.testing.assert_close(y[y != 0], (x / 0.9)[y != 0])
+
+
+@pytest.mark.parametrize("mode", ["ad", "am", "sm"])
+def test_compiled_on_cpu_runs_the_eager_fast_path_bit_for_bit(mode):
+    # Under torch.compile on CPU the factor is an opaque op running the eager code, so the same seed gives the same
+    # output and gradient as eager mode (sparse gates and all), in one graph.
+    import torch._dynamo.testing
+
+    torch._dynamo.reset()
+    x = torch.randn(2, 8, 7, 7, dtype=torch.bfloat16).requires_grad_(True)
+    m = AttentionDrop(0.1, 0.2, mode).train()
+    torch.manual_seed(23)
+    ref = m(x)
+    ref.backward(torch.ones_like(ref))
+    ref_grad, x.grad = x.grad, None
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(m, fullgraph=True, backend=counter)
+    torch.manual_seed(23)
+    out = compiled(x)
+    out.backward(torch.ones_like(out))
+    assert counter.frame_count == 1
+    assert torch.equal(out, ref) and torch.equal(x.grad, ref_grad)

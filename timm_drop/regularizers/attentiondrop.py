@@ -242,27 +242,54 @@ def attention_drop(
     drop_prob = check_strength("drop_prob", drop_prob)
     if passes_through("attentiondrop", x, training, drop_prob):
         return x
-    n_units = x[0, 0].numel()
-    k = num_selected(top_rate, n_units)
-    with torch.no_grad():
-        scores, lo = _ranking(x)
-        if mode == "sm" or k == n_units:  # every unit is a top unit: ad is sm, am is dropout
-            if mode == "am":
-                w = torch.ones(scores.shape, device=x.device, dtype=torch.float32)
-            else:
-                xs = scores.float()
-                w = _min_max_normalise(xs, lo, xs.amax(dim=-1, keepdim=True))
-            factor = _factor(w, drop_prob).to(x.dtype)
-        else:
-            idx, top_vals, sel = _top_units_fast(scores, k)
-            if mode == "am":
-                w = sel.float()
-            else:
-                top_vals = top_vals.float()
-                w = _min_max_normalise(top_vals, lo, top_vals.amax(dim=-1, keepdim=True)).mul_(sel)
-            factor = ones(scores.shape, x.dtype, x.device)
-            factor.scatter_(-1, idx, _factor(w, drop_prob).to(x.dtype))
+    k = num_selected(top_rate, x[0, 0].numel())
+    if x.device.type == "cpu" and _factor_op is not None and _is_compiling():
+        # Inductor's CPU code for the top-k, the random gate and the scatter is slower than the eager fast path
+        # (order keys, sparse gates); as an opaque op the factor costs what it costs in eager mode and the
+        # multiply still fuses into the surrounding graph (no graph break).
+        p = drop_prob if isinstance(drop_prob, torch.Tensor) else torch.tensor(drop_prob)
+        factor = _factor_op(x.detach(), p.to(device=x.device, dtype=torch.float32), k, mode)
+    else:
+        factor = _attention_factor(x, drop_prob, k, mode)
     return x * factor.view(x.shape)
+
+
+@torch.no_grad()
+def _attention_factor(x: torch.Tensor, drop_prob: float | torch.Tensor, k: int, mode: str) -> torch.Tensor:
+    """The detached factor ``(1 - g w) / (1 - drop_prob w)`` as ``(N, C, n)`` maps in ``x.dtype``."""
+    scores, lo = _ranking(x)
+    if mode == "sm" or k == scores.shape[-1]:  # every unit is a top unit: ad is sm, am is dropout
+        if mode == "am":
+            w = torch.ones(scores.shape, device=x.device, dtype=torch.float32)
+        else:
+            xs = scores.float()
+            w = _min_max_normalise(xs, lo, xs.amax(dim=-1, keepdim=True))
+        return _factor(w, drop_prob).to(x.dtype)
+    idx, top_vals, sel = _top_units_fast(scores, k)
+    if mode == "am":
+        w = sel.float()
+    else:
+        top_vals = top_vals.float()
+        w = _min_max_normalise(top_vals, lo, top_vals.amax(dim=-1, keepdim=True)).mul_(sel)
+    factor = ones(scores.shape, x.dtype, x.device)
+    return factor.scatter_(-1, idx, _factor(w, drop_prob).to(x.dtype))
+
+
+def _attention_factor_eager(x: torch.Tensor, drop_prob: torch.Tensor, k: int, mode: str) -> torch.Tensor:
+    return _attention_factor(x, drop_prob, k, mode)
+
+
+def _attention_factor_fake(x: torch.Tensor, drop_prob: torch.Tensor, k: int, mode: str) -> torch.Tensor:
+    return x.new_empty((x.shape[0], x.shape[1], x[0, 0].numel()))
+
+
+# torch.library.custom_op is torch >= 2.4; older versions trace the eager code (slower compiled, same result).
+_factor_op = None
+if hasattr(torch.library, "custom_op"):
+    _factor_op = torch.library.custom_op("timm_drop::attention_drop_factor", mutates_args=())(
+        _attention_factor_eager
+    )
+    _factor_op.register_fake(_attention_factor_fake)
 
 
 class AttentionDrop(Regularizer):

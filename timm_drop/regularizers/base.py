@@ -116,8 +116,13 @@ def ones(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str 
     int_dtype = _SAME_SIZE_INT.get(torch.finfo(dtype).bits // 8) if dtype.is_floating_point else None
     if torch.device(device).type != "cpu" or int_dtype is None or _is_compiling():
         return torch.ones(shape, dtype=dtype, device=device)
-    bits = torch.ones((), dtype=dtype).view(int_dtype).item()
+    bits = _ONE_BITS.get(dtype)
+    if bits is None:
+        bits = _ONE_BITS[dtype] = torch.ones((), dtype=dtype).view(int_dtype).item()
     return torch.empty(shape, dtype=int_dtype).fill_(bits).view(dtype)
+
+
+_ONE_BITS: dict[torch.dtype, int] = {}
 
 
 #: Above this probability one uniform per position is cheaper than drawing the gaps between successes.

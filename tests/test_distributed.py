@@ -23,36 +23,24 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny import dropblock_stage_rule, tiny_run
 
-CONFIG = {
-    "name": "ddp",
-    "seed": 11,
-    "model": {"name": "resnet20_cifar"},
-    "regularizer": {
-        "rules": [
-            {
-                "regularizer": "dropblock",
-                "params": {"drop_prob": 0.2, "block_size": 3},
-                "sites": ["stage"],
-                "stages": [1, 2],
-            }
-        ]
-    },
-    "layerout": {"freeze_probs": "random", "seed": 5},
-    "data": {
-        "dataset": "digits",
-        "image_size": 8,
+CONFIG = tiny_run(
+    name="ddp",
+    seed=11,
+    regularizer={"rules": [dropblock_stage_rule(stages=[1, 2])]},
+    layerout={"freeze_probs": "random", "seed": 5},
+    data={
         "batch_size": 32,
         "eval_batch_size": 32,
         "train_subset": 384,
         "eval_subset": 45,
         "augment": {"crop_padding": 1, "hflip": False},
     },
-    "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
-    "sched": {"name": "constant"},
-    "train": {"epochs": 3, "cpu": True},
-    "log": {"progress_bar": False},
-}
+    optim={"momentum": 0.9, "weight_decay": 5e-4},
+    sched={"name": "constant"},
+    train={"epochs": 3, "cpu": True},
+)
 
 
 def _worker(out_dir: str) -> None:

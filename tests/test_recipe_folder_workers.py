@@ -4,22 +4,11 @@ the long-lived one yields at epoch 1."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-from PIL import Image
+from tiny import write_image_folder
 
 import timm_drop  # noqa: F401
 from timm_drop.training import Trainer, load_config
-
-
-def _folder(root, n=4, size=12):
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c in ("a", "b"):
-            d = root / split / c
-            d.mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(d / f"{i}.png")
 
 
 def _trainer(tmp_path, name):
@@ -48,7 +37,7 @@ def _epoch(loader, epoch):
 
 
 def test_workers_survive_epochs_and_the_stream_depends_only_on_the_epoch(tmp_path):
-    _folder(tmp_path / "imgs")
+    write_image_folder(tmp_path / "imgs")
     long = _trainer(tmp_path, "long")
     assert long.train_loader.loader.persistent_workers and long.eval_loader.loader.persistent_workers
     x0, pids0 = _epoch(long.train_loader, 0)

@@ -6,28 +6,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from tiny import tiny_run, write_image_folder
 
 import timm_drop  # noqa: F401
 from timm_drop.training import ConfigError, Trainer, load_config
 
 
 def _raw(tmp_path, **augment):
-    return {
-        "output_dir": str(tmp_path / "run"),
-        "model": {"name": "resnet20_cifar"},
-        "data": {
-            "dataset": "digits",
-            "image_size": 8,
-            "batch_size": 16,
-            "train_subset": 32,
-            "eval_subset": 16,
-            "augment": {"crop_padding": 0, "hflip": False} | augment,
-        },
-        "optim": {"name": "sgd", "lr": 0.05},
-        "train": {"epochs": 1, "label_smoothing": 0.1},
-        "log": {"progress_bar": False, "plot": False},
-    }
+    return tiny_run(
+        output_dir=str(tmp_path / "run"),
+        data={"augment": {"crop_padding": 0, "hflip": False} | augment},
+        train={"epochs": 1, "label_smoothing": 0.1},
+    )
 
 
 def _targets_seen(trainer: Trainer) -> list[torch.Tensor]:
@@ -82,20 +72,10 @@ def test_randaugment_on_a_tensor_dataset_is_a_config_error_naming_the_field():
         load_config({"data": {"dataset": "imagefolder", "root": ".", "augment": {"randaugment": "m9"}}})
 
 
-def _folder(root, n=4, size=12):
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c in ("a", "b"):
-            d = root / split / c
-            d.mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(d / f"{i}.png")
-
-
 def test_randaugment_runs_in_the_image_folder_workers(tmp_path):
     from timm.data.auto_augment import RandAugment
 
-    _folder(tmp_path / "imgs")
+    write_image_folder(tmp_path / "imgs")
     raw = _raw(tmp_path, randaugment="rand-m9-n2-mstd0.5")
     raw["data"] |= {
         "dataset": "imagefolder",

@@ -8,6 +8,7 @@ import copy
 import pytest
 import timm.optim
 import torch
+from tiny import tiny_run
 
 import timm_drop  # noqa: F401  (registers the CIFAR models)
 from timm_drop.training import ConfigError, Trainer, load_config
@@ -91,21 +92,12 @@ def test_bad_layer_decay_is_a_config_error_naming_the_field():
 
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
 def test_layerout_frozen_params_do_not_move_under_timm_optimizers(tmp_path, name):
-    raw = {
-        "output_dir": str(tmp_path / name),
-        "model": {"name": "resnet20_cifar"},
-        "data": {
-            "dataset": "digits",
-            "image_size": 8,
-            "batch_size": 16,
-            "train_subset": 32,
-            "eval_subset": 16,
-        },
-        "optim": {"name": name, "lr": 0.05, "weight_decay": 0.01},
-        "layerout": {"freeze_probs": "random", "seed": 1, "skip_backward": False},
-        "train": {"epochs": 1},
-        "log": {"progress_bar": False, "plot": False},
-    }
+    raw = tiny_run(
+        output_dir=str(tmp_path / name),
+        optim={"name": name, "lr": 0.05, "weight_decay": 0.01},
+        layerout={"freeze_probs": "random", "seed": 1, "skip_backward": False},
+        train={"epochs": 1},
+    )
     trainer = Trainer(load_config(raw)).setup()
     # one real step first, so momentum / Adam moments exist for every parameter
     trainer.train_one_epoch(0)

@@ -6,38 +6,21 @@ from __future__ import annotations
 import json
 
 import pytest
+from tiny import dropblock_stage_rule, tiny_run
 
 import timm_drop  # noqa: F401
 from timm_drop.training import ConfigError, Trainer, load_config
 
 
 def _raw(tmp_path, trackers):
-    return {
-        "name": "tb",
-        "output_dir": str(tmp_path / "run"),
-        "model": {"name": "resnet20_cifar"},
-        "regularizer": {
-            "rules": [
-                {
-                    "regularizer": "dropblock",
-                    "params": {"drop_prob": 0.1, "block_size": 3},
-                    "sites": ["stage"],
-                }
-            ]
-        },
-        "layerout": {"freeze_probs": "random", "seed": 1},
-        "data": {
-            "dataset": "digits",
-            "image_size": 8,
-            "batch_size": 16,
-            "train_subset": 32,
-            "eval_subset": 16,
-        },
-        "optim": {"name": "sgd", "lr": 0.05},
-        "train": {"epochs": 2},
-        "log": {"progress_bar": False, "plot": False, "trackers": trackers},
-        "checkpoint": {"total_limit": 1},
-    }
+    return tiny_run(
+        name="tb",
+        output_dir=str(tmp_path / "run"),
+        regularizer={"rules": [dropblock_stage_rule(drop_prob=0.1)]},
+        layerout={"freeze_probs": "random", "seed": 1},
+        log={"trackers": trackers},
+        checkpoint={"total_limit": 1},
+    )
 
 
 def test_tensorboard_event_file_holds_the_metrics_jsonl_scalars(tmp_path):

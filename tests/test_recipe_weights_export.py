@@ -9,6 +9,7 @@ import pytest
 import timm
 import torch
 from safetensors.torch import load_file
+from tiny import tiny_run
 
 import timm_drop  # noqa: F401
 from timm_drop.training import Trainer, load_config
@@ -18,20 +19,7 @@ from timm_drop.training.checkpoint import load_weights
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("w") / "run"
-    raw = {
-        "output_dir": str(out),
-        "model": {"name": "resnet10t"},
-        "data": {
-            "dataset": "digits",
-            "image_size": 8,
-            "batch_size": 16,
-            "train_subset": 32,
-            "eval_subset": 16,
-        },
-        "optim": {"name": "sgd", "lr": 0.05},
-        "train": {"epochs": 1},
-        "log": {"progress_bar": False, "plot": False},
-    }
+    raw = tiny_run(output_dir=str(out), model={"name": "resnet10t"}, train={"epochs": 1})
     trainer = Trainer(load_config(raw))
     trainer.fit()
     return out, trainer

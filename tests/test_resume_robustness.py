@@ -8,27 +8,20 @@ import shutil
 from pathlib import Path
 
 import pytest
+from tiny import tiny_run
 
 from timm_drop.training import Trainer, load_config
 
-RUN = {
-    "name": "robust",
-    "seed": 1,
-    "model": {"name": "resnet20_cifar"},
-    "data": {
-        "dataset": "digits",
-        "image_size": 8,
-        "batch_size": 16,
+RUN = tiny_run(
+    name="robust",
+    seed=1,
+    data={
         "eval_batch_size": 32,
-        "train_subset": 32,
         "eval_subset": 32,
         "augment": {"crop_padding": 1, "hflip": False},
     },
-    "optim": {"name": "sgd", "lr": 0.05},
-    "sched": {"name": "constant"},
-    "train": {"epochs": 2},
-    "log": {"progress_bar": False, "plot": False},
-}
+    sched={"name": "constant"},
+)
 
 
 def cfg(output_dir: str, **over):

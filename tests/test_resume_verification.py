@@ -20,41 +20,28 @@ from pathlib import Path
 import pytest
 import torch
 from scripts import load_script
+from tiny import dropblock_stage_rule, tiny_run
 
 from timm_drop.training import Trainer, load_config
 from timm_drop.training.checkpoint import CheckpointError, CheckpointManager, load_weights
 
 REPO = Path(__file__).resolve().parents[1]
 
-RUN = {
-    "name": "verify",
-    "seed": 7,
-    "model": {"name": "resnet20_cifar"},
-    "regularizer": {
-        "rules": [
-            {
-                "regularizer": "dropblock",
-                "params": {"drop_prob": 0.3, "block_size": 3},
-                "sites": ["stage"],
-                "stages": [1],
-            }
-        ]
-    },
-    "data": {
-        "dataset": "digits",
-        "image_size": 8,
-        "batch_size": 16,
+RUN = tiny_run(
+    name="verify",
+    seed=7,
+    regularizer={"rules": [dropblock_stage_rule(drop_prob=0.3, stages=[1])]},
+    data={
         "eval_batch_size": 32,
         "train_subset": 48,
         "eval_subset": 32,
         "augment": {"crop_padding": 1, "hflip": False, "cutout": 2},
     },
-    "optim": {"name": "sgd", "lr": 0.05},
-    "sched": {"name": "constant"},
-    "train": {"epochs": 4},
-    "log": {"progress_bar": False, "log_interval": 1, "plot": False},
-    "checkpoint": {"total_limit": 2},
-}
+    sched={"name": "constant"},
+    train={"epochs": 4},
+    log={"log_interval": 1},
+    checkpoint={"total_limit": 2},
+)
 
 
 def cfg_for(out: Path):

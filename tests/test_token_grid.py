@@ -7,6 +7,7 @@ import copy
 import pytest
 import timm
 import torch
+from tiny import tiny_swin
 
 from timm_drop import create_regularizer
 
@@ -135,15 +136,7 @@ def test_dynamic_image_size_vit_needs_the_new_grid():
 
 
 def test_swin_stage_outputs_are_nhwc_maps_without_a_grid():
-    model = timm.create_model(
-        "swin_tiny_patch4_window7_224",
-        pretrained=False,
-        img_size=56,
-        embed_dim=24,
-        depths=(1, 1),
-        num_heads=(1, 1),
-        window_size=7,
-    ).train()
+    model = tiny_swin().train()
     reg = create_regularizer("dropblock", drop_prob=0.3, block_size=3)
     reg.set_layout("NHWC")
     out = model.layers[0](model.patch_embed(torch.randn(2, 3, 56, 56)))

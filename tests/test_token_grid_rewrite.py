@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from tiny import tiny_swin
 
 import timm_drop
 from timm_drop import RewriteError
@@ -109,15 +110,7 @@ def test_token_sites_of_a_model_without_a_patch_grid_keep_the_named_refusal():
 
 
 def test_swin_nhwc_stage_sites_keep_working_without_a_grid():
-    model = timm.create_model(
-        "swin_tiny_patch4_window7_224",
-        pretrained=False,
-        img_size=56,
-        embed_dim=24,
-        depths=(1, 1),
-        num_heads=(1, 1),
-        window_size=7,
-    ).eval()
+    model = tiny_swin().eval()
     x = torch.randn(2, 3, 56, 56)
     with torch.no_grad():
         before = model(x)

@@ -12,6 +12,7 @@ import pytest
 import timm
 import torch
 from scripts import load_script
+from tiny import LINEAR_RAMP, dropblock_stage_rule, tiny_run
 
 import timm_drop  # noqa: F401  (registers the CIFAR models)
 from timm_drop.regularizers.base import Regularizer
@@ -20,42 +21,23 @@ from timm_drop.training.checkpoint import CheckpointManager, load_weights
 
 REPO = Path(__file__).resolve().parents[1]
 
-TINY = {
-    "name": "tiny",
-    "seed": 3,
-    "model": {"name": "resnet20_cifar"},
-    "regularizer": {
-        "rules": [
-            {
-                "regularizer": "dropblock",
-                "params": {"drop_prob": 0.2, "block_size": 3},
-                "sites": ["stage"],
-                "stages": [1, 2],
-                "schedule": {"kind": "linear", "start": 0.0, "end": 1.0},
-            }
-        ]
-    },
-    "data": {
-        "dataset": "digits",
-        "image_size": 8,
-        "batch_size": 16,
+TINY = tiny_run(
+    name="tiny",
+    seed=3,
+    regularizer={"rules": [dropblock_stage_rule(stages=[1, 2], schedule=LINEAR_RAMP)]},
+    data={
         "eval_batch_size": 32,
         "train_subset": 64,
         "eval_subset": 40,
         "augment": {"crop_padding": 1, "hflip": False, "cutout": 2},
     },
-    "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
-    "sched": {"name": "multistep", "milestones": [1], "gamma": 0.1},
-    "train": {
-        "epochs": 2,
-        "label_smoothing": 0.1,
-        "grad_accum_steps": 2,
-        "ema": {"enabled": True, "decay": 0.9},
-    },
-    "layerout": {"freeze_probs": "random", "seed": 1},
-    "log": {"progress_bar": False, "log_interval": 1},
-    "checkpoint": {"total_limit": 1},
-}
+    optim={"momentum": 0.9, "weight_decay": 5e-4},
+    sched={"name": "multistep", "milestones": [1], "gamma": 0.1},
+    train={"label_smoothing": 0.1, "grad_accum_steps": 2, "ema": {"enabled": True, "decay": 0.9}},
+    layerout={"freeze_probs": "random", "seed": 1},
+    log={"log_interval": 1, "plot": True},
+    checkpoint={"total_limit": 1},
+)
 
 
 def tiny_cfg(out: Path, **over):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from tiny import LINEAR_RAMP, dropblock_stage_rule, tiny_run, tiny_swin
 
 import timm_drop
 from timm_drop.cli import main
@@ -178,15 +179,7 @@ def test_to_maps_folds_tokens_row_major_and_permutes_nhwc():
 
 
 def _small_swin():
-    return timm.create_model(
-        "swin_tiny_patch4_window7_224",
-        pretrained=False,
-        img_size=(64, 96),
-        window_size=4,
-        embed_dim=24,
-        depths=(1, 1, 1, 1),
-        num_heads=(1, 1, 1, 1),
-    )
+    return tiny_swin(img_size=(64, 96), stages=4, window_size=4)
 
 
 def test_swin_nhwc_site_is_drawn_upright_on_a_non_square_input(tmp_path):
@@ -255,33 +248,12 @@ def test_image_files_are_resized_with_the_models_data_config(tmp_path):
         load_images(_small_swin(), [tmp_path / "missing.png"])
 
 
-TINY_RUN = {
-    "name": "viz",
-    "seed": 2,
-    "model": {"name": "resnet20_cifar"},
-    "regularizer": {
-        "rules": [
-            {
-                "regularizer": "dropblock",
-                "params": {"drop_prob": 0.2, "block_size": 3},
-                "sites": ["stage"],
-                "stages": [1],
-                "schedule": {"kind": "linear", "start": 0.0, "end": 1.0},
-            }
-        ]
-    },
-    "data": {
-        "dataset": "digits",
-        "image_size": 8,
-        "batch_size": 16,
-        "eval_batch_size": 32,
-        "train_subset": 32,
-        "eval_subset": 32,
-    },
-    "optim": {"name": "sgd", "lr": 0.05},
-    "train": {"epochs": 2},
-    "log": {"progress_bar": False, "plot": False},
-}
+TINY_RUN = tiny_run(
+    name="viz",
+    seed=2,
+    regularizer={"rules": [dropblock_stage_rule(stages=[1], schedule=LINEAR_RAMP)]},
+    data={"eval_batch_size": 32, "eval_subset": 32},
+)
 
 
 def test_recipe_mask_every_writes_grids_without_changing_training(tmp_path):

@@ -41,7 +41,8 @@ Choices where the paper is silent or only approximate:
   and every block size (2 % at ``p = 0.9``). When every unit is covered by the same number of blocks
   (``block_size == 1``, or the block spans the map on each axis where it is larger than 1) the solution is
   the closed form ``gamma = p`` and no iteration runs. Everything is computed from ``drop_prob`` as a tensor,
-  so a schedule that moves ``drop_prob`` neither syncs the device nor recompiles ``torch.compile``.
+  so a schedule that moves ``drop_prob`` neither syncs the device nor recompiles ``torch.compile``; in eager
+  CPU mode, where reading it is free, the solution is remembered per probability and shape.
 * **Numerics.** Seeds come from ``bernoulli_`` (its uniform draw and threshold are float32, only the 0/1
   outcome is stored in the input dtype, so bf16/fp16 are not biased the way ``torch.rand(dtype=bf16) < p``
   is) or, on CPU, from float64 geometric gaps; no float32 noise tensor is allocated at all. The mask counts are summed in float32 (an fp16 sum of a

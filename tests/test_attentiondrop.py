@@ -303,6 +303,11 @@ def _tricky_maps(kind: str, dtype: torch.dtype) -> torch.Tensor:
         x = (x * 2).round()
     elif kind == "signed_zeros":  # -0.0 and +0.0 are equal scores
         x = torch.where(x.abs() < 0.8, torch.where(x > 0, 0.0, -0.0), x)
+    elif kind == "relu_signed_zeros":  # no negative score: the keys are the raw bits, -0.0 among them
+        x = torch.where(x < 0.5, torch.where(x > 0, 0.0, -0.0), x)
+    elif kind == "relu_signed_zeros_nan":  # a NaN ranks lowest, below -0.0: not the raw-bits path
+        x = torch.where(x < 0.5, torch.where(x > 0, 0.0, -0.0), x)
+        x[0, 1, 2, :4] = float("nan")
     elif kind == "infinities":
         x[0, 0, 0, :3] = float("inf")
         x[1, 2, 4, :5] = float("-inf")
@@ -312,7 +317,11 @@ def _tricky_maps(kind: str, dtype: torch.dtype) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-@pytest.mark.parametrize("kind", ["normal", "relu_ties", "quantised", "signed_zeros", "infinities", "huge"])
+@pytest.mark.parametrize(
+    "kind",
+    ["normal", "relu_ties", "quantised", "signed_zeros", "relu_signed_zeros", "relu_signed_zeros_nan", "infinities",
+     "huge"],
+)  # fmt: skip
 @pytest.mark.parametrize("top_rate", [0.05, 0.2, 0.5, 0.9])
 def test_top_units_from_order_keys_are_the_float_reference_units(dtype, kind, top_rate):
     from timm_drop.regularizers.attentiondrop import _ranking, _scores, _top_units, _top_units_fast
@@ -321,8 +330,9 @@ def test_top_units_from_order_keys_are_the_float_reference_units(dtype, kind, to
     x = _tricky_maps(kind, dtype)
     k = num_selected(top_rate, x[0, 0].numel())
     ref_idx, ref_vals, ref_sel = _top_units(_scores(x)[0], k)
-    scores, _ = _ranking(x)
-    idx, vals, sel = _top_units_fast(scores, k)
+    scores, _, non_negative = _ranking(x)
+    assert non_negative == (kind in ("relu_ties", "relu_signed_zeros"))
+    idx, vals, sel = _top_units_fast(scores, k, non_negative)
     as_set = lambda i, s: torch.zeros(scores.shape, dtype=torch.bool).scatter_(-1, i, s)  # noqa: E731
     assert torch.equal(as_set(idx, sel), as_set(ref_idx, ref_sel))
     # the gathered values are the float32 scores (signed zeros compare equal)
@@ -380,3 +390,13 @@ def test_compiled_on_cpu_runs_the_eager_fast_path_bit_for_bit(mode):
     out.backward(torch.ones_like(out))
     assert counter.frame_count == 1
     assert torch.equal(out, ref) and torch.equal(x.grad, ref_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_post_relu_maps_touch_exactly_the_reference_top_units(dtype):
+    # No negative score (the usual input after a ReLU): the top-k ranks the raw bits; ties at 0 must stay out.
+    torch.manual_seed(25)
+    x = (torch.randn(4, 6, 8, 8) - 0.5).relu().to(dtype).requires_grad_(True)
+    attention_drop(x, 0.2, 0.3, "am").backward(torch.ones_like(x))
+    touched = x.grad != 1
+    assert torch.equal(touched.flatten(2), attention_weights(x, 0.3, "am") > 0)

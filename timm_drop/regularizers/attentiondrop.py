@@ -158,8 +158,9 @@ def _on_eager_cpu(t: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def _ranking(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The scores as ``(N, C, n)`` maps and each map's NaN-safe minimum (float32, ``(N, C, 1)``).
+def _ranking(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The scores as ``(N, C, n)`` maps, each map's NaN-safe minimum (float32, ``(N, C, 1)``), and whether the
+    scores are known to be NaN-free and non-negative (a post-ReLU map: see :func:`_order_keys`).
 
     Scores are the float32 values of ``x``; 16-bit floats are kept in their own dtype, which holds the same
     values exactly (half the bytes to rank). NaN ranks below every number (-inf) and is left out of the minimum,
@@ -170,28 +171,31 @@ def _ranking(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x3 = x3.float()
     lo = x3.amin(dim=-1, keepdim=True)
     if _on_eager_cpu(x3) and not bool(lo.isnan().any()):
-        return x3, lo.float()
+        return x3, lo.float(), bool((lo >= 0).all())
     lo = torch.nan_to_num(x3, nan=_INF, posinf=_INF, neginf=-_INF).amin(dim=-1, keepdim=True)
-    return torch.nan_to_num(x3, nan=-_INF, posinf=_INF, neginf=-_INF), lo.float()
+    return torch.nan_to_num(x3, nan=-_INF, posinf=_INF, neginf=-_INF), lo.float(), False
 
 
 @torch.no_grad()
-def _order_keys(scores: torch.Tensor) -> torch.Tensor:
-    """Integers ordered exactly like the (NaN-free) float ``scores``: the magnitude bits, negated for negative
-    values, so ``-0.0`` and ``+0.0`` share the key 0 and stay tied, as floats compare. Ranking these is ~20 %
-    cheaper on CPU than ranking floats (no NaN-aware comparator) and selects the same units."""
+def _order_keys(scores: torch.Tensor, non_negative: bool = False) -> torch.Tensor:
+    """Integers in the order of the (NaN-free) float ``scores``: their bits, with the magnitude bits of negative
+    values flipped (the bits as they are when no score is negative, e.g. after a ReLU). Ranking these is ~20 %
+    cheaper on CPU than ranking floats (no NaN-aware comparator). The one pair of equal floats with different
+    keys, ``-0.0 < +0.0``, only breaks a tie, which any top-k may do: the selection compares the float values."""
     int_type, shift, magnitude = _KEY_TYPES[scores.element_size()]
     bits = scores.view(int_type)
-    sign = bits >> shift  # 0 or -1
-    return ((bits & magnitude) ^ sign) - sign  # two's-complement negation where the sign bit is set
+    return bits if non_negative else bits ^ ((bits >> shift) & magnitude)
 
 
 @torch.no_grad()
-def _top_units_fast(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _top_units_fast(
+    scores: torch.Tensor, k: int, non_negative: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`_top_units` on the order keys of ``scores``: indices, score values and selection flags of the
-    ``k + 1`` largest units of each map, k < n. Same units, same tie rule (strictly above the (k+1)-th value)."""
-    keys, idx = _order_keys(scores).topk(k + 1, dim=-1, sorted=False)
-    return idx, scores.gather(-1, idx), keys > keys.amin(dim=-1, keepdim=True)
+    ``k + 1`` largest units of each map, k < n. Same tie rule: strictly above the (k+1)-th value, as floats."""
+    idx = _order_keys(scores, non_negative).topk(k + 1, dim=-1, sorted=False)[1]
+    vals = scores.gather(-1, idx)
+    return idx, vals, vals > vals.amin(dim=-1, keepdim=True)
 
 
 def _factor(w: torch.Tensor, drop_prob: float | torch.Tensor) -> torch.Tensor:
@@ -257,7 +261,7 @@ def attention_drop(
 @torch.no_grad()
 def _attention_factor(x: torch.Tensor, drop_prob: float | torch.Tensor, k: int, mode: str) -> torch.Tensor:
     """The detached factor ``(1 - g w) / (1 - drop_prob w)`` as ``(N, C, n)`` maps in ``x.dtype``."""
-    scores, lo = _ranking(x)
+    scores, lo, non_negative = _ranking(x)
     if mode == "sm" or k == scores.shape[-1]:  # every unit is a top unit: ad is sm, am is dropout
         if mode == "am":
             w = torch.ones(scores.shape, device=x.device, dtype=torch.float32)
@@ -265,7 +269,7 @@ def _attention_factor(x: torch.Tensor, drop_prob: float | torch.Tensor, k: int, 
             xs = scores.float()
             w = _min_max_normalise(xs, lo, xs.amax(dim=-1, keepdim=True))
         return _factor(w, drop_prob).to(x.dtype)
-    idx, top_vals, sel = _top_units_fast(scores, k)
+    idx, top_vals, sel = _top_units_fast(scores, k, non_negative)
     if mode == "am":
         w = sel.float()
     else:

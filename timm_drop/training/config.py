@@ -226,6 +226,11 @@ class TrainSection:
     #: DDP ``find_unused_parameters`` (needed only for regularizers that skip whole branches per rank)
     find_unused_parameters: bool = False
     eval_every: int = 1
+    #: ``ddp``: every process holds the whole model (DistributedDataParallel). ``fsdp``: FSDP2 through Accelerate's
+    #: plugin, for models that do not fit one GPU: each block (the spec's ``block`` sites) and the rest of the model
+    #: sharded across the processes, full weights gathered for the exports and checkpoints. Needs a GPU launch by
+    #: ``torchrun`` / ``accelerate launch`` (1 process too); no EMA, LayerOut or ``log.mask_every`` with it
+    strategy: Literal["ddp", "fsdp"] = "ddp"
 
 
 @dataclass
@@ -669,6 +674,35 @@ def _check_train(cfg: TrainConfig, r: _Report, check_paths: bool) -> None:
     )
     r.check(0.0 < t.ema.decay < 1.0, "train.ema.decay", f"must be in (0, 1), got {t.ema.decay}")
     r.check(t.eval_every >= 1, "train.eval_every", f"must be >= 1, got {t.eval_every}")
+    if t.strategy == "fsdp":
+        _check_fsdp(cfg, r)
+
+
+def _check_fsdp(cfg: TrainConfig, r: _Report) -> None:
+    """What FSDP cannot shard or drive, each refused under ``train.strategy`` naming the conflicting key."""
+    conflicts = {
+        "train.ema.enabled": (
+            cfg.train.ema.enabled,
+            "timm's EMA keeps a whole unsharded copy of the model on every process (the memory FSDP is there to "
+            "save) and updates it from parameters that are only shards",
+        ),
+        "layerout": (
+            cfg.layerout is not None,
+            "LayerOut freezes parameters it bound before sharding; FSDP replaces every parameter with a shard",
+        ),
+        "log.mask_every": (
+            cfg.log.mask_every > 0,
+            "the mask figure runs a copy of the model on the main process alone; a sharded model runs only on "
+            "all processes together",
+        ),
+        "train.find_unused_parameters": (
+            cfg.train.find_unused_parameters,
+            "it is a DistributedDataParallel option; FSDP has no use for it",
+        ),
+    }
+    for key, (on, why) in conflicts.items():
+        if on:
+            r.add("train.strategy", f"fsdp cannot be combined with {key} ({why}); turn {key} off or use ddp")
 
 
 def _check_sched(cfg: TrainConfig, r: _Report, check_paths: bool) -> None:

@@ -1,6 +1,7 @@
 """The Accelerate training loop behind ``recipes/train.py``.
 
-Build order: ``timm.create_model`` -> ``apply_regularizer`` -> channels_last -> SyncBN -> optimizer ->
+Build order: ``timm.create_model`` -> ``apply_regularizer`` -> channels_last -> SyncBN -> (``train.strategy: fsdp``:
+each block its own ``fully_shard`` unit) -> optimizer ->
 LayerOut ``bind``/``attach`` -> ``accelerator.prepare`` -> ``torch.compile`` -> EMA (a deepcopy of the unwrapped,
 already-regularized model, so the EMA carries its own regularizer modules).
 
@@ -214,17 +215,29 @@ def _build_layerout(section: dict, model: nn.Module, distributed: bool, compiled
     return LayerOut(**section).bind(model)
 
 
+#: the distributed type of this process's launch, before any run's FSDP plugin changed it
+_LAUNCH_TYPE: dict[str, Any] = {}
+
+
 def _release_accelerator_state() -> None:
     """Let a second Trainer in the same process (tests, benchmarks, notebooks) choose its own precision.
 
     Accelerate keeps mixed precision in a process-wide singleton and refuses a different value later; the
     distributed part (``PartialState``: process group, device) is kept, only the per-run settings are dropped.
     """
-    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+    from accelerate.utils import DistributedType
 
     if AcceleratorState._shared_state:
         AcceleratorState._reset_state(reset_partial_state=False)
         GradientState._reset_state()
+    shared = PartialState._shared_state
+    if shared:
+        # Accelerate writes a run's FSDP type into the kept part too; the next run starts from the launch's own type
+        if shared["distributed_type"] == DistributedType.FSDP and "type" in _LAUNCH_TYPE:
+            shared["distributed_type"] = _LAUNCH_TYPE["type"]
+        else:
+            _LAUNCH_TYPE["type"] = shared["distributed_type"]
 
 
 class Trainer:
@@ -297,7 +310,17 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         if t.precision == "fp16" and (t.cpu or not torch.cuda.is_available()):
             raise ConfigError("train.precision: fp16 needs a CUDA device; use bf16 or no on CPU")
+        from accelerate import PartialState
+        from accelerate.utils import parse_flag_from_env
+
+        from timm_drop.training import fsdp
+
+        # the launch (process group, device) first, so its own distributed type is known before a plugin changes it;
+        # ACCELERATE_USE_CPU as AcceleratorState would read it
+        PartialState(cpu=t.cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))
         _release_accelerator_state()
+
+        plugin = fsdp.fsdp_plugin() if t.strategy == "fsdp" else None
         tracking: dict[str, Any] = {}
         if cfg.log.trackers and not self.dry_run:
             from accelerate.utils import ProjectConfiguration
@@ -308,13 +331,18 @@ class Trainer:
                     project_dir=str(self.out), logging_dir=str(self.out / "trackers")
                 ),
             )
-        self.accelerator = acc = Accelerator(
-            **tracking,
-            cpu=t.cpu,
-            mixed_precision=t.precision,
-            gradient_accumulation_steps=t.grad_accum_steps,
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=t.find_unused_parameters)],
-        )
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=t.find_unused_parameters)
+        with fsdp.use_fsdp_env(t.strategy):
+            self.accelerator = acc = Accelerator(
+                **tracking,
+                cpu=t.cpu,
+                mixed_precision=t.precision,
+                gradient_accumulation_steps=t.grad_accum_steps,
+                kwargs_handlers=[ddp],
+                fsdp_plugin=plugin,
+            )
+        if plugin is not None:
+            fsdp.require_fsdp_launch(acc, plugin, cpu=t.cpu)
         self.device = acc.device
         self.is_main = acc.is_main_process
         self.rank, self.world = acc.process_index, acc.num_processes
@@ -415,6 +443,8 @@ class Trainer:
             from timm.layers import convert_sync_batchnorm
 
             model = convert_sync_batchnorm(model)
+        if t.strategy == "fsdp":
+            self._shard_blocks(model)
         self.optimizer = build_optimizer(model, cfg)
         self.layerout = None
         if cfg.layerout is not None:
@@ -425,12 +455,31 @@ class Trainer:
         self.lr_schedule = LRSchedule(cfg, self.steps_per_epoch)
         return model
 
+    def _shard_blocks(self, model: nn.Module) -> None:
+        """FSDP: every block its own shard unit, before the optimizer sees the parameters (``prepare`` then shards
+        the root around them and moves the optimizer to the sharded parameters)."""
+        from timm_drop.training import fsdp
+
+        size = self.cfg.data.image_size
+        example = torch.zeros(2, 3, size, size, device=self.device)
+        self.fsdp_units = fsdp.fsdp_units(model, example)
+        if not self.fsdp_units:
+            self.accelerator.print(
+                f"note: train.strategy=fsdp: {self.cfg.model.name} has no blocks; it is sharded as one unit, so each "
+                "forward gathers all of its weights at once"
+            )
+        fsdp.shard_units(model, self.fsdp_units, self.accelerator)
+
     def _prepare(self, model: nn.Module) -> None:
         """Accelerate's wrapping (DDP, precision), ``torch.compile``, the EMA copy, the schedule driver (the optimizer
         step hook that moves the regularizers' schedules), Mixup and the loss."""
         cfg, t = self.cfg, self.cfg.train
         acc = self.accelerator
         self.model, self.optimizer = acc.prepare(model, self.optimizer)
+        if t.strategy == "fsdp" and acc.native_amp:
+            from timm_drop.training import fsdp
+
+            fsdp.autocast_forward(self.model, acc)
         if t.compile:
             self.model = torch.compile(self.model, mode=t.compile_mode)
         self.unwrapped = acc.unwrap_model(self.model)
@@ -701,8 +750,9 @@ class Trainer:
                 self.metrics.append(row)
             if cfg.log.trackers:
                 acc.log(_flat_scalars(row), step=row["epoch"])
+            # the full weights: a collective under FSDP (gathered to the main process), the model's own otherwise
+            sd = acc.get_state_dict(self.unwrapped)
             if self.is_main:
-                sd = self.unwrapped.state_dict()
                 for name in ("last_model.pth", "last_model.safetensors"):
                     self.run_dir.claim(name, name + ".tmp")
                 save_weights(sd, self.out / "last_model.pth")

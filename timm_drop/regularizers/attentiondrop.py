@@ -183,7 +183,11 @@ def _order_keys(scores: torch.Tensor, non_negative: bool = False) -> torch.Tenso
     cheaper on CPU than ranking floats (no NaN-aware comparator). The one pair of equal floats with different
     keys, ``-0.0 < +0.0``, only breaks a tie, which any top-k may do: the selection compares the float values."""
     int_type, shift, magnitude = _KEY_TYPES[scores.element_size()]
-    bits = scores.view(int_type)
+    return _flip_negative(scores.view(int_type), shift, magnitude, non_negative)
+
+
+def _flip_negative(bits: torch.Tensor, shift: int, magnitude: int, non_negative: bool) -> torch.Tensor:
+    """Flip the magnitude bits where the sign bit is set: float bits -> order keys, and back (an involution)."""
     return bits if non_negative else bits ^ ((bits >> shift) & magnitude)
 
 
@@ -193,8 +197,10 @@ def _top_units_fast(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`_top_units` on the order keys of ``scores``: indices, score values and selection flags of the
     ``k + 1`` largest units of each map, k < n. Same tie rule: strictly above the (k+1)-th value, as floats."""
-    idx = _order_keys(scores, non_negative).topk(k + 1, dim=-1, sorted=False)[1]
-    vals = scores.gather(-1, idx)
+    keys, idx = _order_keys(scores, non_negative).topk(k + 1, dim=-1, sorted=False)
+    # the keys map back to the scores exactly: cheaper than gathering them
+    _, shift, magnitude = _KEY_TYPES[scores.element_size()]
+    vals = _flip_negative(keys, shift, magnitude, non_negative).view(scores.dtype)
     return idx, vals, vals > vals.amin(dim=-1, keepdim=True)
 
 

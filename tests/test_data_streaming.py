@@ -100,6 +100,11 @@ def _raw(tmp_path, data: dict) -> dict:
     }
 
 
+def _hfds_data(tmp_path, hfds: dict, **kw) -> dict:
+    """The data section for the ``save_to_disk`` folder that :func:`_hf_folder` wrote under ``tmp_path / "hf"``."""
+    return {"dataset": "hfds", "root": str(tmp_path / "hf"), "num_workers": 0, "hfds": hfds, **kw}
+
+
 def _wds_data(tmp_path, **kw) -> dict:
     return {
         "dataset": "wds",
@@ -151,15 +156,7 @@ def _close(*loaders) -> None:
 
 def test_hfds_save_to_disk_folder_trains_one_epoch_seeing_each_image_once(tmp_path):
     _hf_folder(tmp_path / "hf")
-    raw = _raw(
-        tmp_path,
-        {
-            "dataset": "hfds",
-            "root": str(tmp_path / "hf"),
-            "num_workers": 0,
-            "hfds": {"image_key": "img", "label_key": "target"},
-        },
-    )
+    raw = _raw(tmp_path, _hfds_data(tmp_path, {"image_key": "img", "label_key": "target"}))
     _check_one_epoch(Trainer(load_config(raw)).setup())
 
 
@@ -192,17 +189,7 @@ def test_hfds_eval_covers_the_eval_split_once_per_rank_share(tmp_path):
     from timm_drop.training.data import build_loaders
 
     _hf_folder(tmp_path / "hf")
-    cfg = load_config(
-        _raw(
-            tmp_path,
-            {
-                "dataset": "hfds",
-                "root": str(tmp_path / "hf"),
-                "num_workers": 0,
-                "hfds": {"image_key": "img", "label_key": "target"},
-            },
-        )
-    )
+    cfg = load_config(_raw(tmp_path, _hfds_data(tmp_path, {"image_key": "img", "label_key": "target"})))
     got = []
     for rank in range(2):
         _, ev, n_cls = build_loaders(cfg.data, device=torch.device("cpu"), seed=0, rank=rank, world=2)
@@ -213,16 +200,7 @@ def test_hfds_eval_covers_the_eval_split_once_per_rank_share(tmp_path):
 
 def test_hfds_train_subset_is_a_fixed_subset_of_the_folder(tmp_path):
     _hf_folder(tmp_path / "hf")
-    raw = _raw(
-        tmp_path,
-        {
-            "dataset": "hfds",
-            "root": str(tmp_path / "hf"),
-            "num_workers": 0,
-            "train_subset": 20,
-            "hfds": {"image_key": "img", "label_key": "target"},
-        },
-    )
+    raw = _raw(tmp_path, _hfds_data(tmp_path, {"image_key": "img", "label_key": "target"}, train_subset=20))
     trainer = Trainer(load_config(raw)).setup()
     assert trainer.steps_per_epoch == 2
     a, _ = _epoch_indices(trainer.train_loader, 0)
@@ -341,30 +319,14 @@ def test_wds_with_fewer_shards_than_workers_names_the_key(tmp_path):
 
 def test_hfds_unknown_column_names_the_key(tmp_path):
     _hf_folder(tmp_path / "hf")
-    raw = _raw(
-        tmp_path,
-        {
-            "dataset": "hfds",
-            "root": str(tmp_path / "hf"),
-            "num_workers": 0,
-            "hfds": {"image_key": "image", "label_key": "target"},
-        },
-    )
+    raw = _raw(tmp_path, _hfds_data(tmp_path, {"image_key": "image", "label_key": "target"}))
     with pytest.raises(ConfigError, match="data.hfds.image_key.*img"):
         Trainer(load_config(raw)).setup()
 
 
 def test_hfds_missing_split_names_the_key(tmp_path):
     _hf_folder(tmp_path / "hf")
-    raw = _raw(
-        tmp_path,
-        {
-            "dataset": "hfds",
-            "root": str(tmp_path / "hf"),
-            "num_workers": 0,
-            "hfds": {"image_key": "img", "label_key": "target", "eval_split": "validation"},
-        },
-    )
+    raw = _raw(tmp_path, _hfds_data(tmp_path, {"image_key": "img", "label_key": "target", "eval_split": "validation"}))
     with pytest.raises(ConfigError, match="data.hfds.eval_split"):
         Trainer(load_config(raw)).setup()
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from scripts import child_env
 from tiny import LINEAR_RAMP, dropblock_stage_rule, tiny_run, write_image_folder
 
 import timm_drop  # noqa: F401  (registers the CIFAR models)
@@ -144,13 +145,7 @@ def kill_mid_epoch(tmp_path: Path, entry: str) -> Path:
     script = tmp_path / "child.py"
     script.write_text(CHILD % str(REPO / "recipes" / "train.py"))
     sentinel = tmp_path / "checkpointed"
-    env = {
-        **os.environ,
-        # the same intra-op thread count as this process: reductions split differently across threads
-        "OMP_NUM_THREADS": str(torch.get_num_threads()),
-        # the child imports this checkout's timm_drop, as the tests here do
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
+    env = child_env()
     # a fresh interpreter (subprocess: spawn-safe, nothing inherited from this process's state)
     child = subprocess.Popen(
         [sys.executable, str(script), entry, str(cfg_file), str(sentinel), TARGET], cwd=tmp_path, env=env

@@ -8,7 +8,8 @@
 # Step time limits add up to 480 s (8 min), so one hung step cannot blow the budget.
 # Env: GPU_CHECK_OUT=dir (default benchmarks/results), GPU_CHECK_CPU=1 (same as --cpu).
 # Steps: ops benchmark (both shapes, eager + torch.compile), recipe vs bare loop, apply_regularizer speed,
-# a 2-epoch bf16 + channels_last + compile training run. A failing step is reported and the others still run;
+# a 2-epoch bf16 + channels_last + compile training run, a train.strategy=fsdp run (torchrun, 1 process: shard,
+# train, checkpoint, resume, export). A failing step is reported and the others still run;
 # the exit status is the number of failed steps.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,11 +38,13 @@ step() {  # step NAME TIMEOUT_S CMD...
 
 if [[ $mode == cuda ]]; then
   python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: use --cpu')" || exit 1
-  step ops 210 python benchmarks/ops.py --device cuda --compile --repeats 10 --warmup 3 --out "$out/ops_cuda.md"
+  step ops 180 python benchmarks/ops.py --device cuda --compile --repeats 10 --warmup 3 --out "$out/ops_cuda.md"
   step recipe_speed 75 python benchmarks/recipe_speed.py --device cuda --out "$out/recipe_speed_cuda.md"
-  step apply_speed 60 python benchmarks/apply_speed.py --repeats 2 --out "$out/apply_speed_cuda_host.md"
-  step train_smoke 135 python benchmarks/train_smoke.py --device cuda --epochs 2 --precision bf16 \
+  step apply_speed 45 python benchmarks/apply_speed.py --repeats 2 --out "$out/apply_speed_cuda_host.md"
+  step train_smoke 120 python benchmarks/train_smoke.py --device cuda --epochs 2 --precision bf16 \
     --channels-last --compile --out "$out/train_smoke_cuda.md"
+  step fsdp_smoke 60 python benchmarks/fsdp_smoke.py --device cuda --nproc 1 --precision bf16 \
+    --out "$out/fsdp_smoke_cuda.md"
 else
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   step ops 120 python benchmarks/ops.py --device cpu --shapes 2,8,7,7 --no-compile --repeats 1 --warmup 0 \
@@ -52,6 +55,9 @@ else
     --out "$out/apply_speed_cpu_twin.md"
   step train_smoke 120 python benchmarks/train_smoke.py --device cpu --epochs 2 --precision bf16 \
     --channels-last --train-subset 32 --batch-size 16 --out "$out/train_smoke_cpu_twin.md"
+  # Accelerate runs FSDP only for GPU launches: the twin lifts that gate in its gloo process (see the script)
+  step fsdp_smoke 240 python benchmarks/fsdp_smoke.py --device cpu --nproc 1 --batch-size 16 --precision bf16 \
+    --out "$out/fsdp_smoke_cpu_twin.md"
 fi
 
 printf '%s\n' "== summary ($mode)" "${summary[@]}"

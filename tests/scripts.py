@@ -23,3 +23,17 @@ def load_script(path: str | Path, name: str | None = None) -> ModuleType:
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def child_env() -> dict[str, str]:
+    """The environment for a child Python process that must compute bit-identically to this one: the same
+    intra-op thread count (reductions split differently across threads) and this checkout's ``timm_drop``."""
+    import os
+
+    import torch
+
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": str(torch.get_num_threads()),
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }

@@ -289,3 +289,114 @@ def test_a_nan_unit_changes_no_other_units_weight(mode):
     assert torch.equal(w[~nan], ref[~nan])
     out = attention_drop(dirty, 0.5, 0.3, mode)
     assert torch.equal(torch.isnan(out), torch.isnan(dirty))
+
+
+# -- the CPU fast path: order keys for the top-k, gates drawn sparsely ----------------------------------------
+
+
+def _tricky_maps(kind: str, dtype: torch.dtype) -> torch.Tensor:
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(3, 5, 9, 7, generator=g)
+    if kind == "relu_ties":  # most of each map is 0: the threshold sits on a tie
+        x = (x - 1.0).relu()
+    elif kind == "quantised":  # few distinct values, ties everywhere
+        x = (x * 2).round()
+    elif kind == "signed_zeros":  # -0.0 and +0.0 are equal scores
+        x = torch.where(x.abs() < 0.8, torch.where(x > 0, 0.0, -0.0), x)
+    elif kind == "relu_signed_zeros":  # no negative score: the keys are the raw bits, -0.0 among them
+        x = torch.where(x < 0.5, torch.where(x > 0, 0.0, -0.0), x)
+    elif kind == "relu_signed_zeros_nan":  # a NaN ranks lowest, below -0.0: not the raw-bits path
+        x = torch.where(x < 0.5, torch.where(x > 0, 0.0, -0.0), x)
+        x[0, 1, 2, :4] = float("nan")
+    elif kind == "infinities":
+        x[0, 0, 0, :3] = float("inf")
+        x[1, 2, 4, :5] = float("-inf")
+    elif kind == "huge":
+        x = x * 3e4 if dtype == torch.float16 else x * 1e30
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize(
+    "kind",
+    ["normal", "relu_ties", "quantised", "signed_zeros", "relu_signed_zeros", "relu_signed_zeros_nan", "infinities",
+     "huge"],
+)  # fmt: skip
+@pytest.mark.parametrize("top_rate", [0.05, 0.2, 0.5, 0.9])
+def test_top_units_from_order_keys_are_the_float_reference_units(dtype, kind, top_rate):
+    from timm_drop.regularizers.attentiondrop import _ranking, _scores, _top_units, _top_units_fast
+    from timm_drop.regularizers.selectscale import num_selected
+
+    x = _tricky_maps(kind, dtype)
+    k = num_selected(top_rate, x[0, 0].numel())
+    ref_idx, ref_vals, ref_sel = _top_units(_scores(x)[0], k)
+    scores, _, non_negative = _ranking(x)
+    assert non_negative == (kind in ("relu_ties", "relu_signed_zeros"))
+    idx, vals, sel = _top_units_fast(scores, k, non_negative)
+    as_set = lambda i, s: torch.zeros(scores.shape, dtype=torch.bool).scatter_(-1, i, s)  # noqa: E731
+    assert torch.equal(as_set(idx, sel), as_set(ref_idx, ref_sel))
+    # the gathered values are the float32 scores (signed zeros compare equal)
+    assert torch.equal(vals.float().sort(-1).values, ref_vals.sort(-1).values)
+
+
+def test_signed_zeros_tie_at_the_threshold_and_are_not_selected():
+    # sorted: 2, 1, +0, +0, -0, -0, -1, -2; top_rate 0.5 -> k = 4, the 5th largest is 0: only 2 and 1 are above it
+    x = torch.tensor([0.0, -0.0, 2.0, 0.0, -1.0, -0.0, 1.0, -2.0]).view(1, 1, 2, 4)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        xd = x.to(dtype).clone().requires_grad_(True)
+        attention_drop(xd, 0.2, 0.5, "am").backward(torch.ones_like(xd))
+        touched = (xd.grad != 1).flatten()  # the gradient is the factor: 1 exactly on untouched units
+        assert touched.tolist() == [False, False, True, False, False, False, True, False], dtype
+
+
+@pytest.mark.parametrize("mode", ["am", "sm"])
+def test_sparse_gate_hits_every_position_at_the_gate_probability(mode):
+    # p = 0.1 takes the CPU path that draws only the gated units; each unit must be gated with p independently of
+    # its position (top_rate 1: every unit is a top unit, so am is dropout on all of them)
+    torch.manual_seed(22)
+    x = torch.rand(4000, 2, 3, 5) + 1.0  # sm: the largest unit of each map has w = 1, the gate zeroes it
+    y = attention_drop(x, 0.1, 1.0, mode)
+    dropped = (y == 0).flatten(1).float()
+    if mode == "sm":
+        is_max = x.flatten(2) == x.flatten(2).amax(-1, keepdim=True)
+        per_map = dropped.view(4000, 2, 15)[is_max].view(4000, 2)
+        assert per_map.mean().item() == pytest.approx(0.1, abs=0.01)
+        assert (dropped.sum() == per_map.sum()).item()  # only a w = 1 unit can reach 0
+    else:
+        per_position = dropped.mean(0)
+        assert per_position.mean().item() == pytest.approx(0.1, abs=0.004)
+        # binomial(4000, 0.1) per position: sd 0.0047; 30 positions all within 4.5 sd
+        assert (per_position - 0.1).abs().max().item() < 0.022
+        torch.testing.assert_close(y[y != 0], (x / 0.9)[y != 0])
+
+
+@pytest.mark.parametrize("mode", ["ad", "am", "sm"])
+def test_compiled_on_cpu_runs_the_eager_fast_path_bit_for_bit(mode):
+    # Under torch.compile on CPU the factor is an opaque op running the eager code, so the same seed gives the same
+    # output and gradient as eager mode (sparse gates and all), in one graph.
+    import torch._dynamo.testing
+
+    torch._dynamo.reset()
+    x = torch.randn(2, 8, 7, 7, dtype=torch.bfloat16).requires_grad_(True)
+    m = AttentionDrop(0.1, 0.2, mode).train()
+    torch.manual_seed(23)
+    ref = m(x)
+    ref.backward(torch.ones_like(ref))
+    ref_grad, x.grad = x.grad, None
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(m, fullgraph=True, backend=counter)
+    torch.manual_seed(23)
+    out = compiled(x)
+    out.backward(torch.ones_like(out))
+    assert counter.frame_count == 1
+    assert torch.equal(out, ref) and torch.equal(x.grad, ref_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_post_relu_maps_touch_exactly_the_reference_top_units(dtype):
+    # No negative score (the usual input after a ReLU): the top-k ranks the raw bits; ties at 0 must stay out.
+    torch.manual_seed(25)
+    x = (torch.randn(4, 6, 8, 8) - 0.5).relu().to(dtype).requires_grad_(True)
+    attention_drop(x, 0.2, 0.3, "am").backward(torch.ones_like(x))
+    touched = x.grad != 1
+    assert torch.equal(touched.flatten(2), attention_weights(x, 0.3, "am") > 0)

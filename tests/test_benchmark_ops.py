@@ -87,3 +87,21 @@ def test_cpu_clock_needs_one_cpu_thread_and_is_reported(ops, tmp_path):
     report = out.read_text()
     assert "clock: cpu (thread CPU time)" in report
     assert re.fullmatch(r"[0-9.]+", _row(report, "dropblock")[2])
+
+
+def test_compiled_table_takes_the_plain_multiply_call_cost_off_each_compiled_time(ops):
+    def row(name, eager, compiled):
+        return {"name": name, "label": "", "eager": eager, "compiled": compiled, "error": ""}
+
+    results = [
+        row("timm DropBlock2d", 1.0, 2.0),
+        row("dropblock", 2.0, 2.6),  # 2.6 - 0.5 = 2.1 > 2.0: the compiled op itself loses
+        row("droppath", 1.0, 1.3),  # 1.3 - 0.5 = 0.8: only the call cost makes it slower
+        row("plain multiply", 0.5, 1.0),
+    ]
+    table = ops._table((1, 2, 3, 3), results, floor=0.1, t_copy=0.05, gbps=1.0, compile_on=True)
+    assert "compiled call cost (plain multiply, compiled - eager): 0.500 ms" in table
+    assert "(compiled - call cost) / eager" in table
+    assert _row(table, "dropblock")[8:10] == ["1.30x", "1.05x"]
+    assert _row(table, "droppath")[8:10] == ["1.30x", "0.80x"]
+    assert _row(table, "plain multiply")[8:10] == ["2.00x", "1.00x"]

@@ -166,6 +166,21 @@ def test_schedule_strength_scales_the_drop_fraction():
     assert _dropped_fraction(module(torch.ones(64, 16, 14, 14))) == pytest.approx(0.1, rel=0.1)
 
 
+def test_strength_moving_back_and_forth_follows_the_schedule_on_every_call():
+    # On CPU the seed rate is remembered per (drop_prob, shape): a schedule revisiting values, and maps of several
+    # sizes in one model, must each get their own rate.
+    torch.manual_seed(0)
+    module = DropBlock2d(0.2, 3).train()
+    for strength, (h, w) in [(1.0, (14, 14)), (0.25, (14, 14)), (1.0, (7, 9)), (0.25, (7, 9)), (1.0, (14, 14))]:
+        module.strength.fill_(strength)
+        expected = 0.2 * strength
+        fraction = _dropped_fraction(module(torch.ones(_maps_needed(h, w, 3, expected) // 16 + 1, 16, h, w)))
+        assert fraction == pytest.approx(expected, rel=0.1), (strength, h, w)
+        assert dropblock_gamma(expected, 3, h, w).item() == pytest.approx(
+            dropblock_gamma(torch.tensor(expected), 3, h, w).item(), rel=1e-6
+        )
+
+
 def test_gradient_flows_only_through_kept_units():
     torch.manual_seed(0)
     x = torch.ones(8, 8, 14, 14, requires_grad=True)

@@ -20,20 +20,20 @@ def test_cpu_twin_runs_every_step_and_writes_dated_markdown(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    for step in ("ops", "recipe_speed", "apply_speed", "train_smoke"):
+    steps = ("ops", "recipe_speed", "apply_speed", "train_smoke", "fsdp_smoke")
+    for step in steps:
         assert f"{step}: ok" in proc.stdout, proc.stdout[-2000:]
     reports = {p.name: p.read_text() for p in tmp_path.glob("*.md")}
-    assert sorted(reports) == sorted(
-        f"{s}_cpu_twin.md" for s in ("ops", "recipe_speed", "apply_speed", "train_smoke")
-    ), sorted(reports)
+    assert sorted(reports) == sorted(f"{s}_cpu_twin.md" for s in steps), sorted(reports)
     for name, text in reports.items():
         assert torch.__version__ in text, name
         assert "UTC" in text, name
     assert "| dropblock |" in reports["ops_cpu_twin.md"]
     assert "best top-1" in reports["train_smoke_cpu_twin.md"]
+    assert "insertion kinds hook, pre_hook, rewrite, slot" in reports["fsdp_smoke_cpu_twin.md"]
 
 
 def test_gpu_mode_refuses_without_cuda_naming_the_cpu_twin(tmp_path):

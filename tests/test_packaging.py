@@ -96,11 +96,20 @@ def test_trainer_adapters_import_only_their_trainer_which_the_dev_extra_installs
     assert out.stdout.strip() == "[]"
 
 
+#: recipe modules whose packages are their own extra (read only when a config names them), and that extra
+RECIPE_EXTRAS = {"streams.py": "streaming"}
+
+
 def test_the_train_extra_covers_every_import_of_the_recipe_and_dev_installs_it():
     extras = PYPROJECT["project"]["optional-dependencies"]
     train = _names(extras["train"])
-    needed = _third_party_imports(_files("training") + sorted((ROOT / "recipes").glob("*.py")))
+    recipe = [p for p in _files("training") if p.name not in RECIPE_EXTRAS]
+    needed = _third_party_imports(recipe + sorted((ROOT / "recipes").glob("*.py")))
     assert needed - CORE - train == set()
+    for name, extra in RECIPE_EXTRAS.items():
+        own = _third_party_imports([PACKAGE / "training" / name])
+        assert own and own - CORE - train <= _names(extras[extra]), name
+        assert any(r.replace(" ", "").lower().startswith(f"timm_drop[{extra}") for r in extras["dev"])
     assert {"accelerate", "matplotlib", "scikit-learn", "tqdm"} <= train
     assert "timm-drop[train]" in _names(extras["dev"]) or any(
         r.replace(" ", "").lower().startswith("timm_drop[train") for r in extras["dev"]

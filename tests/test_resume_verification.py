@@ -8,7 +8,6 @@ a copy or a kill damages it: truncated, overwritten with garbage, deleted. ``--r
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from scripts import load_script
+from scripts import child_env, load_script
 from tiny import dropblock_stage_rule, tiny_run
 
 from timm_drop.training import Trainer, load_config
@@ -188,13 +187,7 @@ def test_kill_9_mid_checkpoint_resumes_from_the_previous_complete_one(reference_
     script = tmp_path / "child.py"
     script.write_text(CHILD % str(REPO / "recipes" / "train.py"))
     sentinel = tmp_path / "in_checkpoint"
-    # the child imports this checkout's timm_drop, as the tests here do
-    env = {
-        **os.environ,
-        # the same intra-op thread count as this process: reductions split differently across threads
-        "OMP_NUM_THREADS": str(torch.get_num_threads()),
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
+    env = child_env()
     child = subprocess.Popen(
         [sys.executable, str(script), str(cfg_file), str(sentinel)], cwd=tmp_path, env=env
     )

@@ -609,6 +609,9 @@ class LayerOut:
             "probs": self.probs,
             "frozen": self.frozen_names,
             "history": [dict(h) for h in self.history],
+            # the frozen norms' batch counters at the epoch's start, which end_epoch() restores: a mid-epoch
+            # state's model already counted some of the epoch's batches
+            "norm_counters": [None if t is None else int(t) for _, _, t in self._norm_saved],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -633,6 +636,12 @@ class LayerOut:
         self.epoch = state["epoch"]
         frozen = set(state["frozen"])
         self._apply(torch.tensor([u.name in frozen for u in self._units], dtype=torch.bool))
+        counters = state.get("norm_counters")
+        if counters is not None and len(counters) == len(self._norm_saved):
+            self._norm_saved = [
+                (norm, momentum, tracked if c is None or tracked is None else torch.full_like(tracked, c))
+                for (norm, momentum, tracked), c in zip(self._norm_saved, counters)
+            ]
 
     # -- misc ------------------------------------------------------------------------------------------------
     def _require_bound(self, what: str) -> None:

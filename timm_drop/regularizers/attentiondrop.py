@@ -48,7 +48,8 @@ Choices where the paper is ambiguous (they change results, so they are stated he
   map over the tokens (prefix tokens included). Any spatial rank works; a map with one unit has ``F^ = 0``.
 
 Numerics: scores, normalisation, gate and scale are float32 (the threshold compares the exact float32 copy of
-the input). Scores are NaN-safe: a NaN unit ranks below every number and is left out of its map's min and max,
+the input; the ``topk`` ranks integer keys ordered exactly like those floats, 16-bit ones for bf16/fp16 inputs, and
+on CPU the gated units are drawn as geometric gaps instead of one uniform per unit: same distributions, less work). Scores are NaN-safe: a NaN unit ranks below every number and is left out of its map's min and max,
 so one NaN stays in its own unit instead of turning the whole map's ``max - min`` into NaN. Output is finite for all-zero, constant, negative and huge inputs: float32 up to half its maximum
 (where ``max - min`` itself would overflow); in float16, values up to ``65504 * (1 - drop_prob)``, since a kept
 unit is scaled by at most ``1 / (1 - drop_prob)`` (as in any inverted dropout).
@@ -63,8 +64,11 @@ from __future__ import annotations
 import torch
 
 from timm_drop.regularizers.base import (
+    SPARSE_MAX_PROB,
     ParamError,
     Regularizer,
+    _is_compiling,
+    bernoulli_positions,
     check_probability,
     check_strength,
     ones,
@@ -143,11 +147,78 @@ def attention_weights(x: torch.Tensor, top_rate: float, mode: str = "ad") -> tor
     return w
 
 
+#: Integer type of the same width, and the sign shift, for the order keys of 16- and 32-bit floats.
+_KEY_TYPES = {2: (torch.int16, 15, 0x7FFF), 4: (torch.int32, 31, 0x7FFFFFFF)}
+
+
+def _on_eager_cpu(t: torch.Tensor) -> bool:
+    """Host-side decisions (a NaN check, a probability as a Python number) are free on CPU, but a sync on
+    accelerators and a graph break under ``torch.compile``."""
+    return t.device.type == "cpu" and not _is_compiling()
+
+
+@torch.no_grad()
+def _ranking(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The scores as ``(N, C, n)`` maps, each map's NaN-safe minimum (float32, ``(N, C, 1)``), and whether the
+    scores are known to be NaN-free and non-negative (a post-ReLU map: see :func:`_order_keys`).
+
+    Scores are the float32 values of ``x``; 16-bit floats are kept in their own dtype, which holds the same
+    values exactly (half the bytes to rank). NaN ranks below every number (-inf) and is left out of the minimum,
+    as in :func:`_scores`; on CPU the NaN replacement only runs when a map has a NaN (``amin`` propagates it).
+    """
+    x3 = x.detach().reshape(x.shape[0], x.shape[1], -1)
+    if x3.dtype not in (torch.bfloat16, torch.float16):
+        x3 = x3.float()
+    lo = x3.amin(dim=-1, keepdim=True)
+    if _on_eager_cpu(x3) and not bool(lo.isnan().any()):
+        return x3, lo.float(), bool((lo >= 0).all())
+    lo = torch.nan_to_num(x3, nan=_INF, posinf=_INF, neginf=-_INF).amin(dim=-1, keepdim=True)
+    return torch.nan_to_num(x3, nan=-_INF, posinf=_INF, neginf=-_INF), lo.float(), False
+
+
+@torch.no_grad()
+def _order_keys(scores: torch.Tensor, non_negative: bool = False) -> torch.Tensor:
+    """Integers in the order of the (NaN-free) float ``scores``: their bits, with the magnitude bits of negative
+    values flipped (the bits as they are when no score is negative, e.g. after a ReLU). Ranking these is ~20 %
+    cheaper on CPU than ranking floats (no NaN-aware comparator). The one pair of equal floats with different
+    keys, ``-0.0 < +0.0``, only breaks a tie, which any top-k may do: the selection compares the float values."""
+    int_type, shift, magnitude = _KEY_TYPES[scores.element_size()]
+    return _flip_negative(scores.view(int_type), shift, magnitude, non_negative)
+
+
+def _flip_negative(bits: torch.Tensor, shift: int, magnitude: int, non_negative: bool) -> torch.Tensor:
+    """Flip the magnitude bits where the sign bit is set: float bits -> order keys, and back (an involution)."""
+    return bits if non_negative else bits ^ ((bits >> shift) & magnitude)
+
+
+@torch.no_grad()
+def _top_units_fast(
+    scores: torch.Tensor, k: int, non_negative: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_top_units` on the order keys of ``scores``: indices, score values and selection flags of the
+    ``k + 1`` largest units of each map, k < n. Same tie rule: strictly above the (k+1)-th value, as floats."""
+    keys, idx = _order_keys(scores, non_negative).topk(k + 1, dim=-1, sorted=False)
+    # the keys map back to the scores exactly: cheaper than gathering them
+    _, shift, magnitude = _KEY_TYPES[scores.element_size()]
+    vals = _flip_negative(keys, shift, magnitude, non_negative).view(scores.dtype)
+    return idx, vals, vals > vals.amin(dim=-1, keepdim=True)
+
+
 def _factor(w: torch.Tensor, drop_prob: float | torch.Tensor) -> torch.Tensor:
-    """``(1 - g w) / (1 - drop_prob w)`` with ``g ~ Bernoulli(drop_prob)`` per element; overwrites ``w``."""
-    # float32 uniforms: a bf16 rand thresholds ~6x off at small drop_prob.
-    dropped = torch.rand(w.shape, device=w.device, dtype=torch.float32) < drop_prob
-    kept = torch.where(dropped, 1.0 - w, 1.0)
+    """``(1 - g w) / (1 - drop_prob w)`` with ``g ~ Bernoulli(drop_prob)`` per element; overwrites ``w``.
+
+    On CPU, at the usual small ``drop_prob``, only the gated elements are drawn (:func:`bernoulli_positions`) and
+    patched into ``1 / (1 - drop_prob w)``: same distribution, a tenth of the random numbers.
+    """
+    if _on_eager_cpu(w) and (p := float(drop_prob)) <= SPARSE_MAX_PROB:
+        gate = torch.zeros(w.numel(), dtype=torch.float32)
+        gate.index_fill_(0, bernoulli_positions(w.numel(), p), 1.0)
+        # 1 - g w, exact for g in {0, 1}
+        kept = torch.addcmul(gate.new_ones(()), gate.view(w.shape), w, value=-1.0)
+    else:
+        # float32 uniforms: a bf16 rand thresholds ~6x off at small drop_prob.
+        dropped = torch.rand(w.shape, device=w.device, dtype=torch.float32) < drop_prob
+        kept = torch.where(dropped, 1.0 - w, 1.0)
     return kept.div_(w.mul_(-drop_prob).add_(1.0))
 
 
@@ -181,22 +252,54 @@ def attention_drop(
     drop_prob = check_strength("drop_prob", drop_prob)
     if passes_through("attentiondrop", x, training, drop_prob):
         return x
-    n_units = x[0, 0].numel()
-    k = num_selected(top_rate, n_units)
-    if mode == "sm" or k == n_units:
-        factor = _factor(attention_weights(x, top_rate, "sm" if mode == "ad" else mode), drop_prob)
-        return x * factor.view(x.shape).to(x.dtype)
-    with torch.no_grad():
-        xs, xs_low = _scores(x)
-        idx, top_vals, sel = _top_units(xs, k)
-        if mode == "am":
-            w = sel.float()
-        else:
-            hi = top_vals.amax(dim=-1, keepdim=True)
-            w = _min_max_normalise(top_vals, xs_low.amin(dim=-1, keepdim=True), hi).mul_(sel)
-        factor = ones(xs.shape, x.dtype, x.device)
-        factor.scatter_(-1, idx, _factor(w, drop_prob).to(x.dtype))
+    k = num_selected(top_rate, x[0, 0].numel())
+    if x.device.type == "cpu" and _factor_op is not None and _is_compiling():
+        # Inductor's CPU code for the top-k, the random gate and the scatter is slower than the eager fast path
+        # (order keys, sparse gates); as an opaque op the factor costs what it costs in eager mode and the
+        # multiply still fuses into the surrounding graph (no graph break).
+        p = drop_prob if isinstance(drop_prob, torch.Tensor) else torch.tensor(drop_prob)
+        factor = _factor_op(x.detach(), p.to(device=x.device, dtype=torch.float32), k, mode)
+    else:
+        factor = _attention_factor(x, drop_prob, k, mode)
     return x * factor.view(x.shape)
+
+
+@torch.no_grad()
+def _attention_factor(x: torch.Tensor, drop_prob: float | torch.Tensor, k: int, mode: str) -> torch.Tensor:
+    """The detached factor ``(1 - g w) / (1 - drop_prob w)`` as ``(N, C, n)`` maps in ``x.dtype``."""
+    scores, lo, non_negative = _ranking(x)
+    if mode == "sm" or k == scores.shape[-1]:  # every unit is a top unit: ad is sm, am is dropout
+        if mode == "am":
+            w = torch.ones(scores.shape, device=x.device, dtype=torch.float32)
+        else:
+            xs = scores.float()
+            w = _min_max_normalise(xs, lo, xs.amax(dim=-1, keepdim=True))
+        return _factor(w, drop_prob).to(x.dtype)
+    idx, top_vals, sel = _top_units_fast(scores, k, non_negative)
+    if mode == "am":
+        w = sel.float()
+    else:
+        top_vals = top_vals.float()
+        w = _min_max_normalise(top_vals, lo, top_vals.amax(dim=-1, keepdim=True)).mul_(sel)
+    factor = ones(scores.shape, x.dtype, x.device)
+    return factor.scatter_(-1, idx, _factor(w, drop_prob).to(x.dtype))
+
+
+def _attention_factor_eager(x: torch.Tensor, drop_prob: torch.Tensor, k: int, mode: str) -> torch.Tensor:
+    return _attention_factor(x, drop_prob, k, mode)
+
+
+def _attention_factor_fake(x: torch.Tensor, drop_prob: torch.Tensor, k: int, mode: str) -> torch.Tensor:
+    return x.new_empty((x.shape[0], x.shape[1], x[0, 0].numel()))
+
+
+# torch.library.custom_op is torch >= 2.4; older versions trace the eager code (slower compiled, same result).
+_factor_op = None
+if hasattr(torch.library, "custom_op"):
+    _factor_op = torch.library.custom_op("timm_drop::attention_drop_factor", mutates_args=())(
+        _attention_factor_eager
+    )
+    _factor_op.register_fake(_attention_factor_fake)
 
 
 class AttentionDrop(Regularizer):

@@ -20,6 +20,7 @@ declare the layouts they accept in ``layouts``.
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -115,8 +116,46 @@ def ones(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str 
     int_dtype = _SAME_SIZE_INT.get(torch.finfo(dtype).bits // 8) if dtype.is_floating_point else None
     if torch.device(device).type != "cpu" or int_dtype is None or _is_compiling():
         return torch.ones(shape, dtype=dtype, device=device)
-    bits = torch.ones((), dtype=dtype).view(int_dtype).item()
+    bits = _ONE_BITS.get(dtype)
+    if bits is None:
+        bits = _ONE_BITS[dtype] = torch.ones((), dtype=dtype).view(int_dtype).item()
     return torch.empty(shape, dtype=int_dtype).fill_(bits).view(dtype)
+
+
+_ONE_BITS: dict[torch.dtype, int] = {}
+
+
+#: Above this probability one uniform per position is cheaper than drawing the gaps between successes.
+SPARSE_MAX_PROB = 0.25
+
+
+def bernoulli_positions(positions: int, prob: float) -> torch.Tensor:
+    """Sorted indices in ``[0, positions)`` of independent Bernoulli(prob) successes, on CPU, drawn as the
+    geometric gaps between successes.
+
+    Same distribution as one Bernoulli draw per position, but the work follows the ~prob * positions successes
+    instead of every position (CPU random numbers cost ~5-10 ns each). A gap is ``floor(log(u) / log(1 - prob))
+    + 1`` with ``u`` uniform in (0, 1], in float64 (the inverse-CDF form ``geometric_`` uses, at half its cost
+    here); the running sum is float64 too, exact far beyond any tensor size.
+    """
+    if prob <= 0.0 or positions <= 0:
+        return torch.empty(0, dtype=torch.long)
+    if prob >= 1.0:
+        return torch.arange(positions)
+    scale = 1.0 / math.log1p(-prob)
+    mean = positions * prob
+    chunk = int(mean + 6.0 * math.sqrt(mean) + 16.0)
+
+    def gaps() -> torch.Tensor:
+        # log(1 - u) with u uniform in [0, 1): the log of a uniform in (0, 1], always finite.
+        return torch.rand(chunk, dtype=torch.float64).neg_().log1p_().mul_(scale).floor_().add_(1.0)
+
+    ends = gaps().cumsum_(0)
+    while ends[-1].item() <= positions:  # rarely: the draw may not have passed the last position yet
+        ends = torch.cat([ends, gaps().cumsum_(0).add_(ends[-1])])
+    # ends is increasing: the successes inside the range are a prefix of it.
+    count = int(torch.searchsorted(ends, float(positions), right=True))
+    return ends[:count].sub_(1.0).long()
 
 
 def check_token_grid(grid: Any, num_prefix_tokens: Any) -> tuple[tuple[int, int] | None, int]:

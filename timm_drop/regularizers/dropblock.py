@@ -41,7 +41,8 @@ Choices where the paper is silent or only approximate:
   and every block size (2 % at ``p = 0.9``). When every unit is covered by the same number of blocks
   (``block_size == 1``, or the block spans the map on each axis where it is larger than 1) the solution is
   the closed form ``gamma = p`` and no iteration runs. Everything is computed from ``drop_prob`` as a tensor,
-  so a schedule that moves ``drop_prob`` neither syncs the device nor recompiles ``torch.compile``.
+  so a schedule that moves ``drop_prob`` neither syncs the device nor recompiles ``torch.compile``; in eager
+  CPU mode, where reading it is free, the solution is remembered per probability and shape.
 * **Numerics.** Seeds come from ``bernoulli_`` (its uniform draw and threshold are float32, only the 0/1
   outcome is stored in the input dtype, so bf16/fp16 are not biased the way ``torch.rand(dtype=bf16) < p``
   is) or, on CPU, from float64 geometric gaps; no float32 noise tensor is allocated at all. The mask counts are summed in float32 (an fp16 sum of a
@@ -55,15 +56,15 @@ over training (Scheduled DropBlock), with the rate for group 3 divided by 4; 78.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from timm_drop.regularizers.base import (
+    SPARSE_MAX_PROB,
     ParamTypeError,
     Regularizer,
     _is_compiling,
+    bernoulli_positions,
     check_positive_int,
     check_probability,
     check_strength,
@@ -79,6 +80,7 @@ _NEWTON_STEPS = 2
 #: Per-shape tables built once per (H, W, kh, kw, device) in eager mode; bounded so odd shapes cannot leak.
 _TABLES: dict[tuple, tuple[torch.Tensor, ...]] = {}
 _TABLES_MAX = 256
+_GAMMAS: dict[tuple, torch.Tensor] = {}
 
 
 def _axis_tables(length: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,6 +159,22 @@ def _gamma(
     return -torch.expm1(-lam.clamp_min(0.0))
 
 
+def _seed_rate(
+    p: torch.Tensor, h: int, w: int, kh: int, kw: int, tables: tuple[torch.Tensor, ...]
+) -> torch.Tensor:
+    """:func:`_gamma`, remembered per probability and shape in eager CPU mode, where reading ``p`` costs no sync:
+    a fixed (or piecewise-constant) probability then solves its Newton iteration once, not on every forward."""
+    if p.device.type != "cpu" or _is_compiling():
+        return _gamma(p, h, w, kh, kw, tables)
+    key = (p.item(), h, w, kh, kw)
+    gamma = _GAMMAS.get(key)
+    if gamma is None:
+        if len(_GAMMAS) >= _TABLES_MAX:
+            _GAMMAS.clear()
+        gamma = _GAMMAS[key] = _gamma(p, h, w, kh, kw, tables)
+    return gamma
+
+
 def _expand_seeds(seeds: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
     """Algorithm 1 line 6: a ``kh x kw`` block around every seed, as a stride-1 max-pool.
 
@@ -213,10 +231,6 @@ def drop_block2d(
     return torch.mul(x, keep).mul_(scale)
 
 
-#: Above this seed rate the dense draw (one Bernoulli per valid position) is cheaper than drawing gaps.
-_SPARSE_MAX_GAMMA = 0.25
-
-
 def _mask_channels_last(x: torch.Tensor, per_channel: bool) -> bool:
     """Lay a per-channel mask out like a channels-last input (ViT token grids included), so the multiply reads
     both with the same strides."""
@@ -231,11 +245,11 @@ def _keep_mask(
     n, c, h, w = x.shape
     mask_channels = c if per_channel else 1
     tables = _tables(h, w, kh, kw, x.device)
-    gamma = _gamma(p, h, w, kh, kw, tables)
+    gamma = _seed_rate(p, h, w, kh, kw, tables)
     if kh == h and kw == w:
         # One valid seed per map and its block is the whole map: SpatialDropout, no pooling needed.
         keep = x.new_empty((n, mask_channels, 1, 1)).bernoulli_(1.0 - gamma)
-    elif x.device.type == "cpu" and (g := float(gamma)) <= _SPARSE_MAX_GAMMA:  # a CPU .item() costs no sync
+    elif x.device.type == "cpu" and (g := float(gamma)) <= SPARSE_MAX_PROB:  # a CPU .item() costs no sync
         keep = _sparse_keep(x, g, kh, kw, mask_channels)
     else:
         keep = _dense_keep(x, gamma, tables[2], kh, kw, per_channel, mask_channels)
@@ -246,22 +260,17 @@ def _keep_mask(
     return keep, count_ones.new_tensor(count) / count_ones.clamp_min(eps)
 
 
-def _sparse_seeds(positions: int, gamma: float) -> torch.Tensor:
-    """Indices in ``[0, positions)`` of independent Bernoulli(gamma) successes, drawn as geometric gaps.
-
-    Same distribution as one Bernoulli draw per position, but the work is proportional to the ~gamma * positions
-    seeds (gamma is ~0.3 % for DropBlock's usual settings) instead of to every position. Gaps are float64, so
-    their running sum is exact far beyond any tensor size.
-    """
-    if gamma <= 0.0:
-        return torch.empty(0, dtype=torch.long)
-    mean = positions * gamma
-    chunk = int(mean + 6.0 * math.sqrt(mean) + 16.0)
-    ends = torch.empty(chunk, dtype=torch.float64).geometric_(gamma).cumsum_(0)
-    while ends[-1].item() <= positions:  # rarely: the draw may not have passed the last position yet
-        more = torch.empty(chunk, dtype=torch.float64).geometric_(gamma).cumsum_(0).add_(ends[-1])
-        ends = torch.cat([ends, more])
-    return ends[ends <= positions].long().sub_(1)
+def _block_offsets(h: int, w: int, kh: int, kw: int, stride: int) -> torch.Tensor:
+    """Flat offsets of a ``kh x kw`` block's units from its top-left unit, for an ``h x w`` map whose columns are
+    ``stride`` elements apart; cached with the per-shape tables."""
+    key = ("offsets", h, w, kh, kw, stride)
+    offsets = _TABLES.get(key)
+    if offsets is None:
+        offsets = ((torch.arange(kh).unsqueeze(1) * w + torch.arange(kw)) * stride).flatten()
+        if len(_TABLES) >= _TABLES_MAX:
+            _TABLES.clear()
+        _TABLES[key] = offsets
+    return offsets
 
 
 def _sparse_keep(x: torch.Tensor, gamma: float, kh: int, kw: int, mask_channels: int) -> torch.Tensor:
@@ -269,19 +278,20 @@ def _sparse_keep(x: torch.Tensor, gamma: float, kh: int, kw: int, mask_channels:
     position of each map, a valid position being the block's top-left corner (Figure 2a)."""
     n, _, h, w = x.shape
     hs, ws = h - kh + 1, w - kw + 1
-    seeds = _sparse_seeds(n * mask_channels * hs * ws, gamma)
-    maps, cell = seeds.div(hs * ws, rounding_mode="floor"), seeds.remainder(hs * ws)
-    row, col = cell.div(ws, rounding_mode="floor"), cell.remainder(ws)
-    rows = torch.arange(kh).unsqueeze(1)
-    cols = torch.arange(kw)
+    seeds = bernoulli_positions(n * mask_channels * hs * ws, gamma)
     if _mask_channels_last(x, mask_channels > 1):
+        maps, cell = seeds.div(hs * ws, rounding_mode="floor"), seeds.remainder(hs * ws)
+        row, col = cell.div(ws, rounding_mode="floor"), cell.remainder(ws)
         sample, channel = maps.div(mask_channels, rounding_mode="floor"), maps.remainder(mask_channels)
         corner = sample * (h * w * mask_channels) + (row * w + col) * mask_channels + channel
-        offsets = ((rows * w + cols) * mask_channels).flatten()
+        offsets = _block_offsets(h, w, kh, kw, mask_channels)
         keep = ones((n, h, w, mask_channels), x.dtype, x.device).permute(0, 3, 1, 2)
     else:
-        corner = maps * (h * w) + row * w + col
-        offsets = (rows * w + cols).flatten()
+        # seed (map m, row r, col c) = m hs ws + r ws + c sits at m h w + r w + c: skip kw - 1 columns per seed row
+        # and (kh - 1) w units per map (fewer small ops than splitting the index: they cost more than the math).
+        corner = seeds.div(ws, rounding_mode="floor").mul_(kw - 1).add_(seeds)
+        corner.add_(seeds.div(hs * ws, rounding_mode="floor").mul_((kh - 1) * w))
+        offsets = _block_offsets(h, w, kh, kw, 1)
         keep = ones((n, mask_channels, h, w), x.dtype, x.device)
     # The permuted view shares storage with a contiguous buffer, so flat indices address it in memory order.
     flat = keep.as_strided((keep.numel(),), (1,))

@@ -1,4 +1,4 @@
-"""Crash-safe epoch checkpoints and output-directory protection.
+"""Crash-safe epoch and mid-epoch checkpoints, and output-directory protection.
 
 Layout of a run directory::
 
@@ -9,14 +9,20 @@ Layout of a run directory::
     <output_dir>/checkpoints/epoch_0007/  full training state (Accelerate ``save_state``: model, optimizer, scaler,
                                           per-process RNG) + ``timm_drop_state.pt`` (epoch/step counters, LayerOut,
                                           EMA, best metric) + ``manifest.json`` (size + sha256 of each file)
+    <output_dir>/checkpoints/epoch_0008_step_00001234/
+                                          a mid-epoch checkpoint (``checkpoint.every_steps``) taken inside epoch 8
+                                          after optimizer step 1234: the same files, plus one
+                                          ``timm_drop_rank_<r>.pt`` per process (its data position, augmentation
+                                          generators and the partial epoch's metric sums)
     <output_dir>/.timm_drop_run.json      marker: the entries above that the recipe created (:class:`RunDir`)
 
 A checkpoint is written into ``checkpoints/.tmp-epoch_0007`` and only renamed to its final name (an atomic
 ``os.replace`` on one filesystem) once every process has written its part and the manifest has been written last,
-so a kill during a write can never leave a half-written "latest". Rotation deletes the oldest complete checkpoints
-beyond ``total_limit`` only after the new one is in place. The rename alone does not protect against what happens
-to the files later (a disk, a copy, a sync cut short, a power loss before the data reached the disk), so resume
-checks every file against the manifest before loading anything (:func:`verify_checkpoint`).
+so a kill during a write can never leave a half-written "latest". Checkpoints are ordered by training progress
+(``epoch_0007`` < ``epoch_0008_step_*`` by step < ``epoch_0008``); rotation deletes the oldest complete ones, of
+either kind, beyond ``total_limit`` only after the new one is in place. The rename alone does not protect against
+what happens to the files later (a disk, a copy, a sync cut short, a power loss before the data reached the disk),
+so resume checks every file against the manifest before loading anything (:func:`verify_checkpoint`).
 
 The marker is what makes a directory provably a run: ``--overwrite`` removes only what it lists, and a directory
 without one (a ``config.yaml`` alone proves nothing) is never removed.
@@ -45,13 +51,28 @@ __all__ = [
     "CheckpointManager",
     "RunDir",
     "check_output_dir",
+    "checkpoint_name",
     "load_weights",
     "save_weights",
     "verify_checkpoint",
 ]
 
 STATE_FILE = "timm_drop_state.pt"
-_NAME = re.compile(r"^epoch_(\d{4,})$")
+#: a mid-epoch checkpoint's per-process state (``{rank}``: the process index)
+PROCESS_STATE_FILE = "timm_drop_rank_{rank}.pt"
+_NAME = re.compile(r"^epoch_(\d{4,})(?:_step_(\d{8,}))?$")
+
+
+def checkpoint_name(epoch: int, step: int | None = None) -> str:
+    """``epoch_0007`` (the end of epoch 7) or ``epoch_0008_step_00001234`` (inside epoch 8, after optimizer step
+    1234)."""
+    return f"epoch_{epoch:04d}" if step is None else f"epoch_{epoch:04d}_step_{step:08d}"
+
+
+def _order(match: re.Match) -> tuple[int, int, int]:
+    # inside an epoch by step, then its end
+    epoch, step = match.group(1), match.group(2)
+    return (int(epoch), 0, int(step)) if step is not None else (int(epoch), 1, 0)
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
@@ -92,12 +113,10 @@ class CheckpointManager:
         self.total_limit = total_limit
 
     def list(self) -> list[Path]:
-        """Complete checkpoints, oldest first."""
+        """Complete checkpoints (epoch and mid-epoch ones), oldest first in training order."""
         if not self.root.is_dir():
             return []
-        found = [
-            (int(m.group(1)), p) for p in self.root.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()
-        ]
+        found = [(_order(m), p) for p in self.root.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
         return [p for _, p in sorted(found)]
 
     def latest(self) -> Path | None:
@@ -138,25 +157,40 @@ class CheckpointManager:
             raise CheckpointError(f"--resume {resume!r}: checkpoint fails verification: {problem}")
         return path
 
-    def save(self, accelerator, epoch: int, extra_state: dict[str, Any]) -> Path:
-        """Write the checkpoint of finished ``epoch`` on all processes; returns its final path.
+    def save(
+        self,
+        accelerator,
+        epoch: int,
+        extra_state: dict[str, Any],
+        *,
+        step: int | None = None,
+        process_state: dict[str, Any] | None = None,
+    ) -> Path:
+        """Write a checkpoint on all processes; returns its final path.
 
-        The manifest (size + sha256 of every file) is written last, atomically, after every process has
-        written its part and every file is flushed to disk; only then is the folder renamed to its final name.
+        Without ``step``: the checkpoint of finished ``epoch``. With ``step``: a mid-epoch checkpoint inside
+        ``epoch`` (1-based) after optimizer step ``step``, where every process also writes ``process_state`` (its
+        own: data position, generators, partial sums) to :data:`PROCESS_STATE_FILE`. The manifest (size + sha256
+        of every file) is written last, atomically, after every process has written its part and every file is
+        flushed to disk; only then is the folder renamed to its final name.
         """
-        final = self.root / f"epoch_{epoch:04d}"
-        tmp = self.root / f".tmp-epoch_{epoch:04d}"
+        if (step is None) != (process_state is None):
+            raise ValueError("CheckpointManager.save: a mid-epoch checkpoint needs step and process_state")
+        final = self.root / checkpoint_name(epoch, step)
+        tmp = self.root / f".tmp-{final.name}"
         if accelerator.is_main_process:
             self.root.mkdir(parents=True, exist_ok=True)
             if tmp.exists():
                 shutil.rmtree(tmp)  # leftover of a killed write
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
+        if process_state is not None:
+            torch.save(process_state, tmp / PROCESS_STATE_FILE.format(rank=accelerator.process_index))
         if accelerator.is_main_process:
             torch.save(extra_state, tmp / STATE_FILE)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            write_manifest(tmp, num_processes=accelerator.num_processes)
+            write_manifest(tmp, num_processes=accelerator.num_processes, mid_epoch=step is not None)
             if final.exists():  # re-saving an epoch (e.g. after resuming from an earlier one)
                 trash = self.root / f".old-{final.name}"
                 if trash.exists():
@@ -174,11 +208,18 @@ class CheckpointManager:
 
     @staticmethod
     def load(accelerator, path: str | os.PathLike) -> dict[str, Any]:
-        """Restore a checkpoint that :meth:`resolve` verified; a library error still names the checkpoint."""
+        """Restore a checkpoint that :meth:`resolve` verified; a library error still names the checkpoint.
+
+        Returns the run's state (:data:`STATE_FILE`); for a mid-epoch checkpoint, this process's own state is
+        under ``"process_state"``."""
         path = Path(path)
         try:
             accelerator.load_state(str(path))
-            return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+            state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+            own = path / PROCESS_STATE_FILE.format(rank=accelerator.process_index)
+            if own.is_file():
+                state["process_state"] = torch.load(own, map_location="cpu", weights_only=True)
+            return state
         except (RuntimeError, ValueError, KeyError, OSError, EOFError) as e:
             raise CheckpointError(
                 f"--resume {path}: cannot restore it into this run ({type(e).__name__}: {str(e)[:500]}); was it "
@@ -216,8 +257,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_manifest(folder: Path, num_processes: int) -> None:
-    """Record size and sha256 of every file under ``folder`` (flushed to disk first) in ``manifest.json``."""
+def write_manifest(folder: Path, num_processes: int, mid_epoch: bool = False) -> None:
+    """Record size and sha256 of every file under ``folder`` (flushed to disk first) in ``manifest.json``;
+    ``mid_epoch``: the checkpoint needs every process's :data:`PROCESS_STATE_FILE` (verification checks it)."""
     import json
 
     files = {}
@@ -228,7 +270,10 @@ def write_manifest(folder: Path, num_processes: int) -> None:
             files[p.relative_to(folder).as_posix()] = {"size": p.stat().st_size, "sha256": _sha256(p)}
     tmp = folder / (MANIFEST + ".tmp")
     with open(tmp, "w") as f:
-        json.dump({"format": 1, "num_processes": num_processes, "files": files}, f, indent=1)
+        record = {"format": 1, "num_processes": num_processes, "files": files}
+        if mid_epoch:
+            record["mid_epoch"] = True
+        json.dump(record, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, folder / MANIFEST)
@@ -262,6 +307,13 @@ def verify_checkpoint(path: str | os.PathLike, num_processes: int) -> str | None
             return f"{p} does not match its recorded sha256 (corrupted)"
     if STATE_FILE not in files:
         return f"{mpath} does not list {STATE_FILE}"
+    named = _NAME.match(path.name)
+    if manifest.get("mid_epoch") or (named is not None and named.group(2) is not None):
+        # a mid-epoch checkpoint continues each process at its own data position
+        for rank in range(written_by):
+            name = PROCESS_STATE_FILE.format(rank=rank)
+            if name not in files:
+                return f"{mpath} does not list {name} (a mid-epoch checkpoint needs every process's state)"
     if written_by != num_processes:
         return (
             f"written by {written_by} process(es), this run has {num_processes}: the per-process RNG states "
@@ -278,7 +330,7 @@ MARKER = ".timm_drop_run.json"
 LOCK = ".timm_drop_run.lock"
 #: the folders the recipe creates, and the only entries inside them that ``remove_run`` removes
 _RUN_FOLDERS = {
-    "checkpoints": re.compile(r"^(\.tmp-|\.old-)?epoch_\d{4,}$"),
+    "checkpoints": re.compile(r"^(\.tmp-|\.old-)?epoch_\d{4,}(_step_\d{8,})?$"),
     "masks": re.compile(r"^epoch_\d{3,}\.png$"),  # log.mask_every (timm_drop.viz.log_epoch_masks)
     "trackers": re.compile(r"^timm_drop$"),  # log.trackers: Accelerate's run folder (loop.TRACKER_PROJECT)
 }
@@ -451,11 +503,17 @@ class RunDir:
 
     def release(self) -> None:
         if self._lock_fh is not None:
-            self._lock_fh.close()  # closing the file releases the flock
+            import fcntl
+
+            # unlock explicitly: forked data-loader workers still alive share the open file (and so the lock),
+            # which closing it here alone would not release
+            fcntl.flock(self._lock_fh, fcntl.LOCK_UN)
+            self._lock_fh.close()
             self._lock_fh = None
 
 
 def _finished_any_epoch(out: Path) -> bool:
+    # a mid-epoch checkpoint counts: it is progress that --resume can continue, not the debris of a failed start
     if CheckpointManager(out).list():
         return True
     metrics = out / "metrics.jsonl"

@@ -132,10 +132,47 @@ class AugmentConfig:
 
 
 @dataclass
+class HfdsConfig:
+    """``data.dataset: hfds``: a Hugging Face ``datasets`` dataset, random access (an epoch is a permutation)."""
+
+    #: a dataset id for ``datasets.load_dataset`` (``data.root`` is then its cache dir; null = HF's default cache);
+    #: null = ``data.root`` is a folder written by ``save_to_disk`` (read memory-mapped, no copy)
+    name: str | None = None
+    #: split names (``save_to_disk`` folder: the sub-folders of a saved ``DatasetDict``)
+    train_split: str = "train"
+    eval_split: str = "test"
+    #: column holding the images (an ``Image`` feature) and the integer labels (``ClassLabel`` names the classes)
+    image_key: str = "image"
+    label_key: str = "label"
+
+
+@dataclass
+class WdsConfig:
+    """``data.dataset: wds``: webdataset tar shards under ``data.root``, read as a stream (no random access)."""
+
+    #: shards of a split relative to ``data.root`` (brace pattern: ``train-{000000..000099}.tar``), or a split name
+    #: of ``data.root/_info.json`` (timm's webdataset info file, which also gives the sample count)
+    train_split: str = "train"
+    eval_split: str = "validation"
+    #: samples in the split: shards have no length, so the epoch's length comes from here (or from _info.json)
+    train_samples: int | None = None
+    eval_samples: int | None = None
+    #: tar member extension(s) of the image (``;`` = alternatives); label: null = the ``.cls`` member, else a field
+    #: of the ``.json`` member
+    image_key: str = "jpg;png;webp"
+    label_key: str | None = None
+
+
+#: datasets decoded by loader workers (PIL transforms), as opposed to the tensor datasets augmented on the device
+WORKER_DATASETS = ("imagefolder", "hfds", "wds")
+
+
+@dataclass
 class DataConfig:
-    dataset: Literal["digits", "cifar10", "cifar100", "imagefolder", "npz"] = "digits"
-    #: dataset folder (cifar: the folder holding ``cifar-10-batches-py``; imagefolder: holds train/ and val|test/)
-    #: or the ``.npz`` file; relative paths resolve against the working directory
+    dataset: Literal["digits", "cifar10", "cifar100", "imagefolder", "npz", "hfds", "wds"] = "digits"
+    #: dataset folder (cifar: the folder holding ``cifar-10-batches-py``; imagefolder: holds train/ and val|test/;
+    #: hfds: the ``save_to_disk`` folder or the cache dir; wds: the shard folder) or the ``.npz`` file; relative
+    #: paths resolve against the working directory
     root: str | None = None
     #: cifar only: let torchvision download + verify the archive (needs a network)
     download: bool = False
@@ -160,6 +197,8 @@ class DataConfig:
     #: ``model.pretrained``, else 0.875 with ``random_resized_crop`` (no crop without)
     crop_pct: float | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    hfds: HfdsConfig = field(default_factory=HfdsConfig)
+    wds: WdsConfig = field(default_factory=WdsConfig)
 
 
 @dataclass
@@ -226,6 +265,11 @@ class TrainSection:
     #: DDP ``find_unused_parameters`` (needed only for regularizers that skip whole branches per rank)
     find_unused_parameters: bool = False
     eval_every: int = 1
+    #: ``ddp``: every process holds the whole model (DistributedDataParallel). ``fsdp``: FSDP2 through Accelerate's
+    #: plugin, for models that do not fit one GPU: each block (the spec's ``block`` sites) and the rest of the model
+    #: sharded across the processes, full weights gathered for the exports and checkpoints. Needs a GPU launch by
+    #: ``torchrun`` / ``accelerate launch`` (1 process too); no EMA, LayerOut or ``log.mask_every`` with it
+    strategy: Literal["ddp", "fsdp"] = "ddp"
 
 
 @dataclass
@@ -243,9 +287,14 @@ class LogConfig:
 
 @dataclass
 class CheckpointConfig:
-    #: epoch checkpoints kept (oldest deleted first); the best model's weights are kept separately
+    #: checkpoints kept, epoch and step ones counted together in training order (oldest deleted first); the best
+    #: model's weights are kept separately
     total_limit: int = 2
+    #: a full checkpoint every N finished epochs (and after the last one)
     every: int = 1
+    #: also a mid-epoch checkpoint every N optimizer steps (counted over the whole run, so after N * grad_accum_steps
+    #: micro-batches), resumable exactly where it was taken; None = epoch checkpoints only
+    every_steps: int | None = None
     save_best: bool = True
 
 
@@ -545,11 +594,35 @@ def _check_data(cfg: TrainConfig, r: _Report, check_paths: bool) -> None:
         f"must be in (0, 1] or null, got {d.crop_pct}",
     )
     _check_data_root(d, r, check_paths)
+    _check_streams(d, r)
     _check_augment(d, r)
 
 
+def _check_streams(d: DataConfig, r: _Report) -> None:
+    """What a worker-decoded or streamed dataset cannot do."""
+    if d.dataset in WORKER_DATASETS:
+        r.check(
+            d.device_resident is not True,
+            "data.device_resident",
+            f"dataset {d.dataset!r} is decoded by loader workers, it cannot live on the device; use false or auto",
+        )
+    if d.dataset != "wds":
+        return
+    # shards have no class list and no random access: the classes are declared, a subset would differ every epoch
+    r.check(d.num_classes is not None, "data.num_classes", "is required for dataset 'wds' (shards list no classes)")
+    for k in ("train_subset", "eval_subset"):
+        r.check(
+            getattr(d, k) is None,
+            f"data.{k}",
+            "a webdataset stream has no fixed subset; shorten the epoch with data.wds.train_samples instead",
+        )
+    for k in ("train_samples", "eval_samples"):
+        v = getattr(d.wds, k)
+        r.check(v is None or v >= 1, f"data.wds.{k}", f"must be >= 1 or null, got {v}")
+
+
 def _check_data_root(d: DataConfig, r: _Report, check_paths: bool) -> None:
-    if d.dataset in ("imagefolder", "npz"):
+    if d.dataset in ("imagefolder", "npz", "wds") or (d.dataset == "hfds" and d.hfds.name is None):
         r.check(d.root is not None, "data.root", f"is required for dataset {d.dataset!r}")
     if d.dataset == "npz" and d.root is not None:
         r.check(
@@ -559,7 +632,9 @@ def _check_data_root(d: DataConfig, r: _Report, check_paths: bool) -> None:
         )
     if d.dataset in ("cifar10", "cifar100") and not d.download:
         r.check(d.root is not None, "data.root", "is required for CIFAR unless data.download is true")
-    if check_paths and d.root is not None and not (d.dataset.startswith("cifar") and d.download):
+    # a download target (cifar with download, an hfds dataset id's cache dir) need not exist yet
+    fetched = (d.dataset.startswith("cifar") and d.download) or (d.dataset == "hfds" and d.hfds.name is not None)
+    if check_paths and d.root is not None and not fetched:
         r.check(os.path.exists(d.root), "data.root", f"does not exist: {d.root!r}")
 
 
@@ -598,9 +673,10 @@ def _check_augment(d: DataConfig, r: _Report) -> None:
 
 def _check_randaugment(text: str, dataset: str, r: _Report) -> None:
     if not r.check(
-        dataset == "imagefolder",
+        dataset in WORKER_DATASETS,
         "data.augment.randaugment",
-        f"needs dataset imagefolder (PIL ops in the loader workers); tensor datasets ({dataset!r}) are "
+        f"needs a worker-decoded dataset {list(WORKER_DATASETS)} (PIL ops in the loader workers); tensor datasets "
+        f"({dataset!r}) are "
         "augmented on the device: use mixup/cutmix, cutout or random_erasing there",
     ):
         return
@@ -669,6 +745,35 @@ def _check_train(cfg: TrainConfig, r: _Report, check_paths: bool) -> None:
     )
     r.check(0.0 < t.ema.decay < 1.0, "train.ema.decay", f"must be in (0, 1), got {t.ema.decay}")
     r.check(t.eval_every >= 1, "train.eval_every", f"must be >= 1, got {t.eval_every}")
+    if t.strategy == "fsdp":
+        _check_fsdp(cfg, r)
+
+
+def _check_fsdp(cfg: TrainConfig, r: _Report) -> None:
+    """What FSDP cannot shard or drive, each refused under ``train.strategy`` naming the conflicting key."""
+    conflicts = {
+        "train.ema.enabled": (
+            cfg.train.ema.enabled,
+            "timm's EMA keeps a whole unsharded copy of the model on every process (the memory FSDP is there to "
+            "save) and updates it from parameters that are only shards",
+        ),
+        "layerout": (
+            cfg.layerout is not None,
+            "LayerOut freezes parameters it bound before sharding; FSDP replaces every parameter with a shard",
+        ),
+        "log.mask_every": (
+            cfg.log.mask_every > 0,
+            "the mask figure runs a copy of the model on the main process alone; a sharded model runs only on "
+            "all processes together",
+        ),
+        "train.find_unused_parameters": (
+            cfg.train.find_unused_parameters,
+            "it is a DistributedDataParallel option; FSDP has no use for it",
+        ),
+    }
+    for key, (on, why) in conflicts.items():
+        if on:
+            r.add("train.strategy", f"fsdp cannot be combined with {key} ({why}); turn {key} off or use ddp")
 
 
 def _check_sched(cfg: TrainConfig, r: _Report, check_paths: bool) -> None:
@@ -734,6 +839,11 @@ def _check_checkpoint(cfg: TrainConfig, r: _Report, check_paths: bool) -> None:
     c = cfg.checkpoint
     r.check(c.total_limit >= 1, "checkpoint.total_limit", f"must be >= 1, got {c.total_limit}")
     r.check(c.every >= 1, "checkpoint.every", f"must be >= 1, got {c.every}")
+    r.check(
+        c.every_steps is None or c.every_steps >= 1,
+        "checkpoint.every_steps",
+        f"must be a positive integer (optimizer steps) or null (epoch checkpoints only), got {c.every_steps}",
+    )
 
 
 def _check_regularizer(cfg: TrainConfig, r: _Report, check_paths: bool) -> None:

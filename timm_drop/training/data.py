@@ -13,12 +13,23 @@ Sources (``data.dataset``):
 * ``npz`` — decoded arrays ``x_train (N,H,W,C) uint8, y_train, x_test, y_test`` (optional ``classes``), or the
   JPEG-buffer format (``{split}_jpeg``, ``{split}_offsets``, ``{split}_labels``, ``classes``).
 * ``imagefolder`` — ``root/train/<class>/*`` and ``root/val/`` (or ``test/``), decoded by workers.
+* ``hfds`` — a Hugging Face ``datasets`` folder (``save_to_disk``) or dataset id, random access, decoded by workers
+  (:mod:`timm_drop.training.streams`).
+* ``wds`` — webdataset tar shards, a stream: the epoch is ``data.wds.train_samples`` long (shards have no length),
+  shards are split over ranks x workers, and there is no fixed subset and no device residency.
 
-Tensor datasets (all but imagefolder) can live on the accelerator (``data.device_resident``): a
+What is known about a dataset without reading it (classes, split sizes, usual statistics) is stated once, in
+:data:`DATASET_FACTS`; :func:`peek_dataset` adds what an index can tell cheaply (a folder listing, a label array),
+and :func:`train_batches` is the one count of training batches per epoch, for the loaders and the dry run alike.
+
+Tensor datasets (digits, cifar, npz) can live on the accelerator (``data.device_resident``): a
 :class:`DeviceLoader` draws a per-epoch permutation, shards it by rank and augments whole batches there, so the
 loader is never the bottleneck. Every random choice of the data stream comes from generators seeded by
 ``(seed, epoch)`` (the permutation: identical on every rank) and ``(seed, epoch, rank)`` (augmentation), so a
-run resumed at an epoch boundary sees exactly the batches the uninterrupted run saw.
+run resumed at an epoch boundary sees exactly the batches the uninterrupted run saw. A training loader's
+:meth:`~_ShardedLoader.state_dict` is its position inside the epoch (batches yielded, augmentation generators'
+states); :meth:`~_ShardedLoader.load_state_dict` makes its next pass over that epoch yield exactly the remaining
+batches, in order and augmented as they would have been (a mid-epoch resume: ``checkpoint.every_steps``).
 """
 
 from __future__ import annotations
@@ -31,37 +42,68 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.data import DEFAULT_CROP_PCT
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 
 from timm_drop.models.cifar import CIFAR_MEAN, CIFAR_STD
 from timm_drop.training.augment import cutout, random_crop, random_erasing, random_hflip
 from timm_drop.training.config import DataConfig
 
 __all__ = [
+    "DATASET_FACTS",
     "ArrayData",
+    "DatasetFacts",
     "DeviceLoader",
     "FolderLoader",
+    "StreamLoader",
+    "WorkerLoader",
     "build_loaders",
     "load_arrays",
+    "peek_dataset",
     "seeded_generator",
+    "train_batches",
 ]
 
-CIFAR10_MEAN, CIFAR10_STD = CIFAR_MEAN, CIFAR_STD  # the CIFAR models' pretrained_cfg states them
-CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+@dataclass(frozen=True)
+class DatasetFacts:
+    """What is known about a named dataset without reading it."""
+
+    num_classes: int
+    train_size: int
+    eval_size: int
+    #: normalisation statistics in [0, 1] pixel units; None = the training split's own
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+
+DATASET_FACTS: dict[str, DatasetFacts] = {
+    # sklearn's 1,797 digits, split 80/20 stratified (random_state=0)
+    "digits": DatasetFacts(10, 1437, 360),
+    # the CIFAR models' pretrained_cfg states the CIFAR-10 statistics; CIFAR-100's are the usual ones
+    "cifar10": DatasetFacts(10, 50_000, 10_000, CIFAR_MEAN, CIFAR_STD),
+    "cifar100": DatasetFacts(100, 50_000, 10_000, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+
+def mix_seed(*keys: int) -> int:
+    """One 63-bit seed from a tuple of integers: (seed=1, epoch=0) and (seed=0, epoch=1) give unrelated streams."""
+    s = 0x9E3779B97F4A7C15
+    for k in keys:
+        s = (s ^ (int(k) + 0x632BE59BD9B4E019 + (s << 6) + (s >> 2))) & 0x7FFFFFFFFFFFFFFF
+    return s
 
 
 def seeded_generator(device: torch.device | str, *keys: int) -> torch.Generator:
     """A generator on ``device`` seeded by a tuple of integers (e.g. ``(seed, epoch, rank)``)."""
-    # Mix the keys so that (seed=1, epoch=0) and (seed=0, epoch=1) give unrelated streams.
-    s = 0x9E3779B97F4A7C15
-    for k in keys:
-        s = (s ^ (int(k) + 0x632BE59BD9B4E019 + (s << 6) + (s >> 2))) & 0x7FFFFFFFFFFFFFFF
     g = torch.Generator(device=device)
-    g.manual_seed(s)
+    g.manual_seed(mix_seed(*keys))
     return g
 
 
@@ -188,6 +230,16 @@ def _npz(cfg: DataConfig, train: bool) -> ArrayData:
     return ArrayData(np.ascontiguousarray(x), np.asarray(y, dtype=np.int64), classes)
 
 
+def subset_indices(n: int, subset: int | None) -> np.ndarray | None:
+    """The sorted indices of a ``subset`` of ``range(n)``, or None for all of it.
+
+    A fixed permutation (independent of the run seed) so runs with different seeds see the same subset.
+    """
+    if subset is None or subset >= n:
+        return None
+    return np.sort(np.random.default_rng(0).permutation(n)[:subset])
+
+
 def load_arrays(cfg: DataConfig, train: bool) -> ArrayData:
     """Load one split of a tensor dataset as uint8 NHWC arrays (3 channels, ``image_size`` square)."""
     if cfg.dataset == "digits":
@@ -198,10 +250,8 @@ def load_arrays(cfg: DataConfig, train: bool) -> ArrayData:
         data = _npz(cfg, train)
     else:
         raise ValueError(f"data.dataset: {cfg.dataset!r} is not a tensor dataset")
-    subset = cfg.train_subset if train else cfg.eval_subset
-    if subset is not None and subset < len(data.y):
-        # A fixed permutation (independent of the run seed) so runs with different seeds see the same subset.
-        idx = np.sort(np.random.default_rng(0).permutation(len(data.y))[:subset])
+    idx = subset_indices(len(data.y), cfg.train_subset if train else cfg.eval_subset)
+    if idx is not None:
         data = ArrayData(data.x[idx], data.y[idx], data.classes)
     x = data.x
     if x.shape[-1] == 1:
@@ -217,14 +267,14 @@ def load_arrays(cfg: DataConfig, train: bool) -> ArrayData:
 
 
 def default_stats(cfg: DataConfig, train_x: np.ndarray | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Normalisation statistics: the config's, the usual ones for CIFAR/ImageNet, or the training split's own."""
+    """Normalisation statistics: the config's, the dataset's usual ones (:data:`DATASET_FACTS`), ImageNet's for
+    data decoded by workers, or the training split's own."""
+    facts = DATASET_FACTS.get(cfg.dataset)
     if cfg.mean is not None and cfg.std is not None:
         mean, std = tuple(cfg.mean), tuple(cfg.std)
-    elif cfg.dataset == "cifar10":
-        mean, std = CIFAR10_MEAN, CIFAR10_STD
-    elif cfg.dataset == "cifar100":
-        mean, std = CIFAR100_MEAN, CIFAR100_STD
-    elif cfg.dataset == "imagefolder" or train_x is None:
+    elif facts is not None and facts.mean is not None:
+        mean, std = facts.mean, facts.std
+    elif train_x is None:
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     else:
         xf = train_x.reshape(-1, train_x.shape[-1]).astype(np.float64) / 255.0
@@ -238,6 +288,84 @@ def default_stats(cfg: DataConfig, train_x: np.ndarray | None) -> tuple[tuple[fl
     if len(std) == 1:
         std = std * 3
     return mean, std
+
+
+# -- sizes -----------------------------------------------------------------------------------------------------
+
+
+def train_batches(n: int, cfg: DataConfig, world: int, batch_multiple: int = 1, where: str = "") -> int:
+    """Training batches per epoch and process: ``n`` images split over ``world`` ranks, the remainder of each rank's
+    share dropped (``drop_last``), whole accumulation groups of ``batch_multiple`` batches only."""
+    per_rank = n // world
+    if per_rank < cfg.batch_size * batch_multiple:
+        raise ValueError(
+            f"data.batch_size: {cfg.batch_size} x grad_accum {batch_multiple} exceeds the {per_rank} "
+            f"training images per process{where}"
+        )
+    nb = per_rank // cfg.batch_size
+    return nb - nb % batch_multiple
+
+
+@dataclass(frozen=True)
+class DatasetPeek:
+    """What the dry run learns without decoding an image: training images (after ``train_subset``) and classes,
+    None where only reading the data would tell (then ``unknown`` says why)."""
+
+    train_size: int | None
+    num_classes: int | None
+    unknown: str = ""
+
+
+def _peek_npz(path: str) -> tuple[int, int] | None:
+    with np.load(path, allow_pickle=False) as d:
+        key = next((k for k in ("y_train", "train_labels") if k in d.files), None)
+        if key is None:  # not our layout: the real run's loader says what is missing
+            return None
+        y = d[key]
+        named = len(d["classes"]) if "classes" in d.files else 0
+    return len(y), max(named, int(y.max()) + 1)
+
+
+def _peek_folder(root: Path) -> tuple[int, int]:
+    import torchvision
+
+    listing = torchvision.datasets.ImageFolder(str(_folder_split(root, True)), allow_empty=True)
+    return len(listing.samples), len(listing.classes)
+
+
+def peek_dataset(cfg: DataConfig) -> DatasetPeek:
+    """Training-set size and classes from :data:`DATASET_FACTS` or an index (a folder listing, the label array,
+    a ``save_to_disk`` folder's row count, a declared webdataset size); nothing is decoded and nothing guessed."""
+    facts = DATASET_FACTS.get(cfg.dataset)
+    if facts is not None:
+        n, classes = facts.train_size, facts.num_classes
+    else:
+        root = cfg.root
+        found = None
+        if cfg.dataset == "npz" and root is not None and os.path.isfile(root):
+            found = _peek_npz(root)
+        elif cfg.dataset == "imagefolder" and root is not None and (Path(root) / "train").is_dir():
+            found = _peek_folder(Path(root))
+        elif cfg.dataset == "hfds":
+            from timm_drop.training.streams import hfds_peek
+
+            found = hfds_peek(cfg)
+        elif cfg.dataset == "wds" and root is not None:
+            from timm_drop.training.streams import wds_num_samples
+
+            count = wds_num_samples(cfg)
+            found = None if count is None else (count, cfg.num_classes)
+        if found is None:
+            if cfg.dataset == "hfds" and cfg.hfds.name is not None:
+                why = f"data.hfds.name={cfg.hfds.name!r} is not loaded by a dry run (it may need a download)"
+            elif cfg.dataset == "wds":
+                why = "no data.wds.train_samples and no _info.json under data.root"
+            else:
+                why = f"no {cfg.dataset} data to list at data.root={root!r}"
+            return DatasetPeek(None, None, why)
+        n, classes = found
+    idx = subset_indices(n, cfg.train_subset)
+    return DatasetPeek(n if idx is None else len(idx), classes)
 
 
 # -- loaders -------------------------------------------------------------------------------------------------
@@ -297,27 +425,75 @@ class _ShardedLoader:
         self.n = n
         self.cfg, self.train, self.device = cfg, train, device
         self.seed, self.rank, self.world, self.epoch = seed, rank, world, 0
+        # position in the epoch being iterated (batches yielded, generators), and a position to resume from
+        self._yielded, self._generators, self._resume_at = 0, {}, None
         self.batch_size = cfg.batch_size if train else cfg.eval_batch_size
         self.batch_multiple = batch_multiple
         self.norm = _Normalizer(mean, std, device, channels_last)
         self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
-        if train and n // world < self.batch_size * batch_multiple:
-            raise ValueError(
-                f"data.batch_size: {self.batch_size} x grad_accum {batch_multiple} exceeds the {n // world} "
-                f"training images per process{where}"
-            )
+        self.n_batches = (
+            train_batches(n, cfg, world, batch_multiple, where)
+            if train
+            else math.ceil(math.ceil(n / world) / self.batch_size)
+        )
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def worker_key(self) -> int:
+        """The seed of this epoch's worker augmentation stream, a pure function of ``(seed, epoch, rank)``."""
+        return self.epoch_key(self.epoch)
+
+    def epoch_key(self, epoch: int) -> int:
+        return mix_seed(self.seed, epoch, self.rank, 2)
+
     def __len__(self) -> int:
-        if self.train:
-            nb = (self.n // self.world) // self.batch_size
-            return nb - nb % self.batch_multiple
-        return math.ceil(math.ceil(self.n / self.world) / self.batch_size)
+        return self.n_batches
 
 
-class DeviceLoader(_ShardedLoader):
+class _Resumable:
+    """A loader that can resume mid-epoch: it records how far the current pass got (batches yielded, the states
+    of the generators that augmented them) and can start the next pass there."""
+
+    epoch: int
+    _yielded: int
+    _generators: dict[str, torch.Generator]
+    _resume_at: dict | None
+
+    def state_dict(self) -> dict:
+        """Where the current pass stands: its epoch, the batches yielded so far and the states of the generators
+        that augmented them (CPU tensors). Taken between two batches, it resumes exactly there."""
+        return {
+            "epoch": self.epoch,
+            "batch": self._yielded,
+            "generators": {k: g.get_state() for k, g in self._generators.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Make the next pass (over ``state["epoch"]``) start after ``state["batch"]`` batches; later passes start
+        at their first batch again."""
+        batch = state["batch"]
+        if not 0 <= batch <= len(self):
+            raise ValueError(f"loader state: batch {batch} is outside this epoch's {len(self)} batches")
+        self._resume_at = dict(state)
+
+    def _begin(self, generators: dict[str, torch.Generator | None]) -> int:
+        """Start a pass: the first batch to yield, and the generators restored where a resume point says."""
+        self._generators = {k: g for k, g in generators.items() if g is not None}
+        start, resume, self._resume_at = 0, self._resume_at, None
+        if resume is not None:
+            if resume["epoch"] != self.epoch:
+                raise ValueError(
+                    f"loader state: it resumes epoch {resume['epoch']}, but this pass is epoch {self.epoch}"
+                )
+            start = resume["batch"]
+            for k, g in self._generators.items():
+                g.set_state(resume["generators"][k])
+        self._yielded = start
+        return start
+
+
+class DeviceLoader(_ShardedLoader, _Resumable):
     """Batches from a dataset held on ``device``; augmentation runs there on whole batches.
 
     Yields ``(images, labels)`` for training, ``(images, labels, valid)`` for eval (``valid`` masks the padding
@@ -364,9 +540,10 @@ class DeviceLoader(_ShardedLoader):
         else:
             idx = shard_indices(self.n, None, self.rank, self.world, pad=True)
             aug_gen = None
+        start = self._begin({"aug": aug_gen})
         idx = idx.to(self.device)
         a = self.cfg.augment
-        for b in range(len(self)):
+        for b in range(start, len(self)):
             bi = idx[b * self.batch_size : (b + 1) * self.batch_size]
             valid = bi < self.n
             bi = bi % self.n
@@ -379,13 +556,15 @@ class DeviceLoader(_ShardedLoader):
             if self.train:
                 x = cutout(x, a.cutout, aug_gen)
                 x = random_erasing(x, a.random_erasing, aug_gen)
+                self._yielded = b + 1
                 yield x, self.y[bi]
             else:
+                self._yielded = b + 1
                 yield x, self.y[bi], valid
 
 
 class _IndexSampler(torch.utils.data.Sampler):
-    def __init__(self, owner: FolderLoader) -> None:
+    def __init__(self, owner: WorkerLoader) -> None:
         self.owner = owner
 
     def __iter__(self):
@@ -394,12 +573,31 @@ class _IndexSampler(torch.utils.data.Sampler):
         idx = shard_indices(o.n, gen, o.rank, o.world, pad=not o.train)
         if o.train:
             idx = idx[: len(o) * o.batch_size]
-        # each index carries its epoch's key: persistent workers reseed from it (see _PaddedDataset)
+        # a resumed pass skips the batches already trained without decoding them
+        skip = o._skip_batches * o.batch_size
+        # each index carries its epoch's key and its position in the epoch: workers seed each sample's
+        # augmentation from them (see _PaddedDataset)
         key = o.worker_key()
-        return iter([(i, key) for i in idx.tolist()])
+        return iter([(i, key, skip + p) for p, i in enumerate(idx[skip:].tolist())])
 
     def __len__(self) -> int:
-        return len(self.owner) * self.owner.batch_size
+        return (len(self.owner) - self.owner._skip_batches) * self.owner.batch_size
+
+
+def seed_worker_rngs(s: int) -> None:
+    """The global RNGs a worker's PIL/torchvision transforms draw from."""
+    import random
+
+    # the CPU generator only (a worker's transforms run on the CPU): torch.manual_seed also visits every
+    # accelerator backend, which costs more than the decode of a small image
+    torch.default_generator.manual_seed(s)
+    random.seed(s)
+    np.random.seed(s % 2**32)
+
+
+def worker_seed(key: int, worker_id: int) -> int:
+    """One loader worker's seed for an epoch key (a pure function of ``(seed, epoch, rank)``)."""
+    return mix_seed(key, worker_id)
 
 
 class _PaddedDataset(torch.utils.data.Dataset):
@@ -409,30 +607,101 @@ class _PaddedDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, item: tuple[int, int]):
-        i, key = item
-        info = torch.utils.data.get_worker_info()
-        if info is not None and getattr(self, "_key", None) != key:
-            # A persistent worker outlives the epoch, so its RNG would carry over and a run resumed at this epoch
-            # (fresh workers) would augment differently; reseed at the epoch's first sample: (seed, epoch, rank,
-            # worker) alone fixes the stream. The main process (num_workers=0) keeps its RNG untouched.
-            import random
-
-            self._key = key
-            s = (key * 1_000_003 + info.id) % 2**63
-            torch.manual_seed(s)
-            random.seed(s)
-            np.random.seed(s % 2**32)
+    def __getitem__(self, item: tuple[int, int, int]):
+        i, key, pos = item
+        if torch.utils.data.get_worker_info() is not None:
+            # Each sample's augmentation is a pure function of (seed, epoch, rank, position in the epoch): not of
+            # the worker that happens to load it, nor of what that worker loaded before (persistent workers
+            # outlive the epoch; a run resumed mid-epoch skips batches and deals the rest to other workers). The
+            # main process (num_workers=0) keeps its RNG untouched: the checkpoint's global RNG state covers it.
+            seed_worker_rngs(mix_seed(key, pos))
         img, label = self.ds[i % self.n]
         return img, label, i < self.n
 
 
-class FolderLoader(_ShardedLoader):
-    """A worker-backed loader for image folders; normalisation, Cutout and Random Erasing run on ``device``."""
+def pil_transform(cfg: DataConfig, train: bool, mean) -> Any:
+    """The PIL -> uint8 tensor transform of worker-decoded data (imagefolder, hfds, wds); normalisation, Cutout and
+    Random Erasing follow on the device."""
+    from torchvision import transforms as T
+
+    size, a = cfg.image_size, cfg.augment
+    interp = T.InterpolationMode(cfg.interpolation or "bilinear")
+    if train:
+        tf = (
+            [T.RandomResizedCrop(size, interpolation=interp)]
+            if a.random_resized_crop
+            else [T.Resize(size, interpolation=interp), T.CenterCrop(size)]
+        )
+        if not a.random_resized_crop and a.crop_padding:
+            tf.append(T.RandomCrop(size, padding=a.crop_padding))
+        if a.hflip:
+            tf.append(T.RandomHorizontalFlip())
+        if a.randaugment:
+            from timm.data.auto_augment import rand_augment_transform
+            from timm.data.transforms import str_to_pil_interp
+
+            # timm's hparams for its own transforms: fill with the normalisation mean, translate 45% of size
+            hp = {
+                "translate_const": int(size * 0.45),
+                "img_mean": tuple(min(255, round(255 * v)) for v in mean),
+                "interpolation": str_to_pil_interp(cfg.interpolation or "bilinear"),
+            }
+            tf.append(rand_augment_transform(a.randaugment, hp))
+    else:
+        # ImageNet convention: resize to size/0.875 then centre-crop, when training used resized crops.
+        # (data.crop_pct, e.g. a pretrained model's, decides when given; timm floors the same way)
+        if cfg.crop_pct is not None:
+            resize = math.floor(size / cfg.crop_pct)
+        else:
+            resize = int(round(size / DEFAULT_CROP_PCT)) if a.random_resized_crop else size
+        tf = [T.Resize(resize, interpolation=interp), T.CenterCrop(size)]
+    tf.append(T.PILToTensor())
+    return T.Compose(tf)
+
+
+class _WorkerFed:
+    """What every worker-fed loader shares: normalisation, Cutout and Random Erasing on ``device``; closing."""
+
+    loader: torch.utils.data.DataLoader
+
+    def close(self) -> None:
+        """Stop the persistent worker processes now (a later epoch starts new ones).
+
+        Otherwise they stop when the loader is garbage-collected, and a loader freed as part of a reference cycle
+        may lose its queues before the workers hear the stop: each then idles until torch's 5 s join timeout.
+        """
+        it = getattr(self.loader, "_iterator", None)  # torch keeps the persistent workers' iterator here
+        if it is not None:
+            it._shutdown_workers()
+            self.loader._iterator = None
+
+    def _device_batches(self, batches, aug_gen: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Worker batches ``(uint8 images, labels, valid)`` normalised and (training) augmented on the device with
+        ``aug_gen``, by default this epoch's own generator."""
+        if aug_gen is None and self.train:
+            aug_gen = seeded_generator(self.device, self.seed, self.epoch, self.rank, 3)
+        a = self.cfg.augment
+        for x, y, valid in batches:
+            x = x.to(self.device, non_blocking=True).float().div_(255.0)
+            y = y.to(self.device, non_blocking=True)
+            x = self.norm(x)
+            if self.train:
+                x = cutout(x, a.cutout, aug_gen)
+                x = random_erasing(x, a.random_erasing, aug_gen)
+                yield x, y
+            else:
+                yield x, y, valid.to(self.device)
+
+
+class WorkerLoader(_ShardedLoader, _Resumable, _WorkerFed):
+    """A worker-backed loader over a random-access dataset of ``(uint8 CHW image, label)`` (image folders, HF
+    datasets): the sampler shuffles by ``(seed, epoch)`` and shards by rank, workers decode and augment
+    (:func:`pil_transform`), normalisation, Cutout and Random Erasing run on ``device``."""
 
     def __init__(
         self,
-        root: str,
+        dataset: torch.utils.data.Dataset,
+        classes: list[str],
         cfg: DataConfig,
         *,
         train: bool,
@@ -444,45 +713,11 @@ class FolderLoader(_ShardedLoader):
         std=IMAGENET_STD,
         channels_last: bool = False,
         batch_multiple: int = 1,
+        where: str = "",
     ) -> None:
-        import torchvision
-        from torchvision import transforms as T
-
-        size, a = cfg.image_size, cfg.augment
-        interp = T.InterpolationMode(cfg.interpolation or "bilinear")
-        if train:
-            tf = (
-                [T.RandomResizedCrop(size, interpolation=interp)]
-                if a.random_resized_crop
-                else [T.Resize(size, interpolation=interp), T.CenterCrop(size)]
-            )
-            if not a.random_resized_crop and a.crop_padding:
-                tf.append(T.RandomCrop(size, padding=a.crop_padding))
-            if a.hflip:
-                tf.append(T.RandomHorizontalFlip())
-            if a.randaugment:
-                from timm.data.auto_augment import rand_augment_transform
-                from timm.data.transforms import str_to_pil_interp
-
-                # timm's hparams for its own transforms: fill with the normalisation mean, translate 45% of size
-                hp = {
-                    "translate_const": int(size * 0.45),
-                    "img_mean": tuple(min(255, round(255 * v)) for v in mean),
-                    "interpolation": str_to_pil_interp(cfg.interpolation or "bilinear"),
-                }
-                tf.append(rand_augment_transform(a.randaugment, hp))
-        else:
-            # ImageNet convention: resize to size/0.875 then centre-crop, when training used resized crops.
-            # (data.crop_pct, e.g. a pretrained model's, decides when given; timm floors the same way)
-            if cfg.crop_pct is not None:
-                resize = math.floor(size / cfg.crop_pct)
-            else:
-                resize = int(round(size / 0.875)) if a.random_resized_crop else size
-            tf = [T.Resize(resize, interpolation=interp), T.CenterCrop(size)]
-        tf.append(T.PILToTensor())
-        # its loader gives RGB; empty class folders are kept so train and eval agree on the class indices
-        self.dataset = torchvision.datasets.ImageFolder(root, transform=T.Compose(tf), allow_empty=True)
-        self.classes = list(self.dataset.classes)
+        idx = subset_indices(len(dataset), cfg.train_subset if train else cfg.eval_subset)
+        self.dataset = dataset if idx is None else torch.utils.data.Subset(dataset, idx.tolist())
+        self.classes = list(classes)
         self._setup(
             len(self.dataset),
             cfg,
@@ -495,9 +730,10 @@ class FolderLoader(_ShardedLoader):
             std=std,
             channels_last=channels_last,
             batch_multiple=batch_multiple,
-            where=f" in {root}",
+            where=where,
         )
         self._gen = torch.Generator()
+        self._skip_batches = 0
         self.loader = torch.utils.data.DataLoader(
             _PaddedDataset(self.dataset, self.n),
             batch_size=self.batch_size,
@@ -510,25 +746,132 @@ class FolderLoader(_ShardedLoader):
             persistent_workers=cfg.num_workers > 0,
         )
 
-    def worker_key(self) -> int:
-        """The seed of this epoch's worker augmentation stream, a pure function of ``(seed, epoch, rank)``."""
-        return seeded_generator("cpu", self.seed, self.epoch, self.rank, 2).initial_seed()
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         # Worker seeds derive from this generator: (seed, epoch, rank) fixes the augmentation stream.
         self._gen.manual_seed(self.worker_key())
         aug_gen = seeded_generator(self.device, self.seed, self.epoch, self.rank, 3) if self.train else None
-        a = self.cfg.augment
-        for x, y, valid in self.loader:
-            x = x.to(self.device, non_blocking=True).float().div_(255.0)
-            y = y.to(self.device, non_blocking=True)
-            x = self.norm(x)
-            if self.train:
-                x = cutout(x, a.cutout, aug_gen)
-                x = random_erasing(x, a.random_erasing, aug_gen)
-                yield x, y
-            else:
-                yield x, y, valid.to(self.device)
+        self._skip_batches = start = self._begin({"aug": aug_gen})
+        try:
+            for b, batch in enumerate(self._device_batches(self.loader, aug_gen), start):
+                self._yielded = b + 1
+                yield batch
+        finally:
+            self._skip_batches = 0
+
+
+class FolderLoader(WorkerLoader):
+    """:class:`WorkerLoader` over an image folder (``root/<class>/*``, torchvision's ``ImageFolder``)."""
+
+    def __init__(self, root: str, cfg: DataConfig, *, train: bool, mean=IMAGENET_MEAN, **kw: Any) -> None:
+        import torchvision
+
+        # its loader gives RGB; empty class folders are kept so train and eval agree on the class indices
+        dataset = torchvision.datasets.ImageFolder(
+            root, transform=pil_transform(cfg, train, mean), allow_empty=True
+        )
+        super().__init__(dataset, dataset.classes, cfg, train=train, mean=mean, where=f" in {root}", **kw)
+
+
+class StreamLoader(_ShardedLoader, _WorkerFed):
+    """A worker-backed loader over a webdataset stream (:func:`timm_drop.training.streams.wds_dataset`).
+
+    Training: ``len(self)`` batches of the rank's stream per epoch (the declared sample count, counted by
+    :func:`train_batches`), shards shuffled by ``(seed, epoch)``, samples in a buffer seeded by
+    ``(seed, epoch, rank, worker)``. Eval: the rank's shards read once, re-batched and padded with masked entries to
+    ``len(self)`` batches so every rank runs the same number.
+    """
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        *,
+        train: bool,
+        device: torch.device,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        channels_last: bool = False,
+        batch_multiple: int = 1,
+    ) -> None:
+        from timm_drop.training.streams import EpochStream, wds_dataset
+
+        stream, n = wds_dataset(
+            cfg, train, pil_transform(cfg, train, mean), seed=seed, rank=rank, world=world
+        )
+        self.stream = stream
+        self._setup(
+            n,
+            cfg,
+            train=train,
+            device=device,
+            seed=seed,
+            rank=rank,
+            world=world,
+            mean=mean,
+            std=std,
+            channels_last=channels_last,
+            batch_multiple=batch_multiple,
+            where=f" (data.wds.train_samples={n})",
+        )
+        self.loader = torch.utils.data.DataLoader(
+            EpochStream(stream, self.epoch_key),
+            batch_size=self.batch_size,
+            num_workers=cfg.num_workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=cfg.num_workers > 0,
+        )
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        self.stream.set_epoch(self.epoch)  # timm's shared counter: the shard shuffle, seen by persistent workers
+        return self._device_batches(self._train_batches() if self.train else self._eval_batches())
+
+    def _train_batches(self):
+        it = iter(self.loader)
+        for b in range(len(self)):
+            try:
+                x, y = next(it)
+            except StopIteration:
+                raise RuntimeError(
+                    f"data.wds.train_samples: rank {self.rank}'s shards ran out after {b} of {len(self)} batches"
+                ) from None
+            yield x, y, None
+
+    def _eval_batches(self):
+        """Exactly ``eval_batch_size`` per batch whatever the workers' partial batches, padded to ``len(self)``."""
+        quota, bs = math.ceil(self.n / self.world), self.batch_size
+        xs, ys, count = [], [], 0
+        for x, y in self.loader:
+            count += len(y)
+            if count > quota:
+                raise RuntimeError(
+                    f"data.wds.eval_samples: rank {self.rank}'s eval shards hold more than its share "
+                    f"{quota} of {self.n} declared samples"
+                )
+            xs.append(x)
+            ys.append(y)
+            while sum(len(t) for t in ys) >= bs:
+                x_all, y_all = torch.cat(xs), torch.cat(ys)
+                yield x_all[:bs], y_all[:bs], torch.ones(bs, dtype=torch.bool)
+                xs, ys = [x_all[bs:]], [y_all[bs:]]
+        left = sum(len(t) for t in ys)
+        emitted = (count - left) // bs
+        if left:
+            x_all, y_all = torch.cat(xs), torch.cat(ys)
+            pad = bs - left
+            # the padding repeats real images (any would do) and is masked out of the metrics
+            yield (
+                torch.cat([x_all, x_all[:1].expand(pad, *x_all.shape[1:])]),
+                torch.cat([y_all, y_all[:1].expand(pad)]),
+                torch.arange(bs) < left,
+            )
+            emitted += 1
+        if emitted < len(self):
+            shape = (bs, 3, self.cfg.image_size, self.cfg.image_size)
+            blank = torch.zeros(shape, dtype=torch.uint8), torch.zeros(bs, dtype=torch.long)
+            for _ in range(len(self) - emitted):
+                yield (*blank, torch.zeros(bs, dtype=torch.bool))
 
 
 def _folder_split(root: Path, train: bool) -> Path:
@@ -551,14 +894,28 @@ def build_loaders(
 ):
     """``(train_loader, eval_loader, num_classes)`` for the configured dataset."""
     resident = cfg.device_resident
-    if cfg.dataset == "imagefolder":
+    if cfg.dataset in ("imagefolder", "hfds", "wds"):
         if resident is True:
-            raise ValueError("data.device_resident: image folders are decoded by workers; use false or auto")
-        root = Path(cfg.root)
+            raise ValueError(
+                f"data.device_resident: {cfg.dataset} data is decoded by loader workers; use false or auto"
+            )
         mean, std = default_stats(cfg, None)
         kw = dict(
             device=device, seed=seed, rank=rank, world=world, mean=mean, std=std, channels_last=channels_last
         )
+        if cfg.dataset == "wds":
+            tr = StreamLoader(cfg, train=True, batch_multiple=batch_multiple, **kw)
+            return tr, StreamLoader(cfg, train=False, **kw), cfg.num_classes
+        if cfg.dataset == "hfds":
+            from timm_drop.training.streams import hfds_dataset
+
+            parts = [hfds_dataset(cfg, t, pil_transform(cfg, t, mean)) for t in (True, False)]
+            num_classes = max(n for _, n in parts)
+            (tr_ds, _), (ev_ds, _) = parts
+            classes = [str(i) for i in range(num_classes)]
+            tr = WorkerLoader(tr_ds, classes, cfg, train=True, batch_multiple=batch_multiple, **kw)
+            return tr, WorkerLoader(ev_ds, classes, cfg, train=False, **kw), num_classes
+        root = Path(cfg.root)
         tr = FolderLoader(
             str(_folder_split(root, True)), cfg, train=True, batch_multiple=batch_multiple, **kw
         )

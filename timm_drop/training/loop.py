@@ -1,6 +1,7 @@
 """The Accelerate training loop behind ``recipes/train.py``.
 
-Build order: ``timm.create_model`` -> ``apply_regularizer`` -> channels_last -> SyncBN -> optimizer ->
+Build order: ``timm.create_model`` -> ``apply_regularizer`` -> channels_last -> SyncBN -> (``train.strategy: fsdp``:
+each block its own ``fully_shard`` unit) -> optimizer ->
 LayerOut ``bind``/``attach`` -> ``accelerator.prepare`` -> ``torch.compile`` -> EMA (a deepcopy of the unwrapped,
 already-regularized model, so the EMA carries its own regularizer modules).
 
@@ -11,6 +12,12 @@ Clocks:
   hook users call too: once per *optimizer* step that ran, never per micro-batch, never from eval, and not on a step
   the fp16 GradScaler skipped; the driver's step is saved in every checkpoint, so a resume continues the same curve;
 * LayerOut's ``start_epoch(epoch)`` / ``end_epoch()`` bracket every epoch.
+
+Mid-epoch checkpoints (``checkpoint.every_steps``) are taken right after an optimizer step (never inside a
+gradient-accumulation window) and hold, besides an epoch checkpoint's state, each process's data position and
+augmentation generators and the partial epoch's loss/accuracy sums; the global RNG streams are Accelerate's. A run
+resumed from one continues the epoch at its next batch and reports the epoch's metrics as the uninterrupted run
+does (``epoch_time_s`` adds the training time before and after the interruption).
 
 Randomness: the model is initialised under ``set_seed(seed)`` (identical on every rank); after ``prepare`` the
 global RNG is re-seeded with ``seed + process_index`` (``device_specific=True``), so regularizer masks differ across
@@ -48,9 +55,6 @@ __all__ = ["LRSchedule", "NonFiniteLossError", "TrainState", "Trainer", "train"]
 #: Accelerate ``init_trackers`` project name: the W&B project, and TensorBoard's folder under ``trackers/``
 TRACKER_PROJECT = "timm_drop"
 
-KNOWN_NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}
-KNOWN_TRAIN_SIZES = {"digits": 1437, "cifar10": 50000, "cifar100": 50000}
-
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN/Inf; the run stopped without writing a checkpoint for that epoch."""
@@ -62,6 +66,8 @@ class TrainState:
     step: int = 0  # optimizer steps taken
     best_top1: float = -1.0
     best_epoch: int = -1
+    #: micro-batches of the epoch in progress already trained (0 except in mid-epoch checkpoints)
+    batch: int = 0
 
 
 class LRSchedule:
@@ -214,17 +220,29 @@ def _build_layerout(section: dict, model: nn.Module, distributed: bool, compiled
     return LayerOut(**section).bind(model)
 
 
+#: the distributed type of this process's launch, before any run's FSDP plugin changed it
+_LAUNCH_TYPE: dict[str, Any] = {}
+
+
 def _release_accelerator_state() -> None:
     """Let a second Trainer in the same process (tests, benchmarks, notebooks) choose its own precision.
 
     Accelerate keeps mixed precision in a process-wide singleton and refuses a different value later; the
     distributed part (``PartialState``: process group, device) is kept, only the per-run settings are dropped.
     """
-    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+    from accelerate.utils import DistributedType
 
     if AcceleratorState._shared_state:
         AcceleratorState._reset_state(reset_partial_state=False)
         GradientState._reset_state()
+    shared = PartialState._shared_state
+    if shared:
+        # Accelerate writes a run's FSDP type into the kept part too; the next run starts from the launch's own type
+        if shared["distributed_type"] == DistributedType.FSDP and "type" in _LAUNCH_TYPE:
+            shared["distributed_type"] = _LAUNCH_TYPE["type"]
+        else:
+            _LAUNCH_TYPE["type"] = shared["distributed_type"]
 
 
 class Trainer:
@@ -242,6 +260,8 @@ class Trainer:
         self.state = TrainState()
         self.out = Path(cfg.output_dir)
         self._setup_done = False
+        # this process's state from a mid-epoch checkpoint, until the resumed epoch starts from it
+        self._resume_point: dict[str, Any] | None = None
 
     # -- setup -------------------------------------------------------------------------------------------------
     def setup(self) -> Trainer:
@@ -297,7 +317,17 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         if t.precision == "fp16" and (t.cpu or not torch.cuda.is_available()):
             raise ConfigError("train.precision: fp16 needs a CUDA device; use bf16 or no on CPU")
+        from accelerate import PartialState
+        from accelerate.utils import parse_flag_from_env
+
+        from timm_drop.training import fsdp
+
+        # the launch (process group, device) first, so its own distributed type is known before a plugin changes it;
+        # ACCELERATE_USE_CPU as AcceleratorState would read it
+        PartialState(cpu=t.cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))
         _release_accelerator_state()
+
+        plugin = fsdp.fsdp_plugin() if t.strategy == "fsdp" else None
         tracking: dict[str, Any] = {}
         if cfg.log.trackers and not self.dry_run:
             from accelerate.utils import ProjectConfiguration
@@ -308,13 +338,18 @@ class Trainer:
                     project_dir=str(self.out), logging_dir=str(self.out / "trackers")
                 ),
             )
-        self.accelerator = acc = Accelerator(
-            **tracking,
-            cpu=t.cpu,
-            mixed_precision=t.precision,
-            gradient_accumulation_steps=t.grad_accum_steps,
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=t.find_unused_parameters)],
-        )
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=t.find_unused_parameters)
+        with fsdp.use_fsdp_env(t.strategy):
+            self.accelerator = acc = Accelerator(
+                **tracking,
+                cpu=t.cpu,
+                mixed_precision=t.precision,
+                gradient_accumulation_steps=t.grad_accum_steps,
+                kwargs_handlers=[ddp],
+                fsdp_plugin=plugin,
+            )
+        if plugin is not None:
+            fsdp.require_fsdp_launch(acc, plugin, cpu=t.cpu)
         self.device = acc.device
         self.is_main = acc.is_main_process
         self.rank, self.world = acc.process_index, acc.num_processes
@@ -324,31 +359,30 @@ class Trainer:
         """Loaders (none in a dry run), the number of classes and the steps per epoch; seeds the run.
 
         Data comes before the model: the number of classes may come from it. A pretrained model's input pipeline
-        fills the normalisation/interpolation/crop keys the config leaves null.
+        fills the normalisation/interpolation/crop keys the config leaves null. A dry run counts the steps with the
+        loaders' own :func:`~timm_drop.training.data.train_batches` from what the data says without decoding it
+        (``steps_per_epoch_unknown`` gives the reason where that is nothing).
         """
         from accelerate.utils import set_seed
 
+        from timm_drop.training.data import build_loaders, peek_dataset, train_batches
         from timm_drop.training.data_config import resolve_data
 
         cfg, t = self.cfg, self.cfg.train
         data_cfg, self.data_config = resolve_data(cfg)
         set_seed(cfg.seed)
-        if self.dry_run:
-            self.train_loader = self.eval_loader = None
-            num_classes = cfg.data.num_classes or KNOWN_NUM_CLASSES.get(cfg.data.dataset)
-            if num_classes is None:
-                num_classes = cfg.model.kwargs.get("num_classes")
-            if num_classes is None:
-                raise ConfigError(f"data.num_classes: needed for a dry run of dataset {cfg.data.dataset!r}")
-            n_train = cfg.data.train_subset or KNOWN_TRAIN_SIZES.get(
-                cfg.data.dataset, 10 * cfg.data.batch_size
-            )
-            micro = max(1, (n_train // self.world) // cfg.data.batch_size)
-            self.steps_per_epoch = max(1, micro // t.grad_accum_steps)
-        else:
-            from timm_drop.training.data import build_loaders
-
-            try:
+        self.steps_per_epoch_unknown = ""
+        try:
+            if self.dry_run:
+                self.train_loader = self.eval_loader = None
+                peek = peek_dataset(data_cfg)
+                found = peek.num_classes
+                if peek.train_size is None:
+                    self.steps_per_epoch_unknown = peek.unknown
+                    batches = t.grad_accum_steps  # the schedules are built per epoch; no step count is reported
+                else:
+                    batches = train_batches(peek.train_size, data_cfg, self.world, t.grad_accum_steps)
+            else:
                 self.train_loader, self.eval_loader, found = build_loaders(
                     data_cfg,
                     device=self.device,
@@ -358,14 +392,22 @@ class Trainer:
                     channels_last=t.channels_last,
                     batch_multiple=t.grad_accum_steps,
                 )
-            except (ValueError, KeyError) as e:  # data.py names the key (batch larger than the data, ...)
-                msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-                raise ConfigError(msg if msg.startswith("data.") else f"data: {msg}") from e
-            num_classes = cfg.data.num_classes or found
-            self.steps_per_epoch = len(self.train_loader) // t.grad_accum_steps
-            # what the loaders actually normalise with (the dataset's statistics where nothing else decided)
-            self.data_config["mean"], self.data_config["std"] = self.train_loader.mean, self.train_loader.std
+                batches = len(self.train_loader)
+                # what the loaders actually normalise with (the dataset's statistics where nothing else decided)
+                self.data_config["mean"], self.data_config["std"] = self.train_loader.mean, self.train_loader.std
+        except (ValueError, KeyError) as e:  # data.py names the key (batch larger than the data, ...)
+            if isinstance(e, ConfigError):
+                raise
+            msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+            raise ConfigError(msg if msg.startswith("data.") else f"data: {msg}") from e
+        num_classes = cfg.data.num_classes or found or cfg.model.kwargs.get("num_classes")
+        if num_classes is None:
+            raise ConfigError(
+                f"data.num_classes: needed for a dry run of dataset {cfg.data.dataset!r} "
+                f"({self.steps_per_epoch_unknown})"
+            )
         self.num_classes = num_classes
+        self.steps_per_epoch = batches // t.grad_accum_steps
         self.total_steps = self.steps_per_epoch * t.epochs
 
     def _build_model(self) -> nn.Module:
@@ -415,6 +457,8 @@ class Trainer:
             from timm.layers import convert_sync_batchnorm
 
             model = convert_sync_batchnorm(model)
+        if t.strategy == "fsdp":
+            self._shard_blocks(model)
         self.optimizer = build_optimizer(model, cfg)
         self.layerout = None
         if cfg.layerout is not None:
@@ -425,12 +469,31 @@ class Trainer:
         self.lr_schedule = LRSchedule(cfg, self.steps_per_epoch)
         return model
 
+    def _shard_blocks(self, model: nn.Module) -> None:
+        """FSDP: every block its own shard unit, before the optimizer sees the parameters (``prepare`` then shards
+        the root around them and moves the optimizer to the sharded parameters)."""
+        from timm_drop.training import fsdp
+
+        size = self.cfg.data.image_size
+        example = torch.zeros(2, 3, size, size, device=self.device)
+        self.fsdp_units = fsdp.fsdp_units(model, example)
+        if not self.fsdp_units:
+            self.accelerator.print(
+                f"note: train.strategy=fsdp: {self.cfg.model.name} has no blocks; it is sharded as one unit, so each "
+                "forward gathers all of its weights at once"
+            )
+        fsdp.shard_units(model, self.fsdp_units, self.accelerator)
+
     def _prepare(self, model: nn.Module) -> None:
         """Accelerate's wrapping (DDP, precision), ``torch.compile``, the EMA copy, the schedule driver (the optimizer
         step hook that moves the regularizers' schedules), Mixup and the loss."""
         cfg, t = self.cfg, self.cfg.train
         acc = self.accelerator
         self.model, self.optimizer = acc.prepare(model, self.optimizer)
+        if t.strategy == "fsdp" and acc.native_amp:
+            from timm_drop.training import fsdp
+
+            fsdp.autocast_forward(self.model, acc)
         if t.compile:
             self.model = torch.compile(self.model, mode=t.compile_mode)
         self.unwrapped = acc.unwrap_model(self.model)
@@ -456,6 +519,13 @@ class Trainer:
         """The checkpoint manager; with ``--resume``, the checkpoint verified (sizes + checksums) and loaded into
         memory before the run directory is touched: a damaged or mismatched one leaves nothing behind."""
         self.ckpt = CheckpointManager(self.out, self.cfg.checkpoint.total_limit)
+        loader = getattr(self, "train_loader", None)
+        steps = self.cfg.checkpoint.every_steps
+        if steps is not None and loader is not None and not hasattr(loader, "state_dict"):
+            raise ConfigError(
+                f"checkpoint.every_steps: the training loader of data.dataset {self.cfg.data.dataset!r} cannot "
+                "resume mid-epoch (it has no state_dict/load_state_dict); use null (epoch checkpoints only)"
+            )
         if self.resume is not None and not self.dry_run:
             self._restore(
                 self.ckpt.resolve(self.resume, num_processes=self.world, log=self.accelerator.print)
@@ -491,6 +561,15 @@ class Trainer:
     def _restore(self, path: Path) -> None:
         extra = CheckpointManager.load(self.accelerator, path)
         self.state = TrainState(**extra["train_state"])
+        if self.state.batch:
+            own = extra.get("process_state")
+            if own is None or own["loader"]["batch"] != self.state.batch:
+                raise CheckpointError(
+                    f"--resume {path}: a mid-epoch checkpoint without this process's data position "
+                    f"(process {self.rank})"
+                )
+            self.train_loader.load_state_dict(own["loader"])
+            self._resume_point = own
         if self.layerout is not None:
             if "layerout" not in extra:
                 raise CheckpointError(
@@ -542,17 +621,66 @@ class Trainer:
                 f"{then}"
             )
 
+    def _epoch_checkpoint_due(self, epoch: int) -> bool:
+        return (epoch + 1) % self.cfg.checkpoint.every == 0 or epoch + 1 == self.cfg.train.epochs
+
+    def _step_checkpoint_due(self, epoch: int, batch: int, n_batches: int) -> bool:
+        """After an optimizer step: ``checkpoint.every_steps`` divides the step count, unless the epoch's own
+        checkpoint follows at once."""
+        n = self.cfg.checkpoint.every_steps
+        if n is None or self.state.step % n:
+            return False
+        return not (batch == n_batches and self._epoch_checkpoint_due(epoch))
+
+    def _save_step_checkpoint(self, epoch: int, batch: int, sums: tuple | None) -> None:
+        """A mid-epoch checkpoint after ``batch`` micro-batches of ``epoch`` (an optimizer-step boundary):
+        ``sums`` = this process's (loss sum, correct, images, seconds) of the epoch so far."""
+        accum = self.cfg.train.grad_accum_steps
+        if batch % accum:
+            # the accumulated gradients of the open window are in no checkpoint: resuming there would lose them
+            raise CheckpointError(
+                f"a mid-epoch checkpoint after micro-batch {batch} would fall inside a gradient-accumulation window "
+                f"(train.grad_accum_steps={accum}); checkpoints are taken only at optimizer-step boundaries"
+            )
+        loss_sum, correct, seen, elapsed = sums
+        self._check_finite(loss_sum, f"epoch {epoch + 1}, before the checkpoint at step {self.state.step}")
+        position = self.train_loader.state_dict()
+        if (position["epoch"], position["batch"]) != (epoch, batch):  # a loader that loses its position
+            raise CheckpointError(
+                f"the training loader reports epoch {position['epoch']}, batch {position['batch']} where the loop is "
+                f"at epoch {epoch}, batch {batch}: a mid-epoch checkpoint would not resume at the right batch"
+            )
+        own = {
+            "loader": position,
+            "sums": {"loss": loss_sum.item(), "correct": correct.item(), "seen": seen, "elapsed_s": elapsed},
+        }
+        if self.is_main:
+            self.run_dir.claim("checkpoints")
+        self.state.batch = batch
+        try:
+            self.ckpt.save(
+                self.accelerator, epoch + 1, self._extra_state(), step=self.state.step, process_state=own
+            )
+        finally:
+            self.state.batch = 0
+
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
         from tqdm.auto import tqdm
 
         acc, cfg, t = self.accelerator, self.cfg, self.cfg.train
         self.model.train()
         self.train_loader.set_epoch(epoch)
-        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        correct = torch.zeros((), device=self.device, dtype=torch.float64)
-        seen = 0
+        # a run resumed mid-epoch starts at its checkpoint's batch, with the sums of the batches before it
+        start, own, self._resume_point = 0, self._resume_point, None
+        sums = {"loss": 0.0, "correct": 0.0, "seen": 0, "elapsed_s": 0.0}
+        if own is not None:
+            start, sums = own["loader"]["batch"], own["sums"]
+        loss_sum = torch.tensor(sums["loss"], device=self.device, dtype=torch.float64)
+        correct = torch.tensor(sums["correct"], device=self.device, dtype=torch.float64)
+        seen = sums["seen"]
         n_batches = len(self.train_loader)
         bar = tqdm(
+            initial=start,
             total=n_batches,
             desc=f"epoch {epoch + 1}/{t.epochs}",
             leave=False,
@@ -560,9 +688,10 @@ class Trainer:
             disable=not (self.is_main and cfg.log.progress_bar),
         )
         check_every = cfg.log.log_interval * t.grad_accum_steps
-        lr = self.lr_schedule(self.state.step)
-        t0 = time.perf_counter()
-        for i, (x, y) in enumerate(self.train_loader):
+        # the LR reported is the last one applied: a resumed epoch has applied it for the step before its checkpoint
+        lr = self.lr_schedule(self.state.step - 1 if start else self.state.step)
+        t0 = time.perf_counter() - sums["elapsed_s"]
+        for i, (x, y) in enumerate(self.train_loader, start):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             # soft targets when mixing; accuracy below still counts the unmixed labels
             target = y
@@ -581,7 +710,8 @@ class Trainer:
                     lr = self.lr_schedule.apply(self.optimizer, self.state.step)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            if acc.sync_gradients:
+            stepped = acc.sync_gradients
+            if stepped:
                 self.state.step += 1  # the schedules already moved in the optimizer step hook (self.driver)
                 if self.ema is not None:
                     self.ema.update(self.unwrapped, step=self.state.step)
@@ -593,6 +723,8 @@ class Trainer:
             if (i + 1) % check_every == 0:
                 self._check_finite(loss, f"epoch {epoch + 1}, batch {i + 1}")
                 bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.4g}")
+            if stepped and self._step_checkpoint_due(epoch, i + 1, n_batches):
+                self._save_step_checkpoint(epoch, i + 1, (loss_sum, correct, seen, time.perf_counter() - t0))
         bar.close()
         dt = time.perf_counter() - t0
         totals = torch.stack(
@@ -666,7 +798,9 @@ class Trainer:
         for epoch in range(self.state.epoch, end):
             frozen_fraction = None
             if self.layerout is not None:
-                self.layerout.start_epoch(epoch)
+                if self._resume_point is None:
+                    self.layerout.start_epoch(epoch)
+                # else a mid-epoch checkpoint restored this epoch's frozen set (and its start's norm counters)
                 frozen_fraction = float(self.layerout.frozen_fraction_of_model)
                 frozen_layers = float(self.layerout.frozen_fraction)
             try:
@@ -701,8 +835,9 @@ class Trainer:
                 self.metrics.append(row)
             if cfg.log.trackers:
                 acc.log(_flat_scalars(row), step=row["epoch"])
+            # the full weights: a collective under FSDP (gathered to the main process), the model's own otherwise
+            sd = acc.get_state_dict(self.unwrapped)
             if self.is_main:
-                sd = self.unwrapped.state_dict()
                 for name in ("last_model.pth", "last_model.safetensors"):
                     self.run_dir.claim(name, name + ".tmp")
                 save_weights(sd, self.out / "last_model.pth")
@@ -712,7 +847,7 @@ class Trainer:
                         self.run_dir.claim(name, name + ".tmp")
                     save_weights(sd, self.out / "best_model.pth")
                     save_weights_safetensors(sd, self.out / "best_model.safetensors")
-            if (epoch + 1) % cfg.checkpoint.every == 0 or epoch + 1 == cfg.train.epochs:
+            if self._epoch_checkpoint_due(epoch):
                 if self.is_main:
                     self.run_dir.claim("checkpoints")
                 self.ckpt.save(acc, epoch + 1, self._extra_state())
@@ -775,6 +910,18 @@ class Trainer:
         parts.append(f"{r['epoch_time_s']:.1f}s ({r['train_images_per_s']:.0f} img/s)")
         return "  ".join(parts)
 
+    def _checkpoint_cadence(self) -> str:
+        c = self.cfg.checkpoint
+        text = f"checkpoints: every {c.every} epoch(s)"
+        if c.every_steps is None:
+            text += " (no mid-epoch checkpoints)"
+        else:
+            text += (
+                f" and every {c.every_steps} optimizer steps ({c.every_steps / self.steps_per_epoch:.3g} epochs of "
+                f"{self.steps_per_epoch} steps)"
+            )
+        return text + f"; keeps the newest {c.total_limit} (epoch and step checkpoints together)"
+
     def dry_run_check(self) -> dict[str, Any]:
         """Build-only check: one train-mode forward of a stub batch, no optimizer step, nothing written."""
         size = self.cfg.data.image_size
@@ -806,12 +953,16 @@ class Trainer:
             "regularizers": self.n_regularizers,
             "layerout": self.layerout is not None,
             "num_classes": self.num_classes,
-            "steps_per_epoch": self.steps_per_epoch,
+            "steps_per_epoch": None if self.steps_per_epoch_unknown else self.steps_per_epoch,
             "lr_first": self.lr_schedule(0),
-            "lr_last": self.lr_schedule(max(0, self.total_steps - 1)),
+            "lr_last": None if self.steps_per_epoch_unknown else self.lr_schedule(max(0, self.total_steps - 1)),
         }
         printed = dict(info)
+        if self.steps_per_epoch_unknown:
+            printed["steps_per_epoch"] = f"unknown ({self.steps_per_epoch_unknown})"
         info["data_config"], info["optimizer_groups"] = self.data_config, groups
+        info["checkpoint_every_steps"] = self.cfg.checkpoint.every_steps
+        self.accelerator.print(self._checkpoint_cadence())
         self.accelerator.print("dry run ok: " + ", ".join(f"{k}={v}" for k, v in printed.items()))
         return info
 

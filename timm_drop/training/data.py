@@ -55,6 +55,9 @@ from timm_drop.models.cifar import CIFAR_MEAN, CIFAR_STD
 from timm_drop.training.augment import cutout, random_crop, random_erasing, random_hflip
 from timm_drop.training.config import DataConfig
 
+#: every loader yields RGB images (grayscale data is repeated to 3 channels), so models see 3 input channels
+IMAGE_CHANNELS = 3
+
 __all__ = [
     "DATASET_FACTS",
     "ArrayData",
@@ -868,7 +871,7 @@ class StreamLoader(_ShardedLoader, _WorkerFed):
             )
             emitted += 1
         if emitted < len(self):
-            shape = (bs, 3, self.cfg.image_size, self.cfg.image_size)
+            shape = (bs, IMAGE_CHANNELS, self.cfg.image_size, self.cfg.image_size)
             blank = torch.zeros(shape, dtype=torch.uint8), torch.zeros(bs, dtype=torch.long)
             for _ in range(len(self) - emitted):
                 yield (*blank, torch.zeros(bs, dtype=torch.bool))

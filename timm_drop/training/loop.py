@@ -430,13 +430,19 @@ class Trainer:
         except TypeError as e:
             raise ConfigError(f"model.kwargs: {cfg.model.name} rejected them: {e}") from e
 
+    def _stub_shape(self) -> tuple[int, int, int, int]:
+        """Two images as the loaders yield them: the example input of the shape pass, the sharding and the dry run."""
+        from timm_drop.training.data import IMAGE_CHANNELS
+
+        size = self.cfg.data.image_size
+        return (2, IMAGE_CHANNELS, size, size)
+
     def _apply_spec(self, model: nn.Module) -> None:
         """Insert the config's regularizers (in place) and track their realised drop fractions."""
         cfg = self.cfg
-        size = cfg.data.image_size
         if cfg.regularizer is not None:
             model.train()
-            _apply_regularizer(model, cfg.regularizer, torch.zeros(2, 3, size, size))
+            _apply_regularizer(model, cfg.regularizer, torch.zeros(self._stub_shape()))
             from timm_drop.summary import track_drops
 
             # realised drop fraction per rule in metrics.jsonl (on device; read once an epoch)
@@ -474,8 +480,7 @@ class Trainer:
         the root around them and moves the optimizer to the sharded parameters)."""
         from timm_drop.training import fsdp
 
-        size = self.cfg.data.image_size
-        example = torch.zeros(2, 3, size, size, device=self.device)
+        example = torch.zeros(self._stub_shape(), device=self.device)
         self.fsdp_units = fsdp.fsdp_units(model, example)
         if not self.fsdp_units:
             self.accelerator.print(
@@ -924,9 +929,8 @@ class Trainer:
 
     def dry_run_check(self) -> dict[str, Any]:
         """Build-only check: one train-mode forward of a stub batch, no optimizer step, nothing written."""
-        size = self.cfg.data.image_size
-        x = torch.randn(2, 3, size, size, device=self.device)
-        y = torch.zeros(2, dtype=torch.long, device=self.device)
+        x = torch.randn(self._stub_shape(), device=self.device)
+        y = torch.zeros(len(x), dtype=torch.long, device=self.device)
         if self.cfg.train.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         self.model.train()

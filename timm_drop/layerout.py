@@ -96,6 +96,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from timm_drop.seeding import seeded_generator
 from timm_drop.sites import find_blocks
 from timm_drop.structure import feature_info, is_norm, match_pattern, unwrap
 from timm_drop.suggest import nearest
@@ -123,31 +124,11 @@ PAPER_MNIST_EFREEZE: tuple[float, ...] = (0.9, 0.7, 0.6, 0.5, 0.4, 0.3, 0.1)
 
 _LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Linear)
 _MAX_REDRAWS = 100
-_MASK64 = (1 << 64) - 1
 
 
 # --------------------------------------------------------------------------------------------------------------
 # pure helpers
 # --------------------------------------------------------------------------------------------------------------
-def _mix_seed(*values: int) -> int:
-    """Deterministic 63-bit seed from integers (splitmix64 finaliser): (seed, epoch) pairs never collide in
-    practice and neighbouring epochs give unrelated streams."""
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = (h ^ (int(v) & _MASK64)) & _MASK64
-        h = (h * 0xBF58476D1CE4E5B9) & _MASK64
-        h ^= h >> 31
-        h = (h * 0x94D049BB133111EB) & _MASK64
-        h ^= h >> 29
-    return h & ((1 << 63) - 1)
-
-
-def _generator(*values: int) -> torch.Generator:
-    g = torch.Generator(device="cpu")
-    g.manual_seed(_mix_seed(*values))
-    return g
-
-
 def freeze_probabilities(spec: str | Sequence[float], num_units: int, seed: int = 0) -> torch.Tensor:
     """The freeze-probability vector ``v`` (paper section 4.1) as float64, one entry per unit.
 
@@ -158,7 +139,7 @@ def freeze_probabilities(spec: str | Sequence[float], num_units: int, seed: int 
         raise ValueError(f"LayerOut needs at least one unit to freeze, got num_units={num_units}")
     if isinstance(spec, str):
         if spec == "random":
-            return torch.rand(num_units, generator=_generator(seed, -1), dtype=torch.float64)
+            return torch.rand(num_units, generator=seeded_generator("cpu", seed, -1), dtype=torch.float64)
         if spec in ("efreeze", "dfreeze"):
             v = (
                 torch.linspace(0.9, 0.1, num_units, dtype=torch.float64)
@@ -488,7 +469,7 @@ class LayerOut:
         sizes = torch.tensor([u.numel for u in self._units], dtype=torch.float64)
         return draw_frozen_mask(
             self._probs,
-            _generator(self.seed, epoch),
+            seeded_generator("cpu", self.seed, epoch),
             sizes=sizes,
             max_freeze_fraction=self.max_freeze_fraction,
         )

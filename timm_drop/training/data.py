@@ -52,6 +52,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
 from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 
 from timm_drop.models.cifar import CIFAR_MEAN, CIFAR_STD
+from timm_drop.seeding import mix_seed, seeded_generator
 from timm_drop.training.augment import cutout, random_crop, random_erasing, random_hflip
 from timm_drop.training.config import DataConfig
 
@@ -93,21 +94,6 @@ DATASET_FACTS: dict[str, DatasetFacts] = {
     "cifar10": DatasetFacts(10, 50_000, 10_000, CIFAR_MEAN, CIFAR_STD),
     "cifar100": DatasetFacts(100, 50_000, 10_000, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
-
-
-def mix_seed(*keys: int) -> int:
-    """One 63-bit seed from a tuple of integers: (seed=1, epoch=0) and (seed=0, epoch=1) give unrelated streams."""
-    s = 0x9E3779B97F4A7C15
-    for k in keys:
-        s = (s ^ (int(k) + 0x632BE59BD9B4E019 + (s << 6) + (s >> 2))) & 0x7FFFFFFFFFFFFFFF
-    return s
-
-
-def seeded_generator(device: torch.device | str, *keys: int) -> torch.Generator:
-    """A generator on ``device`` seeded by a tuple of integers (e.g. ``(seed, epoch, rank)``)."""
-    g = torch.Generator(device=device)
-    g.manual_seed(mix_seed(*keys))
-    return g
 
 
 @dataclass

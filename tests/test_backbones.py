@@ -262,6 +262,15 @@ def test_coat_backbone_regularizes_its_stages():
 
 
 @pytest.mark.parametrize("features_only", [False, True], ids=["classifier", "features_only"])
+def test_twins_stages_named_block_n_in_feature_info_are_its_blocks_n(features_only):
+    # timm's Twins lists block.N in feature_info; its stages are blocks.N, ModuleLists its forward iterates
+    model = create("twins_svt_small", features_only=features_only, depths=(1, 1, 2, 1))
+    entries = timm_drop.plan(model, DROPBLOCK_34).entries
+    prefix = "model." if features_only else ""
+    assert [(e.module, e.stage) for e in entries] == [(f"{prefix}blocks.2.1", 3), (f"{prefix}blocks.3.0", 4)]
+
+
+@pytest.mark.parametrize("features_only", [False, True], ids=["classifier", "features_only"])
 def test_hrnet_stages_3_and_4_are_its_modules_with_a_site_per_branch(features_only):
     # stage3 / stage4 return one map per resolution branch (3 and 4 of them): each branch is regularized
     model = create("hrnet_w18_small", features_only=features_only)

@@ -91,7 +91,6 @@ SKIP_KINDS = ("residual", "shortcut", "merge")
 NO_SITES: dict[str, set[str]] = {
     "nf_regnet_b0": {"norm"},  # normalizer-free by design
     "resmlp_12_224": {"norm"},  # ResMLP replaces LayerNorm by an Affine layer
-    "twins_svt_small": {"stage"},  # stage ModuleLists are iterated by the model's forward, never called
 }
 
 

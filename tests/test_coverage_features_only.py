@@ -16,8 +16,12 @@ def test_check_model_on_a_features_only_backbone_passes_with_stage_sites():
     assert r.n_sites.get("stage", 0) == 4
 
 
-def test_features_only_without_stage_sites_is_a_named_failure():
-    # timm's Twins names its stages block.N in feature_info; its modules are blocks.N, so no stage is found
+def test_features_only_without_stage_sites_is_a_named_failure(monkeypatch):
+    # timm's Twins names its stages block.N in feature_info while its modules are blocks.N: without the alias
+    # that maps them, no stage is found
+    from timm_drop import structure
+
+    monkeypatch.delitem(structure.FEATURE_ALIASES, "Twins")
     r = check_model("twins_svt_small", model_kwargs={"features_only": True, "depths": (1, 1, 1, 1)})
     assert not r.ok and r.stage == "plan"
     assert "FeatureGetterNet: no stage site" in r.reason

@@ -201,6 +201,8 @@ def feature_info(model: nn.Module) -> list[dict[str, Any]]:
 #: own comment: "module names aren't actually valid here"); its stem is several layers, left unnamed.
 FEATURE_ALIASES: dict[str, dict[str, str]] = {
     "HighResolutionNet": {"stage1": "layer1"},
+    # Twins lists its stages as block.N; they are blocks.N (ModuleLists its forward iterates)
+    "Twins": {f"block.{i}": f"blocks.{i}" for i in range(4)},
 }
 
 

@@ -633,8 +633,9 @@ def write_report(preset: Preset, runs: list[Run], a: argparse.Namespace, out: Pa
         "measured on a CPU shared with other jobs: they compare runs only roughly.",
         "",
         f"Not the papers' setting: {first.data.train_subset or 'all'} training images instead of 50,000, "
-        f"{first.train.epochs} epochs at batch {first.data.batch_size} instead of 160-300 at 128, one small network, "
-        "no hyper-parameter search. It tests one "
+        f"{first.train.epochs} epochs at batch {first.data.batch_size} instead of 160-300 at 128, "
+        f"{_augment_words(first.data.augment)} instead of pad-4 crop + flip, one small network, no hyper-parameter "
+        "search. It tests one "
         "claim only: whether each method, placed and set as its paper says, regularizes where a plain model "
         "memorises its training set.",
         "",

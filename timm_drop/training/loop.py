@@ -311,17 +311,14 @@ class Trainer:
 
     def _start_accelerator(self) -> Any:
         """The Accelerator (precision, accumulation, trackers, DDP options) and this process's place in the run."""
-        from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs
+        from accelerate import Accelerator, PartialState
+        from accelerate.utils import DistributedDataParallelKwargs, parse_flag_from_env
+
+        from timm_drop.training import fsdp
 
         cfg, t = self.cfg, self.cfg.train
         if t.precision == "fp16" and (t.cpu or not torch.cuda.is_available()):
             raise ConfigError("train.precision: fp16 needs a CUDA device; use bf16 or no on CPU")
-        from accelerate import PartialState
-        from accelerate.utils import parse_flag_from_env
-
-        from timm_drop.training import fsdp
-
         # the launch (process group, device) first, so its own distributed type is known before a plugin changes it;
         # ACCELERATE_USE_CPU as AcceleratorState would read it
         PartialState(cpu=t.cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))

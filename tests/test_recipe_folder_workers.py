@@ -47,3 +47,22 @@ def test_workers_survive_epochs_and_the_stream_depends_only_on_the_epoch(tmp_pat
     fresh = _trainer(tmp_path, "fresh")
     y1, _ = _epoch(fresh.train_loader, 1)
     assert torch.equal(x1, y1)
+
+
+def test_fit_stops_its_worker_processes_when_it_returns(tmp_path):
+    # workers that outlive fit() idle until the loader is garbage-collected, and one freed in a reference cycle
+    # waits out torch's 5 s join timeout per worker at interpreter exit
+    import multiprocessing
+
+    write_image_folder(tmp_path / "imgs")
+    before = {p.pid for p in multiprocessing.active_children()}
+    trainer = _trainer(tmp_path, "run")
+
+    def running_workers():
+        return [p for p in multiprocessing.active_children() if p.pid not in before and p.is_alive()]
+
+    trainer.fit(max_epochs=1)  # a time slice: the next fit() must start workers again
+    assert not running_workers(), f"fit() returned with {len(running_workers())} data worker process(es) running"
+    trainer.fit()
+    assert [r["epoch"] for r in trainer.metrics.rows] == [1, 2]
+    assert not running_workers()

@@ -786,6 +786,13 @@ class Trainer:
             return self._fit(max_epochs)
         finally:
             self.run_dir.release()
+            self.close_loaders()
+
+    def close_loaders(self) -> None:
+        """Stop the data loaders' worker processes; a later :meth:`fit` (``max_epochs`` slices) starts new ones."""
+        for loader in (getattr(self, "train_loader", None), getattr(self, "eval_loader", None)):
+            if hasattr(loader, "close"):
+                loader.close()
 
     def _fit(self, max_epochs: int | None) -> dict[str, Any]:
         acc, cfg = self.accelerator, self.cfg

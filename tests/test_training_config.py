@@ -202,3 +202,13 @@ def test_reproduce_table_variants_are_valid_configs():
             check_paths=False,
         )
         assert (cfg.regularizer is None) != (cfg.layerout is None) or v == mod.VARIANTS["baseline"]
+
+
+def test_imagenet_configs_checkpoint_within_the_hour_long_epoch():
+    # an ImageNet epoch is ~1,250 optimizer steps at global batch 1024: a kill must not lose all of it
+    for name in ("baseline_resnet50_imagenet", "dropblock_resnet50_imagenet"):
+        cfg = load_config(REPO / "recipes/configs" / f"{name}.yaml", check_paths=False)
+        assert cfg.checkpoint.every_steps is not None and cfg.checkpoint.every_steps < 1281167 // 1024, name
+    # a webdataset stream cannot resume mid-epoch (the run refuses every_steps there), so its config opts out
+    wds = load_config(REPO / "recipes/configs/baseline_resnet50_imagenet_wds.yaml", check_paths=False)
+    assert wds.checkpoint.every_steps is None

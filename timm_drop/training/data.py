@@ -38,10 +38,11 @@ import io
 import math
 import os
 import pickle
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -414,8 +415,6 @@ class _ShardedLoader:
         self.n = n
         self.cfg, self.train, self.device = cfg, train, device
         self.seed, self.rank, self.world, self.epoch = seed, rank, world, 0
-        # position in the epoch being iterated (batches yielded, generators), and a position to resume from
-        self._yielded, self._generators, self._resume_at = 0, {}, None
         self.batch_size = cfg.batch_size if train else cfg.eval_batch_size
         self.batch_multiple = batch_multiple
         self.norm = _Normalizer(mean, std, device, channels_last)
@@ -445,9 +444,11 @@ class _Resumable:
     of the generators that augmented them) and can start the next pass there."""
 
     epoch: int
-    _yielded: int
-    _generators: dict[str, torch.Generator]
-    _resume_at: dict | None
+    # position in the epoch being iterated (batches yielded, generators), and a position to resume from; the
+    # class values stand until the first pass (the empty mapping is read-only: each pass assigns its own)
+    _yielded: int = 0
+    _generators: Mapping[str, torch.Generator] = MappingProxyType({})
+    _resume_at: dict | None = None
 
     def state_dict(self) -> dict:
         """Where the current pass stands: its epoch, the batches yielded so far and the states of the generators

@@ -63,3 +63,22 @@ def test_a_tracker_that_is_not_installed_is_a_config_error():
         pytest.skip("dvclive is installed here")
     with pytest.raises(ConfigError, match=r"log\.trackers\[0\]: 'dvclive' .*not installed"):
         load_config({"log": {"trackers": ["dvclive"]}})
+
+
+def test_mlflow_run_holds_the_metrics_jsonl_scalars(tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow", reason="mlflow is not installed (pip install mlflow-skinny)")
+    # a local store the user names, as one does without a tracking server (MLflow 3 asks for an explicit opt-in
+    # to the file store; its default, sqlite in the working directory, needs the full mlflow package)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.chdir(tmp_path)
+    Trainer(load_config(_raw(tmp_path, ["mlflow"]))).fit()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    client = mlflow.tracking.MlflowClient()
+    [exp] = [e for e in client.search_experiments() if e.name == "timm_drop"]
+    [run] = client.search_runs([exp.experiment_id])
+    assert run.info.run_name == "tb" and run.info.status == "FINISHED"
+    assert run.data.params["optim.lr"] == "0.05"  # the config, flattened
+    for key in ("train_loss", "eval_top1", "lr", "frozen_fraction", "reg_strength"):
+        logged = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
+        assert logged == [(r["epoch"], pytest.approx(r[key], rel=1e-6)) for r in rows], key

@@ -535,14 +535,12 @@ def _ddp_worker(out_dir: str) -> None:
     if ref.metrics is not None:
         timing = ("epoch_time_s", "train_images_per_s")
         ra, rb = ref.metrics.rows, resumed.metrics.rows
-        # not ema_eval_*: each process's EMA follows its own BatchNorm statistics (DDP broadcasts the model's
-        # buffers only) and checkpoints hold process 0's EMA, so after ANY resume (epoch or mid-epoch) process 1
-        # evaluates process 0's EMA (recipes/README.md); the model itself is exact
+        # ema_eval_* too: checkpoints hold process 0's EMA, and every process evaluates process 0's EMA statistics
         differ = [
             (n, k, r[k], q.get(k))
             for n, (r, q) in enumerate(zip(ra, rb))
             for k in r
-            if k not in timing and not k.startswith("ema_eval") and r[k] != q.get(k)
+            if k not in timing and r[k] != q.get(k)
         ]
         differ += [] if len(ra) == len(rb) else [("rows", len(ra), len(rb))]
     result = {

@@ -788,6 +788,19 @@ class Trainer:
             self.run_dir.release()
             self.close_loaders()
 
+    def _agree_ema_buffers(self) -> None:
+        """Give every process process 0's EMA buffers (BatchNorm statistics), so the processes evaluate one EMA.
+
+        DDP keeps the model's buffers in step by broadcasting process 0's at each forward, but the EMA copy is not
+        DDP-wrapped: its statistics follow each process's own batches. Checkpoints hold process 0's EMA, so
+        agreeing on it also makes a resumed run's EMA evaluation exact.
+        """
+        if self.world > 1:
+            from accelerate.utils import broadcast
+
+            for buf in self.ema.module.buffers():
+                broadcast(buf, from_process=0)
+
     def close_loaders(self) -> None:
         """Stop the data loaders' worker processes; a later :meth:`fit` (``max_epochs`` slices) starts new ones."""
         for loader in (getattr(self, "train_loader", None), getattr(self, "eval_loader", None)):
@@ -822,6 +835,7 @@ class Trainer:
             if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
                 row.update(self.evaluate())
                 if self.ema is not None:
+                    self._agree_ema_buffers()
                     row.update({f"ema_{k}": v for k, v in self.evaluate(self.ema.module).items()})
             if frozen_fraction is not None:
                 # the paper's figure: share of all trainable parameters frozen this epoch

@@ -305,8 +305,9 @@ def test_wds_refuses_mid_epoch_checkpoints_by_name(tmp_path):
     """A stream cannot start at batch k of an epoch, so ``checkpoint.every_steps`` is refused before any work."""
     _wds_shards(tmp_path / "shards")
     raw = _raw(tmp_path, _wds_data(tmp_path)) | {"checkpoint": {"every_steps": 2}}
-    with pytest.raises(ConfigError, match=r"checkpoint\.every_steps.*'wds'"):
-        Trainer(load_config(raw)).setup()
+    for dry_run in (True, False):  # the dry run refuses what the run would
+        with pytest.raises(ConfigError, match=r"checkpoint\.every_steps.*'wds'"):
+            Trainer(load_config(raw), dry_run=dry_run).setup()
     assert not (tmp_path / "run").exists()
 
 

@@ -62,6 +62,7 @@ IMAGE_CHANNELS = 3
 
 __all__ = [
     "DATASET_FACTS",
+    "STREAM_DATASETS",
     "ArrayData",
     "DatasetFacts",
     "DeviceLoader",
@@ -87,6 +88,10 @@ class DatasetFacts:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
 
+
+#: datasets read as streams (:class:`StreamLoader`): no length of their own and no way to start an epoch at batch k,
+#: so no mid-epoch checkpoints
+STREAM_DATASETS: frozenset[str] = frozenset({"wds"})
 
 DATASET_FACTS: dict[str, DatasetFacts] = {
     # sklearn's 1,797 digits, split 80/20 stratified (random_state=0)
@@ -893,7 +898,7 @@ def build_loaders(
         kw = dict(
             device=device, seed=seed, rank=rank, world=world, mean=mean, std=std, channels_last=channels_last
         )
-        if cfg.dataset == "wds":
+        if cfg.dataset in STREAM_DATASETS:
             tr = StreamLoader(cfg, train=True, batch_multiple=batch_multiple, **kw)
             return tr, StreamLoader(cfg, train=False, **kw), cfg.num_classes
         if cfg.dataset == "hfds":

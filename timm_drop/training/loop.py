@@ -362,10 +362,15 @@ class Trainer:
         """
         from accelerate.utils import set_seed
 
-        from timm_drop.training.data import build_loaders, peek_dataset, train_batches
+        from timm_drop.training.data import STREAM_DATASETS, build_loaders, peek_dataset, train_batches
         from timm_drop.training.data_config import resolve_data
 
         cfg, t = self.cfg, self.cfg.train
+        if cfg.checkpoint.every_steps is not None and cfg.data.dataset in STREAM_DATASETS:
+            raise ConfigError(
+                f"checkpoint.every_steps: data.dataset {cfg.data.dataset!r} is read as a stream, which cannot "
+                "resume mid-epoch; use null (epoch checkpoints only)"
+            )
         data_cfg, self.data_config = resolve_data(cfg)
         set_seed(cfg.seed)
         self.steps_per_epoch_unknown = ""
@@ -521,13 +526,6 @@ class Trainer:
         """The checkpoint manager; with ``--resume``, the checkpoint verified (sizes + checksums) and loaded into
         memory before the run directory is touched: a damaged or mismatched one leaves nothing behind."""
         self.ckpt = CheckpointManager(self.out, self.cfg.checkpoint.total_limit)
-        loader = getattr(self, "train_loader", None)
-        steps = self.cfg.checkpoint.every_steps
-        if steps is not None and loader is not None and not hasattr(loader, "state_dict"):
-            raise ConfigError(
-                f"checkpoint.every_steps: the training loader of data.dataset {self.cfg.data.dataset!r} cannot "
-                "resume mid-epoch (it has no state_dict/load_state_dict); use null (epoch checkpoints only)"
-            )
         if self.resume is not None and not self.dry_run:
             self._restore(
                 self.ckpt.resolve(self.resume, num_processes=self.world, log=self.accelerator.print)

@@ -526,6 +526,13 @@ class Trainer:
         """The checkpoint manager; with ``--resume``, the checkpoint verified (sizes + checksums) and loaded into
         memory before the run directory is touched: a damaged or mismatched one leaves nothing behind."""
         self.ckpt = CheckpointManager(self.out, self.cfg.checkpoint.total_limit)
+        loader = getattr(self, "train_loader", None)
+        if self.cfg.checkpoint.every_steps is not None and loader is not None and not hasattr(loader, "state_dict"):
+            # _build_data refuses the known streams by name; this catches any other loader before the first step
+            raise ConfigError(
+                f"checkpoint.every_steps: the training loader of data.dataset {self.cfg.data.dataset!r} cannot "
+                "resume mid-epoch (it has no state_dict/load_state_dict); use null (epoch checkpoints only)"
+            )
         if self.resume is not None and not self.dry_run:
             self._restore(
                 self.ckpt.resolve(self.resume, num_processes=self.world, log=self.accelerator.print)

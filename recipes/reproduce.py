@@ -205,40 +205,6 @@ def short_table(a: argparse.Namespace) -> int:
 
 # -- preset tables: several seeds per method, resumable ---------------------------------------------------------
 
-#: two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (beyond: 1.96, the normal limit)
-T95 = (
-    12.706,
-    4.303,
-    3.182,
-    2.776,
-    2.571,
-    2.447,
-    2.365,
-    2.306,
-    2.262,
-    2.228,
-    2.201,
-    2.179,
-    2.160,
-    2.145,
-    2.131,
-    2.120,
-    2.110,
-    2.101,
-    2.093,
-    2.086,
-    2.080,
-    2.074,
-    2.069,
-    2.064,
-    2.060,
-    2.056,
-    2.052,
-    2.048,
-    2.045,
-    2.042,
-)
-
 
 class Preset(NamedTuple):
     config_dir: Path
@@ -283,20 +249,30 @@ class Run(NamedTuple):
         return f"{self.method}/seed{self.seed}"
 
 
-def t95(df: int) -> float:
-    return T95[df - 1] if df <= len(T95) else 1.96
+def t_quantile(df: int, comparisons: int = 1) -> float:
+    """Two-sided Student-t quantile for a 95% interval, Bonferroni-corrected over ``comparisons`` intervals."""
+    from scipy import stats
+
+    return float(stats.t.ppf(1.0 - 0.05 / (2 * comparisons), df))
 
 
-def paired_ci(diffs: list[float]) -> tuple[float, float, float] | None:
-    """Mean of paired differences and its two-sided 95% t-interval; None with fewer than 2 pairs."""
+def paired_ci(diffs: list[float], comparisons: int = 1) -> tuple[float, float, float] | None:
+    """Mean of paired differences and its two-sided 95% t-interval (Bonferroni-corrected over ``comparisons``
+    methods compared with one baseline); None with fewer than 2 pairs."""
     if len(diffs) < 2:
         return None
     mean = statistics.fmean(diffs)
-    half = t95(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    half = t_quantile(len(diffs) - 1, comparisons) * statistics.stdev(diffs) / math.sqrt(len(diffs))
     return mean, mean - half, mean + half
 
 
-def verdict(ci: tuple[float, float, float] | None) -> str:
+def verdict(
+    ci: tuple[float, float, float] | None,
+    uncorrected: tuple[float, float, float] | None = None,
+    comparisons: int = 1,
+) -> str:
+    """What the interval ``ci`` (corrected for ``comparisons``) says; ``uncorrected`` adds whether the plain 95%
+    interval alone would have excluded 0."""
     if ci is None:
         return "too few seeds to tell"
     _, lo, hi = ci
@@ -304,6 +280,8 @@ def verdict(ci: tuple[float, float, float] | None) -> str:
         return "better than baseline"
     if hi < 0:
         return "worse than baseline"
+    if comparisons > 1 and uncorrected is not None and (uncorrected[1] > 0 or uncorrected[2] < 0):
+        return f"cannot tell after correcting for {comparisons} comparisons (the uncorrected 95% interval excludes 0)"
     return "cannot tell (interval spans 0)"
 
 
@@ -575,6 +553,7 @@ def write_report(preset: Preset, runs: list[Run], a: argparse.Namespace, out: Pa
         "|---|---:|---:|---|---:|---|---:|---:|---:|",
     ]
     base = {r.seed: results[r.key] for r in runs if r.method == "baseline"}
+    comparisons = max(1, len(methods) - 1)  # every method against the one baseline
     summary = []
     for m in methods:
         rs = [(r, results[r.key]) for r in runs if r.method == m and results[r.key] is not None]
@@ -588,7 +567,7 @@ def write_report(preset: Preset, runs: list[Run], a: argparse.Namespace, out: Pa
         if m != "baseline":
             diffs = [x["test_top1"] - base[r.seed]["test_top1"] for r, x in rs if base.get(r.seed)]
             ci = paired_ci(diffs)
-            verd = verdict(ci)
+            verd = verdict(paired_ci(diffs, comparisons), ci, comparisons)
             if ci is not None:
                 delta = f"{ci[0]:+.2f} [{ci[1]:+.2f}, {ci[2]:+.2f}] (n={len(diffs)})"
             elif diffs:
@@ -621,13 +600,16 @@ def write_report(preset: Preset, runs: list[Run], a: argparse.Namespace, out: Pa
             )
         )
         lines.append("")
+    n_cmp = comparisons
+    t_cmp = t_quantile(max(1, len(seeds) - 1), n_cmp)
     lines += [
         "How to read it: *train top-1* is the running accuracy of the last epoch with augmentation and the "
         "regularizer active. *Δ* is the mean over seeds of (method − baseline) on the same seed with a two-sided 95% "
-        f"Student-t interval (n − 1 degrees of freedom; with {len(seeds)} seeds t = {t95(max(1, len(seeds) - 1)):.2f}, "
-        f"so the interval is wide), and {max(0, len(methods) - 1)} methods are compared to one baseline without "
-        "correction for multiple comparisons. *Cannot tell* means the seed-to-seed spread is too large to tell an "
-        "effect from noise at this number of seeds; it is not evidence of no effect. *Train min* sums the epochs' "
+        f"Student-t interval (n − 1 degrees of freedom; with {len(seeds)} seeds t = {t_quantile(max(1, len(seeds) - 1)):.2f}, "
+        f"so the interval is wide). The *verdict* reads a Bonferroni-corrected interval instead: {n_cmp} methods are "
+        f"compared to one baseline, so each interval is a {100 - 5 / n_cmp:.2f}% one (t = {t_cmp:.2f}), and the "
+        "verdict says when only the uncorrected interval excludes 0. *Cannot tell* means the seed-to-seed spread is "
+        "too large to tell an effect from noise at this number of seeds; it is not evidence of no effect. *Train min* sums the epochs' "
         "training wall time (resumes included, evaluation excluded); *CPU min* is the CPU time of the train.py "
         "processes the driver saw exit (an attempt killed together with the driver is not counted). Both were "
         "measured on a CPU shared with other jobs: they compare runs only roughly.",
@@ -647,7 +629,12 @@ def write_report(preset: Preset, runs: list[Run], a: argparse.Namespace, out: Pa
         "",
     ]
     if summary:
-        lines.insert(4, "Verdicts (paired 95% CI over seeds): " + "; ".join(summary) + ".\n")
+        lines.insert(
+            4,
+            f"Verdicts (paired over seeds, corrected for {comparisons} comparisons): "
+            + "; ".join(summary)
+            + ".\n",
+        )
     report = "\n".join(lines)
     return report
 

@@ -79,11 +79,23 @@ def test_every_preset_method_is_a_valid_config_that_differs_from_the_baseline_on
 
 def test_paired_interval_and_verdict_say_when_the_spread_is_too_large(rep):
     mean, lo, hi = rep.paired_ci([1.0, 2.0, 3.0])
-    assert mean == pytest.approx(2.0) and hi - mean == pytest.approx(4.303 / 3**0.5)
+    assert mean == pytest.approx(2.0) and hi - mean == pytest.approx(4.302653 / 3**0.5)  # t(2 df), sd 1
     assert rep.verdict((mean, lo, hi)) == "cannot tell (interval spans 0)"
     assert rep.verdict(rep.paired_ci([1.0, 1.2, 0.9])) == "better than baseline"
     assert rep.verdict(rep.paired_ci([-1.0, -1.2, -0.9])) == "worse than baseline"
     assert rep.verdict(rep.paired_ci([0.5])) == "too few seeds to tell"
+
+
+def test_verdict_corrects_for_comparing_several_methods_with_one_baseline(rep):
+    # the cpu-lowdata table's Selectout seeds: the 95% interval excludes 0, but 6 methods were compared
+    diffs = [52.80 - 51.87, 54.16 - 52.45, 54.89 - 54.00]
+    assert rep.verdict(rep.paired_ci(diffs)) == "better than baseline"
+    corrected = rep.paired_ci(diffs, comparisons=6)
+    assert corrected[1] == pytest.approx(-1.729, abs=1e-3) and corrected[2] == pytest.approx(4.082, abs=1e-3)
+    assert rep.verdict(corrected, uncorrected=rep.paired_ci(diffs), comparisons=6) == (
+        "cannot tell after correcting for 6 comparisons (the uncorrected 95% interval excludes 0)"
+    )
+    assert rep.verdict(rep.paired_ci([1.0, 1.02, 0.98], comparisons=6), comparisons=6) == "better than baseline"
 
 
 def test_preset_trains_resumes_an_interrupted_run_skips_finished_ones_and_writes_the_table(rep, tmp_path):

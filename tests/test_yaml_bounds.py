@@ -65,6 +65,23 @@ def test_deep_nesting_is_an_error_not_a_crash():
     assert "deep.yaml" in str(ei.value)
 
 
+def test_nesting_bound_does_not_depend_on_the_interpreters_recursion_limit():
+    # torch.compile lifts the limit to 2000 for the rest of the process; other libraries go higher, and a limit
+    # above what the C stack holds turns a deep document into a segfault instead of an error
+    import sys
+
+    before = sys.getrecursionlimit()
+    sys.setrecursionlimit(20_000)
+    try:
+        with pytest.raises(YAMLInputError) as ei:
+            load_yaml_bounded("a:\n  - " + "[" * 800 + "]" * 800, "deep.yaml")
+    finally:
+        sys.setrecursionlimit(before)
+    assert ei.value.limit == "max_depth" and ei.value.line == 2
+    assert "deep.yaml:2" in str(ei.value) and "nested deeper than" in str(ei.value)
+    assert load_yaml_bounded("[" * 50 + "]" * 50, "ok.yaml")[0] is not None  # real configs nest < 10 levels
+
+
 def test_yaml12_floats_only_when_asked_and_never_for_quoted_text():
     import yaml
 

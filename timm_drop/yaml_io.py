@@ -15,12 +15,21 @@ from typing import Any
 
 import yaml
 
-__all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_MAX_NODES", "YAMLInputError", "load_yaml_bounded"]
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "DEFAULT_MAX_DEPTH",
+    "DEFAULT_MAX_NODES",
+    "YAMLInputError",
+    "load_yaml_bounded",
+]
 
 #: far above any real spec or config (the largest shipped ones are a few KiB)
 DEFAULT_MAX_BYTES = 4 * 1024 * 1024
 #: nodes after alias expansion (every key, value and item counts); shipped configs use well under a thousand
 DEFAULT_MAX_NODES = 200_000
+#: nested collections; shipped configs nest under 10 levels. Checked on the parser's events, before PyYAML's
+#: recursive composer runs, so the bound is this number and not whatever recursion limit the process has
+DEFAULT_MAX_DEPTH = 100
 
 
 class YAMLInputError(ValueError):
@@ -99,6 +108,25 @@ def _children(node: yaml.Node) -> list[yaml.Node]:
     return []
 
 
+def _check_depth(loader_type: type, text: str | bytes, source: str, max_depth: int) -> None:
+    """Raise where the document's collections nest deeper than ``max_depth`` (an event scan: no recursion)."""
+    depth = 0
+    for event in yaml.parse(text, Loader=loader_type):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > max_depth:
+                mark = event.start_mark
+                raise YAMLInputError(
+                    source,
+                    f"YAML nested deeper than {max_depth} levels",
+                    line=mark.line + 1,
+                    column=mark.column + 1,
+                    limit="max_depth",
+                )
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
 class _Yaml12FloatLoader(yaml.SafeLoader):
     """SafeLoader that also reads YAML 1.2 floats without a dot (``1e-4``, ``5E3``) as floats, not strings."""
 
@@ -116,13 +144,15 @@ def load_yaml_bounded(
     *,
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_nodes: int = DEFAULT_MAX_NODES,
+    max_depth: int = DEFAULT_MAX_DEPTH,
     yaml12_floats: bool = False,
 ) -> tuple[Any, yaml.Node | None]:
     """``yaml.safe_load(text)`` within bounds; returns ``(data, root_node)`` (``(None, None)`` for an empty doc).
 
     The node tree is returned for callers that map data back to line numbers or check duplicate keys. Raises
     :class:`YAMLInputError` naming ``source`` for a syntax error, more than one document, a text over
-    ``max_bytes``, a document expanding to over ``max_nodes`` nodes, or a recursive alias.
+    ``max_bytes``, collections nested deeper than ``max_depth``, a document expanding to over ``max_nodes`` nodes,
+    or a recursive alias.
     ``yaml12_floats=True`` reads unquoted ``1e-4`` as a float, as YAML 1.2 does (YAML 1.1 needs ``1.0e-4``).
     """
     n_bytes = len(text.encode("utf-8")) if isinstance(text, str) else len(text)
@@ -130,8 +160,10 @@ def load_yaml_bounded(
         raise YAMLInputError(
             source, f"file is {n_bytes} bytes, over the limit of {max_bytes} bytes", limit="max_bytes"
         )
-    loader = (_Yaml12FloatLoader if yaml12_floats else yaml.SafeLoader)(text)
+    loader_type = _Yaml12FloatLoader if yaml12_floats else yaml.SafeLoader
+    loader = loader_type(text)
     try:
+        _check_depth(loader_type, text, source, max_depth)
         root = loader.get_single_node()
         if root is None:
             return None, None

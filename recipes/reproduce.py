@@ -600,14 +600,13 @@ def write_report(preset: Preset, runs: list[Run], a: argparse.Namespace, out: Pa
             )
         )
         lines.append("")
-    n_cmp = comparisons
-    t_cmp = t_quantile(max(1, len(seeds) - 1), n_cmp)
+    t_cmp = t_quantile(max(1, len(seeds) - 1), comparisons)
     lines += [
         "How to read it: *train top-1* is the running accuracy of the last epoch with augmentation and the "
         "regularizer active. *Δ* is the mean over seeds of (method − baseline) on the same seed with a two-sided 95% "
         f"Student-t interval (n − 1 degrees of freedom; with {len(seeds)} seeds t = {t_quantile(max(1, len(seeds) - 1)):.2f}, "
-        f"so the interval is wide). The *verdict* reads a Bonferroni-corrected interval instead: {n_cmp} methods are "
-        f"compared to one baseline, so each interval is a {100 - 5 / n_cmp:.2f}% one (t = {t_cmp:.2f}), and the "
+        f"so the interval is wide). The *verdict* reads a Bonferroni-corrected interval instead: {comparisons} methods are "
+        f"compared to one baseline, so each interval is a {100 - 5 / comparisons:.2f}% one (t = {t_cmp:.2f}), and the "
         "verdict says when only the uncorrected interval excludes 0. *Cannot tell* means the seed-to-seed spread is "
         "too large to tell an effect from noise at this number of seeds; it is not evidence of no effect. *Train min* sums the epochs' "
         "training wall time (resumes included, evaluation excluded); *CPU min* is the CPU time of the train.py "

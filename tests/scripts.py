@@ -37,3 +37,26 @@ def child_env() -> dict[str, str]:
         "OMP_NUM_THREADS": str(torch.get_num_threads()),
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
     }
+
+
+def kill_when(sentinel: Path, script: Path, args: list[str], *, what: str, timeout: float = 240.0) -> None:
+    """Run ``script`` with ``args`` in a fresh interpreter (spawn-safe: nothing inherited from this process's state)
+    and SIGKILL it as soon as it creates ``sentinel``; fails if it ends first or takes over ``timeout`` seconds.
+    ``what`` names the moment the sentinel marks, for the failure messages."""
+    import signal
+    import subprocess
+    import time
+
+    child = subprocess.Popen([sys.executable, str(script), *args], cwd=script.parent, env=child_env())
+    try:
+        deadline = time.time() + timeout
+        while not sentinel.exists():
+            assert child.poll() is None, f"the child run ended (rc {child.returncode}) before {what}"
+            assert time.time() < deadline, f"no {what} within {timeout:.0f} s"
+            time.sleep(0.05)
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(30) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(30)

@@ -16,16 +16,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from scripts import child_env
+from scripts import kill_when
 from tiny import LINEAR_RAMP, dropblock_stage_rule, tiny_run, write_image_folder
 
 import timm_drop  # noqa: F401  (registers the CIFAR models)
@@ -145,23 +143,7 @@ def kill_mid_epoch(tmp_path: Path, entry: str) -> Path:
     script = tmp_path / "child.py"
     script.write_text(CHILD % str(REPO / "recipes" / "train.py"))
     sentinel = tmp_path / "checkpointed"
-    env = child_env()
-    # a fresh interpreter (subprocess: spawn-safe, nothing inherited from this process's state)
-    child = subprocess.Popen(
-        [sys.executable, str(script), entry, str(cfg_file), str(sentinel), TARGET], cwd=tmp_path, env=env
-    )
-    try:
-        deadline = time.time() + 240
-        while not sentinel.exists():
-            assert child.poll() is None, f"the child run ended (rc {child.returncode}) before {TARGET}"
-            assert time.time() < deadline, "no step checkpoint within 240 s"
-            time.sleep(0.05)
-        child.send_signal(signal.SIGKILL)
-        assert child.wait(30) == -signal.SIGKILL
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait(30)
+    kill_when(sentinel, script, [entry, str(cfg_file), str(sentinel), TARGET], what=TARGET)
     return out
 
 

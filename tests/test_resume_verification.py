@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
-import subprocess
-import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from scripts import child_env, load_script
+from scripts import kill_when, load_script
 from tiny import dropblock_stage_rule, tiny_run
 
 from timm_drop.training import Trainer, load_config
@@ -187,21 +183,7 @@ def test_kill_9_mid_checkpoint_resumes_from_the_previous_complete_one(reference_
     script = tmp_path / "child.py"
     script.write_text(CHILD % str(REPO / "recipes" / "train.py"))
     sentinel = tmp_path / "in_checkpoint"
-    env = child_env()
-    child = subprocess.Popen(
-        [sys.executable, str(script), str(cfg_file), str(sentinel)], cwd=tmp_path, env=env
-    )
-    try:
-        deadline = time.time() + 240
-        while not sentinel.exists():
-            assert child.poll() is None, "the child run ended before its third checkpoint"
-            assert time.time() < deadline
-            time.sleep(0.2)
-        child.send_signal(signal.SIGKILL)
-        assert child.wait(30) == -signal.SIGKILL
-    finally:
-        if child.poll() is None:
-            child.kill()
+    kill_when(sentinel, script, [str(cfg_file), str(sentinel)], what="its third checkpoint")
     assert (out / "checkpoints" / ".tmp-epoch_0003").is_dir()
     trainer = Trainer(cfg_for(out), resume="latest")
     trainer.fit()

@@ -23,22 +23,25 @@ roughly: the papers' gains are 0.2-1% after 200+ epochs.
 
 **Preset cpu-lowdata** (``--preset cpu-lowdata``): "does it help?" where a model overfits, on a 2-core CPU.
 Baseline, DropBlock, CorrDrop, SelectScale, Selectout, AttentionDrop (ad) and LayerOut train ResNet-20 on the same
-2,000 CIFAR-10 training images, 60 epochs at batch 32 (LR 0.025), flips as the only augmentation, 3 seeds each,
-and are tested once at the end on the full 10k test split. Each method is one file of ``recipes/configs/lowdata/``
-(``base: baseline.yaml`` + the paper's placement and hyper-parameters; the headers say where each value comes from
-and why the setting is 2,000 x 60 at batch 32 without the pad-4 crop: with the crop the baseline never memorised at
-this budget, 69-76% train accuracy; without it, it passes 98% train accuracy soon after the first LR decay, the
-regime in which a regularizer can show what it is for; ~2 hours of 2 cores for the 21 runs). Runs go seed by
-seed, so a partial table already pairs every method with the baseline on the finished seeds. The table
-(``benchmarks/results/cpu_lowdata.md``) gives mean +- std test top-1, the paired difference to the baseline with a
-95% t-interval over seeds and a plain verdict, train accuracy, time, and LayerOut's frozen fraction and measured
-backward-time saving.
+2,000 CIFAR-10 training images, 60 epochs at batch 32 (LR 0.025), flips as the only augmentation, and are tested
+once at the end on the full 10k test split. Every method ran on seeds 0-2; the baseline and the three methods that
+leaned positive there (DropBlock, Selectout, SelectScale) run on seeds 0-9, so their paired intervals narrow to about
++-1 point. Each method is one file of ``recipes/configs/lowdata/`` (``base: baseline.yaml`` + the paper's placement
+and hyper-parameters; the headers say where each value comes from and why the setting is 2,000 x 60 at batch 32
+without the pad-4 crop: with the crop the baseline never memorised at this budget; without it, it passes 98% train
+accuracy soon after the first LR decay, the regime in which a regularizer can show what it is for; ~10-15
+CPU-minutes per run). Runs go seed by seed, so a partial table already pairs every method with the baseline on the
+finished seeds. The table (``benchmarks/results/cpu_lowdata.md``) gives mean +- std test top-1, the paired
+difference to the baseline with a 95% t-interval over seeds and a multiplicity-corrected verdict (also on the added
+seeds alone), per-seed values with the CPU each ran on, train accuracy, cost, and LayerOut's frozen fraction and
+measured backward-time saving.
 
-The table resumes: a finished run (its ``metrics.jsonl`` reaches the last epoch) is kept and skipped, an
-interrupted one continues with ``train.py --resume latest``, one killed before its first checkpoint restarts. Rerun
-the same command to continue; ``--report-only`` rebuilds the table from whatever has finished. CIFAR-10 must be in
-torchvision's python-pickle layout under ``--data-root`` (``DIR/cifar-10-batches-py``); with a network add
-``--download``.
+Every finished run is one line of the records file (``benchmarks/results/cpu_lowdata_runs.jsonl``: its numbers,
+CPU model, versions and date), and the table is made from that file alone, so runs from several machines and
+sessions add up and ``--report-only`` rewrites the table exactly. The driver skips runs the records file holds; in
+the runs folder, an interrupted run continues with ``train.py --resume latest`` and one killed before its first
+checkpoint restarts. Rerun the same command to continue. CIFAR-10 must be in torchvision's python-pickle layout
+under ``--data-root`` (``DIR/cifar-10-batches-py``); with a network add ``--download``.
 """
 
 from __future__ import annotations
@@ -213,8 +216,15 @@ class Preset(NamedTuple):
     out: str
     table: str
     title: str
+    records: str  # one JSON line per finished run: the table is made from this file alone
+    #: methods run on more seeds than ``seeds`` (those that leaned positive on the first ones)
+    more_seeds: dict[str, tuple[int, ...]] = {}
+
+    def seeds_of(self, method: str) -> tuple[int, ...]:
+        return self.more_seeds.get(method, self.seeds)
 
 
+_RESULTS = HERE.parent / "benchmarks" / "results"
 PRESETS: dict[str, Preset] = {
     "cpu-lowdata": Preset(
         config_dir=HERE / "configs" / "lowdata",
@@ -229,8 +239,12 @@ PRESETS: dict[str, Preset] = {
         ),
         seeds=(0, 1, 2),
         out="runs/cpu_lowdata",
-        table=str(HERE.parent / "benchmarks" / "results" / "cpu_lowdata.md"),
+        table=str(_RESULTS / "cpu_lowdata.md"),
         title="Low-data CIFAR-10 on a CPU: does it help?",
+        records=str(_RESULTS / "cpu_lowdata_runs.jsonl"),
+        # seeds 0-2 left DropBlock, Selectout and SelectScale ~1 point ahead with intervals ~5 points wide; 10
+        # seeds narrow a paired interval to ~+-1.1 points (seed-to-seed spread ~1.5)
+        more_seeds={m: tuple(range(10)) for m in ("baseline", "dropblock", "selectscale", "selectout")},
     )
 }
 
@@ -295,8 +309,11 @@ def plan_runs(preset: Preset, a: argparse.Namespace) -> list[Run]:
     if unknown:
         raise SystemExit(f"error: --only: {unknown} are not methods of this preset ({list(preset.methods)})")
     runs = []
-    for seed in a.seeds if a.seeds is not None else preset.seeds:
+    seeds = a.seeds if a.seeds is not None else sorted({s for m in methods for s in preset.seeds_of(m)})
+    for seed in seeds:
         for method in methods:
+            if a.seeds is None and seed not in preset.seeds_of(method):
+                continue
             path = preset.config_dir / f"{method}.yaml"
             base = load_config(path, check_paths=False, resolve_spec=False)
             epochs = a.epochs or base.train.epochs
@@ -376,6 +393,8 @@ def execute(run: Run, mode: str, a: argparse.Namespace, out: Path) -> dict:
         "wall_s": round(time.time() - t0, 1),
         "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
         "threads": a.threads,
+        "jobs": a.jobs,
+        "cpu": cpu_model(),
         "finished": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M:%S}",
     }
     print(
@@ -390,27 +409,75 @@ def _attempts(out: Path) -> list[dict]:
 
 
 def collect(run: Run, attempts: list[dict]) -> dict | None:
-    """A finished run's numbers, or None."""
+    """A finished run's record (one line of the preset's records file), or None.
+
+    The machine is the one the run's last attempt ran on (``attempts.jsonl``), else this one: a runs folder is
+    local (ignored by git), so its runs ran here.
+    """
     if run_state(run) != "done":
         return None
+    import timm
+    import torch
+
+    import timm_drop
+
     rows = _metrics(run.out_dir)
     last = rows[-1]
     mine = [r for r in attempts if r["run"] == run.key]
     # a restart discards what came before it
     starts = [i for i, r in enumerate(mine) if r["mode"] in ("new", "restart")]
     mine = mine[starts[-1] :] if starts else mine
-    res = {
+    rec: dict[str, Any] = {
+        "method": run.method,
+        "seed": run.seed,
         "test_top1": last["eval_top1"],
         "train_top1": last["train_top1"],
-        "train_time_s": sum(r.get("epoch_time_s", 0.0) for r in rows),
-        "cpu_s": sum(r["cpu_s"] for r in mine) if mine else None,
         "eval_images": last.get("eval_images"),
+        "train_min": round(sum(r.get("epoch_time_s", 0.0) for r in rows) / 60, 2),
+        "cpu_min": round(sum(r["cpu_s"] for r in mine) / 60, 2) if mine else None,
+        "cpu": next((r["cpu"] for r in reversed(mine) if r.get("cpu")), cpu_model()),
+        "threads": mine[-1]["threads"] if mine else None,
+        "jobs": mine[-1].get("jobs") if mine else None,
+        "versions": {
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+            "timm_drop": timm_drop.__version__,
+            "python": platform.python_version(),
+        },
+        "finished": (mine[-1]["finished"][:16] + " UTC") if mine else None,
     }
     if run.cfg.layerout is not None:
         warm = run.cfg.layerout.get("warmup_epochs", 0)
         ff = [r["frozen_fraction"] for r in rows if "frozen_fraction" in r and r["epoch"] > warm]
-        res["frozen"] = statistics.fmean(ff) if ff else None
-    return res
+        rec["frozen"] = statistics.fmean(ff) if ff else None
+    return rec
+
+
+def read_records(path: Path) -> list[dict]:
+    """The records file: finished runs (``method`` + ``seed``) and, for runs whose per-run figures were not kept,
+    group lines (``method`` + ``seeds``) holding the group's means."""
+    if not path.is_file():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def record_finished(runs: list[Run], out: Path, records: Path, a: argparse.Namespace) -> list[dict]:
+    """Append every finished run of the runs folder that the records file lacks (a LayerOut run with its
+    replayed backward-time saving, measured now); returns all records."""
+    have = {(r["method"], r["seed"]) for r in read_records(records) if "seed" in r}
+    attempts = _attempts(out)
+    new = []
+    for run in runs:
+        if (run.method, run.seed) in have or (rec := collect(run, attempts)) is None:
+            continue
+        if run.cfg.layerout is not None and a.timing_rounds:
+            rec["layerout_timing"] = layerout_saving(run, a)
+        new.append(rec)
+    if new:
+        records.parent.mkdir(parents=True, exist_ok=True)
+        with records.open("a") as f:
+            f.writelines(json.dumps(rec) + "\n" for rec in new)
+    return read_records(records)
 
 
 def _bench_module():
@@ -483,50 +550,101 @@ def _augment_words(aug: Any) -> str:
     return " + ".join(parts) + (" only" if len(parts) == 1 else "")
 
 
-def _device() -> str:
+def cpu_model() -> str:
+    """This machine's CPU model name (seeded runs repeat exactly on one CPU model, not across models)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} logical CPUs"
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs"
+    return platform.processor() or platform.machine()
 
 
-def write_report(preset: Preset, runs: list[Run], a: argparse.Namespace, out: Path) -> str:
-    import timm
-    import torch
+def _seed_list(seeds: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    parts, run = [], [seeds[0]] if seeds else []
+    for x in seeds[1:]:
+        if x == run[-1] + 1:
+            run.append(x)
+        else:
+            parts.append(run)
+            run = [x]
+    parts += [run] if run else []
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 2 else ", ".join(map(str, r)) for r in parts)
 
-    import timm_drop
 
-    attempts = _attempts(out)
-    results = {r.key: collect(r, attempts) for r in runs}
-    timing_path = out / "layerout_timing.json"
-    timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
-    for r in runs:
-        if (
-            r.cfg.layerout is not None
-            and results[r.key] is not None
-            and r.key not in timing
-            and a.timing_rounds
-        ):
-            timing[r.key] = layerout_saving(r, a)
-            timing_path.write_text(json.dumps(timing, indent=1))
+def _group_mean(method_runs: list[dict], groups: list[dict], field: str) -> tuple[float | None, int]:
+    """Mean of ``field`` over one method's runs: per-run values where kept, else the mean of that method's group
+    line that covers the run on the same CPU (an earlier table kept only those). Returns (mean, runs counted)."""
+    total, n = 0.0, 0
+    for g in groups:
+        covered = [
+            r
+            for r in method_runs
+            if (r["method"], r["cpu"]) == (g["method"], g["cpu"])
+            and r["seed"] in g["seeds"]
+            and r.get(field) is None
+        ]
+        if g.get(field) is not None and len(covered) == len(g["seeds"]):
+            total, n = total + g[field] * len(covered), n + len(covered)
+    for r in method_runs:
+        if r.get(field) is not None:
+            total, n = total + r[field], n + 1
+    return (total / n if n else None), n
+
+
+def _paired(recs: dict[tuple[str, int], dict], method: str, seeds: list[int]) -> tuple[list[float], int]:
+    """(method - baseline) per seed, over the given seeds where both ran on one CPU model; and how many seeds were
+    left out because the two ran on different CPU models."""
+    diffs, mixed = [], 0
+    for s in seeds:
+        m, b = recs.get((method, s)), recs.get(("baseline", s))
+        if m is None or b is None:
+            continue
+        if m["cpu"] != b["cpu"]:
+            mixed += 1
+            continue
+        diffs.append(m["test_top1"] - b["test_top1"])
+    return diffs, mixed
+
+
+def _ci_text(diffs: list[float], comparisons: int) -> tuple[str, str]:
+    ci = paired_ci(diffs)
+    verd = verdict(paired_ci(diffs, comparisons), ci, comparisons)
+    if ci is not None:
+        return f"{ci[0]:+.2f} [{ci[1]:+.2f}, {ci[2]:+.2f}] (n={len(diffs)})", verd
+    return (f"{diffs[0]:+.2f} (n=1)" if diffs else ""), verd
+
+
+def write_report(preset: Preset, runs: list[Run], records: list[dict]) -> str:
+    """The preset's Markdown table, a pure function of the planned runs and the records (rerunning
+    ``--report-only`` on the same records rewrites it byte for byte)."""
+    recs = {(r["method"], r["seed"]): r for r in records if "seed" in r}
+    groups = [r for r in records if "seeds" in r]
+    planned = {(r.method, r.seed) for r in runs}
     methods = list(dict.fromkeys(r.method for r in runs))
-    seeds = list(dict.fromkeys(r.seed for r in runs))
-    done = sum(v is not None for v in results.values())
+    done = len(planned & set(recs))
     first = runs[0].cfg
-    command_file = out / "command.txt"
-    run_cmd = command_file.read_text().strip() if command_file.is_file() else "(not recorded)"
-    # the runs' parallelism is that of the command that ran them, not of this (maybe --report-only) call
-    ran = build_parser().parse_args(shlex.split(run_cmd)[2:]) if command_file.is_file() else a
-    now = datetime.datetime.now(datetime.timezone.utc)
+    cpus = list(dict.fromkeys(recs[k]["cpu"] for k in sorted(recs, key=lambda k: k[1]) if k in planned))
+    letters = {c: chr(ord("A") + i) for i, c in enumerate(cpus)}
     status = (
-        f"**Complete**: all {len(runs)} runs finished."
-        if done == len(runs)
-        else f"**PARTIAL: {done} of {len(runs)} runs finished** (the background job may still be running; rerun the "
-        "command below to continue). Rows with fewer seeds carry less evidence."
+        f"**Complete**: all {len(planned)} planned runs are recorded."
+        if done == len(planned)
+        else f"**PARTIAL: {done} of {len(planned)} planned runs are recorded** (rerun the command below to "
+        "continue). Rows with fewer seeds carry less evidence."
     )
+    seeds_by: dict[tuple[int, ...], list[str]] = {}
+    for m in methods:
+        seeds_by.setdefault(tuple(sorted(r.seed for r in runs if r.method == m)), []).append(m)
+    seed_words = "; ".join(f"seeds {_seed_list(list(k))} for {', '.join(v)}" for k, v in seeds_by.items())
+    versions = list(
+        dict.fromkeys(
+            ", ".join(f"{k} {v}" for k, v in r["versions"].items()) for r in records if r.get("versions")
+        )
+    )
+    finished = sorted(r["finished"] for r in records if r.get("finished"))
+    settings = sorted({(r.get("threads"), r.get("jobs")) for k, r in recs.items() if k in planned}, key=str)
     lines = [
         f"# {preset.title}",
         "",
@@ -538,80 +656,139 @@ def write_report(preset: Preset, runs: list[Run], a: argparse.Namespace, out: Pa
         f"- {first.train.epochs} epochs, batch {first.data.batch_size}, SGD momentum {first.optim.momentum} LR "
         f"{first.optim.lr} x{first.sched.gamma} at {first.sched.milestone_fractions} of the run, weight decay "
         f"{first.optim.weight_decay}, {_augment_words(first.data.augment)}, precision "
-        f"{first.train.precision}; seeds {seeds} (a seed fixes the initialisation and data order, the same for every "
-        "method, so differences are paired by seed)",
+        f"{first.train.precision}; {seed_words} (a seed fixes the initialisation and data order, the same for "
+        "every method, so differences are paired by seed)",
         f"- methods: `{preset.config_dir.relative_to(HERE.parent)}/<method>.yaml` (placement and hyper-parameters "
         "from each paper, scaled to 32x32 maps where needed; the file headers give the sources). No value was tuned "
         "on the test split.",
-        f"- device: {_device()}, {ran.threads} torch thread(s) per run, {ran.jobs} run(s) at a time; torch "
-        f"{torch.__version__}, timm {timm.__version__}, timm_drop {timm_drop.__version__}, python "
-        f"{platform.python_version()}",
-        f"- date: {now:%Y-%m-%d %H:%M} UTC (table written); runs: `{run_cmd}`",
+        "- CPUs: "
+        + "; ".join(f"{letters[c]} = {c}" for c in cpus)
+        + " (the per-seed table names each run's). Seeded runs repeat exactly on one CPU model, not across "
+        "models, so a difference is paired only between runs on the same CPU model.",
+        "- threads per run / runs at a time: "
+        + ", ".join(f"{t or '?'} / {j or '?'}" for t, j in settings)
+        + "; "
+        + "; ".join(versions),
+        f"- runs finished {finished[0][:10] if finished else '?'} to {finished[-1] if finished else '?'}; "
+        f"command: `python recipes/reproduce.py --preset {_preset_name(preset)} --data-root data/cifar10 "
+        "--jobs 1` (each run's record: "
+        f"`{Path(preset.records).relative_to(HERE.parent)}`)",
         "",
-        "| method | seeds done | test top-1 % (mean ± std) | per seed | Δ vs baseline, paired (95% CI) | verdict | "
-        "train top-1 % | train min/run | CPU min/run |",
-        "|---|---:|---:|---|---:|---|---:|---:|---:|",
     ]
-    base = {r.seed: results[r.key] for r in runs if r.method == "baseline"}
+    base_seeds = list(preset.seeds)
+    more = [m for m in methods if m != "baseline" and len(preset.seeds_of(m)) > len(base_seeds)]
     comparisons = max(1, len(methods) - 1)  # every method against the one baseline
-    summary = []
+    header = "| method | seeds | test top-1 % (mean ± std) | Δ vs baseline, paired (95% CI) | verdict |"
+    rule = "|---|---:|---:|---:|---|"
+    if more:
+        header += " Δ on the added seeds only (95% CI) | verdict there |"
+        rule += "---:|---|"
+    lines += [header + " train top-1 % |", rule + "---:|"]
+    summary, confirm = [], []
     for m in methods:
-        rs = [(r, results[r.key]) for r in runs if r.method == m and results[r.key] is not None]
-        if not rs:
-            lines.append(f"| {m} | 0/{len(seeds)} | | | | not run yet | | | |")
-            continue
-        acc = [x["test_top1"] for _, x in rs]
-        sd = f" ± {statistics.stdev(acc):.2f}" if len(acc) > 1 else ""
-        per = " / ".join(f"{v:.2f}" for v in acc)
-        delta, verd = "", ""
-        if m != "baseline":
-            diffs = [x["test_top1"] - base[r.seed]["test_top1"] for r, x in rs if base.get(r.seed)]
-            ci = paired_ci(diffs)
-            verd = verdict(paired_ci(diffs, comparisons), ci, comparisons)
-            if ci is not None:
-                delta = f"{ci[0]:+.2f} [{ci[1]:+.2f}, {ci[2]:+.2f}] (n={len(diffs)})"
-            elif diffs:
-                delta = f"{diffs[0]:+.2f} (n=1)"
-            summary.append(f"{m}: {verd}")
-        cpu = [x["cpu_s"] for _, x in rs if x["cpu_s"] is not None]
-        lines.append(
-            f"| {m} | {len(rs)}/{len(seeds)} | {statistics.fmean(acc):.2f}{sd} | {per} | {delta} | {verd} | "
-            f"{statistics.fmean(x['train_top1'] for _, x in rs):.1f} | "
-            f"{statistics.fmean(x['train_time_s'] for _, x in rs) / 60:.1f} | "
-            f"{_fmt(statistics.fmean(cpu) / 60 if cpu else None, '.1f')} |"
-        )
-    lo_runs = [(r, results[r.key]) for r in runs if r.cfg.layerout is not None and results[r.key] is not None]
-    lines += [""]
-    if lo_runs:
-        fr = [x["frozen"] for _, x in lo_runs if x.get("frozen") is not None]
-        tm = [timing[r.key] for r, _ in lo_runs if r.key in timing]
-        lines.append(
-            f"LayerOut: {100 * statistics.fmean(fr):.1f}% of the parameters frozen per epoch after warm-up (mean over "
-            f"{len(fr)} run(s); the paper's figure)."
-            + (
-                f" Replaying {len(tm)} run(s)' own frozen sets on a fresh model ({tm[0]['settings']}, round-robin "
-                f"against nothing frozen): backward time "
-                f"{100 * statistics.fmean(t['bwd_saving'] for t in tm):+.1f}%, whole train step "
-                f"{100 * statistics.fmean(t['step_saving'] for t in tm):+.1f}% saved (positive = faster; timed "
-                "frozen share "
-                f"{100 * statistics.fmean(t['frozen'] for t in tm):.1f}%)."
-                if tm
-                else ""
+        mine = [recs[(m, r.seed)] for r in runs if r.method == m and (m, r.seed) in recs]
+        cells = [m, f"{len(mine)}/{sum(r.method == m for r in runs)}"]
+        if not mine:
+            lines.append(
+                "| " + " | ".join(cells + ["", "", "not run yet"] + ["", ""] * bool(more) + [""]) + " |"
             )
+            continue
+        acc = [x["test_top1"] for x in mine]
+        cells.append(
+            f"{statistics.fmean(acc):.2f}" + (f" ± {statistics.stdev(acc):.2f}" if len(acc) > 1 else "")
         )
-        lines.append("")
-    t_cmp = t_quantile(max(1, len(seeds) - 1), comparisons)
+        delta = verd = c_delta = c_verd = ""
+        if m != "baseline":
+            diffs, mixed = _paired(recs, m, [x["seed"] for x in mine])
+            delta, verd = _ci_text(diffs, comparisons)
+            if mixed:
+                delta += f" ({mixed} seed(s) on different CPUs left out)"
+            summary.append(f"{m}: {verd}")
+            if m in more:
+                added = [s for s in preset.seeds_of(m) if s not in base_seeds]
+                c_delta, c_verd = _ci_text(_paired(recs, m, added)[0], len(more))
+                confirm.append(f"{m}: {c_verd}")
+        cells += [delta, verd] + [c_delta, c_verd] * bool(more)
+        cells.append(_fmt(_group_mean(mine, groups, "train_top1")[0], ".1f"))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Test top-1 % per seed (the letter under each seed is the CPU its runs ran on):", ""]
+    all_seeds = sorted({r.seed for r in runs})
+    lines += [
+        "| method | " + " | ".join(str(s) for s in all_seeds) + " |",
+        "|---|" + "---:|" * len(all_seeds),
+    ]
+    for m in methods:
+        cells = [f"{recs[(m, s)]['test_top1']:.2f}" if (m, s) in recs else "" for s in all_seeds]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    cpu_cells = []
+    for s in all_seeds:
+        used = {recs[(m, s)]["cpu"] for m in methods if (m, s) in recs}
+        cpu_cells.append("/".join(sorted(letters[c] for c in used)))
+    lines += ["| CPU | " + " | ".join(cpu_cells) + " |", ""]
+    time_parts = []
+    for c in cpus:
+        on = [r for k, r in recs.items() if k in planned and r["cpu"] == c]
+        # per-run CPU minutes where kept, else each run of a group counts with the group's mean
+        tm = [r["cpu_min"] for r in on if r.get("cpu_min") is not None]
+        tm += [
+            g["cpu_min"]
+            for g in groups
+            if g.get("cpu") == c and g.get("cpu_min") is not None
+            for _ in g["seeds"]
+        ]
+        if tm:
+            time_parts.append(f"{letters[c]}: {statistics.fmean(tm):.1f} CPU-min per run ({len(on)} runs)")
+    if time_parts:
+        lines += [
+            "Cost: "
+            + "; ".join(time_parts)
+            + " (CPU time of the train.py processes; on CPUs shared with other jobs, so only roughly comparable).",
+            "",
+        ]
+    lo = [r for r in runs if r.cfg.layerout is not None]
+    if lo:
+        lo_recs = [recs[(r.method, r.seed)] for r in lo if (r.method, r.seed) in recs]
+        frozen, n_fr = _group_mean(lo_recs, groups, "frozen")
+        timing = [r["layerout_timing"] for r in lo_recs if r.get("layerout_timing")]
+        timing += [
+            g["layerout_timing"] for g in groups if g.get("layerout_timing") and g["method"] == lo[0].method
+        ]
+        if frozen is not None:
+            lines.append(
+                f"LayerOut: {100 * frozen:.1f}% of the parameters frozen per epoch after warm-up (mean over "
+                f"{n_fr} run(s); the paper's figure)."
+                + (
+                    f" Replaying the runs' own frozen sets on a fresh model ({timing[0]['settings']}, "
+                    "round-robin against nothing frozen): backward time "
+                    f"{100 * statistics.fmean(t['bwd_saving'] for t in timing):+.1f}%, whole train step "
+                    f"{100 * statistics.fmean(t['step_saving'] for t in timing):+.1f}% saved (positive = faster; "
+                    f"timed frozen share {100 * statistics.fmean(t['frozen'] for t in timing):.1f}%)."
+                    if timing
+                    else ""
+                )
+            )
+            lines.append("")
+    n_max = max((sum(r.method == m for r in runs) for m in methods), default=1)
     lines += [
         "How to read it: *train top-1* is the running accuracy of the last epoch with augmentation and the "
-        "regularizer active. *Δ* is the mean over seeds of (method − baseline) on the same seed with a two-sided 95% "
-        f"Student-t interval (n − 1 degrees of freedom; with {len(seeds)} seeds t = {t_quantile(max(1, len(seeds) - 1)):.2f}, "
-        f"so the interval is wide). The *verdict* reads a Bonferroni-corrected interval instead: {comparisons} methods are "
-        f"compared to one baseline, so each interval is a {100 - 5 / comparisons:.2f}% one (t = {t_cmp:.2f}), and the "
-        "verdict says when only the uncorrected interval excludes 0. *Cannot tell* means the seed-to-seed spread is "
-        "too large to tell an effect from noise at this number of seeds; it is not evidence of no effect. *Train min* sums the epochs' "
-        "training wall time (resumes included, evaluation excluded); *CPU min* is the CPU time of the train.py "
-        "processes the driver saw exit (an attempt killed together with the driver is not counted). Both were "
-        "measured on a CPU shared with other jobs: they compare runs only roughly.",
+        "regularizer active (for runs whose per-run value an earlier table did not keep, the mean of their group "
+        "enters). *Δ* is the mean over seeds of (method − baseline) on the same seed with a two-sided 95% "
+        "Student-t interval (n − 1 degrees of freedom: t = "
+        f"{t_quantile(2):.2f} with 3 seeds, {t_quantile(max(1, n_max - 1)):.2f} with {n_max}). The *verdict* reads a "
+        f"Bonferroni-corrected interval instead: {comparisons} methods are compared to one baseline, so each "
+        f"interval is a {100 - 5 / comparisons:.2f}% one, and the verdict says when only the uncorrected interval "
+        "excludes 0. *Cannot tell* means the seed-to-seed spread is too large to tell an effect from noise at this "
+        "number of seeds; it is not evidence of no effect.",
+    ]
+    if more:
+        lines += [
+            "",
+            f"*The added seeds*: {', '.join(more)} were run on more seeds because they leaned positive on seeds "
+            f"{_seed_list(base_seeds)}. Those first seeds chose them, so an estimate that includes them favours them; "
+            f"the seeds added afterwards ({_seed_list([s for s in preset.seeds_of(more[0]) if s not in base_seeds])}) "
+            f"are a fresh test of the same question, corrected for the {len(more)} methods re-tested.",
+        ]
+    lines += [
         "",
         f"Not the papers' setting: {first.data.train_subset or 'all'} training images instead of 50,000, "
         f"{first.train.epochs} epochs at batch {first.data.batch_size} instead of 160-300 at 128, "
@@ -622,20 +799,30 @@ def write_report(preset: Preset, runs: list[Run], a: argparse.Namespace, out: Pa
         "",
         "Reproduce: CIFAR-10 in torchvision's python-pickle layout under `--data-root` (`DIR/cifar-10-batches-py`; "
         "add `--download` to fetch it, or export a local copy, e.g. `python ../shared/data/export_cifar10.py "
-        "--format pickle --out data/cifar10`), then run the command above; rerunning it skips finished runs and "
-        "resumes interrupted ones (`train.py --resume latest`); `--report-only` rewrites this table. Per-run "
-        "outputs and logs stay in the runs folder (`--out`).",
+        "--format pickle --out data/cifar10`), then run the command above; it skips the runs the records file "
+        "holds, resumes interrupted ones (`train.py --resume latest`) and appends each finished run to the records "
+        "file; `--report-only` rewrites this table from the records. Per-run outputs and logs stay in the runs "
+        "folder (`--out`).",
         "",
     ]
     if summary:
-        lines.insert(
-            4,
+        verdicts = (
             f"Verdicts (paired over seeds, corrected for {comparisons} comparisons): "
             + "; ".join(summary)
-            + ".\n",
+            + "."
         )
-    report = "\n".join(lines)
-    return report
+        if confirm:
+            verdicts += (
+                f" On the added seeds alone (corrected for {len(confirm)} comparisons): "
+                + "; ".join(confirm)
+                + "."
+            )
+        lines.insert(4, verdicts + "\n")
+    return "\n".join(lines)
+
+
+def _preset_name(preset: Preset) -> str:
+    return next(k for k, v in PRESETS.items() if v is preset)
 
 
 def preset_main(a: argparse.Namespace) -> int:
@@ -649,10 +836,11 @@ def preset_main(a: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     table = Path(a.table or preset.table)
+    records = Path(a.records or preset.records)
     out.mkdir(parents=True, exist_ok=True)
 
     def report() -> None:
-        text = write_report(preset, runs, a, out)
+        text = write_report(preset, runs, record_finished(runs, out, records, a))
         table.parent.mkdir(parents=True, exist_ok=True)
         table.write_text(text)
         print(f"table: {table}", flush=True)
@@ -660,15 +848,16 @@ def preset_main(a: argparse.Namespace) -> int:
     if a.report_only:
         report()
         return 0
-    (out / "command.txt").write_text(
-        "python recipes/reproduce.py " + " ".join(shlex.quote(x) for x in a.argv) + "\n"
-    )
     import threading
 
     lock = threading.Lock()
     failed = []
+    recorded = {(r["method"], r["seed"]) for r in read_records(records) if "seed" in r}
 
     def one(run: Run) -> None:
+        if (run.method, run.seed) in recorded:
+            print(f"[{run.key}] recorded earlier: kept", flush=True)
+            return
         mode = run_state(run)
         if mode == "done":
             print(f"[{run.key}] finished earlier: kept", flush=True)
@@ -683,7 +872,8 @@ def preset_main(a: argparse.Namespace) -> int:
 
     with ThreadPoolExecutor(max_workers=a.jobs) as ex:
         list(ex.map(one, runs))
-    report()
+    with lock:
+        report()
     if failed:
         print(f"failed runs: {failed} (logs under {out / 'logs'})", file=sys.stderr)
     return 1 if failed else 0
@@ -714,6 +904,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--only", nargs="*", help="run a subset of the rows / methods")
     ap.add_argument("--out", default=None, help="runs folder (default: runs/reproduce or the preset's)")
     ap.add_argument("--table", default=None, help="preset: Markdown table path (default: the preset's)")
+    ap.add_argument(
+        "--records",
+        default=None,
+        help="preset: the finished runs' records, JSON lines (default: the preset's)",
+    )
     ap.add_argument("--report-only", action="store_true", help="preset: rebuild the table from finished runs")
     ap.add_argument("--jobs", type=int, default=1, help="preset: runs at a time")
     ap.add_argument("--threads", type=int, default=1, help="preset: torch threads per run")

@@ -251,7 +251,7 @@ def run(args: argparse.Namespace) -> str:
                 try:
                     module = make().train().to(device)
                     if mode == "compiled":
-                        module = torch.compile(module, dynamic=False)
+                        module = torch.compile(module, dynamic=False, backend=args.compile_backend)
                     step = fwd_bwd_step(module, x, grad)
                     step()  # first call: compiles, and surfaces a method that cannot serve this shape
                     steps[str(i)] = step
@@ -359,7 +359,7 @@ def _header(args, device, dtype, compile_on) -> str:
             f"timm_drop {timm_drop.__version__}, Python {platform.python_version()}",
             f"- dtype: {args.dtype}; median of {args.repeats} round-robin repeats after {args.warmup} "
             "warm-up; "
-            f"torch.compile: {'yes (dynamic=False)' if compile_on else 'no'}",
+            f"torch.compile: {f'yes (dynamic=False, backend {args.compile_backend})' if compile_on else 'no'}",
             f"- command: `python benchmarks/ops.py {' '.join(args.argv)}`",
             f"- clock: {args.clock} ({'thread CPU time' if args.clock == 'cpu' else 'elapsed time'}); "
             f"load average (1/5/15 min) before: {args.load_before}, after: {args.load_after} "
@@ -397,6 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="default: on for cuda, off for cpu",
+    )
+    ap.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend (aot_eager: the compile path without code generation, for a quick check)",
     )
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = default)")
     ap.add_argument(

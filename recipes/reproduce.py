@@ -437,7 +437,7 @@ def collect(run: Run, attempts: list[dict]) -> dict | None:
         "cpu_min": round(sum(r["cpu_s"] for r in mine) / 60, 2) if mine else None,
         "cpu": next((r["cpu"] for r in reversed(mine) if r.get("cpu")), cpu_model()),
         "threads": mine[-1]["threads"] if mine else None,
-        "jobs": mine[-1].get("jobs") if mine else None,
+        "jobs": mine[-1].get("jobs", _jobs_of_command(run.out_dir.parent.parent)) if mine else None,
         "versions": {
             "torch": torch.__version__,
             "timm": timm.__version__,
@@ -451,6 +451,14 @@ def collect(run: Run, attempts: list[dict]) -> dict | None:
         ff = [r["frozen_fraction"] for r in rows if "frozen_fraction" in r and r["epoch"] > warm]
         rec["frozen"] = statistics.fmean(ff) if ff else None
     return rec
+
+
+def _jobs_of_command(out: Path) -> int | None:
+    """``--jobs`` of the command recorded in the runs folder (attempts written before attempts kept it)."""
+    path = out / "command.txt"
+    if not path.is_file():
+        return None
+    return build_parser().parse_args(shlex.split(path.read_text())[2:]).jobs
 
 
 def read_records(path: Path) -> list[dict]:

@@ -123,12 +123,19 @@ class CheckpointManager:
         ckpts = self.list()
         return ckpts[-1] if ckpts else None
 
-    def resolve(self, resume: str, num_processes: int = 1, log: Callable[[str], None] = print) -> Path:
-        """The checkpoint to restore, verified against its manifest.
+    def resolve(
+        self,
+        resume: str,
+        num_processes: int = 1,
+        log: Callable[[str], None] = print,
+        restore: Callable[[Path], None] | None = None,
+    ) -> Path:
+        """The checkpoint to continue from: verified against its manifest, then given to ``restore`` (which raises
+        :class:`CheckpointError` when the checkpoint cannot continue this run).
 
-        ``"latest"``: the newest checkpoint of this run that verifies; each newer one that does not is reported
-        through ``log`` (which file failed, which checkpoint is used instead). A path: that checkpoint folder,
-        or :class:`CheckpointError` naming the file that fails.
+        ``"latest"``: the newest checkpoint of this run that verifies and restores; each newer one that does not is
+        reported through ``log`` (which file failed or why it cannot be restored, which checkpoint is used
+        instead). A path: that checkpoint folder, or :class:`CheckpointError` naming the file or the reason.
         """
         if resume == "latest":
             ckpts = self.list()
@@ -136,26 +143,40 @@ class CheckpointManager:
                 raise FileNotFoundError(f"--resume latest: no complete checkpoint under {self.root}")
             failed = []
             for path in reversed(ckpts):
-                problem = verify_checkpoint(path, num_processes)
+                problem = self._unusable(path, num_processes, restore)
                 if problem is None:
                     if failed:
                         log(
                             "warning: --resume latest: "
                             + "; ".join(failed)
-                            + f"; resuming from {path} instead (the newest checkpoint that verifies)"
+                            + f"; resuming from {path} instead (the newest checkpoint that verifies and restores)"
                         )
                     return path
-                failed.append(f"checkpoint {path} fails verification: {problem}")
-            raise CheckpointError("--resume latest: no checkpoint verifies: " + "; ".join(failed))
+                failed.append(f"checkpoint {path} {problem}")
+            raise CheckpointError("--resume latest: no checkpoint can be used: " + "; ".join(failed))
         path = Path(resume)
         if not (path / STATE_FILE).is_file() and not (path / MANIFEST).is_file():
             raise FileNotFoundError(
                 f"--resume {resume!r}: not a timm_drop checkpoint folder (no {STATE_FILE}, no {MANIFEST})"
             )
+        problem = self._unusable(path, num_processes, restore)
+        if problem is not None:
+            raise CheckpointError(f"--resume {resume!r}: checkpoint {problem}")
+        return path
+
+    @staticmethod
+    def _unusable(path: Path, num_processes: int, restore: Callable[[Path], None] | None) -> str | None:
+        """Why ``path`` cannot continue this run (``"fails verification: ..."``, ``"cannot be restored: ..."``),
+        or None once ``restore`` took it."""
         problem = verify_checkpoint(path, num_processes)
         if problem is not None:
-            raise CheckpointError(f"--resume {resume!r}: checkpoint fails verification: {problem}")
-        return path
+            return f"fails verification: {problem}"
+        if restore is not None:
+            try:
+                restore(path)
+            except CheckpointError as e:
+                return f"cannot be restored: {e}"
+        return None
 
     def save(
         self,
@@ -222,8 +243,8 @@ class CheckpointManager:
             return state
         except (RuntimeError, ValueError, KeyError, OSError, EOFError) as e:
             raise CheckpointError(
-                f"--resume {path}: cannot restore it into this run ({type(e).__name__}: {str(e)[:500]}); was it "
-                "written by a run with another model or optimizer?"
+                f"cannot restore it into this run ({type(e).__name__}: {str(e)[:500]}); was it written by a run "
+                "with another model or optimizer?"
             ) from e
 
 
@@ -280,6 +301,20 @@ def write_manifest(folder: Path, num_processes: int, mid_epoch: bool = False) ->
     _fsync_dir(folder)
 
 
+def _mid_epoch(path: Path, manifest: dict[str, Any]) -> bool:
+    named = _NAME.match(path.name)
+    return bool(manifest.get("mid_epoch")) or (named is not None and named.group(2) is not None)
+
+
+def is_mid_epoch(path: str | os.PathLike) -> bool:
+    """Whether the (verified) checkpoint at ``path`` was taken inside an epoch: its manifest or its name says so.
+    Only such a checkpoint has a data position; an epoch's end has none."""
+    import json
+
+    path = Path(path)
+    return _mid_epoch(path, json.loads((path / MANIFEST).read_text()))
+
+
 def verify_checkpoint(path: str | os.PathLike, num_processes: int) -> str | None:
     """None if every file the manifest lists is there with its recorded size and checksum; else the problem,
     naming the file."""
@@ -307,8 +342,7 @@ def verify_checkpoint(path: str | os.PathLike, num_processes: int) -> str | None
             return f"{p} does not match its recorded sha256 (corrupted)"
     if STATE_FILE not in files:
         return f"{mpath} does not list {STATE_FILE}"
-    named = _NAME.match(path.name)
-    if manifest.get("mid_epoch") or (named is not None and named.group(2) is not None):
+    if _mid_epoch(path, manifest):
         # a mid-epoch checkpoint continues each process at its own data position
         for rank in range(written_by):
             name = PROCESS_STATE_FILE.format(rank=rank)

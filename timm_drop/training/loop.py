@@ -44,6 +44,7 @@ from timm_drop.training.checkpoint import (
     CheckpointManager,
     RunDir,
     check_output_dir,
+    is_mid_epoch,
     save_weights,
     save_weights_safetensors,
 )
@@ -534,8 +535,8 @@ class Trainer:
                 "resume mid-epoch (it has no state_dict/load_state_dict); use null (epoch checkpoints only)"
             )
         if self.resume is not None and not self.dry_run:
-            self._restore(
-                self.ckpt.resolve(self.resume, num_processes=self.world, log=self.accelerator.print)
+            self.ckpt.resolve(
+                self.resume, num_processes=self.world, log=self.accelerator.print, restore=self._restore_agreed
             )
 
     def _prepare_run_dir(self) -> None:
@@ -566,37 +567,60 @@ class Trainer:
         acc.wait_for_everyone()
 
     def _restore(self, path: Path) -> None:
+        """Load the checkpoint at ``path`` into this run; :class:`CheckpointError` (before the run's counters, LayerOut,
+        EMA or data position change) when it cannot continue it, so ``--resume latest`` can try an older one."""
         extra = CheckpointManager.load(self.accelerator, path)
-        self.state = TrainState(**extra["train_state"])
-        if self.state.batch:
+        state = TrainState(**extra["train_state"])
+        own = None
+        if is_mid_epoch(path):
             own = extra.get("process_state")
-            if own is None or own["loader"]["batch"] != self.state.batch:
+            if own is None or own["loader"]["batch"] != state.batch:
                 raise CheckpointError(
-                    f"--resume {path}: a mid-epoch checkpoint without this process's data position "
-                    f"(process {self.rank})"
+                    f"a mid-epoch checkpoint without this process's data position (process {self.rank})"
                 )
-            self.train_loader.load_state_dict(own["loader"])
-            self._resume_point = own
-        if self.layerout is not None:
-            if "layerout" not in extra:
+            if own["loader"]["epoch"] != state.epoch:
                 raise CheckpointError(
-                    f"--resume {path}: the checkpoint has no LayerOut state but the config has layerout"
+                    f"process {self.rank}'s data position is in epoch {own['loader']['epoch'] + 1}, the checkpoint is "
+                    f"inside epoch {state.epoch + 1}"
                 )
-            self.layerout.load_state_dict(extra["layerout"])
-        if self.ema is not None:
-            if "ema" not in extra:
-                raise CheckpointError(
-                    f"--resume {path}: the checkpoint has no EMA state but train.ema.enabled is true"
-                )
-            self.ema.load_state_dict(extra["ema"])
+        # an epoch's end has no position inside an epoch (epoch checkpoints written after a mid-epoch resume by
+        # earlier versions kept the position of the step checkpoint they were resumed from)
+        state.batch = 0
+        if self.layerout is not None and "layerout" not in extra:
+            raise CheckpointError("the checkpoint has no LayerOut state but the config has layerout")
+        if self.ema is not None and "ema" not in extra:
+            raise CheckpointError("the checkpoint has no EMA state but train.ema.enabled is true")
         # only the step: the recipe's resume config check decides what may change (a longer train.epochs stretches
         # the schedule, as progress = step / total_steps always did); a checkpoint from before the recipe used
         # drive() has no "driver", and its schedules followed the step count
-        step = extra["driver"]["step"] if "driver" in extra else self.state.step
+        step = extra["driver"]["step"] if "driver" in extra else state.step
         try:
             self.driver.load_state_dict({"step": step})
-        except ValueError as e:
-            raise CheckpointError(f"--resume {path}: driver {e}") from e
+            if self.layerout is not None:
+                self.layerout.load_state_dict(extra["layerout"])
+            if self.ema is not None:
+                self.ema.load_state_dict(extra["ema"])
+            if own is not None:
+                self.train_loader.load_state_dict(own["loader"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"its state does not fit this run ({type(e).__name__}: {e})") from e
+        self.state, self._resume_point = state, own
+
+    def _restore_agreed(self, path: Path) -> None:
+        """:meth:`_restore` on every process; a checkpoint one process cannot continue from is refused by all (each
+        holds its own data position), so ``--resume latest`` moves on to the same older checkpoint everywhere."""
+        problem = None
+        try:
+            self._restore(path)
+        except CheckpointError as e:
+            problem = e
+        if self.world > 1:
+            failed = self.accelerator.gather(torch.tensor([problem is not None], device=self.device))
+            ranks = [r for r, f in enumerate(failed.tolist()) if f]
+            if ranks and problem is None:
+                problem = CheckpointError(f"process(es) {ranks} cannot continue from it")
+        if problem is not None:
+            raise problem
         self.accelerator.print(f"resumed from {path} at epoch {self.state.epoch}, step {self.state.step}")
 
     def _extra_state(self) -> dict[str, Any]:

@@ -185,3 +185,60 @@ def test_a_run_that_may_still_be_running_is_not_replaced(in_tmp, capsys):
     assert "may still be running there" in capsys.readouterr().err
     marker_path.write_text(json.dumps(marker))
     assert main(["--config", QUICKSTART, "output_dir=r", *FAST, "train.epochs=1"]) == 0
+
+
+# -- writes stay inside the run -----------------------------------------------------------------------------------
+
+#: every temporary the recipe writes at the top of a run directory (and the lock it opens)
+TEMPORARIES = [
+    "config.yaml.tmp",
+    "metrics.jsonl.tmp",
+    "summary.csv.tmp",
+    "result.json.tmp",
+    ".timm_drop_run.json.tmp",
+    "last_model.pth.tmp",
+    "last_model.safetensors.tmp",
+    "best_model.pth.tmp",
+    "best_model.safetensors.tmp",
+    "curves.png.tmp.png",
+]
+
+
+def _stopped_after_one_epoch(main, run_args: list[str], run: Path) -> None:
+    """A 2-epoch run as a job stopped after its first epoch leaves it (the second epoch's outputs removed)."""
+    import shutil
+
+    assert main(run_args) == 0
+    shutil.rmtree(run / "checkpoints" / "epoch_0002")
+    first = (run / "metrics.jsonl").read_text().splitlines(keepends=True)[0]
+    (run / "metrics.jsonl").write_text(first)
+
+
+def test_resume_never_writes_through_symlinks_planted_in_the_run(in_tmp):
+    """Symlinks named like the recipe's temporaries (and its lock and checkpoint staging folder) point outside the
+    run: the resumed run writes none of their targets and its own files stay regular files."""
+    main = train_cli()
+    args = ["--config", QUICKSTART, "output_dir=r", *FAST, "log.plot=true"]
+    run = in_tmp / "r"
+    _stopped_after_one_epoch(main, args, run)
+    outside = in_tmp / "outside"
+    outside.mkdir()
+    for name in TEMPORARIES[:5]:  # existing files outside
+        (outside / name).write_text("precious\n")
+        os.symlink(outside / name, run / name)
+    for name in TEMPORARIES[5:] + [".timm_drop_run.lock"]:  # links to nothing: writing through would create them
+        (run / name).unlink(missing_ok=True)
+        os.symlink(outside / ("new_" + name), run / name)
+    (outside / "staged").mkdir()
+    (outside / "staged" / "keep.txt").write_text("precious\n")
+    os.symlink(outside / "staged", run / "checkpoints" / ".tmp-epoch_0002")
+
+    assert main([*args, "--resume", "latest"]) == 0
+    assert sorted(p.name for p in outside.iterdir()) == sorted(TEMPORARIES[:5] + ["staged"])
+    assert all((outside / name).read_text() == "precious\n" for name in TEMPORARIES[:5])
+    assert [p.name for p in (outside / "staged").iterdir()] == ["keep.txt"]
+    for name in ("config.yaml", "metrics.jsonl", "summary.csv", "result.json", ".timm_drop_run.json",
+                 "last_model.pth", "last_model.safetensors", "curves.png"):  # fmt: skip
+        assert (run / name).is_file() and not (run / name).is_symlink(), name
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    assert (run / "checkpoints" / "epoch_0002" / "manifest.json").is_file()

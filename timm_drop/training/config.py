@@ -1096,7 +1096,11 @@ def _read_raw(src: str | os.PathLike | dict | None) -> tuple[dict, Path | None, 
 
 
 def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    """Write the resolved config as YAML, atomically (:func:`~timm_drop.training.files.replace_file`)."""
+    from timm_drop.training.files import replace_file
+
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    replace_file(path, lambda f: f.write(text.encode()))
 
 
 def diff_configs(a: dict, b: dict, prefix: str = "") -> list[str]:

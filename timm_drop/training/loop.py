@@ -49,6 +49,7 @@ from timm_drop.training.checkpoint import (
     save_weights_safetensors,
 )
 from timm_drop.training.config import ConfigError, TrainConfig, config_to_dict, save_config
+from timm_drop.training.files import replace_file
 from timm_drop.training.metrics import MetricsLog, plot_curves
 
 __all__ = ["LRSchedule", "NonFiniteLossError", "TrainState", "Trainer", "train"]
@@ -561,9 +562,7 @@ class Trainer:
             else:
                 run.start()
             run.claim("config.yaml", "config.yaml.tmp")
-            tmp = self.out / "config.yaml.tmp"
-            save_config(self.cfg, tmp)
-            os.replace(tmp, self.out / "config.yaml")
+            save_config(self.cfg, self.out / "config.yaml")
         acc.wait_for_everyone()
 
     def _restore(self, path: Path) -> None:
@@ -929,9 +928,8 @@ class Trainer:
                     rows, self.out / "curves.png", title=f"{cfg.name}: {cfg.model.name} on {cfg.data.dataset}"
                 )
             self.run_dir.claim("result.json", "result.json.tmp")
-            tmp = self.out / "result.json.tmp"
-            tmp.write_text(json.dumps(summary, indent=2))
-            os.replace(tmp, self.out / "result.json")
+            text = json.dumps(summary, indent=2)
+            replace_file(self.out / "result.json", lambda f: f.write(text.encode()))
             if last:
                 acc.print(
                     f"done: final eval top-1 {last.get('eval_top1', float('nan')):.2f}%, best "

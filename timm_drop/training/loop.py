@@ -49,10 +49,10 @@ from timm_drop.training.checkpoint import (
     save_weights_safetensors,
 )
 from timm_drop.training.config import ConfigError, TrainConfig, config_to_dict, save_config
-from timm_drop.training.files import replace_file
+from timm_drop.training.files import WriteError, replace_file, writing
 from timm_drop.training.metrics import MetricsLog, plot_curves
 
-__all__ = ["LRSchedule", "NonFiniteLossError", "TrainState", "Trainer", "train"]
+__all__ = ["LRSchedule", "NonFiniteLossError", "RunInterrupted", "TrainState", "Trainer", "train"]
 
 #: Accelerate ``init_trackers`` project name: the W&B project, and TensorBoard's folder under ``trackers/``
 TRACKER_PROJECT = "timm_drop"
@@ -60,6 +60,10 @@ TRACKER_PROJECT = "timm_drop"
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN/Inf; the run stopped without writing a checkpoint for that epoch."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the run; the message says where it stands (its last checkpoint, ``--resume latest``)."""
 
 
 @dataclass
@@ -262,6 +266,7 @@ class Trainer:
         self.state = TrainState()
         self.out = Path(cfg.output_dir)
         self._setup_done = False
+        self._dir_ready = False  # the run directory was prepared: something of this run may be on disk
         # this process's state from a mid-epoch checkpoint, until the resumed epoch starts from it
         self._resume_point: dict[str, Any] | None = None
 
@@ -397,6 +402,8 @@ class Trainer:
                     batch_multiple=t.grad_accum_steps,
                 )
                 batches = len(self.train_loader)
+                for note in self.train_loader.notes + self.eval_loader.notes:
+                    self.accelerator.print(f"note: {note}")
                 # what the loaders actually normalise with (the dataset's statistics where nothing else decided)
                 self.data_config["mean"], self.data_config["std"] = self.train_loader.mean, self.train_loader.std
         except (ValueError, KeyError) as e:  # data.py names the key (batch larger than the data, ...)
@@ -547,7 +554,8 @@ class Trainer:
         acc.wait_for_everyone()
         if self.is_main:
             run = self.run_dir
-            self.out.mkdir(parents=True, exist_ok=True)
+            with writing(self.out):
+                self.out.mkdir(parents=True, exist_ok=True)
             run.acquire()  # held until fit() ends (or this process does): no second run can touch the directory
             if self.dir_mode in ("overwrite", "restart"):
                 marker = run.read_marker()
@@ -561,9 +569,11 @@ class Trainer:
                 run.adopt()
             else:
                 run.start()
+            self._dir_ready = True
             run.claim("config.yaml", "config.yaml.tmp")
             save_config(self.cfg, self.out / "config.yaml")
         acc.wait_for_everyone()
+        self._dir_ready = True
 
     def _restore(self, path: Path) -> None:
         """Load the checkpoint at ``path`` into this run; :class:`CheckpointError` (before the run's counters, LayerOut,
@@ -637,18 +647,10 @@ class Trainer:
         if self.world > 1:
             bad = self.accelerator.reduce(bad, reduction="sum")
         if bad.item() > 0:
-            latest = self.ckpt.latest()
-            if latest is not None:
-                keep, then = f"the last good checkpoint is {latest}", "--resume latest"
-            else:  # nothing to resume: advising --resume latest would only fail
-                keep, then = (
-                    "no checkpoint was written yet",
-                    "start the run again (--overwrite replaces this one)",
-                )
             raise NonFiniteLossError(
                 f"non-finite training loss ({where}, optimizer step {self.state.step}); stopping without saving this "
-                f"epoch: {keep}. Lower optim.lr, set train.clip_grad_norm, or use train.precision=bf16, then "
-                f"{then}"
+                "epoch. Lower optim.lr, set train.clip_grad_norm, or use train.precision=bf16; "
+                + self._where_it_stands()
             )
 
     def _epoch_checkpoint_due(self, epoch: int) -> bool:
@@ -805,16 +807,49 @@ class Trainer:
 
     # -- the run -------------------------------------------------------------------------------------------------
     def fit(self, max_epochs: int | None = None) -> dict[str, Any]:
-        """Train to ``train.epochs`` (or only ``max_epochs`` more epochs: a time-sliced job, resumable later)."""
-        if not self._setup_done:
-            self.setup()
-        if self.dry_run:
-            return self.dry_run_check()
+        """Train to ``train.epochs`` (or only ``max_epochs`` more epochs: a time-sliced job, resumable later).
+
+        A run stopped by Ctrl-C (:class:`RunInterrupted`), a write that failed (:class:`WriteError`: no space left,
+        ...) or an image that does not decode (:class:`DataError`) ends with a message that says where the run
+        stands: its last complete checkpoint (intact: written atomically before) and ``--resume latest``."""
         try:
-            return self._fit(max_epochs)
-        finally:
-            self.run_dir.release()
-            self.close_loaders()
+            if not self._setup_done:
+                self.setup()
+            if self.dry_run:
+                return self.dry_run_check()
+            try:
+                return self._fit(max_epochs)
+            finally:
+                self.run_dir.release()
+                self.close_loaders()
+        except BaseException as e:
+            stopped = self._stopped(e)
+            if stopped is None:
+                raise
+            raise stopped from e
+
+    def _stopped(self, e: BaseException) -> BaseException | None:
+        """``e`` restated with where the run stands, for the ways a run stops that say nothing of it themselves."""
+        from timm_drop.training.data import DataError
+        from timm_drop.training.files import describe, disk_full
+
+        if isinstance(e, KeyboardInterrupt) and not isinstance(e, RunInterrupted):
+            return RunInterrupted(f"stopped by Ctrl-C (KeyboardInterrupt); {self._where_it_stands()}")
+        if isinstance(e, WriteError) or (isinstance(e, Exception) and disk_full(e)):
+            text = str(e) if isinstance(e, WriteError) else f"a write failed: {describe(e)}"
+            return WriteError(f"{text}; {self._where_it_stands()}")
+        if isinstance(e, DataError) and self._dir_ready:
+            return DataError(f"{e}; {self._where_it_stands()}")
+        return None
+
+    def _where_it_stands(self) -> str:
+        """The run's last complete checkpoint and how to continue from it (or that there is none yet)."""
+        if not self._dir_ready:
+            return "the run had not started: nothing was written"
+        latest = CheckpointManager(self.out).latest()
+        if latest is None:  # nothing to resume: advising --resume latest would only fail
+            return "no checkpoint was written yet: start the run again (--overwrite replaces this one)"
+        return f"its last complete checkpoint, {latest}, is intact: continue the run with --resume latest"
 
     def _agree_ema_buffers(self) -> None:
         """Give every process process 0's EMA buffers (BatchNorm statistics), so the processes evaluate one EMA.

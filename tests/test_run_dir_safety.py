@@ -242,3 +242,23 @@ def test_resume_never_writes_through_symlinks_planted_in_the_run(in_tmp):
         assert (run / name).is_file() and not (run / name).is_symlink(), name
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
     assert (run / "checkpoints" / "epoch_0002" / "manifest.json").is_file()
+
+
+def test_a_home_relative_output_dir_and_data_root_are_expanded(in_tmp, monkeypatch, capsys):
+    import numpy as np
+
+    home = in_tmp / "home"
+    (home / "data").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    rng = np.random.default_rng(0)
+    np.savez(home / "data" / "d.npz", x_train=rng.integers(0, 255, (64, 8, 8, 3), dtype=np.uint8),
+             y_train=np.arange(64) % 4, x_test=rng.integers(0, 255, (16, 8, 8, 3), dtype=np.uint8),
+             y_test=np.arange(16) % 4)  # fmt: skip
+    rc = train_cli()(["--config", QUICKSTART, *FAST, "train.epochs=1", "output_dir=~/runs/q",
+                      "data.dataset=npz", "data.root=~/data/d.npz"])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    assert not (in_tmp / "~").exists()  # no folder literally named "~" in the working directory
+    assert (home / "runs" / "q" / "last_model.pth").is_file()
+    assert f"outputs in {home / 'runs' / 'q'}" in capsys.readouterr().out
+    saved = (home / "runs" / "q" / "config.yaml").read_text()
+    assert f"output_dir: {home / 'runs' / 'q'}" in saved and f"root: {home / 'data' / 'd.npz'}" in saved

@@ -599,6 +599,21 @@ def _finished_any_epoch(out: Path) -> bool:
     return metrics.is_file() and any(line.strip() for line in metrics.read_text().splitlines())
 
 
+def _check_writable(out: Path) -> None:
+    """:class:`ConfigError` unless this process can create files in ``out`` (or in the folder it will be made in)."""
+    where = out
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if os.access(where, os.W_OK | os.X_OK):
+        return
+    try:
+        read_only = bool(os.statvfs(where).f_flag & os.ST_RDONLY)
+    except OSError:  # pragma: no cover - no statvfs
+        read_only = False
+    why = "it is on a read-only file system" if read_only else "this user has no write permission there"
+    raise ConfigError(f"output_dir: cannot write into {str(where)!r}: {why}; choose another output_dir")
+
+
 def check_output_dir(
     output_dir: str | os.PathLike, config: dict, *, overwrite: bool, resume: str | None
 ) -> str:
@@ -615,9 +630,11 @@ def check_output_dir(
     if not out.exists() or (out.is_dir() and all(p.name == LOCK for p in out.iterdir())):
         if resume == "latest":
             raise FileNotFoundError(f"--resume latest: output_dir {str(out)!r} holds no run to resume")
+        _check_writable(out)
         return "new"
     if not out.is_dir():
         raise ConfigError(f"output_dir: {str(out)!r} exists and is not a directory")
+    _check_writable(out)
     run = RunDir(out)
     marker = run.read_marker()
     saved = out / "config.yaml"

@@ -126,31 +126,47 @@ def staging_dir(path: Path) -> None:
         path.mkdir()
 
 
-#: how a full disk (or a file-size limit) reads in the errors of the writers the recipe uses
-_FULL = ("no space left on device", "storagefull", "unexpected pos", "file write failed", "file too large")
+#: how the writers the recipe uses word a full disk (ENOSPC, EDQUOT: os error 28, 122) and a file-size limit (EFBIG:
+#: 27); torch's zip writer only says that a write came up short (``unexpected pos``, ``file write failed``)
+_NO_SPACE = ("no space left", "storagefull", "os error 28", "quota exceeded", "os error 122")
+_TOO_LARGE = ("file too large", "os error 27")
+_SHORT = ("unexpected pos", "file write failed")
 
 
-def disk_full(exc: BaseException) -> bool:
-    """Whether ``exc`` (or what caused it) is a write refused for space: ENOSPC, EDQUOT, EFBIG, or torch's and
-    safetensors' wordings of them."""
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            return True
-        if any(s in str(exc).lower() for s in _FULL):
-            return True
+        yield exc
         exc = exc.__cause__ or exc.__context__
-    return False
+
+
+def _says(exc: BaseException, codes: tuple[int, ...], words: tuple[str, ...]) -> bool:
+    return any(
+        (isinstance(e, OSError) and e.errno in codes) or any(w in str(e).lower() for w in words) for e in _chain(exc)
+    )
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is a write refused for space or size, in any writer's wording."""
+    return _says(exc, (errno.ENOSPC, errno.EDQUOT, errno.EFBIG), _NO_SPACE + _TOO_LARGE + _SHORT)
 
 
 def describe(exc: BaseException) -> str:
-    """The reason a write failed, in words: "no space left on device" for any wording of a full disk."""
-    if disk_full(exc):
-        limit = isinstance(exc, OSError) and exc.errno == errno.EFBIG
-        return "file too large (a file-size limit, ulimit -f)" if limit else "no space left on device"
+    """Why a write failed, in words: "no space left on device" for a full disk however the writer put it."""
+    if _says(exc, (errno.EFBIG,), _TOO_LARGE):
+        return "file too large (the file-size limit, ulimit -f)"
+    if _says(exc, (errno.ENOSPC, errno.EDQUOT), _NO_SPACE):
+        return "no space left on device"
+    if _says(exc, (), _SHORT):
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit == resource.RLIM_INFINITY:
+            return "no space left on device (a write came up short)"
+        return f"no space left on device, or the file-size limit of {limit} bytes (ulimit -f): a write came up short"
     if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror + (f" ({exc.filename})" if exc.filename else "")
+        return exc.strerror
     return f"{type(exc).__name__}: {exc}"
 
 

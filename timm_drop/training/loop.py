@@ -402,8 +402,9 @@ class Trainer:
                     batch_multiple=t.grad_accum_steps,
                 )
                 batches = len(self.train_loader)
-                for note in self.train_loader.notes + self.eval_loader.notes:
-                    self.accelerator.print(f"note: {note}")
+                for loader in (self.train_loader, self.eval_loader):
+                    for note in getattr(loader, "notes", ()):  # what the data has to say (a class without eval images)
+                        self.accelerator.print(f"note: {note}")
                 # what the loaders actually normalise with (the dataset's statistics where nothing else decided)
                 self.data_config["mean"], self.data_config["std"] = self.train_loader.mean, self.train_loader.std
         except (ValueError, KeyError) as e:  # data.py names the key (batch larger than the data, ...)

@@ -45,6 +45,7 @@ import torch
 
 from timm_drop.training.config import ConfigError, diff_configs
 from timm_drop.training.files import (
+    NOFOLLOW,
     file_mode,
     remove_leftover,
     replace_file,
@@ -83,7 +84,7 @@ def _order(match: re.Match) -> tuple[int, int, int]:
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Atomically write a plain ``state_dict`` (CPU tensors) to ``path`` (:func:`~timm_drop.training.files.replace_file`)."""
+    """Atomically write a plain ``state_dict`` (CPU tensors) to ``path`` (see :mod:`timm_drop.training.files`)."""
     cpu = {k: v.detach().cpu() for k, v in state_dict.items()}
     replace_file(path, lambda f: torch.save(cpu, f))
 
@@ -351,7 +352,7 @@ def verify_checkpoint(path: str | os.PathLike, num_processes: int) -> str | None
         files = manifest["files"]
         written_by = manifest["num_processes"]
         assert isinstance(files, dict) and files, "'files' is not a non-empty mapping"
-        assert _is_count(written_by), f"'num_processes' is {written_by!r}, not a positive integer"
+        assert _is_count(written_by) and written_by, f"'num_processes' is {written_by!r}, not a positive integer"
     except (ValueError, KeyError, TypeError, AssertionError) as e:
         return f"{mpath} is unreadable or malformed ({type(e).__name__}: {e})"
     for rel, rec in files.items():
@@ -530,7 +531,7 @@ class RunDir:
         except ImportError:  # pragma: no cover - no flock (Windows): nothing to probe
             return False
         # read-only: probing changes nothing (and works in a directory this user cannot write)
-        with os.fdopen(os.open(lock, os.O_RDONLY | _NOFOLLOW | os.O_CLOEXEC), "rb") as fh:
+        with os.fdopen(os.open(lock, os.O_RDONLY | NOFOLLOW), "rb") as fh:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -548,7 +549,7 @@ class RunDir:
         with writing(lock):
             if lock.is_symlink():  # never opened through: the recipe's lock is a plain file
                 lock.unlink()
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT | _NOFOLLOW | os.O_CLOEXEC, file_mode())
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o666)
         fh = os.fdopen(fd, "rb+")  # held open for the run's lifetime
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -570,7 +571,6 @@ class RunDir:
             self._lock_fh = None
 
 
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 #: the largest marker or manifest read (a real one is a few KiB)
 _JSON_LIMIT = 1 << 22
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import IO, Any
 
 __all__ = [
+    "NOFOLLOW",
     "WriteError",
     "describe",
     "disk_full",
@@ -37,7 +38,9 @@ __all__ = [
     "writing",
 ]
 
-_CREATE = os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+#: ``open`` flags: never through a symlink at the last component (0 where the platform has no such flag)
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+_CREATE = os.O_CREAT | os.O_EXCL | NOFOLLOW
 
 
 class WriteError(RuntimeError):
@@ -46,8 +49,12 @@ class WriteError(RuntimeError):
 
 def file_mode() -> int:
     """The mode ``open()`` gives a new file: ``0o666`` less the process's umask."""
-    mask = os.umask(0)
-    os.umask(mask)
+    try:  # Linux states the umask; setting it to read it would briefly change it for every thread
+        with open("/proc/self/status") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0)
+        os.umask(mask)
     return 0o666 & ~mask
 
 

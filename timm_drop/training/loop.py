@@ -625,7 +625,7 @@ class Trainer:
         except CheckpointError as e:
             problem = e
         if self.world > 1:
-            failed = self.accelerator.gather(torch.tensor([problem is not None], device=self.device))
+            failed = self.accelerator.gather(torch.tensor([int(problem is not None)], device=self.device))
             ranks = [r for r, f in enumerate(failed.tolist()) if f]
             if ranks and problem is None:
                 problem = CheckpointError(f"process(es) {ranks} cannot continue from it")

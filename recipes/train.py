@@ -7,6 +7,10 @@
     torchrun --nproc_per_node 2 recipes/train.py --config ... train.cpu=true      # 2 CPU processes (gloo)
 
 Overrides are ``key=value`` with dotted keys (values parsed as YAML). See recipes/README.md.
+
+Exit codes: 0 done; 2 a config, data or checkpoint problem (one ``error:`` line naming the key, file or array);
+3 a non-finite training loss; 4 a file of the run could not be written (no space left on device, ...);
+130 stopped by Ctrl-C. After 3, 4 and 130 the message names the last complete checkpoint to ``--resume latest`` from.
 """
 
 from __future__ import annotations
@@ -33,16 +37,24 @@ def main(argv: list[str] | None = None) -> int:
 
     from timm_drop.training import ConfigError, NonFiniteLossError, load_config, train
     from timm_drop.training.checkpoint import CheckpointError
+    from timm_drop.training.data import DataError
+    from timm_drop.training.files import WriteError
 
     try:
         cfg = load_config(args.config, args.overrides, check_paths=not args.dry_run)
         train(cfg, overwrite=args.overwrite, resume=args.resume, dry_run=args.dry_run)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except WriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
+    except KeyboardInterrupt as e:
+        print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -206,3 +206,59 @@ def test_apply_out_that_cannot_be_written_is_a_usage_error_before_any_work(tmp_p
     assert "--out" in err and str(out) in err
     assert not built  # refused before the model was built
     assert (tmp_path / "a_dir" / "keep.txt").read_text() == "keep"
+
+
+def test_apply_out_safetensors_writes_safetensors_with_the_spec_in_its_metadata(tmp_path, capsys):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    out = tmp_path / "m.safetensors"
+    args = ["apply", "resnet10t", str(SPECS / "droppath.yaml"), "--num-classes", "3", "--out", str(out)]
+    assert main(args) == 0
+    said = capsys.readouterr().out
+    assert "weights only" in said and "safetensors" in said
+    fresh = timm.create_model("resnet10t", pretrained=False, num_classes=3)
+    fresh.load_state_dict(load_file(out), strict=True)  # safetensors reads it back (it was a torch pickle)
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert meta["timm_drop_model"] == "resnet10t" and meta["timm_drop_num_classes"] == "3"
+    assert json.loads(meta["timm_drop_spec"])["rules"][0]["regularizer"] == "droppath"
+    assert (out.stat().st_mode & 0o777) == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_apply_never_writes_through_a_symlink_at_out(tmp_path):
+    import os
+
+    target = tmp_path / "elsewhere.pth"
+    target.write_text("precious")
+    out = tmp_path / "ckpt.pth"
+    os.symlink(target, out)
+    assert main(["apply", "resnet10t", str(SPECS / "droppath.yaml"), "--out", str(out), "--overwrite"]) == 0
+    assert target.read_text() == "precious" and not out.is_symlink()
+    assert torch.load(out, weights_only=True)["model_name"] == "resnet10t"
+
+
+def test_apply_with_an_empty_out_is_a_usage_error(capsys):
+    assert main(["apply", "resnet10t", str(SPECS / "droppath.yaml"), "--out", ""]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("timm-drop apply: error: --out") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag,value", [("--sample", "-3"), ("--sample", "0"), ("--limit", "0"),
+                                        ("--limit", "-1"), ("--timeout-per-model", "-5")])  # fmt: skip
+def test_coverage_counts_must_be_positive(capsys, flag, value):
+    with pytest.raises(SystemExit) as exc:
+        main(["coverage", flag, value])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err and value in err and "--filter" not in err.splitlines()[-1], err

@@ -63,6 +63,16 @@ def test_fsdp_outside_a_gpu_launch_is_refused_before_anything_is_written(tmp_pat
     assert os.environ.get("ACCELERATE_USE_FSDP") == before
 
 
+def test_the_fsdp_refusal_says_in_words_what_the_launch_is(tmp_path, capsys):
+    from scripts import load_script
+
+    main = load_script("recipes/train.py").main
+    rc = main(["train.cpu=true", "train.strategy=fsdp", f"output_dir={tmp_path / 'run'}", "train.epochs=1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: train.strategy:") and "Traceback" not in err
+    assert "is NO" not in err and "a single process" in err, err
+
+
 def test_ddp_refuses_a_launcher_that_asked_accelerate_for_fsdp(tmp_path, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     cfg = load_config({"output_dir": str(tmp_path / "run")}, ["train.cpu=true"])

@@ -55,3 +55,29 @@ def test_safetensors_files_are_part_of_the_run(run):
     out, _ = run
     entries = json.loads((out / ".timm_drop_run.json").read_text())["entries"]
     assert {"best_model.safetensors", "last_model.safetensors"} <= set(entries)
+
+
+def test_the_recipes_cifar_model_weights_reload_through_timms_pretrained_path(tmp_path):
+    """recipes/README.md's reload line, for the project's own CIFAR models (they once refused pretrained=True even
+    with a file), and the same file as a recipe's model.checkpoint_path."""
+    out = tmp_path / "run"
+    trainer = Trainer(load_config(tiny_run(output_dir=str(out), train={"epochs": 1})))
+    trainer.fit()
+    assert trainer.cfg.model.name == "resnet20_cifar"
+    trained = {k: v.cpu() for k, v in trainer.unwrapped.state_dict().items()}
+    for name in ("last_model.safetensors", "last_model.pth"):
+        path = str(out / name)
+        model = timm.create_model(
+            "resnet20_cifar", pretrained=True, num_classes=10, pretrained_cfg_overlay=dict(file=path, num_classes=10)
+        )
+        assert all(torch.equal(model.state_dict()[k], trained[k]) for k in trained), name
+    # fine-tuning from it with 4 classes: the body is the file's, the classifier is new
+    raw = tiny_run(output_dir=str(tmp_path / "ft"), model={"name": "resnet20_cifar", "pretrained": True,
+                   "checkpoint_path": str(out / "last_model.safetensors")}, data={"num_classes": 4})  # fmt: skip
+    tuned = Trainer(load_config(raw)).setup()
+    try:
+        sd = tuned.unwrapped.state_dict()
+        assert all(torch.equal(sd[k].cpu(), trained[k]) for k in trained if not k.startswith("fc."))
+        assert sd["fc.weight"].shape == (4, 64)
+    finally:
+        tuned.run_dir.release()

@@ -565,3 +565,101 @@ def test_two_processes_resume_mid_epoch_bit_identical(tmp_path):
 
 if __name__ == "__main__":
     _ddp_worker(sys.argv[1])
+
+
+# -- resuming a resumed run ------------------------------------------------------------------------------------
+
+
+def _cli_run(tmp_path: Path, **train) -> tuple[Path, list[str]]:
+    """A config file for the recipe's command line: RUN over 3 epochs, a step checkpoint every step, all kept."""
+    out = tmp_path / "run"
+    raw = json.loads(json.dumps(RUN))
+    raw["output_dir"] = str(out)
+    raw["train"].update(epochs=3, **train)
+    raw["checkpoint"].update(every_steps=1, total_limit=500)
+    cfg_file = tmp_path / "cfg.json"  # JSON is YAML
+    cfg_file.write_text(json.dumps(raw))
+    return out, ["--config", str(cfg_file)]
+
+
+def _keep(out: Path, checkpoints: list[str], metrics_lines: int) -> None:
+    """What a run stopped at that point leaves: only ``checkpoints`` and the first ``metrics_lines`` rows."""
+    for p in CheckpointManager(out).list():
+        if p.name not in checkpoints:
+            shutil.rmtree(p)
+    lines = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (out / "metrics.jsonl").write_text("".join(lines[:metrics_lines]))
+
+
+def test_an_epoch_resumed_mid_way_ends_in_a_checkpoint_that_resumes_again(tmp_path, capsys):
+    """The issue's dead end: resume from the last step checkpoint of epoch 2, finish the epoch, stop again before
+    the next step checkpoint. The epoch-2 checkpoint written in between must resume (it once kept the stale data
+    position, and both ``--resume latest`` and ``--resume <it>`` refused it), and the run ends bit-identical."""
+    from scripts import load_script
+
+    main = load_script("recipes/train.py").main
+    out, args = _cli_run(tmp_path)
+    assert main(args) == 0
+    uninterrupted = load_weights(out / "last_model.pth")
+    # stopped inside epoch 2 after its last step checkpoint (step 7 of 4 + 4 steps)
+    _keep(out, ["epoch_0001", "epoch_0002_step_00000007"], metrics_lines=1)
+    assert main([*args, "--resume", "latest"]) == 0
+    epoch2 = out / "checkpoints" / "epoch_0002"
+    state = torch.load(epoch2 / "timm_drop_state.pt", weights_only=True)
+    # (the check of the written state comes last: first the issue's dead end itself)
+    stale = state["train_state"]["batch"]
+    # stopped again inside epoch 3, before its first step checkpoint: epoch 2's end is the newest
+    _keep(out, ["epoch_0001", "epoch_0002_step_00000007", "epoch_0002"], metrics_lines=2)
+    capsys.readouterr()
+    assert main([*args, "--resume", str(epoch2)]) == 0, capsys.readouterr().err
+    final = load_weights(out / "last_model.pth")
+    assert all(torch.equal(final[k], uninterrupted[k]) for k in uninterrupted)
+    _keep(out, ["epoch_0001", "epoch_0002_step_00000007", "epoch_0002"], metrics_lines=2)
+    assert main([*args, "--resume", "latest"]) == 0, capsys.readouterr().err
+    assert f"resumed from {epoch2} at epoch 2" in capsys.readouterr().out
+    final = load_weights(out / "last_model.pth")
+    assert all(torch.equal(final[k], uninterrupted[k]) for k in uninterrupted)
+    assert stale == 0  # the end of an epoch has no position inside an epoch
+
+
+def test_an_epoch_checkpoint_with_a_stale_data_position_still_resumes(tmp_path):
+    """Epoch checkpoints written before the fix carry the batch position of the step checkpoint the epoch was
+    resumed from; the end of an epoch has none, so that number is ignored."""
+    from timm_drop.training.checkpoint import STATE_FILE, write_manifest
+
+    out = tmp_path / "run"
+    Trainer(cfg_for(out)).fit(max_epochs=1)
+    ckpt = out / "checkpoints" / "epoch_0001"
+    state = torch.load(ckpt / STATE_FILE, weights_only=True)
+    state["train_state"]["batch"] = 3
+    torch.save(state, ckpt / STATE_FILE)
+    write_manifest(ckpt, num_processes=1)
+    resumed = Trainer(cfg_for(out), resume="latest").setup()
+    assert (resumed.state.epoch, resumed.state.batch) == (1, 0)
+    resumed.run_dir.release()
+
+
+def test_resume_latest_falls_back_past_a_checkpoint_that_verifies_but_cannot_be_restored(tmp_path, capsys):
+    """Every file matches its manifest, yet the checkpoint cannot continue this run (here: its data position
+    belongs to another epoch). ``--resume latest`` says why and continues from the newest one that can."""
+    from timm_drop.training.checkpoint import write_manifest
+
+    out = tmp_path / "run"
+    trainer = Trainer(cfg_for(out)).setup()
+    stop_after(trainer, TARGET)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    ckpt = out / "checkpoints" / TARGET
+    rank_file = ckpt / "timm_drop_rank_0.pt"
+    own = torch.load(rank_file, weights_only=True)
+    own["loader"]["epoch"] = 0  # a position in epoch 1, where the checkpoint says epoch 2
+    torch.save(own, rank_file)
+    write_manifest(ckpt, num_processes=1, mid_epoch=True)
+    with pytest.raises(CheckpointError, match=TARGET):
+        Trainer(cfg_for(out), resume=str(ckpt)).setup()
+    capsys.readouterr()
+    resumed = Trainer(cfg_for(out), resume="latest").setup()
+    said = capsys.readouterr().out
+    assert TARGET in said and "epoch_0002_step_00000005" in said and "epoch" in said
+    assert resumed.state.step == 5
+    resumed.run_dir.release()

@@ -154,6 +154,33 @@ def test_cli_names_the_file_and_exits_2_when_no_checkpoint_verifies(finished_run
     )
 
 
+@pytest.mark.parametrize(
+    "field,value,said",
+    [
+        ("size", "as text", "has size"),  # the size, as a string: once "has 1094304 bytes, 1094304 were written"
+        ("size", True, "has size"),
+        ("sha256", 12, "has sha256"),
+        ("path", "../../config.yaml", "not a path inside the checkpoint"),
+    ],
+)
+def test_a_malformed_manifest_entry_is_named_as_such(finished_run, tmp_path, capsys, field, value, said):
+    out = copy_run(finished_run, tmp_path / "run")
+    ckpt = out / "checkpoints" / "epoch_0003"
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    rec = manifest["files"]["model.safetensors"]
+    if field == "path":
+        manifest["files"][value] = manifest["files"].pop("model.safetensors")
+    else:
+        rec[field] = str(rec[field]) if value == "as text" else value
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    mod = load_script("recipes/train.py")
+    cfg_file = tmp_path / "cfg.json"  # JSON is YAML
+    cfg_file.write_text(json.dumps({**RUN, "output_dir": str(out)}))
+    assert mod.main(["--config", str(cfg_file), "--resume", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert "manifest.json is malformed" in err and said in err and "were written" not in err, err
+
+
 CHILD = textwrap.dedent(
     """
     import os, sys, time, torch

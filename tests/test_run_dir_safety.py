@@ -3,11 +3,13 @@ failed starts leave nothing that blocks the corrected rerun."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
 
 import pytest
+import torch
 from scripts import load_script
 
 REPO = Path(__file__).resolve().parents[1]
@@ -185,3 +187,258 @@ def test_a_run_that_may_still_be_running_is_not_replaced(in_tmp, capsys):
     assert "may still be running there" in capsys.readouterr().err
     marker_path.write_text(json.dumps(marker))
     assert main(["--config", QUICKSTART, "output_dir=r", *FAST, "train.epochs=1"]) == 0
+
+
+# -- writes stay inside the run -----------------------------------------------------------------------------------
+
+#: every temporary the recipe writes at the top of a run directory (and the lock it opens)
+TEMPORARIES = [
+    "config.yaml.tmp",
+    "metrics.jsonl.tmp",
+    "summary.csv.tmp",
+    "result.json.tmp",
+    ".timm_drop_run.json.tmp",
+    "last_model.pth.tmp",
+    "last_model.safetensors.tmp",
+    "best_model.pth.tmp",
+    "best_model.safetensors.tmp",
+    "curves.png.tmp.png",
+]
+
+
+def _stopped_after_one_epoch(main, run_args: list[str], run: Path) -> None:
+    """A 2-epoch run as a job stopped after its first epoch leaves it (the second epoch's outputs removed)."""
+    import shutil
+
+    assert main(run_args) == 0
+    shutil.rmtree(run / "checkpoints" / "epoch_0002")
+    first = (run / "metrics.jsonl").read_text().splitlines(keepends=True)[0]
+    (run / "metrics.jsonl").write_text(first)
+
+
+def test_resume_never_writes_through_symlinks_planted_in_the_run(in_tmp):
+    """Symlinks named like the recipe's temporaries (and its lock and checkpoint staging folder) point outside the
+    run: the resumed run writes none of their targets and its own files stay regular files."""
+    main = train_cli()
+    args = ["--config", QUICKSTART, "output_dir=r", *FAST, "log.plot=true"]
+    run = in_tmp / "r"
+    _stopped_after_one_epoch(main, args, run)
+    outside = in_tmp / "outside"
+    outside.mkdir()
+    for name in TEMPORARIES[:5]:  # existing files outside
+        (outside / name).write_text("precious\n")
+        os.symlink(outside / name, run / name)
+    for name in TEMPORARIES[5:] + [".timm_drop_run.lock"]:  # links to nothing: writing through would create them
+        (run / name).unlink(missing_ok=True)
+        os.symlink(outside / ("new_" + name), run / name)
+    (outside / "staged").mkdir()
+    (outside / "staged" / "keep.txt").write_text("precious\n")
+    os.symlink(outside / "staged", run / "checkpoints" / ".tmp-epoch_0002")
+
+    assert main([*args, "--resume", "latest"]) == 0
+    assert sorted(p.name for p in outside.iterdir()) == sorted(TEMPORARIES[:5] + ["staged"])
+    assert all((outside / name).read_text() == "precious\n" for name in TEMPORARIES[:5])
+    assert [p.name for p in (outside / "staged").iterdir()] == ["keep.txt"]
+    for name in ("config.yaml", "metrics.jsonl", "summary.csv", "result.json", ".timm_drop_run.json",
+                 "last_model.pth", "last_model.safetensors", "curves.png"):  # fmt: skip
+        assert (run / name).is_file() and not (run / name).is_symlink(), name
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    assert (run / "checkpoints" / "epoch_0002" / "manifest.json").is_file()
+
+
+def test_a_home_relative_output_dir_and_data_root_are_expanded(in_tmp, monkeypatch, capsys):
+    import numpy as np
+
+    home = in_tmp / "home"
+    (home / "data").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    rng = np.random.default_rng(0)
+    np.savez(home / "data" / "d.npz", x_train=rng.integers(0, 255, (64, 8, 8, 3), dtype=np.uint8),
+             y_train=np.arange(64) % 4, x_test=rng.integers(0, 255, (16, 8, 8, 3), dtype=np.uint8),
+             y_test=np.arange(16) % 4)  # fmt: skip
+    rc = train_cli()(["--config", QUICKSTART, *FAST, "train.epochs=1", "output_dir=~/runs/q",
+                      "data.dataset=npz", "data.root=~/data/d.npz"])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    assert not (in_tmp / "~").exists()  # no folder literally named "~" in the working directory
+    assert (home / "runs" / "q" / "last_model.pth").is_file()
+    assert f"outputs in {home / 'runs' / 'q'}" in capsys.readouterr().out
+    saved = (home / "runs" / "q" / "config.yaml").read_text()
+    assert f"output_dir: {home / 'runs' / 'q'}" in saved and f"root: {home / 'data' / 'd.npz'}" in saved
+
+
+# -- failures while writing, and other ways a run stops ----------------------------------------------------------
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str):
+    """A real size-limited tmpfs mounted at ``path`` (root, where mounting is allowed; skipped otherwise)."""
+    import subprocess
+
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def _remount(path: Path, options: str) -> None:
+    import subprocess
+
+    subprocess.run(["mount", "-o", f"remount,{options}", str(path)], check=True)
+
+
+def _run_size(run: Path) -> int:
+    return sum(p.stat().st_size for p in run.rglob("*") if p.is_file())
+
+
+def _assert_stopped_intact(err: str, run: Path, why: str) -> None:
+    from timm_drop.training.checkpoint import verify_checkpoint
+
+    assert err.startswith("error: ") and why in err and "Traceback" not in err, err
+    ckpt = run / "checkpoints" / "epoch_0001"
+    assert f"{ckpt}, is intact" in err and "--resume latest" in err
+    assert verify_checkpoint(ckpt, 1) is None
+    assert not [p.name for p in run.iterdir() if p.name.endswith((".tmp", ".tmp.png"))]  # no half-written file
+    assert not [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith((".tmp-", ".old-"))]
+
+
+def test_a_full_disk_stops_the_run_with_one_error_line_and_resume_continues(in_tmp, capsys):
+    """A real tmpfs that fills up during the second epoch: "no space left on device", the first epoch's
+    checkpoint intact; with space again, --resume latest ends where the uninterrupted run ends."""
+    import shutil
+
+    from timm_drop.training.checkpoint import load_weights
+
+    main = train_cli()
+    args = ["--config", QUICKSTART, "output_dir=r", *FAST, "log.plot=true"]
+    _stopped_after_one_epoch(main, args, in_tmp / "r")
+    uninterrupted = load_weights(in_tmp / "r" / "last_model.pth")
+    (in_tmp / "r" / "last_model.pth").unlink()
+    mb = (_run_size(in_tmp / "r") + (1 << 20)) // (1 << 20) + 1  # the run and ~1 MiB: less than an epoch writes
+    with tmpfs(in_tmp / "small", f"{mb}m") as disk:
+        run = disk / "r"
+        shutil.copytree(in_tmp / "r", run, symlinks=True)
+        capsys.readouterr()
+        resumed = ["--config", QUICKSTART, f"output_dir={run}", *FAST, "log.plot=true", "--resume", "latest"]
+        assert main(resumed) == 4
+        _assert_stopped_intact(capsys.readouterr().err, run, "no space left on device")
+        _remount(disk, "size=256m")
+        assert main(resumed) == 0
+        final = load_weights(run / "last_model.pth")
+        assert all(torch.equal(final[k], uninterrupted[k]) for k in uninterrupted)
+
+
+RESUME_UNDER_LIMIT = """
+import resource, runpy, sys
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+sys.argv = ["train.py", *sys.argv[2:]]
+runpy.run_path({train!r}, run_name="__main__")
+"""
+
+
+def test_a_file_size_limit_stops_the_run_with_one_error_line_and_resume_continues(in_tmp, capsys):
+    """RLIMIT_FSIZE (``ulimit -f``; any user can set it) below the size of a weights file: the write fails with
+    EFBIG; the error says so and where the run stands, and without the limit --resume latest finishes the run."""
+    import subprocess
+    import sys
+
+    from scripts import child_env
+
+    from timm_drop.training.checkpoint import load_weights
+
+    main = train_cli()
+    args = ["--config", QUICKSTART, "output_dir=r", *FAST]
+    run = in_tmp / "r"
+    _stopped_after_one_epoch(main, args, run)
+    uninterrupted = load_weights(run / "last_model.pth")
+    script = in_tmp / "limited.py"
+    script.write_text(RESUME_UNDER_LIMIT.format(train=str(REPO / "recipes" / "train.py")))
+    env = {**child_env(), "PYTHONDONTWRITEBYTECODE": "1"}
+    limit = str(run.joinpath("last_model.pth").stat().st_size // 2)
+    child = subprocess.run([sys.executable, str(script), limit, *args, "--resume", "latest"], cwd=in_tmp, env=env,
+                           capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert child.returncode == 4, child.stderr[-3000:]
+    _assert_stopped_intact(child.stderr.strip().splitlines()[-1], Path("r"), "file-size limit")
+    assert main([*args, "--resume", "latest"]) == 0
+    final = load_weights(run / "last_model.pth")
+    assert all(torch.equal(final[k], uninterrupted[k]) for k in uninterrupted)
+
+
+def _read_only(path: Path):
+    """Make ``path`` (a tmpfs mount for root, whom permissions do not stop) read-only."""
+    if os.geteuid() == 0:
+        _remount(path, "ro")
+    else:
+        for p in [path, *path.rglob("*")]:
+            if p.is_dir():
+                p.chmod(0o555)
+
+
+def test_a_read_only_output_dir_is_one_error_line_before_any_work(in_tmp, capsys):
+    main = train_cli()
+    with tmpfs(in_tmp / "ro", "64m") as disk:
+        assert main(["--config", QUICKSTART, f"output_dir={disk / 'r'}", *FAST]) == 0
+        before = {p: p.stat().st_mtime_ns for p in disk.rglob("*")}
+        _read_only(disk)
+        capsys.readouterr()
+        for target, flags in ((disk / "new", []), (disk / "r", ["--resume", "latest"]), (disk / "r", ["--overwrite"])):
+            rc = main(["--config", QUICKSTART, f"output_dir={target}", *FAST, *flags])
+            err = capsys.readouterr().err
+            assert rc == 2 and err.startswith("error: output_dir") and "Traceback" not in err, err
+            assert "read-only" in err or "permission" in err
+        assert {p: p.stat().st_mtime_ns for p in disk.rglob("*")} == before
+        _remount(disk, "rw")
+
+
+def test_a_marker_nested_too_deeply_is_an_error_line_not_a_recursion_error(in_tmp, capsys):
+    run = in_tmp / "r"
+    run.mkdir()
+    (run / "config.yaml").write_text("name: x\n")
+    (run / ".timm_drop_run.json").write_text("[" * 200_000 + "]" * 200_000)
+    for flags in ([], ["--overwrite"], ["--resume", "latest"]):
+        rc = train_cli()(["--config", QUICKSTART, "output_dir=r", *FAST, *flags])
+        err = capsys.readouterr().err
+        assert rc == 2 and ".timm_drop_run.json" in err and "Traceback" not in err, err
+    assert sorted(p.name for p in run.iterdir()) == [".timm_drop_run.json", "config.yaml"]
+
+
+def test_ctrl_c_says_how_to_continue_and_resume_continues(in_tmp, capsys, monkeypatch):
+    """Ctrl-C in the second epoch: no traceback, the last checkpoint named with --resume latest, exit code 130."""
+    from timm_drop.training import loop
+
+    main = train_cli()
+    args = ["--config", QUICKSTART, "output_dir=r", *FAST]
+    real = loop.Trainer.train_one_epoch
+
+    def ctrl_c_in_epoch_2(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real(self, epoch)
+
+    with monkeypatch.context() as m:
+        m.setattr(loop.Trainer, "train_one_epoch", ctrl_c_in_epoch_2)
+        assert main(args) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted: ") and f"{Path('r') / 'checkpoints' / 'epoch_0001'}, is intact" in err
+    assert "--resume latest" in err and "Traceback" not in err, err
+    assert main([*args, "--resume", "latest"]) == 0
+
+
+def test_every_output_file_has_the_usual_mode(in_tmp):
+    """The weights (safetensors writes 0600 by itself) are as readable as every other output: 0666 less the
+    umask."""
+    old = os.umask(0o022)
+    try:
+        assert train_cli()(["--config", QUICKSTART, "output_dir=r", *FAST, "train.epochs=1", "log.plot=true"]) == 0
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(in_tmp / "r").as_posix(): p.stat().st_mode & 0o777
+             for p in (in_tmp / "r").rglob("*") if p.is_file()}  # fmt: skip
+    assert "last_model.safetensors" in modes and "checkpoints/epoch_0001/model.safetensors" in modes
+    assert {k: m for k, m in modes.items() if m != 0o644} == {}

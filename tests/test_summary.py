@@ -29,6 +29,20 @@ def _model():
     return timm_drop.apply_regularizer(timm.create_model("resnet10t", num_classes=3), SPEC)
 
 
+def test_summary_is_the_table_as_a_str_with_the_rules_as_data():
+    import copy
+    import pickle
+
+    s = summary(_model())
+    assert isinstance(s, str) and s == str(s) and repr(s) == str(s)  # prints, echoes and compares as its text
+    lines = s.splitlines()
+    assert lines[0].startswith("rule") and len(lines) == 2 + len(s.rules) == 4
+    assert "half dropout" in lines[2] and s.upper().startswith("RULE")
+    assert s.to_dict()["rules"][0]["regularizer"] == "dropout"
+    for again in (copy.deepcopy(s), pickle.loads(pickle.dumps(s))):
+        assert again == s and [r.rule for r in again.rules] == [r.rule for r in s.rules]
+
+
 def test_summary_lists_each_rule_with_sites_strength_and_schedule_position():
     model = _model()
     s = summary(model)

@@ -237,6 +237,17 @@ def test_cli_viz_writes_the_figure_and_refuses_bad_input(tmp_path, capsys):
     assert main([*missing, "--overwrite"]) == 2 and "no.jpg" in capsys.readouterr().err
 
 
+def test_cli_viz_errors_quote_paths_whole(tmp_path, capsys):
+    """An error naming a path keeps all of it (a message once lost the quote closing the path)."""
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("not an image")
+    args = ["viz", "resnet20_cifar", CORRDROP_SPEC, "--image", str(not_an_image), "--out", str(tmp_path / "f.png")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"'{not_an_image}'"), err
+    assert err.count(f"{not_an_image}") == 2  # the file named by timm_drop, then in PIL's own words
+
+
 def test_image_files_are_resized_with_the_models_data_config(tmp_path):
     from PIL import Image
 

@@ -122,6 +122,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def _check_out_file(out: str, overwrite: bool) -> None:
     """Refuse an ``--out`` that cannot take a file, before any model is built (the work would be lost)."""
+    if not out.strip():
+        raise UsageError("--out is empty; give a file path such as ckpt.pth (or m.safetensors)")
     if os.path.isdir(out):
         raise UsageError(f"--out {out!r} is a directory; give a file path such as {os.path.join(out, 'ckpt.pth')!r}")
     if os.path.exists(out) and not overwrite:
@@ -147,16 +149,25 @@ def cmd_apply(args: argparse.Namespace) -> int:
     timm_drop.apply_regularizer(model, spec, example_input=example)
     # The regularizers own no parameters or persistent buffers, so the state_dict is a plain timm checkpoint;
     # the spec and plan ride along so the same placement can be re-applied before loading it.
-    torch.save(
-        {
-            "model_name": args.model,
-            "num_classes": args.num_classes,
-            "spec": spec.to_dict(),
-            "plan": plan.to_dict(),
-            "state_dict": model.state_dict(),
-        },
-        args.out,
-    )
+    from timm_drop.training.checkpoint import save_weights_safetensors
+    from timm_drop.training.files import WriteError, replace_file
+
+    about = {"model_name": args.model, "num_classes": args.num_classes, "spec": spec.to_dict(), "plan": plan.to_dict()}
+    try:
+        if args.out.lower().endswith(".safetensors"):
+            # tensors only (no pickle): what is not a tensor goes into the header's string metadata
+            meta = {f"timm_drop_{k.removesuffix('_name')}": json.dumps(v) if isinstance(v, dict) else str(v)
+                    for k, v in about.items() if v is not None}  # fmt: skip
+            save_weights_safetensors(model.state_dict(), args.out, metadata=meta)
+            print(
+                f"saved {args.out} (safetensors: the weights only, no pickle; the model name, spec and plan are in "
+                "its metadata: safetensors.safe_open(path, 'pt').metadata())"
+            )
+            return 0
+        state = {**about, "state_dict": model.state_dict()}
+        replace_file(args.out, lambda f: torch.save(state, f))
+    except WriteError as exc:
+        raise UsageError(str(exc)) from None
     print(f"saved {args.out}")
     return 0
 
@@ -268,6 +279,21 @@ def _coverage_from_jsonl(args: argparse.Namespace) -> int:
 
 
 # -- parser -----------------------------------------------------------------------------------------------------
+def _positive(kind: type) -> Any:
+    """An argparse ``type`` accepting numbers above 0 only (a count of models, a timeout)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        return value
+
+    return parse
+
+
 def _input_size(values: list[int]) -> tuple[int, ...]:
     if any(v < 1 for v in values):
         raise UsageError(f"--input-size values must be positive, got {values}")
@@ -315,9 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
         "subprocess with a per-model timeout, and report failures with reasons and the pass rate.",
     )
     p.add_argument("--filter", default=None, metavar="GLOB", help="only model names matching this glob")
-    p.add_argument("--sample", type=int, default=None, metavar="N", help="a seeded random sample of N models")
+    p.add_argument(
+        "--sample", type=_positive(int), default=None, metavar="N", help="a seeded random sample of N models"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of --sample (default 0)")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="at most N models (after --sample)")
+    p.add_argument(
+        "--limit", type=_positive(int), default=None, metavar="N", help="at most N models (after --sample)"
+    )
     p.add_argument(
         "--out", default=None, metavar="PATH", help="write the Markdown report here (default: stdout)"
     )
@@ -341,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sites; models timm has no features_only form for are skipped",
     )
     p.add_argument(
-        "--timeout-per-model", type=float, default=120.0, metavar="S", help="seconds (default 120)"
+        "--timeout-per-model", type=_positive(float), default=120.0, metavar="S", help="seconds (default 120)"
     )
     p.add_argument(
         "--max-params",

@@ -21,6 +21,7 @@ regularized model with its weights. A spec given as a path is stored by value: t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import timm
@@ -67,13 +68,21 @@ def timm_drop_regularized(
     """timm entrypoint: ``timm.create_model(model, pretrained, **kwargs)`` with ``spec`` applied afterwards."""
     stored = pretrained_cfg.get(CFG_KEY) if isinstance(pretrained_cfg, dict) else None
     source_args = dict(pretrained_model_args or {})
+    saved = _saved_config_name(pretrained_cfg)
     if stored is not None:
+        stored = _stored_spec(stored, saved)
         # Loaded from a saved folder / the Hub: the stored spec wins over the argument recorded beside it
         # (which may be a path that only existed where the model was saved); an explicit new spec still wins.
         if model is None or model == source_args.get("model"):
             model = stored["model"]
         if spec is None or spec == source_args.get("spec"):
             spec = stored["spec"]
+    elif source_args and spec is not None and spec == source_args.get("spec") and not isinstance(spec, Mapping):
+        # a spec taken from a saved config.json's model_args: data travels with a model, a path never does
+        raise ValueError(
+            f"{saved}: model_args.spec is {type(spec).__name__} {str(spec)[:80]!r}; a saved model carries its spec "
+            f"as a mapping (pretrained_cfg['{CFG_KEY}']['spec']), never as a path or text to read"
+        )
     if not isinstance(model, str) or not model:
         raise ValueError(
             f"{REGISTERED_NAME} needs model=<a timm model name>, e.g. "
@@ -105,6 +114,33 @@ def timm_drop_regularized(
     )
     net.default_cfg = net.pretrained_cfg
     return net
+
+
+def _saved_config_name(pretrained_cfg: Any) -> str:
+    """Where a saved model's config came from, for messages: ``<folder>/config.json`` or the Hub id."""
+    cfg = pretrained_cfg if isinstance(pretrained_cfg, dict) else {}
+    where = cfg.get("file") if cfg.get("source") == "local-dir" else cfg.get("hf_hub_id")
+    return f"{where}/config.json" if where else "the saved model's config.json"
+
+
+def _stored_spec(stored: Any, saved: str) -> dict[str, Any]:
+    """``pretrained_cfg['timm_drop']`` of a saved model, checked: a registered timm name and a spec *mapping*.
+
+    It comes from a file (config.json) that may not be the user's own, so it is data only: a string there is never
+    read as a path (``/etc/passwd`` would be quoted in the error, a FIFO would block forever) nor parsed as YAML
+    text, and the base model cannot be another ``local-dir:`` / ``hf-hub:`` source."""
+    key = f"pretrained_cfg['{CFG_KEY}']"
+    if not isinstance(stored, Mapping):
+        raise ValueError(f"{saved}: {key} must be a mapping {{model, spec}}, got {type(stored).__name__}")
+    model, spec = stored.get("model"), stored.get("spec")
+    if not isinstance(model, str) or not timm.is_model(model) or model == REGISTERED_NAME:
+        raise ValueError(f"{saved}: {key}['model'] must name a registered timm model, got {str(model)[:80]!r}")
+    if not isinstance(spec, Mapping):
+        raise ValueError(
+            f"{saved}: {key}['spec'] must be the spec itself (a mapping with 'rules'), got {type(spec).__name__} "
+            f"{str(spec)[:80]!r}: a spec that travels with a model is data, never a path or text to read"
+        )
+    return {"model": model, "spec": dict(spec)}
 
 
 def create_model(model_name: str, spec: Any = None, *, schedule_steps: int | None = None, **timm_kwargs: Any) -> nn.Module:

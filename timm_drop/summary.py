@@ -84,28 +84,42 @@ class RuleSummary:
         }
 
 
-@dataclass
-class Summary:
+class Summary(str):
+    """The per-rule table as text, so it prints, splits into lines and writes like any ``str``, with the rules as
+    data in :attr:`rules` (:meth:`to_dict`); a snapshot of the moment :func:`summary` was called."""
+
     rules: list[RuleSummary]
+
+    def __new__(cls, rules: list[RuleSummary]) -> Summary:
+        text = super().__new__(cls, _table(rules))
+        text.rules = list(rules)
+        return text
+
+    def __getnewargs__(self) -> tuple[list[RuleSummary]]:  # pickle/copy rebuild it from its rules
+        return (self.rules,)
+
+    def __repr__(self) -> str:  # the table, also as a REPL's echo
+        return str.__str__(self)
 
     def to_dict(self) -> dict[str, Any]:
         return {"rules": [r.to_dict() for r in self.rules]}
 
-    def __str__(self) -> str:
-        head = ("rule", "sites", "strength", "schedule", "position", "realised drop")
-        rows = []
-        for r in self.rules:
-            strength = ", ".join(
-                f"{k}={lo:.4g}" if lo == hi else f"{k}={lo:.4g}..{hi:.4g}" for k, (lo, hi) in r.strength.items()
-            ) or (f"x{r.multiplier:.4g}" if r.multiplier is not None else "?")
-            realised = "-" if r.drop_fraction is None else f"{r.drop_fraction:.4f}"
-            rows.append((r.rule, str(len(r.sites)), strength, r.schedule or "constant", r.position, realised))
-        if not rows:
-            return "no timm_drop regularizers in this model"
-        widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(head)]
-        out = ["  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
-        out += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-        return "\n".join(out)
+
+def _table(rules: list[RuleSummary]) -> str:
+    head = ("rule", "sites", "strength", "schedule", "position", "realised drop")
+    rows = []
+    for r in rules:
+        strength = ", ".join(
+            f"{k}={lo:.4g}" if lo == hi else f"{k}={lo:.4g}..{hi:.4g}" for k, (lo, hi) in r.strength.items()
+        ) or (f"x{r.multiplier:.4g}" if r.multiplier is not None else "?")
+        realised = "-" if r.drop_fraction is None else f"{r.drop_fraction:.4f}"
+        rows.append((r.rule, str(len(r.sites)), strength, r.schedule or "constant", r.position, realised))
+    if not rows:
+        return "no timm_drop regularizers in this model"
+    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(head)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(out)
 
 
 def _position(regs: list[Regularizer]) -> str:

@@ -1054,7 +1054,8 @@ def cmd_viz(args: Any) -> int:
             out=args.out,
         )
     except (ValueError, KeyError, FileNotFoundError) as exc:
-        raise UsageError(str(exc).strip("'\"")) from None
+        # a KeyError's str() is the repr of its message; every other message is shown as it is, quotes and all
+        raise UsageError(str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)) from None
     masks = fig.find("mask")
     print(f"wrote {args.out} ({fig.size[0]}x{fig.size[1]} px, {len(masks)} mask panel(s))")
     for p in masks:

@@ -2,8 +2,10 @@
 
 ``timm.create_model("resnet110_cifar", num_classes=100)`` builds them like any timm model: ``forward_features``,
 ``forward_head(x, pre_logits=False)``, ``reset_classifier``, ``get_classifier``, ``feature_info``,
-``pretrained_cfg`` (``input_size=(3, 32, 32)``), ``drop_rate`` and ``drop_path_rate``. There are no pretrained
-weights: ``pretrained=True`` raises.
+``pretrained_cfg`` (``input_size=(3, 32, 32)``), ``drop_rate`` and ``drop_path_rate``. No pretrained weights ship
+with them: ``pretrained=True`` raises, unless the caller names weights of their own as timm's convention has it
+(``pretrained_cfg_overlay=dict(file=PATH)``, a ``local-dir:`` folder written by ``save_for_hf``), which timm's
+loader then reads, adapting the classifier to ``num_classes``.
 
 * ``resnet{20,32,44,56,110}_cifar``: He, Zhang, Ren, Sun, "Deep Residual Learning for Image Recognition"
   (CVPR 2016) section 4.2: a 3x3 conv stem with 16 filters, three stages of ``n`` BasicBlocks on 32/16/8 maps
@@ -47,7 +49,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, create_classifier
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import (
+    build_model_with_cfg,
+    checkpoint_seq,
+    generate_default_cfgs,
+    register_model,
+    resolve_pretrained_cfg,
+)
 from torch import nn
 
 __all__ = ["BasicBlock", "CifarResNet", "PadShortcut", "PreActBlock", "VGGCifar", "WideResNet"]
@@ -444,18 +452,28 @@ default_cfgs = generate_default_cfgs(
 )
 
 
+def _weights_given(variant: str, kwargs: dict[str, Any]) -> bool:
+    """Whether the caller named weights of their own: a ``file`` (a checkpoint, or a ``local-dir:`` folder),
+    a ``state_dict``, a Hub id or a URL in ``pretrained_cfg`` / ``pretrained_cfg_overlay``."""
+    cfg = resolve_pretrained_cfg(
+        variant, pretrained_cfg=kwargs.get("pretrained_cfg"), pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay")
+    )
+    return bool(cfg.file or cfg.state_dict is not None or cfg.hf_hub_id or cfg.url)
+
+
 def _create(cls: type[nn.Module], variant: str, pretrained: bool, **kwargs: Any) -> nn.Module:
-    if pretrained:
+    if pretrained and not _weights_given(variant, kwargs):
         raise ValueError(
-            f"{variant}: timm_drop ships no pretrained weights for its CIFAR models; use pretrained=False "
-            "(or load your own checkpoint with model.load_state_dict)"
+            f"{variant}: timm_drop ships no pretrained weights for its CIFAR models; use pretrained=False, or name "
+            "your own checkpoint as for any timm model: pretrained=True, pretrained_cfg_overlay=dict(file=PATH)"
         )
     # every feature_info entry (stem + stages) is a features_only output by default
     num_stages = len(kwargs.get("layers", kwargs.get("groups", (0, 0, 0))))
     num_feats = num_stages if cls is VGGCifar else num_stages + 1
     out_indices = kwargs.pop("out_indices", tuple(range(num_feats)))
+    # with weights of the caller's own, timm's loader reads them (adapting the classifier and first conv as usual)
     return build_model_with_cfg(
-        cls, variant, pretrained=False, feature_cfg=dict(out_indices=out_indices), **kwargs
+        cls, variant, pretrained=pretrained, feature_cfg=dict(out_indices=out_indices), **kwargs
     )
 
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,15 @@ from typing import Any
 import torch
 
 from timm_drop.training.config import ConfigError, diff_configs
+from timm_drop.training.files import (
+    NOFOLLOW,
+    file_mode,
+    remove_leftover,
+    replace_file,
+    replace_with,
+    staging_dir,
+    writing,
+)
 
 __all__ = [
     "CheckpointError",
@@ -76,16 +84,17 @@ def _order(match: re.Match) -> tuple[int, int, int]:
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Atomically write a plain ``state_dict`` (CPU tensors) to ``path``."""
-    tmp = Path(str(path) + ".tmp")
-    torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, tmp)
-    os.replace(tmp, path)
+    """Atomically write a plain ``state_dict`` (CPU tensors) to ``path`` (see :mod:`timm_drop.training.files`)."""
+    cpu = {k: v.detach().cpu() for k, v in state_dict.items()}
+    replace_file(path, lambda f: torch.save(cpu, f))
 
 
-def save_weights_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+def save_weights_safetensors(
+    state_dict: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> None:
     """Atomically write ``state_dict`` as ``.safetensors`` (no pickle; timm's ``pretrained_cfg_overlay=dict(file=)``
-    and ``safetensors.torch.load_file`` read it). Tied tensors are stored once per key, so every key loads
-    strictly."""
+    and ``safetensors.torch.load_file`` read it), with ``metadata`` (strings) beside ``format: pt``. Tied tensors
+    are stored once per key, so every key loads strictly."""
     from safetensors.torch import save_file
 
     seen: set[tuple[int, int]] = set()
@@ -97,9 +106,7 @@ def save_weights_safetensors(state_dict: dict[str, torch.Tensor], path: str | os
         owns_storage = v.untyped_storage().nbytes() == v.numel() * v.element_size()
         tensors[k] = v if owns_storage and ident not in seen else v.clone()
         seen.add(ident)
-    tmp = Path(str(path) + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
+    replace_with(path, lambda tmp: save_file(tensors, tmp, metadata={**(metadata or {}), "format": "pt"}))
 
 
 def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -123,12 +130,19 @@ class CheckpointManager:
         ckpts = self.list()
         return ckpts[-1] if ckpts else None
 
-    def resolve(self, resume: str, num_processes: int = 1, log: Callable[[str], None] = print) -> Path:
-        """The checkpoint to restore, verified against its manifest.
+    def resolve(
+        self,
+        resume: str,
+        num_processes: int = 1,
+        log: Callable[[str], None] = print,
+        restore: Callable[[Path], None] | None = None,
+    ) -> Path:
+        """The checkpoint to continue from: verified against its manifest, then given to ``restore`` (which raises
+        :class:`CheckpointError` when the checkpoint cannot continue this run).
 
-        ``"latest"``: the newest checkpoint of this run that verifies; each newer one that does not is reported
-        through ``log`` (which file failed, which checkpoint is used instead). A path: that checkpoint folder,
-        or :class:`CheckpointError` naming the file that fails.
+        ``"latest"``: the newest checkpoint of this run that verifies and restores; each newer one that does not is
+        reported through ``log`` (which file failed or why it cannot be restored, which checkpoint is used
+        instead). A path: that checkpoint folder, or :class:`CheckpointError` naming the file or the reason.
         """
         if resume == "latest":
             ckpts = self.list()
@@ -136,26 +150,40 @@ class CheckpointManager:
                 raise FileNotFoundError(f"--resume latest: no complete checkpoint under {self.root}")
             failed = []
             for path in reversed(ckpts):
-                problem = verify_checkpoint(path, num_processes)
+                problem = self._unusable(path, num_processes, restore)
                 if problem is None:
                     if failed:
                         log(
                             "warning: --resume latest: "
                             + "; ".join(failed)
-                            + f"; resuming from {path} instead (the newest checkpoint that verifies)"
+                            + f"; resuming from {path} instead (the newest checkpoint that verifies and restores)"
                         )
                     return path
-                failed.append(f"checkpoint {path} fails verification: {problem}")
-            raise CheckpointError("--resume latest: no checkpoint verifies: " + "; ".join(failed))
+                failed.append(f"checkpoint {path} {problem}")
+            raise CheckpointError("--resume latest: no checkpoint can be used: " + "; ".join(failed))
         path = Path(resume)
         if not (path / STATE_FILE).is_file() and not (path / MANIFEST).is_file():
             raise FileNotFoundError(
                 f"--resume {resume!r}: not a timm_drop checkpoint folder (no {STATE_FILE}, no {MANIFEST})"
             )
+        problem = self._unusable(path, num_processes, restore)
+        if problem is not None:
+            raise CheckpointError(f"--resume {resume!r}: checkpoint {problem}")
+        return path
+
+    @staticmethod
+    def _unusable(path: Path, num_processes: int, restore: Callable[[Path], None] | None) -> str | None:
+        """Why ``path`` cannot continue this run (``"fails verification: ..."``, ``"cannot be restored: ..."``),
+        or None once ``restore`` took it."""
         problem = verify_checkpoint(path, num_processes)
         if problem is not None:
-            raise CheckpointError(f"--resume {resume!r}: checkpoint fails verification: {problem}")
-        return path
+            return f"fails verification: {problem}"
+        if restore is not None:
+            try:
+                restore(path)
+            except CheckpointError as e:
+                return f"cannot be restored: {e}"
+        return None
 
     def save(
         self,
@@ -179,30 +207,35 @@ class CheckpointManager:
         final = self.root / checkpoint_name(epoch, step)
         tmp = self.root / f".tmp-{final.name}"
         if accelerator.is_main_process:
-            self.root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)  # leftover of a killed write
+            with writing(self.root):
+                self.root.mkdir(parents=True, exist_ok=True)
+            staging_dir(tmp)  # a new folder, whatever a killed write (or anything else) left at its name
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        if process_state is not None:
-            torch.save(process_state, tmp / PROCESS_STATE_FILE.format(rank=accelerator.process_index))
-        if accelerator.is_main_process:
-            torch.save(extra_state, tmp / STATE_FILE)
+        with writing(tmp):
+            accelerator.save_state(str(tmp))
+            if process_state is not None:
+                torch.save(process_state, tmp / PROCESS_STATE_FILE.format(rank=accelerator.process_index))
+            if accelerator.is_main_process:
+                torch.save(extra_state, tmp / STATE_FILE)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            write_manifest(tmp, num_processes=accelerator.num_processes, mid_epoch=step is not None)
-            if final.exists():  # re-saving an epoch (e.g. after resuming from an earlier one)
-                trash = self.root / f".old-{final.name}"
-                if trash.exists():
-                    shutil.rmtree(trash)
-                os.replace(final, trash)
-                os.replace(tmp, final)
-                shutil.rmtree(trash)
-            else:
-                os.replace(tmp, final)
-            _fsync_dir(self.root)
-            for old in self.list()[: -self.total_limit]:
-                shutil.rmtree(old)
+            with writing(tmp):
+                mode = file_mode()  # safetensors writes its files 0o600; the run's other files are 0o666 - umask
+                for p in tmp.rglob("*"):
+                    if p.is_file() and not p.is_symlink():
+                        os.chmod(p, mode)
+                write_manifest(tmp, num_processes=accelerator.num_processes, mid_epoch=step is not None)
+                if final.exists() or final.is_symlink():  # re-saving an epoch (e.g. after resuming from an earlier one)
+                    trash = self.root / f".old-{final.name}"
+                    remove_leftover(trash)
+                    os.replace(final, trash)
+                    os.replace(tmp, final)
+                    remove_leftover(trash)
+                else:
+                    os.replace(tmp, final)
+                _fsync_dir(self.root)
+                for old in self.list()[: -self.total_limit]:
+                    remove_leftover(old)
         accelerator.wait_for_everyone()
         return final
 
@@ -222,8 +255,8 @@ class CheckpointManager:
             return state
         except (RuntimeError, ValueError, KeyError, OSError, EOFError) as e:
             raise CheckpointError(
-                f"--resume {path}: cannot restore it into this run ({type(e).__name__}: {str(e)[:500]}); was it "
-                "written by a run with another model or optimizer?"
+                f"cannot restore it into this run ({type(e).__name__}: {str(e)[:500]}); was it written by a run "
+                "with another model or optimizer?"
             ) from e
 
 
@@ -268,47 +301,75 @@ def write_manifest(folder: Path, num_processes: int, mid_epoch: bool = False) ->
             with open(p, "rb+") as f:
                 os.fsync(f.fileno())
             files[p.relative_to(folder).as_posix()] = {"size": p.stat().st_size, "sha256": _sha256(p)}
-    tmp = folder / (MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        record = {"format": 1, "num_processes": num_processes, "files": files}
-        if mid_epoch:
-            record["mid_epoch"] = True
-        json.dump(record, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, folder / MANIFEST)
+    record = {"format": 1, "num_processes": num_processes, "files": files}
+    if mid_epoch:
+        record["mid_epoch"] = True
+    replace_file(folder / MANIFEST, lambda f: f.write(json.dumps(record, indent=1).encode()), sync=True)
     _fsync_dir(folder)
+
+
+def _mid_epoch(path: Path, manifest: dict[str, Any]) -> bool:
+    named = _NAME.match(path.name)
+    return bool(manifest.get("mid_epoch")) or (named is not None and named.group(2) is not None)
+
+
+def is_mid_epoch(path: str | os.PathLike) -> bool:
+    """Whether the (verified) checkpoint at ``path`` was taken inside an epoch: its manifest or its name says so.
+    Only such a checkpoint has a data position; an epoch's end has none."""
+    path = Path(path)
+    return _mid_epoch(path, read_json(path / MANIFEST))
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _malformed_entry(rel: str, rec: Any) -> str | None:
+    """What is wrong with one ``files`` entry of a manifest (None: a relative path inside the checkpoint, with an
+    integer size and a sha256 hex string, as :func:`write_manifest` writes them)."""
+    parts = Path(rel).parts
+    if not parts or Path(rel).is_absolute() or ".." in parts:
+        return "is not a path inside the checkpoint"
+    if not isinstance(rec, dict):
+        return f"is {rec!r}, not {{size, sha256}}"
+    if not _is_count(rec.get("size")):
+        return f"has size {rec.get('size')!r}, not a number of bytes"
+    sha = rec.get("sha256")
+    if not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
+        return f"has sha256 {sha!r}, not 64 hex digits"
+    return None
 
 
 def verify_checkpoint(path: str | os.PathLike, num_processes: int) -> str | None:
     """None if every file the manifest lists is there with its recorded size and checksum; else the problem,
     naming the file."""
-    import json
-
     path = Path(path)
     mpath = path / MANIFEST
     if not mpath.is_file():
         return f"{mpath} is missing (the checkpoint was not completely written, or predates verified checkpoints)"
     try:
-        manifest = json.loads(mpath.read_text())
+        manifest = read_json(mpath)
         files = manifest["files"]
-        written_by = int(manifest["num_processes"])
-        assert isinstance(files, dict) and files
-    except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+        written_by = manifest["num_processes"]
+        assert isinstance(files, dict) and files, "'files' is not a non-empty mapping"
+        assert _is_count(written_by) and written_by, f"'num_processes' is {written_by!r}, not a positive integer"
+    except (ValueError, KeyError, TypeError, AssertionError) as e:
         return f"{mpath} is unreadable or malformed ({type(e).__name__}: {e})"
     for rel, rec in files.items():
+        problem = _malformed_entry(rel, rec)
+        if problem is not None:
+            return f"{mpath} is malformed: the entry {rel!r} {problem}"
         p = path / rel
-        if not p.is_file():
+        if p.is_symlink() or not p.is_file():
             return f"{p} is missing (listed in {MANIFEST})"
         size = p.stat().st_size
-        if size != rec.get("size"):
-            return f"{p} has {size} bytes, {rec.get('size')} were written (truncated or replaced)"
-        if _sha256(p) != rec.get("sha256"):
+        if size != rec["size"]:
+            return f"{p} has {size} bytes, {rec['size']} were written (truncated or replaced)"
+        if _sha256(p) != rec["sha256"]:
             return f"{p} does not match its recorded sha256 (corrupted)"
     if STATE_FILE not in files:
         return f"{mpath} does not list {STATE_FILE}"
-    named = _NAME.match(path.name)
-    if manifest.get("mid_epoch") or (named is not None and named.group(2) is not None):
+    if _mid_epoch(path, manifest):
         # a mid-epoch checkpoint continues each process at its own data position
         for rank in range(written_by):
             name = PROCESS_STATE_FILE.format(rank=rank)
@@ -376,13 +437,11 @@ class RunDir:
         self._lock_fh: Any = None
 
     def read_marker(self) -> dict[str, Any] | None:
-        import json
-
         if self.marker.is_symlink() or not self.marker.is_file():
             return None
         try:
-            data = json.loads(self.marker.read_text())
-        except (OSError, ValueError) as e:
+            data = read_json(self.marker)
+        except ValueError as e:
             raise ConfigError(
                 f"output_dir: {str(self.marker)!r} is unreadable ({e}); not touching {self.path}"
             ) from e
@@ -429,9 +488,7 @@ class RunDir:
             "host": socket.gethostname(),
             "entries": self._entries,
         }
-        tmp = self.path / (MARKER + ".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, self.marker)
+        replace_file(self.marker, lambda f: f.write(json.dumps(data, indent=1).encode()))
 
     def unlisted(self, data: dict[str, Any]) -> list[str]:
         listed = set(data["entries"]) | {MARKER, MARKER + ".tmp", LOCK}
@@ -447,12 +504,8 @@ class RunDir:
                 if name not in _RUN_FOLDERS:  # pragma: no cover - every folder entry has its pattern
                     continue
                 for child in p.iterdir():
-                    if not _RUN_FOLDERS[name].match(child.name):
-                        continue
-                    if child.is_symlink() or not child.is_dir():
-                        child.unlink()
-                    else:
-                        shutil.rmtree(child)
+                    if _RUN_FOLDERS[name].match(child.name):
+                        remove_leftover(child)
                 if not any(p.iterdir()):
                     p.rmdir()
         for name in (MARKER + ".tmp", MARKER):
@@ -477,7 +530,8 @@ class RunDir:
             import fcntl
         except ImportError:  # pragma: no cover - no flock (Windows): nothing to probe
             return False
-        with open(lock, "a") as fh:
+        # read-only: probing changes nothing (and works in a directory this user cannot write)
+        with os.fdopen(os.open(lock, os.O_RDONLY | NOFOLLOW), "rb") as fh:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -491,7 +545,12 @@ class RunDir:
             import fcntl
         except ImportError:  # pragma: no cover
             return
-        fh = open(self.path / LOCK, "a")  # noqa: SIM115 - held open for the run's lifetime
+        lock = self.path / LOCK
+        with writing(lock):
+            if lock.is_symlink():  # never opened through: the recipe's lock is a plain file
+                lock.unlink()
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o666)
+        fh = os.fdopen(fd, "rb+")  # held open for the run's lifetime
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -512,12 +571,47 @@ class RunDir:
             self._lock_fh = None
 
 
+#: the largest marker or manifest read (a real one is a few KiB)
+_JSON_LIMIT = 1 << 22
+
+
+def read_json(path: Path) -> Any:
+    """A small JSON file of the recipe's (marker, manifest); ``ValueError`` saying what is wrong with it (unreadable,
+    too large, not JSON, nested too deeply for the parser)."""
+    import json
+
+    try:
+        size = path.stat().st_size
+        if size > _JSON_LIMIT:
+            raise ValueError(f"{size} bytes, more than the {_JSON_LIMIT} a recipe's own file has")
+        return json.loads(path.read_text())
+    except RecursionError:
+        raise ValueError("nested too deeply to be one of the recipe's files") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(str(e)) from e
+
+
 def _finished_any_epoch(out: Path) -> bool:
     # a mid-epoch checkpoint counts: it is progress that --resume can continue, not the debris of a failed start
     if CheckpointManager(out).list():
         return True
     metrics = out / "metrics.jsonl"
     return metrics.is_file() and any(line.strip() for line in metrics.read_text().splitlines())
+
+
+def _check_writable(out: Path) -> None:
+    """:class:`ConfigError` unless this process can create files in ``out`` (or in the folder it will be made in)."""
+    where = out
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if os.access(where, os.W_OK | os.X_OK):
+        return
+    try:
+        read_only = bool(os.statvfs(where).f_flag & os.ST_RDONLY)
+    except OSError:  # pragma: no cover - no statvfs
+        read_only = False
+    why = "it is on a read-only file system" if read_only else "this user has no write permission there"
+    raise ConfigError(f"output_dir: cannot write into {str(where)!r}: {why}; choose another output_dir")
 
 
 def check_output_dir(
@@ -536,9 +630,11 @@ def check_output_dir(
     if not out.exists() or (out.is_dir() and all(p.name == LOCK for p in out.iterdir())):
         if resume == "latest":
             raise FileNotFoundError(f"--resume latest: output_dir {str(out)!r} holds no run to resume")
+        _check_writable(out)
         return "new"
     if not out.is_dir():
         raise ConfigError(f"output_dir: {str(out)!r} exists and is not a directory")
+    _check_writable(out)
     run = RunDir(out)
     marker = run.read_marker()
     saved = out / "config.yaml"

@@ -1028,7 +1028,7 @@ def _resolve_base(raw: dict, path: Path, seen: tuple[Path, ...], sources: _Sourc
     base_ref = raw.pop("base")
     if not isinstance(base_ref, str):
         raise ConfigError(f"base: must be a path to another config, got {base_ref!r} (in {path})")
-    base_path = (path.parent / base_ref).resolve()
+    base_path = (path.parent / os.path.expanduser(base_ref)).resolve()
     if base_path in seen:
         raise ConfigError(f"base: circular reference to {base_path} (in {path})")
     if not base_path.is_file():
@@ -1065,6 +1065,7 @@ def load_config(
     cfg = _build(TrainConfig, raw, "", report)
     # range checks on a field that failed its type check would run on its default: wrong, so stop here
     report.raise_if_any()
+    _expand_home(cfg)
     validate(cfg, check_paths=check_paths, report=report)
     if resolve_spec and not report.has("regularizer"):
         try:
@@ -1073,6 +1074,18 @@ def load_config(
             report.add_error(e)
     report.raise_if_any()
     return cfg
+
+
+def _expand_home(cfg: TrainConfig) -> None:
+    """``~`` and ``~user`` in the config's paths mean the home folder, as in a shell (a folder literally named ``~``
+    in the working directory is never what was meant)."""
+    cfg.output_dir = os.path.expanduser(cfg.output_dir)
+    if cfg.data.root is not None:
+        cfg.data.root = os.path.expanduser(cfg.data.root)
+    if cfg.model.checkpoint_path is not None:
+        cfg.model.checkpoint_path = os.path.expanduser(cfg.model.checkpoint_path)
+    if isinstance(cfg.regularizer, str):
+        cfg.regularizer = os.path.expanduser(cfg.regularizer)
 
 
 def _read_raw(src: str | os.PathLike | dict | None) -> tuple[dict, Path | None, _Sources]:
@@ -1096,7 +1109,11 @@ def _read_raw(src: str | os.PathLike | dict | None) -> tuple[dict, Path | None, 
 
 
 def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    """Write the resolved config as YAML, atomically (:func:`~timm_drop.training.files.replace_file`)."""
+    from timm_drop.training.files import replace_file
+
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    replace_file(path, lambda f: f.write(text.encode()))
 
 
 def diff_configs(a: dict, b: dict, prefix: str = "") -> list[str]:

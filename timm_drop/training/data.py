@@ -38,6 +38,7 @@ import io
 import math
 import os
 import pickle
+import re
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -64,6 +65,7 @@ __all__ = [
     "DATASET_FACTS",
     "STREAM_DATASETS",
     "ArrayData",
+    "DataError",
     "DatasetFacts",
     "DeviceLoader",
     "FolderLoader",
@@ -100,6 +102,18 @@ DATASET_FACTS: dict[str, DatasetFacts] = {
     "cifar10": DatasetFacts(10, 50_000, 10_000, CIFAR_MEAN, CIFAR_STD),
     "cifar100": DatasetFacts(100, 50_000, 10_000, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
+
+
+class DataError(ValueError):
+    """Data that cannot be used (an image that does not decode, arrays of the wrong shape, dtype or range); the
+    message names the file or array."""
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        # raised in a loader worker, it comes back to the main process wrapped in the worker's traceback
+        if "Original Traceback" in text:
+            return re.split(rf"\n(?:[\w.]+\.)?{type(self).__name__}: ", text)[-1].strip()
+        return text
 
 
 @dataclass
@@ -189,40 +203,144 @@ def _cifar(cfg: DataConfig, train: bool) -> ArrayData:
     return ArrayData(np.ascontiguousarray(x), np.asarray(labels, dtype=np.int64), classes)
 
 
-def _decode_jpegs(buf: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+def _decode_jpegs(buf: np.ndarray, offsets: np.ndarray, name: str, path: str) -> np.ndarray:
     from PIL import Image
 
     def one(i: int) -> np.ndarray:
-        return np.asarray(Image.open(io.BytesIO(buf[offsets[i] : offsets[i + 1]].tobytes())).convert("RGB"))
+        a, b = int(offsets[i]), int(offsets[i + 1])
+        try:
+            return np.asarray(Image.open(io.BytesIO(buf[a:b].tobytes())).convert("RGB"))
+        except Exception as e:  # PIL raises several types for undecodable bytes
+            raise DataError(f"data.root: {name} image {i} (bytes {a}..{b}) in {path} cannot be decoded: {e}") from None
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as ex:
-        return np.stack(list(ex.map(one, range(len(offsets) - 1))))
+        images = list(ex.map(one, range(len(offsets) - 1)))
+    shapes = {im.shape for im in images}
+    if len(shapes) > 1:
+        raise DataError(f"data.root: {name} in {path} holds images of different sizes {sorted(shapes)[:4]}")
+    return np.stack(images)
+
+
+#: the arrays of one split of an npz file: decoded images, or JPEG bytes with their offsets
+_NPZ_LAYOUTS = ({"images": "x_{}", "labels": "y_{}"}, {"images": "{}_jpeg", "offsets": "{}_offsets", "labels": "{}_labels"})
+
+
+def _npz_layout(keys: set[str], split: str, path: str) -> dict[str, str]:
+    """The names of ``split``'s arrays in the file (``x_train``/``y_train`` or ``train_jpeg``/...)."""
+    for layout in _NPZ_LAYOUTS:
+        names = {k: v.format(split) for k, v in layout.items()}
+        if names["images"] in keys:
+            missing = sorted(n for n in names.values() if n not in keys)
+            if missing:
+                raise KeyError(f"data.root: {path} has {names['images']} but not {', '.join(missing)}")
+            return names
+    raise KeyError(
+        f"data.root: {path} has neither x_{split}/y_{split} nor {split}_jpeg/{split}_offsets/{split}_labels "
+        f"(keys: {sorted(keys)})"
+    )
+
+
+def _npz_labels(d: Any, path: str) -> tuple[dict[str, np.ndarray], list[str] | None, int]:
+    """Both splits' labels (``{"train": ..., "test": ...}``), checked: 1-D integer class indices, none negative,
+    within ``classes`` when the file names them, and the test labels within the training split's classes. Also
+    the class names (or None) and the number of classes."""
+    keys = set(d.files)
+    classes = None
+    if "classes" in keys:
+        named = d["classes"]
+        if named.ndim != 1:
+            raise DataError(f"data.root: classes in {path} must be 1-D (one name per class), got shape {named.shape}")
+        classes = [str(c) for c in named]
+    labels: dict[str, np.ndarray] = {}
+    for split in ("train", "test"):
+        name = _npz_layout(keys, split, path)["labels"]
+        y = d[name]
+        if y.ndim != 1:
+            raise DataError(f"data.root: {name} in {path} must be 1-D (one label per image), got shape {y.shape}")
+        if y.dtype == np.bool_ or not np.issubdtype(y.dtype, np.integer):
+            raise DataError(f"data.root: {name} in {path} must hold integer class indices, got dtype {y.dtype}")
+        if len(y) and int(y.min()) < 0:
+            raise DataError(f"data.root: {name} in {path} has a negative label ({int(y.min())})")
+        labels[split] = y.astype(np.int64)
+    train = labels["train"]
+    if classes is not None:
+        num_classes, within = len(classes), f"the {len(classes)} names in classes"
+    else:
+        num_classes = int(train.max()) + 1 if len(train) else 0
+        train_name = _npz_layout(keys, "train", path)["labels"]
+        within = f"the training split's {num_classes} classes (labels 0..{num_classes - 1} in {train_name})"
+    for split, y in labels.items():
+        if len(y) and int(y.max()) >= num_classes:
+            name = _npz_layout(keys, split, path)["labels"]
+            raise DataError(f"data.root: {name} in {path} has label {int(y.max())}, outside {within}")
+    return labels, classes, num_classes
+
+
+def _check_images(names: dict[str, str], shape: tuple[int, ...], dtype: np.dtype, count: int, path: str) -> None:
+    """Decoded images must be uint8 (N, H, W) or (N, H, W, C) with C = 1 or 3, one per label."""
+    name = names["images"]
+    if dtype != np.uint8 or len(shape) not in (3, 4):
+        raise DataError(f"data.root: {name} in {path} must be uint8 (N,H,W[,C]), got {dtype} {shape}")
+    if len(shape) == 4 and shape[-1] not in (1, 3):
+        hint = " (channels first? the layout is channels last)" if shape[1] in (1, 3) else ""
+        raise DataError(
+            f"data.root: {name} in {path} must have 1 or 3 channels, last: (N, H, W, C), got shape {shape}{hint}"
+        )
+    if shape[0] != count:
+        raise DataError(
+            f"data.root: {name} in {path} has {shape[0]} images but {names['labels']} has {count} labels: one each"
+        )
+
+
+def _check_offsets(names: dict[str, str], offsets: np.ndarray, n_bytes: int, count: int, path: str) -> None:
+    """JPEG offsets: one more than the labels, rising strictly within the byte buffer."""
+    name = names["offsets"]
+    if offsets.ndim != 1 or not np.issubdtype(offsets.dtype, np.integer) or len(offsets) != count + 1:
+        raise DataError(
+            f"data.root: {name} in {path} must be {count + 1} integer offsets (one more than the {count} labels "
+            f"in {names['labels']}), got {offsets.dtype} {offsets.shape}"
+        )
+    if count and (offsets[0] < 0 or offsets[-1] > n_bytes or np.any(np.diff(offsets) <= 0)):
+        raise DataError(f"data.root: {name} in {path} must rise strictly within the {n_bytes} bytes of {names['images']}")
+
+
+def _npz_header(d: Any, name: str) -> tuple[tuple[int, ...], np.dtype]:
+    """An array's shape and dtype from its ``.npy`` header, without reading the data."""
+    fmt = np.lib.format
+    with d.zip.open(name + ".npy") as f:
+        read = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
+        shape, _, dtype = read(f)
+    return tuple(shape), dtype
+
+
+def _npz_images(d: Any, names: dict[str, str], path: str, count: int, *, decode: bool = True) -> np.ndarray | None:
+    """One split's images as uint8 (N, H, W, C), C = 1 or 3, JPEG bytes decoded; ``count``: its number of labels.
+    ``decode=False`` checks the layout only (shapes from the headers, offsets) and returns None."""
+    name = names["images"]
+    if "offsets" in names:
+        shape, dtype = _npz_header(d, name)
+        if dtype != np.uint8 or len(shape) != 1:
+            raise DataError(f"data.root: {name} in {path} must be 1-D uint8 bytes, got {dtype} {shape}")
+        offsets = d[names["offsets"]]
+        _check_offsets(names, offsets, shape[0], count, path)
+        return _decode_jpegs(d[name], offsets, name, path) if decode else None
+    _check_images(names, *_npz_header(d, name), count, path)
+    if not decode:
+        return None
+    x = d[name]
+    return x[..., None] if x.ndim == 3 else x
 
 
 def _npz(cfg: DataConfig, train: bool) -> ArrayData:
     split = "train" if train else "test"
-    with np.load(cfg.root, allow_pickle=False) as d:
-        keys = set(d.files)
-        classes = [str(c) for c in d["classes"]] if "classes" in keys else None
-        if f"x_{split}" in keys:
-            x, y = d[f"x_{split}"], d[f"y_{split}"]
-        elif f"{split}_jpeg" in keys:
-            x = _decode_jpegs(d[f"{split}_jpeg"], d[f"{split}_offsets"])
-            y = d[f"{split}_labels"]
-        else:
-            raise KeyError(
-                f"data.root: {cfg.root} has neither x_{split}/y_{split} nor {split}_jpeg/{split}_offsets/{split}_labels "
-                f"(keys: {sorted(keys)})"
-            )
-    if x.dtype != np.uint8 or x.ndim not in (3, 4):
-        raise ValueError(
-            f"data.root: x_{split} in {cfg.root} must be uint8 (N,H,W[,C]), got {x.dtype} {x.shape}"
-        )
-    if x.ndim == 3:
-        x = x[..., None]
+    path = str(cfg.root)
+    with np.load(path, allow_pickle=False) as d:
+        labels, classes, num_classes = _npz_labels(d, path)
+        y = labels[split]
+        x = _npz_images(d, _npz_layout(set(d.files), split, path), path, len(y))
     if classes is None:
-        classes = [str(i) for i in range(int(y.max()) + 1)]
-    return ArrayData(np.ascontiguousarray(x), np.asarray(y, dtype=np.int64), classes)
+        classes = [str(i) for i in range(num_classes)]
+    return ArrayData(np.ascontiguousarray(x), y, classes)
 
 
 def subset_indices(n: int, subset: int | None) -> np.ndarray | None:
@@ -313,18 +431,17 @@ class DatasetPeek:
 
 def _peek_npz(path: str) -> tuple[int, int] | None:
     with np.load(path, allow_pickle=False) as d:
-        key = next((k for k in ("y_train", "train_labels") if k in d.files), None)
-        if key is None:  # not our layout: the real run's loader says what is missing
-            return None
-        y = d[key]
-        named = len(d["classes"]) if "classes" in d.files else 0
-    return len(y), max(named, int(y.max()) + 1)
+        if not any(k in d.files for k in ("y_train", "train_labels")):
+            return None  # not our layout: the real run's loader says what is missing
+        labels, _, num_classes = _npz_labels(d, path)
+        for split, y in labels.items():  # the images' layout from their headers; nothing decoded
+            _npz_images(d, _npz_layout(set(d.files), split, path), path, len(y), decode=False)
+    return len(labels["train"]), num_classes
 
 
 def _peek_folder(root: Path) -> tuple[int, int]:
-    import torchvision
-
-    listing = torchvision.datasets.ImageFolder(str(_folder_split(root, True)), allow_empty=True)
+    listing = image_folder(str(_folder_split(root, True)))
+    image_folder(str(_folder_split(root, False)), classes=listing.class_to_idx)  # its classes must be train's
     return len(listing.samples), len(listing.classes)
 
 
@@ -418,6 +535,8 @@ class _ShardedLoader:
         where: str = "",
     ) -> None:
         self.n = n
+        #: what the run should say about this data before training (printed as ``note:`` lines)
+        self.notes: list[str] = []
         self.cfg, self.train, self.device = cfg, train, device
         self.seed, self.rank, self.world, self.epoch = seed, rank, world, 0
         self.batch_size = cfg.batch_size if train else cfg.eval_batch_size
@@ -754,17 +873,60 @@ class WorkerLoader(_ShardedLoader, _Resumable, _WorkerFed):
             self._skip_batches = 0
 
 
+def open_image(path: str) -> Any:
+    """An image file as RGB (torchvision's ``ImageFolder`` loader), or :class:`DataError` naming the file."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as e:  # PIL raises several types for undecodable files (OSError, SyntaxError, ValueError, ...)
+        raise DataError(f"data.root: cannot decode image {path}: {e}; fix or remove the file") from None
+
+
+def image_folder(root: str, transform: Any = None, classes: dict[str, int] | None = None) -> Any:
+    """torchvision's ``ImageFolder`` over ``root`` with :func:`open_image`; ``classes``: the class indices to use
+    (the training split's), matched to ``root``'s class folders by name. A folder not among them is an error."""
+    import torchvision
+
+    # empty class folders are kept: a class is a folder name, whether or not this split has images of it
+    ds = torchvision.datasets.ImageFolder(root, transform=transform, loader=open_image, allow_empty=True)
+    if classes is not None and ds.class_to_idx != classes:
+        unknown = sorted(set(ds.classes) - set(classes))
+        if unknown:
+            raise DataError(
+                f"data.root: {root} has class folder(s) {unknown[:10]} that the training split does not have "
+                f"({len(classes)} classes: {sorted(classes)[:10]}{', ...' if len(classes) > 10 else ''}); the model "
+                "has no output for them. Remove them, or add them to the training split"
+            )
+        ds.samples = [(p, classes[ds.classes[y]]) for p, y in ds.samples]
+        ds.imgs, ds.targets = ds.samples, [y for _, y in ds.samples]
+        ds.class_to_idx, ds.classes = dict(classes), sorted(classes, key=classes.__getitem__)
+    return ds
+
+
+def missing_classes(train: Any, evaluated: Any) -> list[str]:
+    """The classes of the training folder that the eval folder has no image of."""
+    seen = {y for _, y in evaluated.samples}
+    return [c for c, i in train.class_to_idx.items() if i not in seen]
+
+
 class FolderLoader(WorkerLoader):
-    """:class:`WorkerLoader` over an image folder (``root/<class>/*``, torchvision's ``ImageFolder``)."""
+    """:class:`WorkerLoader` over an image folder (``root/<class>/*``, torchvision's ``ImageFolder``); ``classes``:
+    the training split's class indices, which an eval folder's folders are matched to by name."""
 
-    def __init__(self, root: str, cfg: DataConfig, *, train: bool, mean=IMAGENET_MEAN, **kw: Any) -> None:
-        import torchvision
-
-        # its loader gives RGB; empty class folders are kept so train and eval agree on the class indices
-        dataset = torchvision.datasets.ImageFolder(
-            root, transform=pil_transform(cfg, train, mean), allow_empty=True
-        )
-        super().__init__(dataset, dataset.classes, cfg, train=train, mean=mean, where=f" in {root}", **kw)
+    def __init__(
+        self,
+        root: str,
+        cfg: DataConfig,
+        *,
+        train: bool,
+        mean=IMAGENET_MEAN,
+        classes: dict[str, int] | None = None,
+        **kw: Any,
+    ) -> None:
+        self.folder = image_folder(root, pil_transform(cfg, train, mean), classes)
+        super().__init__(self.folder, self.folder.classes, cfg, train=train, mean=mean, where=f" in {root}", **kw)
 
 
 class StreamLoader(_ShardedLoader, _WorkerFed):
@@ -914,7 +1076,14 @@ def build_loaders(
         tr = FolderLoader(
             str(_folder_split(root, True)), cfg, train=True, batch_multiple=batch_multiple, **kw
         )
-        ev = FolderLoader(str(_folder_split(root, False)), cfg, train=False, **kw)
+        ev_root = str(_folder_split(root, False))
+        ev = FolderLoader(ev_root, cfg, train=False, classes=tr.folder.class_to_idx, **kw)
+        missing = missing_classes(tr.folder, ev.folder)
+        if missing:
+            ev.notes.append(
+                f"data.root: {ev_root} has no images of {len(missing)} of the {len(tr.classes)} training classes "
+                f"({missing[:10]}{', ...' if len(missing) > 10 else ''}); eval scores the others only"
+            )
         return tr, ev, len(tr.classes)
     train_data = load_arrays(cfg, True)
     eval_data = load_arrays(cfg, False)

@@ -88,6 +88,17 @@ def use_fsdp_env(strategy: str):
             os.environ[FSDP_ENV] = before
 
 
+def _launch_in_words(accelerator: Any) -> str:
+    """What Accelerate made of this launch, for a message (its ``DistributedType`` names read "NO", "MULTI_CPU")."""
+    kind = accelerator.distributed_type.value
+    words = {
+        "NO": "a single process, not distributed",
+        "MULTI_CPU": f"{accelerator.num_processes} CPU processes (gloo, DDP)",
+        "MULTI_GPU": f"{accelerator.num_processes} GPU processes with DDP",
+    }
+    return words.get(kind, f"a {kind.lower().replace('_', ' ')} launch")
+
+
 def require_fsdp_launch(accelerator: Any, plugin: Any, *, cpu: bool = False) -> None:
     """:class:`ConfigError` unless Accelerate really runs FSDP2 with ``plugin`` (it ignores the plugin outside GPU
     launches). ``cpu``: the config's ``train.cpu``."""
@@ -103,7 +114,7 @@ def require_fsdp_launch(accelerator: Any, plugin: Any, *, cpu: bool = False) -> 
         ConfigProblem(
             "train.strategy",
             f"fsdp needs a GPU launch by torchrun --nproc_per_node N or accelerate launch --multi_gpu (N >= 1); this "
-            f"run is {accelerator.distributed_type.value} ({why}), so Accelerate would silently train an unsharded "
+            f"run is {_launch_in_words(accelerator)} ({why}), so Accelerate would silently train an unsharded "
             "model. Launch it that way, or use train.strategy=ddp",
         )
     )

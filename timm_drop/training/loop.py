@@ -44,13 +44,15 @@ from timm_drop.training.checkpoint import (
     CheckpointManager,
     RunDir,
     check_output_dir,
+    is_mid_epoch,
     save_weights,
     save_weights_safetensors,
 )
 from timm_drop.training.config import ConfigError, TrainConfig, config_to_dict, save_config
+from timm_drop.training.files import WriteError, replace_file, writing
 from timm_drop.training.metrics import MetricsLog, plot_curves
 
-__all__ = ["LRSchedule", "NonFiniteLossError", "TrainState", "Trainer", "train"]
+__all__ = ["LRSchedule", "NonFiniteLossError", "RunInterrupted", "TrainState", "Trainer", "train"]
 
 #: Accelerate ``init_trackers`` project name: the W&B project, and TensorBoard's folder under ``trackers/``
 TRACKER_PROJECT = "timm_drop"
@@ -58,6 +60,10 @@ TRACKER_PROJECT = "timm_drop"
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN/Inf; the run stopped without writing a checkpoint for that epoch."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the run; the message says where it stands (its last checkpoint, ``--resume latest``)."""
 
 
 @dataclass
@@ -260,6 +266,7 @@ class Trainer:
         self.state = TrainState()
         self.out = Path(cfg.output_dir)
         self._setup_done = False
+        self._dir_ready = False  # the run directory was prepared: something of this run may be on disk
         # this process's state from a mid-epoch checkpoint, until the resumed epoch starts from it
         self._resume_point: dict[str, Any] | None = None
 
@@ -395,6 +402,9 @@ class Trainer:
                     batch_multiple=t.grad_accum_steps,
                 )
                 batches = len(self.train_loader)
+                for loader in (self.train_loader, self.eval_loader):
+                    for note in getattr(loader, "notes", ()):  # what the data has to say (a class without eval images)
+                        self.accelerator.print(f"note: {note}")
                 # what the loaders actually normalise with (the dataset's statistics where nothing else decided)
                 self.data_config["mean"], self.data_config["std"] = self.train_loader.mean, self.train_loader.std
         except (ValueError, KeyError) as e:  # data.py names the key (batch larger than the data, ...)
@@ -534,8 +544,8 @@ class Trainer:
                 "resume mid-epoch (it has no state_dict/load_state_dict); use null (epoch checkpoints only)"
             )
         if self.resume is not None and not self.dry_run:
-            self._restore(
-                self.ckpt.resolve(self.resume, num_processes=self.world, log=self.accelerator.print)
+            self.ckpt.resolve(
+                self.resume, num_processes=self.world, log=self.accelerator.print, restore=self._restore_agreed
             )
 
     def _prepare_run_dir(self) -> None:
@@ -545,7 +555,8 @@ class Trainer:
         acc.wait_for_everyone()
         if self.is_main:
             run = self.run_dir
-            self.out.mkdir(parents=True, exist_ok=True)
+            with writing(self.out):
+                self.out.mkdir(parents=True, exist_ok=True)
             run.acquire()  # held until fit() ends (or this process does): no second run can touch the directory
             if self.dir_mode in ("overwrite", "restart"):
                 marker = run.read_marker()
@@ -559,44 +570,67 @@ class Trainer:
                 run.adopt()
             else:
                 run.start()
+            self._dir_ready = True
             run.claim("config.yaml", "config.yaml.tmp")
-            tmp = self.out / "config.yaml.tmp"
-            save_config(self.cfg, tmp)
-            os.replace(tmp, self.out / "config.yaml")
+            save_config(self.cfg, self.out / "config.yaml")
         acc.wait_for_everyone()
+        self._dir_ready = True
 
     def _restore(self, path: Path) -> None:
+        """Load the checkpoint at ``path`` into this run; :class:`CheckpointError` (before the run's counters, LayerOut,
+        EMA or data position change) when it cannot continue it, so ``--resume latest`` can try an older one."""
         extra = CheckpointManager.load(self.accelerator, path)
-        self.state = TrainState(**extra["train_state"])
-        if self.state.batch:
+        state = TrainState(**extra["train_state"])
+        own = None
+        if is_mid_epoch(path):
             own = extra.get("process_state")
-            if own is None or own["loader"]["batch"] != self.state.batch:
+            if own is None or own["loader"]["batch"] != state.batch:
                 raise CheckpointError(
-                    f"--resume {path}: a mid-epoch checkpoint without this process's data position "
-                    f"(process {self.rank})"
+                    f"a mid-epoch checkpoint without this process's data position (process {self.rank})"
                 )
-            self.train_loader.load_state_dict(own["loader"])
-            self._resume_point = own
-        if self.layerout is not None:
-            if "layerout" not in extra:
+            if own["loader"]["epoch"] != state.epoch:
                 raise CheckpointError(
-                    f"--resume {path}: the checkpoint has no LayerOut state but the config has layerout"
+                    f"process {self.rank}'s data position is in epoch {own['loader']['epoch'] + 1}, the checkpoint is "
+                    f"inside epoch {state.epoch + 1}"
                 )
-            self.layerout.load_state_dict(extra["layerout"])
-        if self.ema is not None:
-            if "ema" not in extra:
-                raise CheckpointError(
-                    f"--resume {path}: the checkpoint has no EMA state but train.ema.enabled is true"
-                )
-            self.ema.load_state_dict(extra["ema"])
+        # an epoch's end has no position inside an epoch (epoch checkpoints written after a mid-epoch resume by
+        # earlier versions kept the position of the step checkpoint they were resumed from)
+        state.batch = 0
+        if self.layerout is not None and "layerout" not in extra:
+            raise CheckpointError("the checkpoint has no LayerOut state but the config has layerout")
+        if self.ema is not None and "ema" not in extra:
+            raise CheckpointError("the checkpoint has no EMA state but train.ema.enabled is true")
         # only the step: the recipe's resume config check decides what may change (a longer train.epochs stretches
         # the schedule, as progress = step / total_steps always did); a checkpoint from before the recipe used
         # drive() has no "driver", and its schedules followed the step count
-        step = extra["driver"]["step"] if "driver" in extra else self.state.step
+        step = extra["driver"]["step"] if "driver" in extra else state.step
         try:
             self.driver.load_state_dict({"step": step})
-        except ValueError as e:
-            raise CheckpointError(f"--resume {path}: driver {e}") from e
+            if self.layerout is not None:
+                self.layerout.load_state_dict(extra["layerout"])
+            if self.ema is not None:
+                self.ema.load_state_dict(extra["ema"])
+            if own is not None:
+                self.train_loader.load_state_dict(own["loader"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"its state does not fit this run ({type(e).__name__}: {e})") from e
+        self.state, self._resume_point = state, own
+
+    def _restore_agreed(self, path: Path) -> None:
+        """:meth:`_restore` on every process; a checkpoint one process cannot continue from is refused by all (each
+        holds its own data position), so ``--resume latest`` moves on to the same older checkpoint everywhere."""
+        problem = None
+        try:
+            self._restore(path)
+        except CheckpointError as e:
+            problem = e
+        if self.world > 1:
+            failed = self.accelerator.gather(torch.tensor([int(problem is not None)], device=self.device))
+            ranks = [r for r, f in enumerate(failed.tolist()) if f]
+            if ranks and problem is None:
+                problem = CheckpointError(f"process(es) {ranks} cannot continue from it")
+        if problem is not None:
+            raise problem
         self.accelerator.print(f"resumed from {path} at epoch {self.state.epoch}, step {self.state.step}")
 
     def _extra_state(self) -> dict[str, Any]:
@@ -614,18 +648,10 @@ class Trainer:
         if self.world > 1:
             bad = self.accelerator.reduce(bad, reduction="sum")
         if bad.item() > 0:
-            latest = self.ckpt.latest()
-            if latest is not None:
-                keep, then = f"the last good checkpoint is {latest}", "--resume latest"
-            else:  # nothing to resume: advising --resume latest would only fail
-                keep, then = (
-                    "no checkpoint was written yet",
-                    "start the run again (--overwrite replaces this one)",
-                )
             raise NonFiniteLossError(
                 f"non-finite training loss ({where}, optimizer step {self.state.step}); stopping without saving this "
-                f"epoch: {keep}. Lower optim.lr, set train.clip_grad_norm, or use train.precision=bf16, then "
-                f"{then}"
+                "epoch. Lower optim.lr, set train.clip_grad_norm, or use train.precision=bf16; "
+                + self._where_it_stands()
             )
 
     def _epoch_checkpoint_due(self, epoch: int) -> bool:
@@ -782,16 +808,49 @@ class Trainer:
 
     # -- the run -------------------------------------------------------------------------------------------------
     def fit(self, max_epochs: int | None = None) -> dict[str, Any]:
-        """Train to ``train.epochs`` (or only ``max_epochs`` more epochs: a time-sliced job, resumable later)."""
-        if not self._setup_done:
-            self.setup()
-        if self.dry_run:
-            return self.dry_run_check()
+        """Train to ``train.epochs`` (or only ``max_epochs`` more epochs: a time-sliced job, resumable later).
+
+        A run stopped by Ctrl-C (:class:`RunInterrupted`), a write that failed (:class:`WriteError`: no space left,
+        ...) or an image that does not decode (:class:`DataError`) ends with a message that says where the run
+        stands: its last complete checkpoint (intact: written atomically before) and ``--resume latest``."""
         try:
-            return self._fit(max_epochs)
-        finally:
-            self.run_dir.release()
-            self.close_loaders()
+            if not self._setup_done:
+                self.setup()
+            if self.dry_run:
+                return self.dry_run_check()
+            try:
+                return self._fit(max_epochs)
+            finally:
+                self.run_dir.release()
+                self.close_loaders()
+        except BaseException as e:
+            stopped = self._stopped(e)
+            if stopped is None:
+                raise
+            raise stopped from e
+
+    def _stopped(self, e: BaseException) -> BaseException | None:
+        """``e`` restated with where the run stands, for the ways a run stops that say nothing of it themselves."""
+        from timm_drop.training.data import DataError
+        from timm_drop.training.files import describe, disk_full
+
+        if isinstance(e, KeyboardInterrupt) and not isinstance(e, RunInterrupted):
+            return RunInterrupted(f"stopped by Ctrl-C (KeyboardInterrupt); {self._where_it_stands()}")
+        if isinstance(e, WriteError) or (isinstance(e, Exception) and disk_full(e)):
+            text = str(e) if isinstance(e, WriteError) else f"a write failed: {describe(e)}"
+            return WriteError(f"{text}; {self._where_it_stands()}")
+        if isinstance(e, DataError) and self._dir_ready:
+            return DataError(f"{e}; {self._where_it_stands()}")
+        return None
+
+    def _where_it_stands(self) -> str:
+        """The run's last complete checkpoint and how to continue from it (or that there is none yet)."""
+        if not self._dir_ready:
+            return "the run had not started: nothing was written"
+        latest = CheckpointManager(self.out).latest()
+        if latest is None:  # nothing to resume: advising --resume latest would only fail
+            return "no checkpoint was written yet: start the run again (--overwrite replaces this one)"
+        return f"its last complete checkpoint, {latest}, is intact: continue the run with --resume latest"
 
     def _agree_ema_buffers(self) -> None:
         """Give every process process 0's EMA buffers (BatchNorm statistics), so the processes evaluate one EMA.
@@ -905,9 +964,8 @@ class Trainer:
                     rows, self.out / "curves.png", title=f"{cfg.name}: {cfg.model.name} on {cfg.data.dataset}"
                 )
             self.run_dir.claim("result.json", "result.json.tmp")
-            tmp = self.out / "result.json.tmp"
-            tmp.write_text(json.dumps(summary, indent=2))
-            os.replace(tmp, self.out / "result.json")
+            text = json.dumps(summary, indent=2)
+            replace_file(self.out / "result.json", lambda f: f.write(text.encode()))
             if last:
                 acc.print(
                     f"done: final eval top-1 {last.get('eval_top1', float('nan')):.2f}%, best "

@@ -8,12 +8,15 @@ fraction, the mean regularizer schedule strength, throughput).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from timm_drop.training.files import replace_file
 
 __all__ = ["MetricsLog", "plot_curves"]
 
@@ -30,7 +33,6 @@ class MetricsLog:
         self.rows: list[dict[str, Any]] = []
         #: called with the file names before they are first written (the run directory's marker records them)
         self._claim = claim or (lambda *names: None)
-        self._dropped_partial = False
         if self.jsonl.is_file():
             self.rows = self._read()
 
@@ -46,7 +48,6 @@ class MetricsLog:
                 if i == len(lines) - 1:
                     # a write cut short by a kill: that epoch has no checkpoint either, so the row is redone
                     print(f"note: {self.jsonl}: dropped a partial last line ({line[:60]!r})", file=sys.stderr)
-                    self._dropped_partial = True
                     break
                 raise ValueError(f"{self.jsonl}:{i + 1}: not a JSON metrics row ({e})") from e
         return rows
@@ -56,35 +57,25 @@ class MetricsLog:
         self._rewrite()
 
     def append(self, row: dict[str, Any]) -> None:
-        self._claim("metrics.jsonl", "metrics.jsonl.tmp", "summary.csv", "summary.csv.tmp")
         self.rows.append(dict(row))
-        if self._dropped_partial:
-            self._rewrite()  # never append after a partial line
-            self._dropped_partial = False
-            return
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        self._write_csv()
+        self._rewrite()
 
     def _rewrite(self) -> None:
+        """Both files rewritten whole (a few KiB), each replaced atomically: a kill leaves the old or the new file,
+        and nothing is ever appended through whatever sits at their names."""
         self._claim("metrics.jsonl", "metrics.jsonl.tmp", "summary.csv", "summary.csv.tmp")
-        tmp = self.jsonl.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
-        os.replace(tmp, self.jsonl)
-        self._write_csv()
-
-    def _write_csv(self) -> None:
+        text = "".join(json.dumps(r) + "\n" for r in self.rows)
+        replace_file(self.jsonl, lambda f: f.write(text.encode()))
         extra: list[str] = []
         for r in self.rows:
             extra += [k for k in r if k not in TIMM_COLUMNS and k not in extra]
         cols = TIMM_COLUMNS + extra
-        tmp = self.csv.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=cols)
-            w.writeheader()
-            for r in self.rows:
-                w.writerow({k: r.get(k, "") for k in cols})
-        os.replace(tmp, self.csv)
+        table = io.StringIO(newline="")
+        w = csv.DictWriter(table, fieldnames=cols)
+        w.writeheader()
+        for r in self.rows:
+            w.writerow({k: r.get(k, "") for k in cols})
+        replace_file(self.csv, lambda f: f.write(table.getvalue().encode()))
 
 
 def plot_curves(rows: list[dict[str, Any]], path: str | os.PathLike, title: str = "") -> None:
@@ -112,7 +103,8 @@ def plot_curves(rows: list[dict[str, Any]], path: str | os.PathLike, title: str 
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    tmp = Path(str(path) + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        # the temporary keeps the .png suffix the run's marker lists (curves.png.tmp.png)
+        replace_file(path, lambda f: fig.savefig(f, format="png", dpi=100), temp=str(path) + ".tmp.png")
+    finally:
+        plt.close(fig)

@@ -56,7 +56,7 @@ from timm_drop.regularizers.base import Regularizer
 from timm_drop.regularizers.registry import create_regularizer, get_regularizer_class
 from timm_drop.sites import SKIP_KINDS, Analysis, RewriteTarget, Site, analyze_model, rewrite_target
 from timm_drop.spec import REGEX_PREFIX, STRENGTH_PARAMS, Rule, Spec, load_spec
-from timm_drop.structure import feature_info, feature_module, token_grid, wrapper_kind
+from timm_drop.structure import feature_info, feature_module, is_norm, token_grid, wrapper_kind
 from timm_drop.suggest import nearest
 
 __all__ = ["Plan", "PlanEntry", "RewriteError", "apply_regularizer", "plan", "strip_regularizers"]
@@ -379,6 +379,29 @@ def _make_regularizer(
     return reg
 
 
+def _hook_owner(model: nn.Module, name: str, calls: dict[str, int]) -> str:
+    """The module whose forward hook sees ``name``'s output on every path a host takes.
+
+    An ``nn.Sequential`` hands up the output of its last layer, and timm's ``checkpoint_seq`` (gradient
+    checkpointing: ``set_grad_checkpointing``) calls the layers of a Sequential stage one by one, never the stage
+    itself. So a hook meant for a Sequential goes on its last layer (recursively), where that layer ran as often as
+    the Sequential in the shape pass; not on a norm layer (SyncBN conversion replaces norms with their hooks).
+    """
+    owner = name
+    while owner:
+        module = model.get_submodule(owner)
+        if type(module).forward is not nn.Sequential.forward:
+            break
+        keys = [k for k, v in module._modules.items() if v is not None]
+        if not keys:
+            break
+        last = f"{owner}.{keys[-1]}"
+        if is_norm(module._modules[keys[-1]]) or calls.get(last) != calls.get(owner):
+            break
+        owner = last
+    return owner
+
+
 def _insertion_for(model: nn.Module, site: Site, rule: Rule, targets: _Targets) -> tuple[str, str]:
     """(insertion kind, owner module) for one site."""
     if site.kind in SKIP_KINDS:
@@ -387,8 +410,10 @@ def _insertion_for(model: nn.Module, site: Site, rule: Rule, targets: _Targets) 
             raise RewriteError(f"{rule.describe()}: site {site.name} cannot be rewritten: {reason}")
         return "rewrite", site.module
     if site.kind == "norm":
-        return _norm_insertion(model, site, rule, targets)
-    return "hook", site.module
+        kind, owner = _norm_insertion(model, site, rule, targets)
+    else:
+        kind, owner = "hook", site.module
+    return kind, _hook_owner(model, owner, targets.analysis.calls) if kind == "hook" else owner
 
 
 def _entries_of(
@@ -581,6 +606,7 @@ def _rewrite_insertion(
         target.none_args,
         dict(target.constants),
         (target.eval_graph, target.train_graph),
+        exact=target.exact,
     )
 
 

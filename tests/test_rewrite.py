@@ -280,6 +280,20 @@ def test_refuses_wrapped_compiled_and_twice_applied_models(tmp_path):
     assert not _regs(model) and _hooks(model) == 0
 
 
+@pytest.mark.parametrize("where", ["model", "block"])
+def test_refuses_a_model_compiled_in_place(where):
+    # nn.Module.compile() keeps the module and compiles its call; the graph it compiled before the apply would
+    # keep running without the regularizers (issue 18, item 3)
+    spec = {"rules": [_rule("dropout", DROP, ["stage"])]}
+    model = timm.create_model("resnet18", pretrained=False).train()
+    (model if where == "model" else model.layer1).compile(backend="eager")
+    model(torch.randn(2, 3, 64, 64))
+    name = "the model" if where == "model" else "submodule 'layer1'"
+    with pytest.raises(RewriteError, match=rf"{name} was compiled in place.*apply regularizers before"):
+        apply_regularizer(model, spec)
+    assert not _regs(model) and _hooks(model) == 0
+
+
 def test_strip_restores_the_structure_so_export_works():
     model = timm.create_model("test_resnet", pretrained=False).eval()
     text = repr(model)

@@ -28,8 +28,8 @@ decides: ``error`` (default) raises naming both rules and the site, ``stack`` ru
 when they carry the same tensor (the last block's output is also its stage's output).
 
 A second ``apply_regularizer`` on the same model is refused unless ``stack=True``. DDP / DataParallel / FSDP
-wrapped, ``torch.compile``d and meta-device models are refused: apply first, then SyncBN, optimizer,
-``accelerator.prepare``, compile.
+wrapped and ``torch.compile``d models (the wrapper, or ``module.compile()`` in place) are refused: apply first, then
+SyncBN, optimizer, ``accelerator.prepare``, compile.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ from timm_drop.insertions import (
 )
 from timm_drop.regularizers.base import Regularizer
 from timm_drop.regularizers.registry import create_regularizer, get_regularizer_class
+from timm_drop.scripting import ScriptableCopy
 from timm_drop.sites import SKIP_KINDS, Analysis, RewriteTarget, Site, analyze_model, rewrite_target
 from timm_drop.spec import REGEX_PREFIX, STRENGTH_PARAMS, Rule, Spec, load_spec
 from timm_drop.structure import feature_info, feature_module, is_norm, token_grid, wrapper_kind
@@ -504,6 +505,14 @@ def _refuse(model: nn.Module, stack: bool) -> None:
                 f"{where} is a torch.compile'd module: apply regularizers before torch.compile "
                 f"(to the original module, e.g. compiled._orig_mod)"
             )
+        if m.__dict__.get("_compiled_call_impl") is not None:
+            # nn.Module.compile(): the module stays, its call is compiled, and the graph compiled before the apply
+            # would keep running without the regularizers
+            raise RewriteError(
+                f"{where} was compiled in place ({type(m).__name__}.compile()): its compiled graph predates the "
+                f"regularizers and would keep running without them; apply regularizers before compiling "
+                f"(order: apply_regularizer -> SyncBN -> optimizer -> accelerator.prepare / DDP -> compile)"
+            )
         if isinstance(m, fx.GraphModule):
             # Its forward is generated code calling only the traced leaves: the stage and block modules it
             # still holds never run, so their sites (hooks, block rewrites) would be silent no-ops.
@@ -636,6 +645,7 @@ def apply_regularizer(
         record.append(insertion)
     object.__setattr__(model, RECORD, record)
     object.__setattr__(model, "_timm_drop_plan", the_plan)
+    object.__setattr__(model, "__prepare_scriptable__", ScriptableCopy(model))  # torch.jit.script: timm_drop.scripting
     return model
 
 
@@ -645,4 +655,5 @@ def strip_regularizers(model: nn.Module) -> nn.Module:
         insertion.undo(model)
     model.__dict__.pop(RECORD, None)
     model.__dict__.pop("_timm_drop_plan", None)
+    model.__dict__.pop("__prepare_scriptable__", None)
     return model

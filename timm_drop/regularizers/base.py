@@ -215,6 +215,8 @@ class Regularizer(nn.Module):
     registry_name: ClassVar[str] = ""
 
     strength: torch.Tensor
+    #: properties TorchScript must not compile (it compiles every property of a scripted module)
+    __jit_unused_properties__: ClassVar[list[str]] = ["display_name"]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -522,15 +522,6 @@ def _refuse(model: nn.Module, stack: bool) -> None:
                 f"the graph from it (FeatureGraphNet(model, out_indices) or create_feature_extractor(model, ...)); "
                 f"regularizers stay nodes of that graph"
             )
-    meta = next(
-        (n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta), None
-    )
-    if meta is not None:
-        raise RewriteError(
-            f"{type(model).__name__} has tensors on the meta device (e.g. {meta!r}): site discovery runs the "
-            f"model once and checks each rewritten block reproduces its output, which needs real values; "
-            f"materialise it first (model.to_empty(device=...) and load or initialise the weights)"
-        )
     if record_of(model) and not stack:
         raise RewriteError(
             f"{type(model).__name__} already carries regularizers from an earlier apply_regularizer; pass "

@@ -57,7 +57,15 @@ from timm_drop.regularizers.registry import create_regularizer, get_regularizer_
 from timm_drop.scripting import ScriptableCopy
 from timm_drop.sites import SKIP_KINDS, Analysis, RewriteTarget, Site, analyze_model, rewrite_target
 from timm_drop.spec import REGEX_PREFIX, STRENGTH_PARAMS, Rule, Spec, load_spec
-from timm_drop.structure import feature_info, feature_module, is_norm, token_grid, wrapper_kind
+from timm_drop.structure import (
+    feature_info,
+    feature_module,
+    is_norm,
+    stage_source,
+    timm_models_inside,
+    token_grid,
+    wrapper_kind,
+)
 from timm_drop.suggest import nearest
 
 __all__ = ["Plan", "PlanEntry", "RewriteError", "apply_regularizer", "plan", "strip_regularizers"]
@@ -127,6 +135,7 @@ class Plan:
     matches: dict[int, int]  # rule index -> number of entries it produced
     input_shape: tuple[int, ...]
     source: str = ""
+    stages_from: str = ""  # the timm model inside a wrapper whose feature_info numbers the stages ("" = the model)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -138,6 +147,7 @@ class Plan:
             "entries": [e.to_dict() for e in self.entries],
             "matches": {str(k + 1): v for k, v in self.matches.items()},
             "opaque": dict(self.opaque),
+            "stages_from": self.stages_from,
         }
 
     def __str__(self) -> str:
@@ -169,6 +179,8 @@ class Plan:
             f"{len(self.entries)} regularizer(s) at {len({e.site for e in self.entries})} site(s); "
             f"shape pass input {shape}"
         )
+        if self.stages_from:
+            out.append(f"stages: feature_info of {self.stages_from}")
         if self.opaque:
             names = list(self.opaque)
             out.append(
@@ -244,6 +256,15 @@ def _stage_gaps(model: nn.Module, analysis: Analysis) -> list[str]:
     multi = [f"{n} (stage {k})" for n, k in analysis.stages.items() if k is not None and n not in with_site]
     missing = [d["module"] for d in feature_info(model) if feature_module(model, d["module"]) is None]
     parts = []
+    inside = timm_models_inside(model)
+    if len(inside) > 1:
+        parts.append(
+            f"{type(model).__name__} has no feature_info and holds several timm models ({', '.join(inside)}), so "
+            f"its stage numbers are ambiguous; select one model's modules by name instead (e.g. sites: [block], "
+            f"name: ['{inside[0]}.*'])"
+        )
+    elif not analysis.stages and stage_source(model) is None:
+        parts.append(f"{type(model).__name__} has no feature_info and holds no timm model that has one")
     if multi:
         parts.append(
             f"stage modules whose output is not a tensor or a list/tuple of tensors with a layout: "
@@ -485,7 +506,11 @@ def _build(model: nn.Module, spec: Spec, analysis: Analysis) -> tuple[Plan, _Tar
             held[entry.site].append(entry)
     entries = sorted((e for es in held.values() for e in es), key=lambda e: (e.depth, e.rule))
     matches = {r.index: sum(1 for e in entries if e.rule == r.index) for r in spec.rules}
-    plan = Plan(entries, list(analysis.sites), targets.opaque, matches, analysis.input_shape, spec.source)
+    source = stage_source(model)
+    stages_from = f"{source} ({type(model.get_submodule(source)).__name__})" if source else ""
+    plan = Plan(
+        entries, list(analysis.sites), targets.opaque, matches, analysis.input_shape, spec.source, stages_from
+    )
     return plan, targets
 
 

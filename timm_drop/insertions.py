@@ -12,10 +12,15 @@ there and back. The model carries the list of insertions it received (``model._t
   norm) gets ``call_module`` nodes for the regularizers in its own FX graph (before the add on one operand,
   after the add, after every call of the norm), the regularizers become its children (param-free: no new
   ``state_dict`` keys) and the instance gets a generated subclass of its own class whose ``forward`` is the
-  rewritten graph. ``isinstance``, the class name, methods and attributes stay; a forward that branches on
-  ``self.training`` gets both graphs, chosen by mode. Children are called by attribute at run time, so a later
-  SyncBN conversion of a child is honoured. The rewritten forward no longer reads config flags the trace
-  resolved (e.g. a block's ``grad_checkpointing`` switched on afterwards).
+  rewritten graph. ``isinstance``, the class name, methods and attributes stay. Children are called by attribute
+  at run time, so a later SyncBN conversion of a child is honoured. A trace fixes what the forward branches on in
+  Python, so the rewritten forward has a graph per *variant*: ``self.training`` (where the two graphs differ),
+  the module's ``grad_checkpointing`` flag (timm's checkpoint helpers stay calls in the graph, so the block still
+  checkpoints) and which optional inputs are None (a ViT block's ``attn_mask``). Its ``forward`` is generated
+  with the original signature and picks the variant of each call; a variant the shape pass did not verify is
+  checked bit for bit against the original forward on its first eager call (the meta-device case too), and one
+  that does not trace or fails that check runs the original forward, with a warning naming the sites that do
+  not act in such calls.
 * :class:`HookInsertion` / :class:`PreHookInsertion` — a forward hook on the owner (or a forward pre-hook on
   the layer after a norm inside an ``nn.Sequential``). The hook is a bound method of a small holder module
   kept in an ``nn.ModuleDict`` named ``_timm_drop_regularizers``, so ``copy.deepcopy`` (timm's EMA) rebinds
@@ -24,10 +29,12 @@ there and back. The model carries the list of insertions it received (``model._t
   it), normally the model root. A hook with a ``branch`` (a stage returning a list or tuple: HRNet, PiT,
   CrossViT) regularizes that element only and returns a new container of the same type with the others as
   they were (where the element appears several times, each place gets the regularized tensor).
+* :class:`WatchInsertion` — no regularizer of its own: the check that every rule of the apply ran in the first
+  training forward (:mod:`timm_drop.unused`), its holder kept with the hook holders.
 
 Pickling (``torch.save(model)``, ``pickle``, spawn): a generated subclass pickles by reference to the original
-class plus a :class:`RewriteRecipe` (pure data: the insert steps); unpickling re-traces the original forward
-and replays the steps (in the same process the class is reused). Hooks and slots pickle as plain modules.
+class plus a :class:`RewriteRecipe` (pure data: the insert steps and variants); unpickling re-traces the original
+forward and replays the steps (in the same process the class is reused). Hooks and slots pickle as plain modules.
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ __all__ = [
     "RewriteInsertion",
     "RewriteRecipe",
     "SlotInsertion",
+    "WatchInsertion",
     "record_of",
 ]
 
@@ -212,6 +220,34 @@ def holder_home(model: nn.Module, owner: str) -> str:
     raise RewriteError(f"no module around or inside {owner or 'the model'} can hold a hook's regularizers")
 
 
+def _side_add(model: nn.Module, home: str, base: str, holder: nn.Module) -> str:
+    """Put ``holder`` into the side ``ModuleDict`` of module ``home`` (created if needed); returns its key."""
+    module = _get(model, home)
+    side = module._modules.get(SIDE)
+    if side is None:
+        side = nn.ModuleDict()
+        module.add_module(SIDE, side)
+    key = _unique_attr(side, base)
+    side[key] = holder
+    return key
+
+
+def _side_remove(model: nn.Module, home: str, key: str) -> None:
+    module = _get(model, home)
+    side = module._modules.get(SIDE)
+    if side is not None:
+        side._modules.pop(key, None)
+        if not len(side._modules):
+            del module._modules[SIDE]
+
+
+def _alive(handle: Any) -> bool:
+    """Whether a hook handle still points at the hooks of a live module (a module replaced since, e.g. by SyncBN
+    conversion, took its hooks with it: nothing to remove)."""
+    refs = (handle.hooks_dict_ref, *handle.extra_dict_ref) if handle is not None else ()
+    return handle is not None and all(ref() is not None for ref in refs)
+
+
 @dataclass(eq=False)
 class HookInsertion(Insertion):
     kind: ClassVar[str] = "hook"
@@ -230,34 +266,20 @@ class HookInsertion(Insertion):
 
     def apply(self, model: nn.Module) -> None:
         self.home = holder_home(model, self.owner)
-        home = _get(model, self.home)
-        side = home._modules.get(SIDE)
-        if side is None:
-            side = nn.ModuleDict()
-            home.add_module(SIDE, side)
-        self.key = _unique_attr(side, self.site.replace(":", "_").replace(".", "_"))
         holder = _SiteHook(self.regs, self.branch)
-        side[self.key] = holder
+        self.key = _side_add(model, self.home, self.site.replace(":", "_").replace(".", "_"), holder)
         self.handle = self._register(_get(model, self.owner), holder)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        # a module replaced since (SyncBN conversion of a hooked norm) took the hook with it: nothing to remove
-        handle = self.handle
-        refs = (handle.hooks_dict_ref, *handle.extra_dict_ref) if handle is not None else ()
-        if any(ref() is None for ref in refs):
+        if not _alive(self.handle):
             state["handle"] = None
         return state
 
     def undo(self, model: nn.Module) -> None:
         if self.handle is not None:
             self.handle.remove()
-        home = _get(model, self.home)
-        side = home._modules.get(SIDE)
-        if side is not None:
-            side._modules.pop(self.key, None)
-            if not len(side._modules):
-                del home._modules[SIDE]
+        _side_remove(model, self.home, self.key)
 
 
 @dataclass(eq=False)
@@ -268,6 +290,41 @@ class PreHookInsertion(HookInsertion):
         handle = owner.register_forward_pre_hook(holder.forward_pre_hook)
         _ours_first(owner._forward_pre_hooks)
         return handle
+
+
+@dataclass(eq=False)
+class WatchInsertion(Insertion):
+    """The unused-rule check (:mod:`timm_drop.unused`): a :class:`~timm_drop.unused.UsageWatch` holding one
+    apply's regularizers by rule, with a forward hook on the model and a forward pre-hook on its ``heartbeat``."""
+
+    kind: ClassVar[str] = "watch"
+    regs: ClassVar[tuple[nn.Module, ...]] = ()  # it puts in no regularizer of its own
+    site: ClassVar[str] = ""
+    rules: dict[str, list[nn.Module]]
+    heartbeat: str | None = None
+    home: str = ""
+    key: str = ""
+    handles: list[Any] = field(default_factory=list, repr=False)
+
+    def apply(self, model: nn.Module) -> None:
+        from timm_drop.unused import UsageWatch
+
+        self.home = holder_home(model, "")
+        watch = UsageWatch(model, self.rules)
+        self.key = _side_add(model, self.home, "unused_rule_check", watch)
+        self.handles = [model.register_forward_hook(watch.after_forward)]
+        if self.heartbeat is not None:
+            self.handles.append(_get(model, self.heartbeat).register_forward_pre_hook(watch.before_forward))
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["handles"] = [h for h in self.handles if _alive(h)]
+        return state
+
+    def undo(self, model: nn.Module) -> None:
+        for handle in self.handles:
+            handle.remove()
+        _side_remove(model, self.home, self.key)
 
 
 # ---------------------------------------------------------------------------------------------------------

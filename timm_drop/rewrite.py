@@ -10,7 +10,10 @@ fused norm+act layer uses its ``drop`` slot; ``residual`` / ``shortcut`` / ``mer
 whose calling module is traceable, rewrite the module that executes the add (or calls the norm); a ``norm`` inside
 an ``nn.Sequential`` gets a hook on the container (norm last) or a pre-hook on the following layer, which SyncBN
 conversion keeps; everything else (``stage`` / ``block`` / ``module``, norms called by the root or an opaque
-module) gets a forward hook.
+module) gets a forward hook. A hook meant for an ``nn.Sequential`` goes on its last layer (:func:`_hook_owner`):
+timm's gradient checkpointing calls a Sequential stage's blocks, never the stage. Every apply also puts in the
+unused-rule check (:mod:`timm_drop.unused`), and gives the model a ``__prepare_scriptable__`` for
+``torch.jit.script`` (:mod:`timm_drop.scripting`).
 
 Parameters of an entry: ``rule.params_for_stage(site.stage)``; with ``depth_scaling: linear`` the strength
 parameters (``drop_prob``, ``q``) are multiplied by ``(i + 1) / n`` over the rule's ``n`` matched sites in depth
@@ -29,7 +32,7 @@ when they carry the same tensor (the last block's output is also its stage's out
 
 A second ``apply_regularizer`` on the same model is refused unless ``stack=True``. DDP / DataParallel / FSDP
 wrapped and ``torch.compile``d models (the wrapper, or ``module.compile()`` in place) are refused: apply first, then
-SyncBN, optimizer, ``accelerator.prepare``, compile.
+SyncBN, optimizer, ``accelerator.prepare``, compile. A model on the meta device is planned and applied on shapes.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from timm_drop.insertions import (
     PreHookInsertion,
     RewriteInsertion,
     SlotInsertion,
+    WatchInsertion,
     record_of,
 )
 from timm_drop.regularizers.base import Regularizer
@@ -67,6 +71,7 @@ from timm_drop.structure import (
     wrapper_kind,
 )
 from timm_drop.suggest import nearest
+from timm_drop.unused import heartbeat_of
 
 __all__ = ["Plan", "PlanEntry", "RewriteError", "apply_regularizer", "plan", "strip_regularizers"]
 
@@ -653,10 +658,15 @@ def apply_regularizer(
     """
     spec = load_spec(spec)
     _refuse(model, stack)
-    the_plan, targets = _build(model, spec, analyze_model(model, example_input))
+    analysis = analyze_model(model, example_input)
+    the_plan, targets = _build(model, spec, analysis)
     regs = _materialize(the_plan, spec, model)
     record = record_of(model)
-    for insertion in _insertions(model, the_plan, regs, targets):
+    rules: dict[str, list[nn.Module]] = {}
+    for e, reg in zip(the_plan.entries, regs):
+        rules.setdefault(e.rule_label, []).append(reg)
+    watch = WatchInsertion(rules, heartbeat_of(model, analysis.sites, analysis.calls))
+    for insertion in [*_insertions(model, the_plan, regs, targets), watch]:
         insertion.apply(model)
         record.append(insertion)
     object.__setattr__(model, RECORD, record)

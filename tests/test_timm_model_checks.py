@@ -141,3 +141,15 @@ def test_scripting_part_of_a_regularized_model_or_a_module_holding_it_says_what_
     with pytest.raises(RuntimeError, match="holds a regularized ResNet.*Script the regularized model itself"):
         torch.jit.script(holder)
     assert holder[0] is model and any(isinstance(m, timm_drop.Regularizer) for m in model.modules())
+
+
+@pytest.mark.parametrize("name,kwargs,size", [MODELS[0], MODELS[2]], ids=[IDS[0], IDS[2]])
+def test_export_and_jit_trace_of_the_regularized_model_in_eval(name, kwargs, size):
+    model = _create(name, kwargs).eval()
+    x = torch.randn(1, *size)
+    with torch.no_grad():
+        expected = model(x)
+        exported = torch.export.export(model, (x,))
+        assert torch.equal(exported.module()(x), expected)
+        traced = torch.jit.trace(model, (x,))
+        assert torch.equal(traced(x), expected)

@@ -539,3 +539,21 @@ def test_plan_is_pure_data_built_without_touching_the_model(resnet18):
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.entries[0].params = {}
     assert pickle.loads(pickle.dumps(p)) == p == plan(resnet18, spec)
+
+
+def test_a_regularized_model_is_freed_by_del_without_waiting_for_the_garbage_collector():
+    # no reference cycle through the model: a big model (and a Trainer holding it, with its run lock) goes at `del`
+    import gc
+    import weakref
+
+    spec = {"rules": [_rule("dropout", DROP, ["stage", "residual", "norm"], on_conflict="stack")]}
+    gc.collect()
+    gc.disable()
+    try:
+        model = apply_regularizer(timm.create_model("resnet18", pretrained=False), spec)
+        model.train()(torch.randn(2, 3, 32, 32))
+        ref = weakref.ref(model)
+        del model
+        assert ref() is None
+    finally:
+        gc.enable()

@@ -71,6 +71,9 @@ def _timm_tracer_kwargs() -> dict:
 
 
 def test_retracing_a_rewritten_vit_works_and_leaves_torch_fx_usable():
+    from torch.fx import _symbolic_trace
+
+    table = dict(_symbolic_trace._wrapped_fns_to_patch)  # torch.fx's process-wide table of functions to patch
     plain, model = _vit()
     model.eval()
     x = torch.randn(2, 3, 64, 64)
@@ -83,7 +86,8 @@ def test_retracing_a_rewritten_vit_works_and_leaves_torch_fx_usable():
     extractor = tv_fx.create_feature_extractor(model, [nodes[-1]], tracer_kwargs=_timm_tracer_kwargs())
     with torch.no_grad():
         assert torch.equal(extractor(x)[nodes[-1]], plain.eval()(x))
-    # nothing the rewrite generated is left registered in torch.fx's global patch table
+    # neither the rewrite nor the re-traces registered anything in torch.fx's global patch table
+    assert _symbolic_trace._wrapped_fns_to_patch.keys() == table.keys()
     torch.fx.symbolic_trace(nn.Linear(2, 2))
     torch.fx.symbolic_trace(plain)
 

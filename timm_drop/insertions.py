@@ -59,6 +59,7 @@ __all__ = [
     "HookInsertion",
     "InsertStep",
     "Insertion",
+    "ModelRef",
     "PreHookInsertion",
     "RewriteInsertion",
     "RewriteRecipe",
@@ -71,6 +72,28 @@ RECORD = "_timm_drop_record"
 SIDE = "_timm_drop_regularizers"
 CHILD_PREFIX = "timm_drop_"
 _counter = itertools.count()
+
+
+class ModelRef:
+    """How something held inside a model refers to that model without a reference cycle (a cycle would keep the
+    model, and whatever holds it, alive after ``del`` until the garbage collector runs): a weak reference that
+    ``copy.deepcopy`` points at the copy and pickling rebuilds on load."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._ref = weakref.ref(model)
+
+    def __call__(self) -> nn.Module:
+        model = self._ref()
+        if model is None:
+            raise RuntimeError("timm_drop: the model this belongs to no longer exists")
+        return model
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ModelRef:
+        model = self._ref()
+        return ModelRef(memo.get(id(model), model))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return ModelRef, (self(),)
 
 
 def _get(model: nn.Module, name: str) -> nn.Module:
@@ -483,27 +506,30 @@ def _variant_graphs(
     return graphs, added
 
 
-_WRAP_LINE = re.compile(r"^\S.*\bwrap\(\"([^\"]+)\"\)\s*$")
+_WRAP_LINE = re.compile(r"^\S.*\bwrap\(\"[^\"]+\"\)\s*$")
 
 
-def _compile_forward(graph: fx.Graph, tag: str) -> Any:
+def _compile_forward(graph: fx.Graph, tag: str, namespace: dict[str, Any]) -> Any:
+    """The graph's code as a function, compiled into ``namespace`` (shared by the variants and the dispatcher of
+    one class: a tracer that re-traces the rewritten module patches the functions it keeps as leaves, timm's
+    not-traceable ones, in the globals of the module's ``forward``, so the variants must read the same dict)."""
     graph.lint()
     code = graph.python_code(root_module="self")
-    namespace = dict(code.globals)
-    # FX's generated code registers wrapped functions (timm's not-traceable ones) for patching in every later
-    # trace, by name in this namespace; a name that is not one of its keys (a qualified torch function) would make
-    # every later torch.fx trace in the process fail, so only resolvable names are registered.
-    src = "\n".join(
-        line for line in code.src.splitlines() if not ((m := _WRAP_LINE.match(line)) and m.group(1) not in namespace)
-    )
+    clash = any(k in namespace and namespace[k] is not v for k, v in code.globals.items())
+    target = dict(code.globals) if clash else namespace
+    target.update(code.globals)
+    # FX's code registers the functions it wrapped in torch.fx's process-wide patch table; that is global state
+    # every later trace in the process reads (a name missing from the table's dict made every torch.fx trace fail),
+    # and the shared namespace serves re-tracing tracers without it
+    src = "\n".join(line for line in code.src.splitlines() if not _WRAP_LINE.match(line))
     filename = f"<timm_drop rewrite {tag} #{next(_counter)}>"
     # linecache makes tracebacks and inspect.getsource work for the generated code (as torch.fx does)
     linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
-    exec(compile(src, filename, "exec"), namespace)
-    return namespace["forward"]
+    exec(compile(src, filename, "exec"), target)
+    return target.pop("forward")
 
 
-def _dispatcher(base: type, recipe: RewriteRecipe, fast: dict[Key, Any]) -> Any:
+def _dispatcher(base: type, recipe: RewriteRecipe, fast: dict[Key, Any], ns: dict[str, Any]) -> Any:
     """The rewritten class's ``forward``: the original signature, picking the graph of the call's variant.
 
     Generated source (so TorchDynamo and FX re-traces see plain Python): ``fast`` maps the variants that are
@@ -511,7 +537,7 @@ def _dispatcher(base: type, recipe: RewriteRecipe, fast: dict[Key, Any]) -> Any:
     """
     params = list(inspect.signature(base.forward).parameters.values())[1:]
     P = inspect.Parameter
-    ns: dict[str, Any] = {"_timm_drop_fast": fast, "_timm_drop_first_call": _first_call}
+    ns.update(_timm_drop_fast=fast, _timm_drop_first_call=_first_call)
     sig, call, args, kwargs = [], [], [], []
     star = False
     for i, p in enumerate(params):
@@ -555,7 +581,7 @@ def _dispatcher(base: type, recipe: RewriteRecipe, fast: dict[Key, Any]) -> Any:
     filename = f"<timm_drop rewrite {base.__name__} dispatch #{next(_counter)}>"
     linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
     exec(compile(src, filename, "exec"), ns)
-    return ns["forward"]
+    return ns.pop("forward")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -688,9 +714,10 @@ def _reduce_ex(self: nn.Module, protocol: int) -> Any:
 
 def _make_class(recipe: RewriteRecipe, graphs: dict[Key, fx.Graph | None]) -> type:
     base = recipe.base
+    ns: dict[str, Any] = {}
     fns: dict[Key, Any] = {}
     for key, graph in graphs.items():
-        fns[key] = _compile_forward(graph, f"{base.__name__} {key}") if graph is not None else None
+        fns[key] = _compile_forward(graph, f"{base.__name__} {key}", ns) if graph is not None else None
         if not recipe.dual:  # one graph for both modes
             fns[(True, *key[1:])] = fns[key]
     ref = recipe.reference_key()
@@ -701,7 +728,7 @@ def _make_class(recipe: RewriteRecipe, graphs: dict[Key, fx.Graph | None]) -> ty
         base.__name__,
         (base,),
         {
-            "forward": _dispatcher(base, recipe, fast),
+            "forward": _dispatcher(base, recipe, fast, ns),
             "__reduce_ex__": _reduce_ex,
             "__prepare_scriptable__": _refuse_script,
             "_timm_drop_base": base,

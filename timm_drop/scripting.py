@@ -56,7 +56,9 @@ class ScriptableCopy:
     ``torch.jit.script(model)`` compiles :func:`scriptable_copy` of it."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.model = model
+        from timm_drop.insertions import ModelRef
+
+        self.model = ModelRef(model)
 
     def __call__(self) -> nn.Module:
         caller = inspect.currentframe().f_back
@@ -65,8 +67,8 @@ class ScriptableCopy:
         if names == ["call_prepare_scriptable_func_impl"] * 2:
             # torch.jit.script was given a module holding this model, and would store the copy in its place
             raise RuntimeError(
-                f"timm_drop: torch.jit.script was given a module that holds a regularized {type(self.model).__name__};"
+                f"timm_drop: torch.jit.script was given a module that holds a regularized {type(self.model()).__name__};"
                 f" TorchScript would replace that model inside it by a copy without regularizers. Script the "
                 f"regularized model itself, or call timm_drop.strip_regularizers on it first"
             )
-        return scriptable_copy(self.model)
+        return scriptable_copy(self.model())

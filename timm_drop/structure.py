@@ -289,6 +289,21 @@ def stage_source(model: nn.Module) -> str | None:
     return inside[0] if len(inside) == 1 else None
 
 
+def _kept(name: str | None, named: dict[str, nn.Module], keep: Callable[[str], bool]) -> str | None:
+    """``name`` if ``keep`` accepts it; for a container it rejects, its last descendant that ``keep`` accepts (a
+    container its owner iterates but never calls, CoaT's serial_blocksN: the stage output is that of its last
+    block that ran). A module-level function: a recursive closure over ``named`` would be a reference cycle that
+    keeps the model alive after ``del`` until the garbage collector runs."""
+    if name is None or keep(name):
+        return name
+    if is_container(named[name]):
+        for key in reversed([k for k, c in named[name]._modules.items() if c is not None]):
+            found = _kept(f"{name}.{key}", named, keep)
+            if found is not None:
+                return found
+    return None
+
+
 def feature_stages(
     model: nn.Module, keep: Callable[[str], bool] = lambda name: True
 ) -> dict[str, int | None]:
@@ -307,21 +322,8 @@ def feature_stages(
         inner = feature_stages(model.get_submodule(source), keep=lambda n: keep(f"{source}.{n}" if n else source))
         return {(f"{source}.{n}" if n else source): k for n, k in inner.items()}
     named = dict(model.named_modules())
-
-    def kept(name: str | None) -> str | None:
-        if name is None or keep(name):
-            return name
-        if is_container(named[name]):
-            # a container its owner iterates but never calls (CoaT's serial_blocksN): the stage output is the
-            # output of its last block that ran
-            for key in reversed([k for k, c in named[name]._modules.items() if c is not None]):
-                found = kept(f"{name}.{key}")
-                if found is not None:
-                    return found
-        return None
-
     info = feature_info(model)
-    names = [kept(feature_module(model, d["module"], named)) for d in info]
+    names = [_kept(feature_module(model, d["module"], named), named, keep) for d in info]
     found = [n for n in names if n is not None]
     if names and names[0] is None:
         # a stem entry naming no module (HRNet's "stem", MobileNetV5's "bn1"): its name or its stride says so

@@ -34,8 +34,10 @@ class UsageWatch(nn.Module):
 
     def __init__(self, model: nn.Module, rules: dict[str, list[nn.Module]]) -> None:
         super().__init__()
+        from timm_drop.insertions import ModelRef
+
         # plain attributes: neither the model nor the regularizers are children of this holder
-        self.__dict__["model"] = model
+        self.__dict__["model"] = ModelRef(model)
         self.__dict__["rules"] = rules
         self.forwards = 0
         self.done = False
@@ -49,11 +51,11 @@ class UsageWatch(nn.Module):
         return module.training and not _is_compiling() and not recomputing()
 
     def after_forward(self, module: nn.Module, args: Any, output: Any) -> None:
-        if not self.done and self.forwards and self._counts(module):
+        if self._counts(module) and not self.done and self.forwards:
             self.check()
 
     def before_forward(self, module: nn.Module, args: Any) -> None:
-        if self.done or not self._counts(module):
+        if not self._counts(module) or self.done:
             return
         self.forwards += 1
         if self.forwards >= 2:  # the heartbeat runs once per forward: a first forward has finished
@@ -68,7 +70,7 @@ class UsageWatch(nn.Module):
             shown = ", ".join(sites[:3]) + (f" and {len(sites) - 3} more" if len(sites) > 3 else "")
             warnings.warn(
                 f"timm_drop: {label} ran at none of its {len(sites)} site(s) ({shown}) in the first training "
-                f"forward, so it has no effect; {'; '.join(unused_rule_causes(self.model, regs))}",
+                f"forward, so it has no effect; {'; '.join(unused_rule_causes(self.model(), regs))}",
                 UserWarning,
                 stacklevel=4,
             )

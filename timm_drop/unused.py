@@ -9,8 +9,8 @@ model, looks at those counts once after the first training forward and warns, pe
 regularizers all stayed at 0, naming the rule, its sites and the likely cause.
 
 "After the first training forward" is seen from two places, so that hosts that never call the model itself still
-get the check: a forward hook on the model (``model(x)``), and a forward pre-hook on the first layer the shape
-pass ran (the *heartbeat*: any forward of the model runs it, ``forward_features`` too), whose second training call
+get the check: a forward hook on the model (``model(x)``), and a forward pre-hook on an early block the shape pass
+ran once (the *heartbeat*: any forward of the model runs it, ``forward_features`` too), whose second training call
 means a first forward has finished. Eval forwards, ``torch.compile``d forwards and traces do not count.
 """
 
@@ -126,14 +126,15 @@ def unused_rule_causes(model: nn.Module, regs: list[nn.Module]) -> list[str]:
 
 
 def heartbeat_of(model: nn.Module, sites: list[Any], calls: dict[str, int]) -> str | None:
-    """The first layer without children the shape pass ran (not a norm, not ours), if it ran once per forward."""
-    from timm_drop.structure import is_norm
+    """The first module with submodules of its own to finish in the shape pass (a block or an embedding, not a
+    container, a norm or ours) that ran once. Not a layer without children: an FX graph of the model calls those
+    same layer objects, and TorchScript, scripting that graph, would try to compile the check's hook."""
+    from timm_drop.structure import is_container, is_norm
 
     for site in sites:
         if site.kind != "module" or calls.get(site.module) != 1:
             continue
         module = model.get_submodule(site.module)
-        if next(module.children(), None) is None and not is_norm(module):
+        if next(module.children(), None) is not None and not is_container(module) and not is_norm(module):
             return site.module
     return None
-

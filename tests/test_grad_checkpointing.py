@@ -122,3 +122,24 @@ def test_a_rewritten_stage_keeps_honouring_set_grad_checkpointing():
     model.set_grad_checkpointing(False)
     ref_out, ref_grads = _forward_backward(model, x)
     assert torch.equal(out, ref_out) and _same_grads(grads, ref_grads)
+
+
+def test_sites_inside_a_nested_features_only_backbone_act_under_checkpointing():
+    # a hybrid ViT holds a timm features_only ResNet as patch_embed.backbone; under gradient checkpointing that
+    # FeatureListNet checkpoints each of its layers (found by the coverage tool's gradient-checkpointing pass)
+    spec = {
+        "rules": [
+            {"regularizer": "dropout", "params": {"drop_prob": 0.3}, "sites": ["norm"],
+             "name": ["patch_embed.backbone.bn1", "patch_embed.backbone.layer1.*"]},
+            {"regularizer": "droppath", "params": {"drop_prob": 0.3}, "sites": ["residual"], "stages": [2, 3],
+             "on_conflict": "stack"},
+        ]
+    }  # fmt: skip
+    torch.manual_seed(0)
+    model = timm_drop.create_model("vit_small_resnet26d_224", spec=spec, num_classes=10, img_size=64).train()
+    x = torch.randn(2, 3, 64, 64)
+    plain_out, plain_grads = _forward_backward(model, x)
+    model.set_grad_checkpointing(True)
+    ckpt_out, ckpt_grads = _forward_backward(model, x)
+    assert torch.equal(ckpt_out, plain_out)
+    assert _same_grads(ckpt_grads, plain_grads)

@@ -419,7 +419,7 @@ def insert_steps(graph: fx.Graph, steps: tuple[InsertStep, ...]) -> None:
         if step.kind == "merge":
             targets = [nodes[step.node]]
         else:
-            targets = [n for n in graph.nodes if n.op == "call_module" and n.target == step.target]
+            targets = _calls_of(graph, step.target)
         for node in targets:
             # after the node and any regularizer already chained after it
             last = node
@@ -435,6 +435,23 @@ def insert_steps(graph: fx.Graph, steps: tuple[InsertStep, ...]) -> None:
             last.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
 
 
+def _calls_of(graph: fx.Graph, target: str) -> list[fx.Node]:
+    """The nodes whose output is the output of child ``target``: its ``call_module`` nodes, and the calls of an
+    activation-checkpoint helper on it (``checkpoint(self.norm, x)`` in a forward whose checkpointing is on)."""
+    from timm_drop.sites import _checkpoint_functions
+
+    helpers = _checkpoint_functions()
+    found = []
+    for n in graph.nodes:
+        if n.op == "call_module" and n.target == target:
+            found.append(n)
+        elif n.op == "call_function" and n.target in helpers and n.args:
+            first = n.args[0]
+            if isinstance(first, fx.Node) and first.op == "get_attr" and first.target == target:
+                found.append(n)
+    return found
+
+
 def _operands(node: fx.Node) -> tuple[Any, ...]:
     """What an add node adds, by the ops that made its operands (to find the same add in another variant)."""
     return tuple((a.op, str(a.target)) if isinstance(a, fx.Node) else repr(a) for a in node.args[:2])
@@ -446,11 +463,10 @@ def _map_steps(ref: fx.Graph, graph: fx.Graph, steps: tuple[InsertStep, ...]) ->
     None when one has no unique counterpart."""
     ref_nodes = {n.name: n for n in ref.nodes}
     nodes = {n.name: n for n in graph.nodes}
-    called = {n.target for n in graph.nodes if n.op == "call_module"}
     out = []
     for step in steps:
         if step.node is None:
-            if step.target not in called:
+            if not _calls_of(graph, step.target):
                 return None
             out.append(step)
             continue

@@ -82,6 +82,7 @@ from timm_drop.structure import (
     composite,
     feature_info,
     feature_stages,
+    is_container,
     is_norm,
     mro_names,
     stage_blocks,
@@ -493,6 +494,10 @@ def rewrite_target(
     if lg is None:
         return None, f"module {name!r} was not traced"
     m = model.get_submodule(name)
+    if is_container(m):
+        # a features_only wrapper nested in a model (a hybrid ViT's backbone, segmentation_models_pytorch's
+        # encoder): its original forward, which a rewrite falls back to, would run regularizer children as layers
+        return None, f"{type(m).__name__} is a container whose forward runs every module it holds"
     if not lg.verified:
         reason, _ = _verify(model, m, lg, analysis.inputs.get(name), analysis.outputs.get(name), twins)
         if reason:

@@ -22,7 +22,7 @@ that touches every site kind (:data:`COVERAGE_SPEC`) through the public API (``t
 10. ``strip_regularizers`` restores the class, keys, hooks and eval output.
 
 Checks 8 and 9 record ``"n/a: <why>"`` in :attr:`CoverageResult.passes` where they do not apply (no
-``set_grad_checkpointing``; a model timm's tracer cannot trace before the rewrite either).
+``set_grad_checkpointing``; a model timm's tracer gives no working graph of before the rewrite either).
 
 :func:`run_coverage` runs :func:`check_model` over many models in a worker subprocess with a per-model timeout
 (a hang or a crash costs one model, not the run) and :func:`render_report` writes the Markdown report.
@@ -843,15 +843,17 @@ def _check_fx_retrace(model: nn.Module, orig: _Original) -> str:
         return "n/a: torchvision is not installed"
     model.eval()
     try:
-        graph = _fx_graph(model)
+        with torch.no_grad():
+            traced = _flatten(_fx_graph(model)(orig.input))
     except Exception as exc:
         try:
-            _fx_graph(copy.deepcopy(orig.copy).eval())
+            with torch.no_grad():
+                _fx_graph(copy.deepcopy(orig.copy).eval())(orig.input)
         except Exception as plain_exc:
-            return f"n/a: timm's tracer cannot trace the original ({_exc_reason(plain_exc)})"
-        raise CheckFailed("fx_retrace", f"timm's tracer fails on the regularized model: {_exc_reason(exc)}") from exc
-    with torch.no_grad():
-        traced = _flatten(graph(orig.input))
+            return f"n/a: timm's tracer gives no working graph of the original ({_exc_reason(plain_exc)})"
+        raise CheckFailed(
+            "fx_retrace", f"timm's tracer gives no working graph of the regularized model: {_exc_reason(exc)}"
+        ) from exc
     if not _same(traced, orig.eval_out):
         raise CheckFailed("fx_retrace", "the traced graph's eval output differs from the model's")
     try:

@@ -170,7 +170,7 @@ def check(tmp: Path, world: int) -> dict[str, Any]:
         missing = sorted(set(blocks) - set(r["units"]))
         assert not missing and "" in r["units"], f"blocks that are not FSDP units: {missing}"
         assert r["all_dtensor"] and r["local_fraction"] <= 1.0 / world + 0.05, r
-        assert r["kinds"] == ["hook", "pre_hook", "rewrite", "slot"], r["kinds"]
+        assert r["kinds"] == ["hook", "pre_hook", "rewrite", "slot", "watch"], r["kinds"]
         assert r["resumed_step"] > 0 and r["momentum_buffers"] > 0, r
     assert ranks[0]["weights_restored"], "the resumed model is not the checkpoint's"
     run = tmp / "run"

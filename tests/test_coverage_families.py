@@ -131,6 +131,10 @@ class _HookDropout(_Dropout):
     def hook(self, module, args, output):
         return self(output)
 
+    def branchy_hook(self, module, args, output):
+        # Python control flow on the tensor: fine eagerly, a TraceError under an FX tracer
+        return self(output) if bool(output.abs().sum() >= 0) else output
+
 
 class _FakePlan:
     def __init__(self, entries):
@@ -138,7 +142,8 @@ class _FakePlan:
 
 
 class _FakeRewriter:
-    """Puts one dropout after ``layer4`` of a ResNet via a forward hook; ``breaks`` names the guarantee to break."""
+    """Puts one dropout after ``layer4`` of a ResNet via a forward hook on its last block (a hook on the
+    Sequential ``layer4`` itself is bypassed by gradient checkpointing); ``breaks`` names the guarantee to break."""
 
     def __init__(self, breaks: str | None = None):
         self.breaks = breaks
@@ -159,8 +164,12 @@ class _FakeRewriter:
             handle = model.layer4.register_forward_hook(lambda m, a, o: o * 1.001)
         elif self.breaks == "never_runs":
             handle = model.fc.register_forward_pre_hook(lambda m, a: None)
-        else:
+        elif self.breaks == "sequential_hook":
             handle = model.layer4.register_forward_hook(reg.hook)
+        elif self.breaks == "untraceable":
+            handle = model.layer4[-1].register_forward_hook(reg.branchy_hook)
+        else:
+            handle = model.layer4[-1].register_forward_hook(reg.hook)
         model.fake_handle = handle
         if self.breaks == "copy":
             import copy
@@ -196,6 +205,7 @@ def test_checker_passes_a_correct_rewrite(fake_rewriter):
     fake_rewriter(None)
     res = _check_fake()
     assert res.ok, (res.stage, res.reason)
+    assert res.passes == {"grad_checkpointing": "ok", "fx_retrace": "ok"}
     assert res.n_sites == {"stage": 1}
     assert res.input_size == (3, 32, 32)
 
@@ -209,6 +219,8 @@ def test_checker_passes_a_correct_rewrite(fake_rewriter):
         ("eval", "eval"),
         ("never_runs", "train"),
         ("closure", "deepcopy"),
+        ("sequential_hook", "grad_checkpointing"),
+        ("untraceable", "fx_retrace"),
         ("strip", "strip"),
     ],
 )
@@ -234,3 +246,19 @@ def test_build_model_shrinks_inputs_of_size_agnostic_models():
     model, x = coverage.build_model("vit_tiny_patch16_224", model_kwargs={"depth": 1})
     assert tuple(x.shape[2:]) == (64, 64)
     assert model.patch_embed.img_size == (64, 64)
+
+
+def test_report_counts_the_gradient_checkpointing_and_fx_retrace_passes():
+    res = [
+        coverage.CoverageResult("a", True, "ok", passes={"grad_checkpointing": "ok", "fx_retrace": "ok"}),
+        coverage.CoverageResult(
+            "b", True, "ok",
+            passes={"grad_checkpointing": "n/a: AssertionError: gradient checkpointing not supported",
+                    "fx_retrace": "n/a: timm's tracer cannot trace the original (TraceError: ...)"},
+        ),
+        coverage.CoverageResult("c", False, "fx_retrace", "boom", passes={"grad_checkpointing": "ok"}),
+    ]  # fmt: skip
+    text = coverage.render_report(res)
+    assert "- gradient-checkpointing pass: 2 ok, 1 not applicable (1 AssertionError: gradient checkpointing " \
+           "not supported), 0 failed" in text  # fmt: skip
+    assert "- FX re-trace pass: 1 ok, 1 not applicable (1 timm's tracer cannot trace the original), 1 failed" in text

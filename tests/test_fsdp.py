@@ -152,7 +152,7 @@ def test_two_process_fsdp_run_shards_blocks_keeps_every_insertion_kind_and_resum
     for rank in result["ranks"]:
         assert set(result["blocks"]) <= set(rank["units"]) and "" in rank["units"]
         assert rank["all_dtensor"] and rank["local_fraction"] < 0.55  # each process holds about half
-        assert rank["kinds"] == ["hook", "pre_hook", "rewrite", "slot"]
+        assert rank["kinds"] == ["hook", "pre_hook", "rewrite", "slot", "watch"]
         assert rank["resumed_step"] == 2 and rank["momentum_buffers"] > 0
     assert result["ranks"][0]["weights_restored"]
     assert [r["step"] for r in result["rows"]] == [2, 4]

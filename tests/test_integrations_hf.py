@@ -122,3 +122,61 @@ def test_hf_trainer_callback_runs_layerout_epochs(tmp_path):
     assert [h["epoch"] for h in lo.history][:2] == [0, 1] and all(h["n_frozen"] for h in lo.history)
     assert recorder.frozen_moved == [False] * 4
     assert timm_drop.summary(model).rules[0].position == "progress 1"
+
+
+_LOAD_IN_A_FRESH_PROCESS = """
+import json, sys, torch, transformers
+import timm_drop
+folder, loader = sys.argv[1], sys.argv[2]
+cls = getattr(transformers, loader)
+model = cls.from_pretrained(folder)
+ref = torch.load(folder + "/reference.pt")
+regs = [m for m in model.modules() if isinstance(m, timm_drop.Regularizer)]
+with torch.no_grad():
+    model.eval()
+    same_eval = torch.equal(model(pixel_values=ref["x"]).logits, ref["eval"])
+    model.train()
+    torch.manual_seed(7)
+    same_train = torch.equal(model(pixel_values=ref["x"]).logits, ref["train"])
+print(json.dumps({
+    "class": type(model).__name__, "regularizers": len(regs), "same_eval": same_eval, "same_train": same_train,
+    "strengths": sorted({float(r.strength) for r in regs}), "counts": sorted({int(r.schedule_count) for r in regs}),
+    "spec": model.timm_model.pretrained_cfg["timm_drop"]["spec"],
+}))
+"""
+
+
+@pytest.mark.parametrize("loader", ["TimmWrapperForImageClassification", "AutoModelForImageClassification"])
+def test_save_pretrained_then_from_pretrained_in_a_fresh_process_restores_the_regularized_model(tmp_path, loader):
+    # transformers 5 builds the model on the meta device inside from_pretrained, then loads the weights
+    import json
+    import subprocess
+    import sys
+
+    from scripts import child_env
+
+    config = transformers.TimmWrapperConfig(
+        architecture=REGISTERED_NAME, num_labels=3, model_args={"model": "resnet10t", "spec": SPEC}
+    )
+    torch.manual_seed(0)
+    model = transformers.TimmWrapperForImageClassification(config)
+    model.save_pretrained(tmp_path)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model.eval()
+        reference = {"x": x, "eval": model(pixel_values=x).logits}
+        model.train()
+        torch.manual_seed(7)
+        reference["train"] = model(pixel_values=x).logits
+    assert not torch.equal(reference["train"], model.eval()(pixel_values=x).logits)
+    torch.save(reference, tmp_path / "reference.pt")
+    done = subprocess.run(
+        [sys.executable, "-c", _LOAD_IN_A_FRESH_PROCESS, str(tmp_path), loader],
+        capture_output=True, text=True, env=child_env(), timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["class"] == "TimmWrapperForImageClassification"
+    assert got["regularizers"] == 4 and got["strengths"] == [1.0] and got["counts"] == [0]
+    assert got["same_eval"] and got["same_train"]
+    assert got["spec"] == timm_drop.load_spec(SPEC).to_dict()

@@ -187,7 +187,7 @@ def test_hooks_are_bound_methods_of_modules_inside_the_model():
     apply_regularizer(model, {"rules": [_rule("dropout", DROP, ["stage", "block"])]})
     owned = {id(m) for m in model.modules()}
     hooks = [h for m in model.modules() for h in m._forward_hooks.values()]
-    assert len(hooks) == 4 + 8
+    assert len(hooks) == 4 + 8 + 1  # stages, blocks, and the unused-rule check on the model (timm_drop.unused)
     assert all(id(h.__self__) in owned for h in hooks)
     assert model.state_dict().keys() == timm.create_model("resnet18").state_dict().keys()
 
@@ -277,6 +277,20 @@ def test_refuses_wrapped_compiled_and_twice_applied_models(tmp_path):
     apply_regularizer(model, {"rules": [_rule("droppath", DROP, ["residual"])]}, stack=True)
     assert len(_regs(model)) == 12
     strip_regularizers(model)
+    assert not _regs(model) and _hooks(model) == 0
+
+
+@pytest.mark.parametrize("where", ["model", "block"])
+def test_refuses_a_model_compiled_in_place(where):
+    # nn.Module.compile() keeps the module and compiles its call; the graph it compiled before the apply would
+    # keep running without the regularizers (issue 18, item 3)
+    spec = {"rules": [_rule("dropout", DROP, ["stage"])]}
+    model = timm.create_model("resnet18", pretrained=False).train()
+    (model if where == "model" else model.layer1).compile(backend="eager")
+    model(torch.randn(2, 3, 64, 64))
+    name = "the model" if where == "model" else "submodule 'layer1'"
+    with pytest.raises(RewriteError, match=rf"{name} was compiled in place.*apply regularizers before"):
+        apply_regularizer(model, spec)
     assert not _regs(model) and _hooks(model) == 0
 
 
@@ -525,3 +539,21 @@ def test_plan_is_pure_data_built_without_touching_the_model(resnet18):
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.entries[0].params = {}
     assert pickle.loads(pickle.dumps(p)) == p == plan(resnet18, spec)
+
+
+def test_a_regularized_model_is_freed_by_del_without_waiting_for_the_garbage_collector():
+    # no reference cycle through the model: a big model (and a Trainer holding it, with its run lock) goes at `del`
+    import gc
+    import weakref
+
+    spec = {"rules": [_rule("dropout", DROP, ["stage", "residual", "norm"], on_conflict="stack")]}
+    gc.collect()
+    gc.disable()
+    try:
+        model = apply_regularizer(timm.create_model("resnet18", pretrained=False), spec)
+        model.train()(torch.randn(2, 3, 32, 32))
+        ref = weakref.ref(model)
+        del model
+        assert ref() is None
+    finally:
+        gc.enable()

@@ -60,6 +60,10 @@ def test_summary_lists_each_rule_with_sites_strength_and_schedule_position():
     text = str(summary(model))
     assert "half dropout" in text and "progress 0.25" in text and "drop_prob=0.125" in text
     assert drop.drop_fraction is None  # tracking is off by default
+    assert drop.ran == "0/4"  # no training forward yet
+    model.train()(torch.rand(2, 3, 64, 64))
+    drop = summary(model).rules[0]
+    assert drop.ran == "4/4" and drop.to_dict()["sites_run"] == 4 and " 4/4 " in str(summary(model))
 
 
 def test_tracking_reports_the_realised_drop_fraction_of_the_last_training_forward():

@@ -10,7 +10,10 @@ fused norm+act layer uses its ``drop`` slot; ``residual`` / ``shortcut`` / ``mer
 whose calling module is traceable, rewrite the module that executes the add (or calls the norm); a ``norm`` inside
 an ``nn.Sequential`` gets a hook on the container (norm last) or a pre-hook on the following layer, which SyncBN
 conversion keeps; everything else (``stage`` / ``block`` / ``module``, norms called by the root or an opaque
-module) gets a forward hook.
+module) gets a forward hook. A hook meant for an ``nn.Sequential`` goes on its last layer (:func:`_hook_owner`):
+timm's gradient checkpointing calls a Sequential stage's blocks, never the stage. Every apply also puts in the
+unused-rule check (:mod:`timm_drop.unused`), and gives the model a ``__prepare_scriptable__`` for
+``torch.jit.script`` (:mod:`timm_drop.scripting`).
 
 Parameters of an entry: ``rule.params_for_stage(site.stage)``; with ``depth_scaling: linear`` the strength
 parameters (``drop_prob``, ``q``) are multiplied by ``(i + 1) / n`` over the rule's ``n`` matched sites in depth
@@ -28,8 +31,8 @@ decides: ``error`` (default) raises naming both rules and the site, ``stack`` ru
 when they carry the same tensor (the last block's output is also its stage's output).
 
 A second ``apply_regularizer`` on the same model is refused unless ``stack=True``. DDP / DataParallel / FSDP
-wrapped, ``torch.compile``d and meta-device models are refused: apply first, then SyncBN, optimizer,
-``accelerator.prepare``, compile.
+wrapped and ``torch.compile``d models (the wrapper, or ``module.compile()`` in place) are refused: apply first, then
+SyncBN, optimizer, ``accelerator.prepare``, compile. A model on the meta device is planned and applied on shapes.
 """
 
 from __future__ import annotations
@@ -50,14 +53,25 @@ from timm_drop.insertions import (
     PreHookInsertion,
     RewriteInsertion,
     SlotInsertion,
+    WatchInsertion,
     record_of,
 )
 from timm_drop.regularizers.base import Regularizer
 from timm_drop.regularizers.registry import create_regularizer, get_regularizer_class
+from timm_drop.scripting import ScriptableCopy
 from timm_drop.sites import SKIP_KINDS, Analysis, RewriteTarget, Site, analyze_model, rewrite_target
 from timm_drop.spec import REGEX_PREFIX, STRENGTH_PARAMS, Rule, Spec, load_spec
-from timm_drop.structure import feature_info, feature_module, token_grid, wrapper_kind
+from timm_drop.structure import (
+    feature_info,
+    feature_module,
+    is_norm,
+    stage_source,
+    timm_models_inside,
+    token_grid,
+    wrapper_kind,
+)
 from timm_drop.suggest import nearest
+from timm_drop.unused import heartbeat_of
 
 __all__ = ["Plan", "PlanEntry", "RewriteError", "apply_regularizer", "plan", "strip_regularizers"]
 
@@ -126,6 +140,7 @@ class Plan:
     matches: dict[int, int]  # rule index -> number of entries it produced
     input_shape: tuple[int, ...]
     source: str = ""
+    stages_from: str = ""  # the timm model inside a wrapper whose feature_info numbers the stages ("" = the model)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -137,6 +152,7 @@ class Plan:
             "entries": [e.to_dict() for e in self.entries],
             "matches": {str(k + 1): v for k, v in self.matches.items()},
             "opaque": dict(self.opaque),
+            "stages_from": self.stages_from,
         }
 
     def __str__(self) -> str:
@@ -168,6 +184,8 @@ class Plan:
             f"{len(self.entries)} regularizer(s) at {len({e.site for e in self.entries})} site(s); "
             f"shape pass input {shape}"
         )
+        if self.stages_from:
+            out.append(f"stages: feature_info of {self.stages_from}")
         if self.opaque:
             names = list(self.opaque)
             out.append(
@@ -243,6 +261,15 @@ def _stage_gaps(model: nn.Module, analysis: Analysis) -> list[str]:
     multi = [f"{n} (stage {k})" for n, k in analysis.stages.items() if k is not None and n not in with_site]
     missing = [d["module"] for d in feature_info(model) if feature_module(model, d["module"]) is None]
     parts = []
+    inside = timm_models_inside(model)
+    if len(inside) > 1:
+        parts.append(
+            f"{type(model).__name__} has no feature_info and holds several timm models ({', '.join(inside)}), so "
+            f"its stage numbers are ambiguous; select one model's modules by name instead (e.g. sites: [block], "
+            f"name: ['{inside[0]}.*'])"
+        )
+    elif not analysis.stages and stage_source(model) is None:
+        parts.append(f"{type(model).__name__} has no feature_info and holds no timm model that has one")
     if multi:
         parts.append(
             f"stage modules whose output is not a tensor or a list/tuple of tensors with a layout: "
@@ -379,6 +406,29 @@ def _make_regularizer(
     return reg
 
 
+def _hook_owner(model: nn.Module, name: str, calls: dict[str, int]) -> str:
+    """The module whose forward hook sees ``name``'s output on every path a host takes.
+
+    An ``nn.Sequential`` hands up the output of its last layer, and timm's ``checkpoint_seq`` (gradient
+    checkpointing: ``set_grad_checkpointing``) calls the layers of a Sequential stage one by one, never the stage
+    itself. So a hook meant for a Sequential goes on its last layer (recursively), where that layer ran as often as
+    the Sequential in the shape pass; not on a norm layer (SyncBN conversion replaces norms with their hooks).
+    """
+    owner = name
+    while owner:
+        module = model.get_submodule(owner)
+        if type(module).forward is not nn.Sequential.forward:
+            break
+        keys = [k for k, v in module._modules.items() if v is not None]
+        if not keys:
+            break
+        last = f"{owner}.{keys[-1]}"
+        if is_norm(module._modules[keys[-1]]) or calls.get(last) != calls.get(owner):
+            break
+        owner = last
+    return owner
+
+
 def _insertion_for(model: nn.Module, site: Site, rule: Rule, targets: _Targets) -> tuple[str, str]:
     """(insertion kind, owner module) for one site."""
     if site.kind in SKIP_KINDS:
@@ -387,8 +437,10 @@ def _insertion_for(model: nn.Module, site: Site, rule: Rule, targets: _Targets) 
             raise RewriteError(f"{rule.describe()}: site {site.name} cannot be rewritten: {reason}")
         return "rewrite", site.module
     if site.kind == "norm":
-        return _norm_insertion(model, site, rule, targets)
-    return "hook", site.module
+        kind, owner = _norm_insertion(model, site, rule, targets)
+    else:
+        kind, owner = "hook", site.module
+    return kind, _hook_owner(model, owner, targets.analysis.calls) if kind == "hook" else owner
 
 
 def _entries_of(
@@ -459,7 +511,11 @@ def _build(model: nn.Module, spec: Spec, analysis: Analysis) -> tuple[Plan, _Tar
             held[entry.site].append(entry)
     entries = sorted((e for es in held.values() for e in es), key=lambda e: (e.depth, e.rule))
     matches = {r.index: sum(1 for e in entries if e.rule == r.index) for r in spec.rules}
-    plan = Plan(entries, list(analysis.sites), targets.opaque, matches, analysis.input_shape, spec.source)
+    source = stage_source(model)
+    stages_from = f"{source} ({type(model.get_submodule(source)).__name__})" if source else ""
+    plan = Plan(
+        entries, list(analysis.sites), targets.opaque, matches, analysis.input_shape, spec.source, stages_from
+    )
     return plan, targets
 
 
@@ -479,6 +535,14 @@ def _refuse(model: nn.Module, stack: bool) -> None:
                 f"{where} is a torch.compile'd module: apply regularizers before torch.compile "
                 f"(to the original module, e.g. compiled._orig_mod)"
             )
+        if m.__dict__.get("_compiled_call_impl") is not None:
+            # nn.Module.compile(): the module stays, its call is compiled, and the graph compiled before the apply
+            # would keep running without the regularizers
+            raise RewriteError(
+                f"{where} was compiled in place ({type(m).__name__}.compile()): its compiled graph predates the "
+                f"regularizers and would keep running without them; apply regularizers before compiling "
+                f"(order: apply_regularizer -> SyncBN -> optimizer -> accelerator.prepare / DDP -> compile)"
+            )
         if isinstance(m, fx.GraphModule):
             # Its forward is generated code calling only the traced leaves: the stage and block modules it
             # still holds never run, so their sites (hooks, block rewrites) would be silent no-ops.
@@ -488,15 +552,6 @@ def _refuse(model: nn.Module, stack: bool) -> None:
                 f"the graph from it (FeatureGraphNet(model, out_indices) or create_feature_extractor(model, ...)); "
                 f"regularizers stay nodes of that graph"
             )
-    meta = next(
-        (n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta), None
-    )
-    if meta is not None:
-        raise RewriteError(
-            f"{type(model).__name__} has tensors on the meta device (e.g. {meta!r}): site discovery runs the "
-            f"model once and checks each rewritten block reproduces its output, which needs real values; "
-            f"materialise it first (model.to_empty(device=...) and load or initialise the weights)"
-        )
     if record_of(model) and not stack:
         raise RewriteError(
             f"{type(model).__name__} already carries regularizers from an earlier apply_regularizer; pass "
@@ -581,6 +636,7 @@ def _rewrite_insertion(
         target.none_args,
         dict(target.constants),
         (target.eval_graph, target.train_graph),
+        exact=target.exact,
     )
 
 
@@ -602,14 +658,20 @@ def apply_regularizer(
     """
     spec = load_spec(spec)
     _refuse(model, stack)
-    the_plan, targets = _build(model, spec, analyze_model(model, example_input))
+    analysis = analyze_model(model, example_input)
+    the_plan, targets = _build(model, spec, analysis)
     regs = _materialize(the_plan, spec, model)
     record = record_of(model)
-    for insertion in _insertions(model, the_plan, regs, targets):
+    rules: dict[str, list[nn.Module]] = {}
+    for e, reg in zip(the_plan.entries, regs):
+        rules.setdefault(e.rule_label, []).append(reg)
+    watch = WatchInsertion(rules, heartbeat_of(model, analysis.sites, analysis.calls))
+    for insertion in [*_insertions(model, the_plan, regs, targets), watch]:
         insertion.apply(model)
         record.append(insertion)
     object.__setattr__(model, RECORD, record)
     object.__setattr__(model, "_timm_drop_plan", the_plan)
+    object.__setattr__(model, "__prepare_scriptable__", ScriptableCopy(model))  # torch.jit.script: timm_drop.scripting
     return model
 
 
@@ -619,4 +681,5 @@ def strip_regularizers(model: nn.Module) -> nn.Module:
         insertion.undo(model)
     model.__dict__.pop(RECORD, None)
     model.__dict__.pop("_timm_drop_plan", None)
+    model.__dict__.pop("__prepare_scriptable__", None)
     return model

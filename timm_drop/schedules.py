@@ -22,8 +22,9 @@ neither a graph break nor a guard: a model that only ever runs compiled does not
 its own training forwards in a non-persistent int64 buffer (in place on the device, so ``torch.compile`` does not
 recompile, there is no host sync, and DDP ranks, which run the same number of forwards, stay in step) and is at
 progress ``min(count / N, 1)``. That is for scripts nobody can edit (timm's ``train.py``); with gradient
-accumulation a forward is a micro-batch, so state ``N`` in micro-batches there; activation checkpointing's
-recomputed forwards count too, and the count is not saved in a checkpoint (use :func:`timm_drop.drive` then).
+accumulation a forward is a micro-batch, so state ``N`` in micro-batches there. The backward pass's recomputation
+of an activation checkpoint (``set_grad_checkpointing``) is no forward of its own and does not count (in eager
+mode). The count is not saved in a checkpoint (use :func:`timm_drop.drive` where that matters).
 """
 
 from __future__ import annotations
@@ -157,10 +158,11 @@ def set_progress(model: nn.Module, progress: float) -> int:
     return count
 
 
-def on_train_forward(reg: nn.Module, args: Any) -> None:
-    """Forward pre-hook every :class:`~timm_drop.regularizers.Regularizer` carries: advances a self-counting
-    schedule, and warns once when a call-driven schedule was never given a progress (so it runs at full
-    strength instead of following its curve)."""
+def on_train_forward(reg: nn.Module, args: Any = None) -> None:
+    """Run by every :class:`~timm_drop.regularizers.Regularizer` at the start of a training forward (not of the
+    recomputation of an activation checkpoint): advances a self-counting schedule, and warns once when a
+    call-driven schedule was never given a progress (so it runs at full strength instead of following its
+    curve)."""
     schedule = reg.schedule
     if schedule is None or not reg.training:
         return

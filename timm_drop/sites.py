@@ -82,6 +82,7 @@ from timm_drop.structure import (
     composite,
     feature_info,
     feature_stages,
+    is_container,
     is_norm,
     mro_names,
     stage_blocks,
@@ -150,7 +151,29 @@ def _notrace_modules() -> tuple[type, ...]:
 
 
 def _notrace_functions() -> tuple[Any, ...]:
-    return tuple(get_notrace_functions())
+    return tuple(get_notrace_functions()) + _checkpoint_functions()
+
+
+def _checkpoint_functions() -> tuple[Any, ...]:
+    """Activation-checkpoint helpers a forward may call (timm's ``checkpoint_seq`` / ``checkpoint`` when its
+    ``grad_checkpointing`` is on; torch's): they stay ``call_function`` nodes, so a rewritten forward still
+    checkpoints what the original did."""
+    import torch.utils.checkpoint as torch_checkpoint
+    from timm.models import _manipulate
+
+    found = [torch_checkpoint.checkpoint, torch_checkpoint.checkpoint_sequential]
+    found += [getattr(_manipulate, n) for n in ("checkpoint", "checkpoint_seq") if hasattr(_manipulate, n)]
+    return tuple(found)
+
+
+#: Python flags of a module whose value selects the code its forward runs, besides ``training``: a rewritten
+#: module has a graph per value (timm's ``set_grad_checkpointing`` sets ``grad_checkpointing`` on stages).
+CONFIG_FLAGS: tuple[str, ...] = ("grad_checkpointing",)
+
+
+def config_flags(module: nn.Module) -> tuple[str, ...]:
+    """The :data:`CONFIG_FLAGS` this module holds as a bool."""
+    return tuple(f for f in CONFIG_FLAGS if isinstance(module.__dict__.get(f), bool))
 
 
 class LocalTracer(fx.Tracer):
@@ -158,7 +181,8 @@ class LocalTracer(fx.Tracer):
 
     This keeps timm's not-traceable layers, DropPath/DropBlock and timm_drop regularizers out of the graph
     (a regularizer traced through would bake its train-mode branch in), and makes each op appear in the graph
-    of the module that executes it. timm's not-traceable functions stay ``call_function`` nodes.
+    of the module that executes it. timm's not-traceable functions and the activation-checkpoint helpers stay
+    ``call_function`` nodes.
     """
 
     def __init__(self, owner: nn.Module):
@@ -187,23 +211,30 @@ def none_inputs(module: nn.Module, inputs: Any) -> tuple[str, ...]:
 
 
 def trace_local(
-    module: nn.Module, training: bool, none_args: tuple[str, ...] = ()
+    module: nn.Module,
+    training: bool,
+    none_args: tuple[str, ...] = (),
+    flags: dict[str, bool] | None = None,
 ) -> tuple[fx.Graph, dict[str, torch.Tensor]]:
-    """Trace ``module.forward`` with only ``module.training`` set to ``training``.
+    """Trace ``module.forward`` with ``module.training`` set to ``training`` (and ``flags``, e.g.
+    ``{"grad_checkpointing": True}``, set on the module for the trace only).
 
-    ``none_args`` are specialised to None (as recorded in the shape pass): FX would otherwise take every
-    ``if arg is None`` branch the wrong way. The generated code asserts they are still None at run time, and
-    keeps the original parameter names so keyword callers work. Returns the graph and the tensor constants the
-    tracer had to attach to the module (removed again, so that analysis leaves no trace; the rewriter
-    re-attaches them).
+    ``none_args`` are specialised to None: FX would otherwise take every ``if arg is None`` branch the wrong
+    way. The graph has no check that they are None (a rewritten module picks the graph traced for the Nones of
+    each call, :mod:`timm_drop.insertions`), and keeps the original parameter names so keyword callers work.
+    Returns the graph and the tensor constants the tracer had to attach to the module (removed again, so that
+    analysis leaves no trace; the rewriter re-attaches them).
     """
     before = set(module.__dict__)
     was = module.training
+    saved = {k: module.__dict__[k] for k in flags or {}}
     module.training = training
+    module.__dict__.update(flags or {})
     try:
         graph = LocalTracer(module).trace(module, concrete_args=dict.fromkeys(none_args) or None)
     finally:
         module.training = was
+        module.__dict__.update(saved)
         consts = {k: module.__dict__.pop(k) for k in list(module.__dict__) if k not in before}
     if none_args:
         # FX renames specialised placeholders (``mask`` -> ``mask_1``); restore the signature's names.
@@ -213,6 +244,12 @@ def trace_local(
             for p, n in zip(params, placeholders):
                 star = "*" if p.kind == p.VAR_POSITIONAL else "**" if p.kind == p.VAR_KEYWORD else ""
                 n.target = star + p.name
+        # FX guards each specialised input with a call of its private ``_assert_is_none``; generated code holding
+        # that call registers it for patching in every later trace of the process (torch.fx then fails on any
+        # module). The rewritten module checks the Nones itself before it runs this graph.
+        for n in list(graph.nodes):
+            if n.op == "call_function" and getattr(n.target, "__name__", "") == "_assert_is_none":
+                graph.erase_node(n)
     return graph, consts
 
 
@@ -241,8 +278,8 @@ class _ShapeInterpreter(fx.Interpreter):
 
 
 def _outputs_equal(a: Any, b: Any) -> bool:
-    """Bit-identical (NaNs in the same places); on the meta device only shapes and dtypes can be compared
-    (block discovery for LayerOut works there; the rewriter refuses meta models)."""
+    """Bit-identical (NaNs in the same places); on the meta device only shapes and dtypes can be compared (a
+    rewrite of a meta-device model is checked bit for bit on its first forward with real weights instead)."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return (
             isinstance(a, torch.Tensor)
@@ -428,6 +465,7 @@ class RewriteTarget:
     adds: tuple[tuple[str, int, int], ...]
     constants: dict[str, torch.Tensor]
     none_args: tuple[str, ...]
+    exact: bool = True  # verified bit for bit (False on the meta device: shapes and dtypes only)
 
 
 @dataclass(frozen=True)
@@ -456,6 +494,10 @@ def rewrite_target(
     if lg is None:
         return None, f"module {name!r} was not traced"
     m = model.get_submodule(name)
+    if is_container(m):
+        # a features_only wrapper nested in a model (a hybrid ViT's backbone, segmentation_models_pytorch's
+        # encoder): its original forward, which a rewrite falls back to, would run regularizer children as layers
+        return None, f"{type(m).__name__} is a container whose forward runs every module it holds"
     if not lg.verified:
         reason, _ = _verify(model, m, lg, analysis.inputs.get(name), analysis.outputs.get(name), twins)
         if reason:
@@ -472,7 +514,18 @@ def rewrite_target(
         if any(a not in tnodes or not _is_add(tnodes[a]) for a, _, _ in lg.adds):
             return None, f"{type(m).__name__} has a training-mode graph whose skip adds differ"
         constants.update(consts)
-    return RewriteTarget(lg.eval_graph, g_train, lg.adds, constants, lg.none_args), None
+    exact = not _any_meta(analysis.inputs.get(name))
+    return RewriteTarget(lg.eval_graph, g_train, lg.adds, constants, lg.none_args, exact), None
+
+
+def _any_meta(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.is_meta
+    if isinstance(value, (tuple, list)):
+        return any(_any_meta(v) for v in value)
+    if isinstance(value, dict):
+        return any(_any_meta(v) for v in value.values())
+    return False
 
 
 def local_graph(

@@ -3,7 +3,8 @@
 Site discovery (:mod:`timm_drop.sites`), the rewriter (:mod:`timm_drop.rewrite`) and LayerOut
 (:mod:`timm_drop.layerout`) all ask the same questions of a model; this module answers each once:
 
-* **stages** — :func:`feature_stages`: the ``feature_info`` modules, numbered from 1 with the stem entry left out.
+* **stages** — :func:`feature_stages`: the ``feature_info`` modules, numbered from 1 with the stem entry left out
+  (a wrapper's: those of the one timm model it holds, :func:`stage_source`).
   Entry 0 is the stem when its module name has a ``stem`` component, is the model root (TResNet), or has a
   shallower module tree than the next entry (ResNet's ``act1``, MobileNetV3's ``bn1``, DenseNet's
   ``features.norm0`` against stages holding blocks). Numbers follow the ``feature_info`` position, so an entry
@@ -41,6 +42,8 @@ __all__ = [
     "match_pattern",
     "mro_names",
     "stage_blocks",
+    "stage_source",
+    "timm_models_inside",
     "token_grid",
     "torch_forward",
     "unwrap",
@@ -265,6 +268,42 @@ def _is_stem_entry(name: str, module: nn.Module, next_module: nn.Module | None) 
     return next_module is not None and _subtree_depth(module) < _subtree_depth(next_module)
 
 
+def timm_models_inside(model: nn.Module) -> list[str]:
+    """For a model without ``feature_info`` of its own (a wrapper: segmentation_models_pytorch's ``Unet`` holds a
+    timm ``features_only`` model at ``encoder.model``), the outermost submodules that have one, in module order."""
+    if feature_info(model):
+        return []
+    found: list[str] = []
+    for name, m in model.named_modules():
+        if name and not any(name.startswith(f + ".") for f in found) and feature_info(m):
+            found.append(name)
+    return found
+
+
+def stage_source(model: nn.Module) -> str | None:
+    """Whose ``feature_info`` numbers the stages: ``""`` (the model's own), the path of the one timm model a
+    wrapper holds, or None (no ``feature_info`` at all, or several timm models inside: ambiguous)."""
+    if feature_info(model):
+        return ""
+    inside = timm_models_inside(model)
+    return inside[0] if len(inside) == 1 else None
+
+
+def _kept(name: str | None, named: dict[str, nn.Module], keep: Callable[[str], bool]) -> str | None:
+    """``name`` if ``keep`` accepts it; for a container it rejects, its last descendant that ``keep`` accepts (a
+    container its owner iterates but never calls, CoaT's serial_blocksN: the stage output is that of its last
+    block that ran). A module-level function: a recursive closure over ``named`` would be a reference cycle that
+    keeps the model alive after ``del`` until the garbage collector runs."""
+    if name is None or keep(name):
+        return name
+    if is_container(named[name]):
+        for key in reversed([k for k, c in named[name]._modules.items() if c is not None]):
+            found = _kept(f"{name}.{key}", named, keep)
+            if found is not None:
+                return found
+    return None
+
+
 def feature_stages(
     model: nn.Module, keep: Callable[[str], bool] = lambda name: True
 ) -> dict[str, int | None]:
@@ -275,24 +314,16 @@ def feature_stages(
     stages after it (HRNet keeps ``stage3`` as stage 3). A module named by several entries (CrossViT's
     ``blocks.N``, once per branch) is one stage, numbered at its first entry. ``keep`` filters entries (site
     discovery keeps only modules that ran); a container entry that ``keep`` rejects stands for its last kept
-    descendant.
+    descendant. A model without ``feature_info`` that holds exactly one timm model (:func:`stage_source`) has
+    that model's stages, under their names in the wrapper.
     """
+    source = stage_source(model)
+    if source:
+        inner = feature_stages(model.get_submodule(source), keep=lambda n: keep(f"{source}.{n}" if n else source))
+        return {(f"{source}.{n}" if n else source): k for n, k in inner.items()}
     named = dict(model.named_modules())
-
-    def kept(name: str | None) -> str | None:
-        if name is None or keep(name):
-            return name
-        if is_container(named[name]):
-            # a container its owner iterates but never calls (CoaT's serial_blocksN): the stage output is the
-            # output of its last block that ran
-            for key in reversed([k for k, c in named[name]._modules.items() if c is not None]):
-                found = kept(f"{name}.{key}")
-                if found is not None:
-                    return found
-        return None
-
     info = feature_info(model)
-    names = [kept(feature_module(model, d["module"], named)) for d in info]
+    names = [_kept(feature_module(model, d["module"], named), named, keep) for d in info]
     found = [n for n in names if n is not None]
     if names and names[0] is None:
         # a stem entry naming no module (HRNet's "stem", MobileNetV5's "bn1"): its name or its stride says so

@@ -1,7 +1,8 @@
 """Is my regularizer even on? ``summary(model)`` answers per rule, during training.
 
-``summary(model)`` lists, for every rule of the spec(s) applied to ``model``: its sites, the configured strength
-times the schedule's current multiplier, where the schedule stands (``set_progress`` position, a self-counting
+``summary(model)`` lists, for every rule of the spec(s) applied to ``model``: its sites and how many of them ran in
+a training forward (eager forwards; 0 of n after training means the host bypassed them, see
+:mod:`timm_drop.unused`), the configured strength times the schedule's current multiplier, where the schedule stands (``set_progress`` position, a self-counting
 schedule's ``count/steps``, or "not driven: full strength"), and, when tracking is on, the realised drop fraction
 of the last training forward.
 
@@ -70,6 +71,12 @@ class RuleSummary:
     position: str
     drop_fraction: float | None = None  # mean over sites of the last training forward's realised fraction
     regs: list[nn.Module] = field(default_factory=list, repr=False, compare=False)
+    sites_run: int = 0  # sites whose regularizer ran in at least one (eager) training forward
+
+    @property
+    def ran(self) -> str:
+        """``"<sites that ran>/<sites>"``: 0 of n after training means a host bypassed the rule."""
+        return f"{self.sites_run}/{len(self.sites)}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -81,6 +88,7 @@ class RuleSummary:
             "schedule": self.schedule,
             "position": self.position,
             "drop_fraction": self.drop_fraction,
+            "sites_run": self.sites_run,
         }
 
 
@@ -106,14 +114,14 @@ class Summary(str):
 
 
 def _table(rules: list[RuleSummary]) -> str:
-    head = ("rule", "sites", "strength", "schedule", "position", "realised drop")
+    head = ("rule", "sites", "ran", "strength", "schedule", "position", "realised drop")
     rows = []
     for r in rules:
         strength = ", ".join(
             f"{k}={lo:.4g}" if lo == hi else f"{k}={lo:.4g}..{hi:.4g}" for k, (lo, hi) in r.strength.items()
         ) or (f"x{r.multiplier:.4g}" if r.multiplier is not None else "?")
         realised = "-" if r.drop_fraction is None else f"{r.drop_fraction:.4f}"
-        rows.append((r.rule, str(len(r.sites)), strength, r.schedule or "constant", r.position, realised))
+        rows.append((r.rule, str(len(r.sites)), r.ran, strength, r.schedule or "constant", r.position, realised))
     if not rows:
         return "no timm_drop regularizers in this model"
     widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(head)]
@@ -176,6 +184,7 @@ def summary(model: nn.Module) -> Summary:
                 position=_position(regs),
                 drop_fraction=sum(fractions) / len(fractions) if fractions else None,
                 regs=regs,
+                sites_run=sum(1 for r in regs if getattr(r, "train_calls", 0)),
             )
         )
     return Summary(rules)

@@ -18,8 +18,8 @@ Subclasses implement :meth:`Regularizer.regularize` on a channels-first view ``(
 declare the layouts they accept in ``layouts``.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: TorchScript reads this module's annotations (``forward``, the
+# ``strength`` buffer) as real types, and a string ``'torch.Tensor'`` is an unknown type to it.
 import math
 from typing import Any, ClassVar
 
@@ -108,6 +108,14 @@ def passes_through(name: str, x: torch.Tensor, training: bool, strength: float |
 _SAME_SIZE_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 # torch.compiler.is_compiling is torch >= 2.3; the project supports torch >= 2.1.
 _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or torch._dynamo.is_compiling
+
+
+def recomputing() -> bool:
+    """True while the autograd engine runs a forward: the recomputation of a checkpointed segment
+    (``torch.utils.checkpoint``, reentrant or not) in the backward pass. Its masks come from the random state the
+    checkpoint restored, so they equal the forward pass's; nothing that counts forwards may count it again.
+    Eager only (call it after checking ``_is_compiling()``)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def ones(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -207,6 +215,8 @@ class Regularizer(nn.Module):
     registry_name: ClassVar[str] = ""
 
     strength: torch.Tensor
+    #: properties TorchScript must not compile (it compiles every property of a scripted module)
+    __jit_unused_properties__: ClassVar[list[str]] = ["display_name"]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -222,7 +232,8 @@ class Regularizer(nn.Module):
         self.register_buffer("schedule_count", torch.zeros((), dtype=torch.int64), persistent=False)
         self.progress_set = False
         self.rule_label: str | None = None
-        self.register_forward_pre_hook(on_train_forward)
+        # training forwards this module ran (eager, recomputations excluded): the unused-rule check reads it
+        self.train_calls = 0
         # Plain attributes, not buffers: a grid is a property of the site, never of a checkpoint.
         self.token_grid: tuple[int, int] | None = None
         self.num_prefix_tokens: int = 0
@@ -258,6 +269,36 @@ class Regularizer(nn.Module):
         value = 1.0 if self.schedule is None else float(self.schedule(progress))
         self.strength.fill_(value)
         self.progress_set = True
+        self.schedule_progress = float(progress)
+
+    def init_non_persistent_buffers(self) -> None:
+        """Write ``strength`` and ``schedule_count`` from the schedule's position (full strength and count 0 until
+        a ``set_progress``). Needed after a meta-device build: ``to_empty`` and Hugging Face's ``from_pretrained``
+        leave non-persistent buffers uninitialised (transformers calls this method by name, as timm's layers
+        name theirs), and the values are in no checkpoint."""
+        progress = self.__dict__.get("schedule_progress") if self.progress_set else None
+        value = 1.0 if progress is None or self.schedule is None else float(self.schedule(progress))
+        steps = getattr(self.schedule, "steps", None)
+        with torch.no_grad():
+            self.strength.fill_(value)
+            self.schedule_count.fill_(0 if progress is None or steps is None else round(progress * steps))
+            if "drop_fraction" in self._buffers:
+                self.drop_fraction.fill_(float("nan"))
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        was_meta = self.strength.is_meta
+        out = super()._apply(fn, recurse)
+        if was_meta and not self.strength.is_meta:  # materialised (to_empty): the values are undefined
+            self.init_non_persistent_buffers()
+        return out
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # modules pickled before the schedule step moved into forward carried it as a forward pre-hook
+        for key, hook in list(self._forward_pre_hooks.items()):
+            if hook is on_train_forward:
+                del self._forward_pre_hooks[key]
+        self.__dict__.setdefault("train_calls", 0)
 
     def effective(self, value: float) -> torch.Tensor:
         """``value * strength`` as a float32 0-dim tensor (robust to ``model.half()`` casting buffers)."""
@@ -269,10 +310,32 @@ class Regularizer(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            # TorchScript compiles only this branch (is_scripting() is a compile-time constant there): identity
+            # in eval; the methods are Python, so a scripted regularizer cannot train, and says so.
+            if self.training:
+                raise RuntimeError(
+                    "timm_drop: a regularizer cannot train under TorchScript (its ops are Python); train the eager "
+                    "or torch.compile'd model, or call timm_drop.strip_regularizers(model) before scripting"
+                )
+            return x
+        else:
+            return self._forward_eager(x)
+
+    def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(x, fx.Proxy):  # traced through by an FX tracer: one call_module node (timm_drop.fx)
             return _fx.leaf_node(self, x)
         if not self.training:
             return x
+        if _is_compiling():
+            on_train_forward(self)  # a self-counting schedule's step stays in the graph
+        elif not recomputing():
+            self.train_calls += 1
+            on_train_forward(self)
+        return self.train_forward(x)
+
+    def train_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The training-mode forward: the layout adaptation around :meth:`regularize` (the schedule was stepped)."""
         check_float_input(self.display_name, x)
         if self.is_noop() or x.numel() == 0:
             return x

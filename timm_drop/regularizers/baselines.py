@@ -116,10 +116,8 @@ class SpatialDropout(_ProbRegularizer):
 class DropPath(_ProbRegularizer):
     """DropPath / stochastic depth: whole samples of a residual branch; any shape and layout."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def train_forward(self, x: torch.Tensor) -> torch.Tensor:
         # Per-sample masks do not care about the layout, so skip the base class's permutes.
-        if not self.training:
-            return x
         check_float_input(self.display_name, x)
         if self.is_noop() or x.numel() == 0:
             return x

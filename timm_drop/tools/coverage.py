@@ -12,7 +12,17 @@ that touches every site kind (:data:`COVERAGE_SPEC`) through the public API (``t
 6. with every regularizer's ``strength`` at 0 the training output equals the original's, bit for bit, and at
    full strength it differs (the regularizers do something);
 7. ``copy.deepcopy`` (timm's EMA) gives a copy that runs its *own* regularizers, never the original's;
-8. ``strip_regularizers`` restores the class, keys, hooks and eval output.
+8. gradient checkpointing (models with ``set_grad_checkpointing``): with it on, every regularizer runs in the
+   forward pass, the output and every gradient equal those without it at one seed (the backward pass's
+   recomputation draws the same masks), and a recomputation counts no extra training forward;
+9. FX re-trace: torchvision's ``NodePathTracer`` with timm's leaf modules and functions (the tracer of
+   ``create_feature_extractor``, timm's ``FeatureGraphNet`` and its ``forward_fx`` test) traces the regularized
+   model wherever it traces the original, the graph's eval output is the model's bit for bit, and ``torch.fx``
+   still traces afterwards;
+10. ``strip_regularizers`` restores the class, keys, hooks and eval output.
+
+Checks 8 and 9 record ``"n/a: <why>"`` in :attr:`CoverageResult.passes` where they do not apply (no
+``set_grad_checkpointing``; a model timm's tracer gives no working graph of before the rewrite either).
 
 :func:`run_coverage` runs :func:`check_model` over many models in a worker subprocess with a per-model timeout
 (a hang or a crash costs one model, not the run) and :func:`render_report` writes the Markdown report.
@@ -132,6 +142,8 @@ STAGES = (
     "train",
     "strength0",
     "deepcopy",
+    "grad_checkpointing",
+    "fx_retrace",
     "strip",
     "timeout",
     "crash",
@@ -146,7 +158,8 @@ class CoverageResult:
     ``stage`` is the check that failed (one of :data:`STAGES`) or ``"ok"``; ``reason`` says why, ``where`` is
     the innermost traceback frame inside ``timm_drop`` (for grouping failures by cause), ``n_sites`` counts
     the planned sites by kind, ``n_regularizers`` the planned entries by regularizer, ``notes`` are non-fatal
-    observations (e.g. a changed ``state_dict`` key order).
+    observations (e.g. a changed ``state_dict`` key order), ``passes`` the outcome of the gradient-checkpointing
+    and FX re-trace checks (``"ok"`` or ``"n/a: <why>"``).
     """
 
     name: str
@@ -160,6 +173,7 @@ class CoverageResult:
     params: int | None = None
     where: str = ""
     notes: list[str] = field(default_factory=list)
+    passes: dict[str, str] = field(default_factory=dict)  # optional checks (8, 9): "ok" or "n/a: <why>"
 
     @property
     def skipped(self) -> bool:
@@ -477,6 +491,7 @@ class _Original:
     hooks: int
     signature: list[tuple[str, str]]
     eval_out: list[torch.Tensor] = field(default_factory=list)
+    input: Any = None
 
     @classmethod
     def record(cls, model: nn.Module) -> _Original:
@@ -529,6 +544,7 @@ def _check(
     result.stage = "input"
     with torch.no_grad():
         orig.eval_out = _flatten(orig.copy(x))
+    orig.input = x
     if not orig.eval_out:
         raise CheckFailed("input", "model output has no tensors")
 
@@ -548,6 +564,10 @@ def _check(
     _check_strength0(model, orig, x, regs, out_full, seed)
     result.stage = "deepcopy"
     _check_deepcopy(model, orig, x, regs)
+    result.stage = "grad_checkpointing"
+    result.passes["grad_checkpointing"] = _check_grad_checkpointing(model, orig, x, regs, seed)
+    result.stage = "fx_retrace"
+    result.passes["fx_retrace"] = _check_fx_retrace(model, orig)
     result.stage = "strip"
     _check_strip(model, orig, x)
 
@@ -732,6 +752,117 @@ def _check_deepcopy(model: nn.Module, orig: _Original, x: torch.Tensor, regs: li
         raise CheckFailed("deepcopy", "eval output of the deep copy differs from the original")
 
 
+def _train_step(model: nn.Module, x: torch.Tensor, seed: int) -> tuple[list[torch.Tensor], list[Any]]:
+    """One training forward + backward at ``seed``: the outputs and every parameter's gradient (None if none)."""
+    torch.manual_seed(seed)
+    out = _flatten(model(x))
+    sum(o.float().square().mean() for o in out if o.is_floating_point()).backward()
+    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return [o.detach() for o in out], grads
+
+
+def _check_grad_checkpointing(
+    model: nn.Module, orig: _Original, x: torch.Tensor, regs: list[nn.Module], seed: int
+) -> str:
+    """With ``set_grad_checkpointing(True)``: every regularizer runs in the forward pass, outputs and gradients
+    are those of the same step without it (bit for bit), and the recomputation counts no training forward."""
+    switch = getattr(model, "set_grad_checkpointing", None)
+    if switch is None:
+        return "n/a: no set_grad_checkpointing"
+    try:
+        switch(True)
+    except Exception as exc:  # timm asserts "gradient checkpointing not supported" on some families
+        return f"n/a: {_exc_reason(exc)}"
+    try:
+        model.train()
+        timm_drop.set_progress(model, 1.0)
+        model.load_state_dict(orig.state, strict=True)
+        calls, handles = _count_calls(regs)
+        try:
+            with torch.no_grad():
+                torch.manual_seed(seed)
+                model(x)
+        finally:
+            for h in handles:
+                h.remove()
+        missed = [getattr(r, "site_name", type(r).__name__) for r in regs if calls[id(r)] == 0]
+        if missed:
+            raise CheckFailed(
+                "grad_checkpointing",
+                f"{len(missed)} of {len(regs)} regularizers never ran with gradient checkpointing on "
+                f"(e.g. {', '.join(missed[:3])})",
+            )
+        model.load_state_dict(orig.state, strict=True)
+        before = [r.train_calls for r in regs]
+        out, grads = _train_step(model, x, seed)
+        if any(r.train_calls != b + 1 for r, b in zip(regs, before)):
+            raise CheckFailed("grad_checkpointing", "a recomputation counted as a training forward")
+        switch(False)
+        model.load_state_dict(orig.state, strict=True)
+        ref_out, ref_grads = _train_step(model, x, seed)
+    finally:
+        switch(False)
+        model.eval()
+        model.load_state_dict(orig.state, strict=True)
+    if not _same(out, ref_out):
+        raise CheckFailed(
+            "grad_checkpointing",
+            f"output with gradient checkpointing differs from without (max abs diff {_max_diff(out, ref_out):.3g})",
+        )
+    differ = [
+        n for (n, _), a, b in zip(model.named_parameters(), grads, ref_grads)
+        if (a is None) != (b is None) or (a is not None and not torch.equal(a, b))
+    ]  # fmt: skip
+    if differ:
+        raise CheckFailed(
+            "grad_checkpointing",
+            f"gradients with gradient checkpointing differ from without ({len(differ)} tensors, e.g. {differ[0]}): "
+            f"the recomputation drew other masks",
+        )
+    return "ok"
+
+
+def _fx_graph(model: nn.Module) -> nn.Module:
+    """The model traced in its current mode as timm's FX feature extraction traces it: torchvision's
+    ``NodePathTracer`` (what ``create_feature_extractor`` and timm's ``FeatureGraphNet`` use) with timm's leaf
+    modules and functions; one trace (torchvision's node naming is quadratic in the graph size)."""
+    from timm.layers import get_notrace_functions, get_notrace_modules
+    from torchvision.models.feature_extraction import NodePathTracer
+
+    tracer = NodePathTracer(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
+    return torch.fx.GraphModule(model, tracer.trace(model))
+
+
+def _check_fx_retrace(model: nn.Module, orig: _Original) -> str:
+    """timm's tracer traces the regularized model wherever it traces the original; the graph's eval output is the
+    model's bit for bit; ``torch.fx`` keeps working for everyone else afterwards."""
+    try:
+        import torchvision  # noqa: F401 - timm's FX feature extraction is torchvision's
+    except ImportError:
+        return "n/a: torchvision is not installed"
+    model.eval()
+    try:
+        with torch.no_grad():
+            traced = _flatten(_fx_graph(model)(orig.input))
+    except Exception as exc:
+        try:
+            with torch.no_grad():
+                _fx_graph(copy.deepcopy(orig.copy).eval())(orig.input)
+        except Exception as plain_exc:
+            return f"n/a: timm's tracer gives no working graph of the original ({_exc_reason(plain_exc)})"
+        raise CheckFailed(
+            "fx_retrace", f"timm's tracer gives no working graph of the regularized model: {_exc_reason(exc)}"
+        ) from exc
+    if not _same(traced, orig.eval_out):
+        raise CheckFailed("fx_retrace", "the traced graph's eval output differs from the model's")
+    try:
+        torch.fx.symbolic_trace(nn.Linear(2, 2))
+    except Exception as exc:
+        raise CheckFailed("fx_retrace", f"torch.fx fails after tracing the model: {_exc_reason(exc)}") from exc
+    return "ok"
+
+
 def _check_strip(model: nn.Module, orig: _Original, x: torch.Tensor) -> None:
     """``strip_regularizers`` restores the class, keys, hooks, module tree and eval output."""
     returned = timm_drop.strip_regularizers(model)
@@ -869,6 +1000,22 @@ def _md(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+#: the checks that do not apply to every model (:attr:`CoverageResult.passes`), as the report titles them
+OPTIONAL_PASSES: dict[str, str] = {"grad_checkpointing": "gradient-checkpointing pass", "fx_retrace": "FX re-trace pass"}
+
+
+def _pass_line(checked: Sequence[CoverageResult], key: str, title: str) -> str:
+    """``- <title>: N ok, M not applicable (reasons), F failed`` over the checked models."""
+    ok = sum(1 for r in checked if r.passes.get(key) == "ok")
+    na = Counter(re.sub(r"\(.*", "", r.passes[key][4:]).strip() for r in checked if r.passes.get(key, "").startswith("n/a"))
+    failed = sum(1 for r in checked if r.stage == key)
+    reasons = "; ".join(f"{n} {why}" for why, n in na.most_common(3))
+    return (
+        f"- {title}: {ok} ok, {sum(na.values())} not applicable" + (f" ({reasons})" if reasons else "")
+        + f", {failed} failed"
+    )
+
+
 def render_report(
     results: Sequence[CoverageResult],
     *,
@@ -903,13 +1050,16 @@ def render_report(
         f"- models: {len(results)} ({len(checked)} checked, {len(skipped)} skipped: too large for a CPU check"
         + (", or no features_only form in timm)" if features_only else ")"),
         f"- **pass rate: {len(passed)}/{len(checked)} = {rate:.1f} %**",
+        *(_pass_line(checked, key, title) for key, title in OPTIONAL_PASSES.items()),
         "",
         "Each model: `pretrained=False`, smallest accepted input, batch 2, `COVERAGE_SPEC` (every site kind; "
         "dropblock on spatial stage outputs). Checks: plan is a dry run with >= 1 site; same object and class; "
         "identical state_dict keys and strict loads both ways; bit-identical eval output; finite train "
         "forward/backward with every regularizer running; strength-0 train output bit-identical to the "
-        "original and full strength different; deepcopy runs its own regularizers; strip restores class, "
-        "keys, hooks, modules and eval output."
+        "original and full strength different; deepcopy runs its own regularizers; with gradient checkpointing "
+        "on, every regularizer runs and outputs and gradients equal those without it at one seed; timm's FX "
+        "tracer traces the regularized model, its graph gives the eval output bit for bit and torch.fx still "
+        "traces afterwards; strip restores class, keys, hooks, modules and eval output."
         + (
             " Backbones: `timm.create_model(name, features_only=True)` (timm's feature wrapper or the model's "
             "own `*Features` class), which must also get at least one `stage` site."

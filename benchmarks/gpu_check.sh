@@ -3,7 +3,7 @@
 # written as Markdown (device, versions, date) into benchmarks/results/ as soon as its step ends.
 #
 #   bash benchmarks/gpu_check.sh            # CUDA
-#   bash benchmarks/gpu_check.sh --cpu      # the same steps, tiny, on CPU (tests/test_gpu_check.py runs this)
+#   bash benchmarks/gpu_check.sh --cpu      # the same steps, tiny, on CPU (tests/tools/test_gpu_check.py runs this)
 #
 # The whole check ends within GPU_CHECK_BUDGET_S seconds (default 420 on CUDA, 900 for the CPU twin): a lent GPU comes with ~15 minutes of
 # device time, machine start and file transfer included, and a call that outruns its limit returns no files.

@@ -1,4 +1,11 @@
-"""Fixtures shared by several test files."""
+"""Fixtures shared by several test files.
+
+The tests are grouped by area: ``core/`` (spec, sites, rewrite, schedules, summary), ``regularizers/`` (the ops
+and their contract), ``training/`` (the recipes' config, data, loop and resume), ``integrations/`` (timm's
+``train.py`` and test checks, Hugging Face, Lightning, detection backbones) and ``tools/`` (CLI, viz, coverage,
+benchmarks, packaging). ``tiny.py`` (tiny models, images and runs) and ``scripts.py`` (load a repository script,
+a child process's environment) sit here, beside this file, which puts this folder on ``sys.path`` for them.
+"""
 
 import pytest
 import torch

@@ -19,7 +19,7 @@ from timm_drop.regularizers.base import Regularizer
 from timm_drop.training import NonFiniteLossError, Trainer, load_config
 from timm_drop.training.checkpoint import CheckpointManager, load_weights
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 TINY = tiny_run(
     name="tiny",

@@ -11,7 +11,7 @@ from scripts import load_script
 
 from timm_drop.training import ConfigError, load_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = str(REPO / "recipes" / "configs" / "quickstart.yaml")
 FAST = [
     "data.image_size=8",

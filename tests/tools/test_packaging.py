@@ -15,7 +15,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "timm_drop"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 CORE = {"torch", "timm", "pyyaml"}

@@ -12,7 +12,7 @@ import pytest
 import torch
 from scripts import load_script
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = str(REPO / "recipes" / "configs" / "quickstart.yaml")
 # the quickstart cut to a few seconds: 64 digits at 8 px, one epoch
 FAST = [

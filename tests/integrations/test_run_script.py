@@ -12,7 +12,7 @@ from pathlib import Path
 
 import timm_drop
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Mirrors timm train.py: argparse with timm.utils.ParseKwargs, the same create_model call, a loop with no
 # timm_drop call, eval forwards for validation. It never imports timm_drop.

@@ -12,7 +12,7 @@ import torch
 import timm_drop
 from timm_drop.spec import load_spec
 
-SPEC_DIR = Path(__file__).resolve().parent.parent / "specs"
+SPEC_DIR = Path(__file__).resolve().parents[2] / "specs"
 SPECS = sorted(p.name for p in SPEC_DIR.glob("*.yaml"))
 EXPECTED_SPECS = {
     "dropblock_resnet50.yaml",

@@ -12,7 +12,7 @@ from scripts import load_script
 
 import timm_drop
 
-OPS = Path(__file__).resolve().parents[1] / "benchmarks" / "ops.py"
+OPS = Path(__file__).resolve().parents[2] / "benchmarks" / "ops.py"
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from timm_drop.training.checkpoint import RunDir, check_output_dir
 from timm_drop.training.config import ConfigError, config_to_dict, load_config, save_config
 from timm_drop.training.loop import LRSchedule
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "recipes" / "configs").glob("*.yaml"))
 
 

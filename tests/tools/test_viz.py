@@ -20,7 +20,7 @@ import timm_drop
 from timm_drop.cli import main
 from timm_drop.viz import DROP_RGB, capture_masks, load_images, render_masks, to_maps
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CORRDROP_SPEC = str(REPO / "specs" / "corrdrop_cifar_resnet.yaml")
 
 

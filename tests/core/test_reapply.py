@@ -108,7 +108,7 @@ def test_default_input_follows_in_chans_when_the_config_does_not():
 
 
 def test_meta_device_model_is_planned_and_applied_without_materialising_it():
-    # issue 18: transformers' from_pretrained and FSDP build models on the meta device (tests/test_meta_device.py
+    # issue 18: transformers' from_pretrained and FSDP build models on the meta device (tests/core/test_meta_device.py
     # materialises and trains them)
     with torch.device("meta"):
         model = timm.create_model("resnet18", pretrained=False)

@@ -13,7 +13,7 @@ import torch
 from timm_drop.cli import main
 from timm_drop.regularizers import list_regularizers, regularizer_params
 
-SPECS = Path(__file__).resolve().parent.parent / "specs"
+SPECS = Path(__file__).resolve().parents[2] / "specs"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -378,7 +378,7 @@ def test_wds_in_two_processes_reads_each_shard_on_one_rank_and_evaluates_every_i
     _wds_shards(tmp_path / "shards")
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1")
     # the workers import this checkout's timm_drop, whatever copy is installed
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     proc = subprocess.run(
         [*cmd, __file__, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300

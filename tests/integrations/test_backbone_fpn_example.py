@@ -13,7 +13,7 @@ import timm_drop
 pytest.importorskip("sklearn")  # the embedded digits data
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _example():

@@ -30,7 +30,7 @@ import timm_drop  # noqa: F401  (registers the CIFAR models)
 from timm_drop.training import ConfigError, Trainer, load_config
 from timm_drop.training.checkpoint import CheckpointError, CheckpointManager, load_weights
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 RUN = tiny_run(
     name="midepoch",

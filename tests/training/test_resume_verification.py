@@ -20,7 +20,7 @@ from tiny import dropblock_stage_rule, tiny_run
 from timm_drop.training import Trainer, load_config
 from timm_drop.training.checkpoint import CheckpointError, CheckpointManager, load_weights
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 RUN = tiny_run(
     name="verify",

@@ -15,7 +15,7 @@ from scripts import load_script
 
 import timm_drop
 
-REPRODUCE = Path(__file__).resolve().parents[1] / "recipes" / "reproduce.py"
+REPRODUCE = Path(__file__).resolve().parents[2] / "recipes" / "reproduce.py"
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from timm_drop.training.data import DeviceLoader, FolderLoader, build_loaders, l
 
 # The shared data sits beside the checkout (../shared/data); TIMM_DROP_SHARED_DATA points elsewhere.
 SHARED = Path(
-    os.environ.get("TIMM_DROP_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+    os.environ.get("TIMM_DROP_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data")
 )
 JPEG_NPZ = SHARED / "cifar10-jpeg.npz"
 needs_cifar = pytest.mark.skipif(

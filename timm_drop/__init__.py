@@ -3,8 +3,10 @@
 import timm_drop.models  # noqa: F401  (registers the CIFAR timm models)
 from timm_drop.create import create_model
 from timm_drop.drive import Driver, drive
+from timm_drop.errors import TimmDropError
 from timm_drop.layerout import LayerOut
 from timm_drop.regularizers import (
+    ParamError,
     Regularizer,
     create_regularizer,
     list_regularizers,
@@ -12,7 +14,7 @@ from timm_drop.regularizers import (
 )
 from timm_drop.rewrite import Plan, RewriteError, apply_regularizer, plan, strip_regularizers
 from timm_drop.schedules import Schedule, set_progress
-from timm_drop.sites import Site, find_sites
+from timm_drop.sites import Site, SiteError, find_sites
 from timm_drop.spec import Rule, Spec, SpecError, load_spec
 from timm_drop.summary import summary, track_drops
 
@@ -21,14 +23,17 @@ __version__ = "0.1.0"
 __all__ = [
     "Driver",
     "LayerOut",
+    "ParamError",
     "Plan",
     "Regularizer",
     "RewriteError",
     "Rule",
     "Schedule",
     "Site",
+    "SiteError",
     "Spec",
     "SpecError",
+    "TimmDropError",
     "apply_regularizer",
     "create_model",
     "create_regularizer",

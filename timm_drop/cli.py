@@ -27,10 +27,12 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from timm_drop.errors import TimmDropError
+
 EXIT_USAGE = 2
 
 
-class UsageError(Exception):
+class UsageError(TimmDropError):
     """A problem with the command line's inputs; printed without a traceback, exit code 2."""
 
 

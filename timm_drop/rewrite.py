@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from timm_drop.errors import TimmDropError
 from timm_drop.insertions import (
     CHILD_PREFIX,
     RECORD,
@@ -76,7 +77,7 @@ from timm_drop.unused import heartbeat_of
 __all__ = ["Plan", "PlanEntry", "RewriteError", "apply_regularizer", "plan", "strip_regularizers"]
 
 
-class RewriteError(ValueError):
+class RewriteError(TimmDropError, ValueError):
     """A spec cannot be applied to a model; the message names the rule, site or module involved."""
 
 

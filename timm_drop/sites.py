@@ -77,6 +77,7 @@ import torch
 from timm.layers._fx import get_notrace_functions, get_notrace_modules
 from torch import fx, nn
 
+from timm_drop.errors import TimmDropError
 from timm_drop.insertions import CHILD_PREFIX
 from timm_drop.structure import (
     composite,
@@ -105,7 +106,7 @@ SKIP_KINDS: tuple[str, ...] = ("residual", "shortcut", "merge")
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 
 
-class SiteError(ValueError):
+class SiteError(TimmDropError, ValueError):
     """Site discovery failed for a model (e.g. no example input could be run)."""
 
 

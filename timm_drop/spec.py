@@ -65,6 +65,7 @@ from typing import Any
 
 import yaml
 
+from timm_drop.errors import TimmDropError
 from timm_drop.problems import ProblemCollector, YamlLocator
 from timm_drop.schedules import Schedule, make_schedule
 from timm_drop.structure import REGEX_PREFIX, match_pattern
@@ -157,7 +158,7 @@ class SpecProblem:
         return f"{head}: {self.message}" if head else self.message
 
 
-class SpecError(ValueError):
+class SpecError(TimmDropError, ValueError):
     """A spec that cannot be used. ``problems`` lists everything found, each naming rule, field and line."""
 
     def __init__(self, source: str, problems: Sequence[SpecProblem] | SpecProblem | str | None = None):

@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from timm_drop.errors import TimmDropError
+
 __all__ = [
     "DEFAULT_MAX_BYTES",
     "DEFAULT_MAX_DEPTH",
@@ -32,7 +34,7 @@ DEFAULT_MAX_NODES = 200_000
 DEFAULT_MAX_DEPTH = 100
 
 
-class YAMLInputError(ValueError):
+class YAMLInputError(TimmDropError, ValueError):
     """A YAML document that is malformed or over a limit. ``str()`` names the source and the problem.
 
     ``limit`` is ``"max_bytes"``, ``"max_nodes"``, ``"recursive alias"`` or ``"max_depth"`` when a bound was hit

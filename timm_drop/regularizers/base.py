@@ -27,6 +27,7 @@ import torch
 from torch import fx, nn
 
 from timm_drop import fx as _fx
+from timm_drop.errors import TimmDropError
 from timm_drop.schedules import on_train_forward
 
 #: Every layout a site can have: channels-first maps, channels-last maps, token sequences ``(B, L, C)`` and
@@ -34,7 +35,7 @@ from timm_drop.schedules import on_train_forward
 LAYOUTS: tuple[str, ...] = ("NCHW", "NHWC", "NLC", "NC")
 
 
-class ParamError(ValueError):
+class ParamError(TimmDropError, ValueError):
     """A hyper-parameter with a bad value. ``param`` names it, so a spec error lands on that field whatever
     the message says."""
 

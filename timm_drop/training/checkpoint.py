@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from timm_drop.errors import TimmDropError
 from timm_drop.training.config import ConfigError, diff_configs
 from timm_drop.training.files import (
     NOFOLLOW,
@@ -260,7 +261,7 @@ class CheckpointManager:
             ) from e
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(TimmDropError, RuntimeError):
     """A checkpoint that fails verification or cannot be restored; the message names the file."""
 
 

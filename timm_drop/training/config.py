@@ -35,6 +35,7 @@ from typing import Any, Literal
 
 import yaml
 
+from timm_drop.errors import TimmDropError
 from timm_drop.problems import ProblemCollector, YamlLocator
 from timm_drop.suggest import did_you_mean, nearest
 from timm_drop.yaml_io import YAMLInputError, load_yaml_bounded
@@ -71,7 +72,7 @@ class ConfigProblem:
         return f"{text} ({self.source}{f', line {self.line}' if self.line is not None else ''})"
 
 
-class ConfigError(ValueError):
+class ConfigError(TimmDropError, ValueError):
     """Config problems: a message (one problem) or :class:`ConfigProblem` s, each starting with the dotted key.
 
     ``problems`` lists everything found; a config with several mistakes reports them all in one error.

@@ -53,6 +53,7 @@ from timm.data import DEFAULT_CROP_PCT
 from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
 from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 
+from timm_drop.errors import TimmDropError
 from timm_drop.models.cifar import CIFAR_MEAN, CIFAR_STD
 from timm_drop.seeding import mix_seed, seeded_generator
 from timm_drop.training.augment import cutout, random_crop, random_erasing, random_hflip
@@ -104,7 +105,7 @@ DATASET_FACTS: dict[str, DatasetFacts] = {
 }
 
 
-class DataError(ValueError):
+class DataError(TimmDropError, ValueError):
     """Data that cannot be used (an image that does not decode, arrays of the wrong shape, dtype or range); the
     message names the file or array."""
 

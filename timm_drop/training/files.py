@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from timm_drop.errors import TimmDropError
+
 __all__ = [
     "NOFOLLOW",
     "WriteError",
@@ -43,7 +45,7 @@ NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 _CREATE = os.O_CREAT | os.O_EXCL | NOFOLLOW
 
 
-class WriteError(RuntimeError):
+class WriteError(TimmDropError, RuntimeError):
     """A file of the run could not be written (no space left, read-only, something in the way); names the file."""
 
 

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from timm_drop.errors import TimmDropError
 from timm_drop.training.checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -58,7 +59,7 @@ __all__ = ["LRSchedule", "NonFiniteLossError", "RunInterrupted", "TrainState", "
 TRACKER_PROJECT = "timm_drop"
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(TimmDropError, RuntimeError):
     """The training loss became NaN/Inf; the run stopped without writing a checkpoint for that epoch."""
 
 

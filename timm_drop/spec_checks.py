@@ -220,12 +220,8 @@ def _parse_rule(index: int, raw: Any, report: _SpecReport, path: tuple[Any, ...]
     schedule = _check_schedule(c)
     norm_position = _check_norm_position(c, sites)
     on_conflict = _check_one_of(c, "on_conflict")
-    allow_empty = raw.get("allow_empty", RULE_FIELD["allow_empty"].default)
-    if not isinstance(allow_empty, bool):
-        c.fail("allow_empty", f"must be true or false, got {allow_empty!r}")
-    label = raw.get("label")
-    if label is not None and not isinstance(label, str):
-        c.fail("label", f"must be a string, got {type(label).__name__} {label!r}")
+    allow_empty = _check_plain(c, "allow_empty")
+    label = _check_plain(c, "label")
 
     if not c.ok:
         return None
@@ -371,6 +367,20 @@ def _check_one_of(c: _RuleChecker, fld: str) -> Any:
     value = c.raw.get(fld, RULE_FIELD[fld].default)
     if value not in choices:
         c.fail(fld, f"must be one of {_fmt_list(choices)}, got {value!r}{did_you_mean(str(value), choices)}")
+    return value
+
+
+#: the plain YAML types of rule fields (their definitions' ``type``): the Python type and the words for it
+_PLAIN_TYPES: dict[str, tuple[type, str]] = {"bool": (bool, "true or false"), "str": (str, "a string")}
+
+
+def _check_plain(c: _RuleChecker, fld: str) -> Any:
+    """A bool or string field, typed by its definition; left out, its default (null only where that is null)."""
+    doc = RULE_FIELD[fld]
+    value = c.raw.get(fld, doc.default)
+    tp, words = _PLAIN_TYPES[doc.type]
+    if not isinstance(value, tp) and not (value is None and doc.default is None):
+        c.fail(fld, f"must be {words}, got {type(value).__name__} {value!r}")
     return value
 
 

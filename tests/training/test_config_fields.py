@@ -7,7 +7,8 @@ import typing
 
 import pytest
 
-from timm_drop.problems import Problem
+from timm_drop.problems import Problem, ProblemsError
+from timm_drop.spec import SpecError
 from timm_drop.training import ConfigError, load_config
 from timm_drop.training.config import CONFIG_FIELDS, TrainConfig, config_field_table
 
@@ -44,6 +45,7 @@ def test_config_problems_are_the_shared_located_problem():
     with pytest.raises(ConfigError) as ei:
         load_config({"data": {"batch_sise": 64}, "train": {"epochs": 0}}, check_paths=False, resolve_spec=False)
     (problem,) = ei.value.problems
-    assert isinstance(problem, Problem)
+    assert isinstance(problem, Problem) and isinstance(ei.value, ProblemsError)
+    assert issubclass(SpecError, ProblemsError)  # one engine: both documents' errors share the base and the type
     assert problem.field == problem.key == "data.batch_sise"
     assert "did you mean data.batch_size?" in problem.message

@@ -5,6 +5,7 @@ from timm_drop.create import create_model
 from timm_drop.drive import Driver, drive
 from timm_drop.errors import TimmDropError
 from timm_drop.layerout import LayerOut
+from timm_drop.plans import applied_plans
 from timm_drop.regularizers import (
     ParamError,
     Regularizer,
@@ -34,6 +35,7 @@ __all__ = [
     "Spec",
     "SpecError",
     "TimmDropError",
+    "applied_plans",
     "apply_regularizer",
     "create_model",
     "create_regularizer",

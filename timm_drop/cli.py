@@ -148,7 +148,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     example = _example_input(args.input_size)
     plan = _plan(model, spec, example)
     print(plan)
-    timm_drop.apply_regularizer(model, spec, example_input=example)
+    timm_drop.apply_regularizer(model, plan)  # the plan shown, as it is: no second analysis
     # The regularizers own no parameters or persistent buffers, so the state_dict is a plain timm checkpoint;
     # the spec and plan ride along so the same placement can be re-applied before loading it.
     from timm_drop.training.checkpoint import save_weights_safetensors

@@ -7,8 +7,16 @@ checkpoint that does not match, and the rest. Each error also keeps the built-in
 
 from __future__ import annotations
 
-__all__ = ["TimmDropError"]
+__all__ = ["RewriteError", "SiteError", "TimmDropError"]
 
 
 class TimmDropError(Exception):
     """Base class of every error timm_drop raises to its users."""
+
+
+class RewriteError(TimmDropError, ValueError):
+    """A spec cannot be applied to a model; the message names the rule, site or module involved."""
+
+
+class SiteError(TimmDropError, ValueError):
+    """Site discovery failed for a model (e.g. no example input could be run)."""

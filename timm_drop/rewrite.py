@@ -38,25 +38,17 @@ SyncBN, optimizer, ``accelerator.prepare``, compile. A model on the meta device 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+import weakref
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from timm_drop.errors import TimmDropError
-from timm_drop.insertions import (
-    CHILD_PREFIX,
-    RECORD,
-    HookInsertion,
-    Insertion,
-    InsertStep,
-    PreHookInsertion,
-    RewriteInsertion,
-    SlotInsertion,
-    WatchInsertion,
-    record_of,
-)
+from timm_drop.errors import RewriteError
+from timm_drop.insertions import WatchInsertion
+from timm_drop.names import LEGACY_PLAN, PLANS, RECORD
+from timm_drop.plans import Built, Plan, PlanEntry, applied_plans, check_fits, model_name, model_tree
+from timm_drop.record import Insertion, insertion_kind, record_of, strip_regularizers
 from timm_drop.regularizers.base import Regularizer
 from timm_drop.regularizers.registry import create_regularizer, get_regularizer_class
 from timm_drop.scripting import ScriptableCopy
@@ -74,135 +66,14 @@ from timm_drop.structure import (
 from timm_drop.suggest import nearest
 from timm_drop.unused import heartbeat_of
 
-__all__ = ["Plan", "PlanEntry", "RewriteError", "apply_regularizer", "plan", "strip_regularizers"]
-
-
-class RewriteError(TimmDropError, ValueError):
-    """A spec cannot be applied to a model; the message names the rule, site or module involved."""
+# Plan, PlanEntry (timm_drop.plans), RewriteError (timm_drop.errors), strip_regularizers (timm_drop.record):
+# re-exported under their old home
+__all__ = ["Plan", "PlanEntry", "RewriteError", "apply_regularizer", "applied_plans", "plan", "strip_regularizers"]
 
 
 # ---------------------------------------------------------------------------------------------------------
 # plan
 # ---------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PlanEntry:
-    """One regularizer at one site (pure data: the regularizer module is built at apply time)."""
-
-    site: str
-    kind: str
-    stage: int | None
-    module: str
-    shape: tuple[int, ...] | None
-    layout: str | None
-    rule: int
-    rule_label: str
-    regularizer: str
-    params: dict[str, Any]
-    schedule: str | None
-    insertion: str  # "slot", "rewrite", "hook" (forward hook on owner) or "pre_hook" (on the next layer)
-    depth: int
-    node: str | None = None
-    norm_position: str | None = None
-    owner: str | None = None  # module whose forward is rewritten / whose slot or hook is used
-    token_grid: tuple[int, int] | None = None  # (H, W) patch grid of an NLC site, for methods that need a map
-    num_prefix_tokens: int = 0
-    branch: int | None = None  # element of a stage's list/tuple output (Site.branch)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "site": self.site,
-            "kind": self.kind,
-            "stage": self.stage,
-            "module": self.module,
-            "shape": list(self.shape) if self.shape is not None else None,
-            "layout": self.layout,
-            "rule": self.rule,
-            "rule_label": self.rule_label,
-            "regularizer": self.regularizer,
-            "params": dict(self.params),
-            "schedule": self.schedule,
-            "insertion": self.insertion,
-            "owner": self.owner,
-            "depth": self.depth,
-            "token_grid": list(self.token_grid) if self.token_grid is not None else None,
-            "num_prefix_tokens": self.num_prefix_tokens,
-            "branch": self.branch,
-        }
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What :func:`apply_regularizer` will do: ``entries`` in depth order; ``str(plan)`` is a table. Pure data
-    (no modules), so it prints, compares and pickles; planning never changes the model or the analysis."""
-
-    entries: list[PlanEntry]
-    sites: list[Site]
-    opaque: dict[str, str]
-    matches: dict[int, int]  # rule index -> number of entries it produced
-    input_shape: tuple[int, ...]
-    source: str = ""
-    stages_from: str = ""  # the timm model inside a wrapper whose feature_info numbers the stages ("" = the model)
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "source": self.source,
-            "input_shape": list(self.input_shape),
-            "entries": [e.to_dict() for e in self.entries],
-            "matches": {str(k + 1): v for k, v in self.matches.items()},
-            "opaque": dict(self.opaque),
-            "stages_from": self.stages_from,
-        }
-
-    def __str__(self) -> str:
-        head = ("site", "kind", "stage", "shape", "layout", "regularizer", "params", "rule", "insertion")
-        rows = []
-        for e in self.entries:
-            params = ", ".join(f"{k}={_fmt(v)}" for k, v in e.params.items())
-            if e.schedule:
-                params += f", schedule={e.schedule}"
-            rows.append(
-                (
-                    e.site.split(":", 1)[1],
-                    e.kind + (f"({e.norm_position})" if e.kind == "norm" else ""),
-                    "-" if e.stage is None else str(e.stage),
-                    "x".join(str(s) for s in e.shape[1:]) if e.shape else "?",
-                    e.layout or "?",
-                    e.regularizer,
-                    params,
-                    str(e.rule + 1),
-                    e.insertion,
-                )
-            )
-        widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
-        line = "  ".join(h.ljust(w) for h, w in zip(head, widths))
-        out = [line, "  ".join("-" * w for w in widths)]
-        out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-        shape = "x".join(str(s) for s in self.input_shape[1:]) if self.input_shape else "?"
-        out.append(
-            f"{len(self.entries)} regularizer(s) at {len({e.site for e in self.entries})} site(s); "
-            f"shape pass input {shape}"
-        )
-        if self.stages_from:
-            out.append(f"stages: feature_info of {self.stages_from}")
-        if self.opaque:
-            names = list(self.opaque)
-            out.append(
-                f"{len(names)} opaque module(s) (no skip sites inside): "
-                + "; ".join(f"{n}: {self.opaque[n]}" for n in names[:3])
-                + (" ..." if len(names) > 3 else "")
-            )
-        return "\n".join(out)
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
 def _rule_selects(rule: Rule, site: Site, module: nn.Module) -> bool:
     if site.kind not in rule.sites or not rule.matches_stage(site.stage):
         return False
@@ -343,10 +214,18 @@ def _site_params(rule: Rule, site: Site, i: int, n: int) -> dict[str, Any]:
     """The rule's parameters at its ``i``-th of ``n`` sites: per-stage overrides, then depth scaling."""
     params = rule.params_for_stage(site.stage)
     if rule.depth_scaling == "linear":
-        for k in STRENGTH_PARAMS:
+        for k in strength_params(rule.regularizer):
             if isinstance(params.get(k), (int, float)) and not isinstance(params.get(k), bool):
                 params[k] = float(params[k]) * (i + 1) / n
     return params
+
+
+def strength_params(name: str) -> tuple[str, ...]:
+    """The parameters that carry regularizer ``name``'s strength (declared by its class, else the spec's default)."""
+    try:
+        return tuple(getattr(get_regularizer_class(name), "strength_params", STRENGTH_PARAMS))
+    except KeyError:  # an unknown name is reported when the regularizer is built
+        return STRENGTH_PARAMS
 
 
 def _site_grid(
@@ -446,22 +325,21 @@ def _insertion_for(model: nn.Module, site: Site, rule: Rule, targets: _Targets) 
 
 def _entries_of(
     rule: Rule, model: nn.Module, targets: _Targets, named: dict[str, nn.Module]
-) -> list[PlanEntry]:
-    """The plan entries of one rule, in depth order (checked by building each regularizer once)."""
+) -> list[tuple[PlanEntry, nn.Module]]:
+    """The plan entries of one rule, in depth order, each with its regularizer (built once, here)."""
     selected = [s for s in targets.analysis.sites if _rule_selects(rule, s, named[s.module])]
     # the branches of one stage output share one depth position (depth scaling counts the stage once)
     units = list(dict.fromkeys(s.name if s.branch is None else (s.kind, s.module) for s in selected))
     position = {u: i for i, u in enumerate(units)}
-    entries: list[PlanEntry] = []
+    entries: list[tuple[PlanEntry, nn.Module]] = []
     grids: dict[int, tuple[tuple[int, int], int] | str] = {}
     for site in selected:
         unit = site.name if site.branch is None else (site.kind, site.module)
         params = _site_params(rule, site, position[unit], len(units))
         grid = _site_grid(model, rule, site, grids)
-        _make_regularizer(rule, site.name, site.layout, site.shape, params, grid)
+        reg = _make_regularizer(rule, site.name, site.layout, site.shape, params, grid)
         insertion, owner = _insertion_for(model, site, rule, targets)
-        entries.append(
-            PlanEntry(
+        entry = PlanEntry(
                 site=site.name,
                 kind=site.kind,
                 stage=site.stage,
@@ -482,42 +360,46 @@ def _entries_of(
                 num_prefix_tokens=grid[1],
                 branch=site.branch,
             )
-        )
+        entries.append((entry, reg))
     return entries
 
 
-def _resolve_conflict(rule: Rule, held: list[PlanEntry], site: str) -> None:
+def _resolve_conflict(rule: Rule, held: list[tuple[PlanEntry, nn.Module]], site: str) -> None:
     """A site already held by earlier rules: the later rule's ``on_conflict`` decides."""
     if not held:
         return
     if rule.on_conflict == "error":
         raise RewriteError(
-            f"{rule.describe()} and {held[-1].rule_label} both select site {site}; set "
+            f"{rule.describe()} and {held[-1][0].rule_label} both select site {site}; set "
             f"on_conflict: stack or replace on {rule}"
         )
     if rule.on_conflict == "replace":
         held.clear()
 
 
-def _build(model: nn.Module, spec: Spec, analysis: Analysis) -> tuple[Plan, _Targets]:
+def _build(model: nn.Module, spec: Spec, analysis: Analysis) -> Plan:
     named = dict(model.named_modules())
     targets = _Targets(model, analysis)
-    held: dict[str, list[PlanEntry]] = {}
+    held: dict[str, list[tuple[PlanEntry, nn.Module]]] = {}
     for rule in spec.rules:
-        entries = _entries_of(rule, model, targets, named)
-        if not entries and not rule.allow_empty:
+        pairs = _entries_of(rule, model, targets, named)
+        if not pairs and not rule.allow_empty:
             raise _no_match_error(rule, model, analysis, targets.opaque, spec)
-        for entry in entries:
-            _resolve_conflict(rule, held.setdefault(entry.site, []), entry.site)
-            held[entry.site].append(entry)
-    entries = sorted((e for es in held.values() for e in es), key=lambda e: (e.depth, e.rule))
+        for pair in pairs:
+            _resolve_conflict(rule, held.setdefault(pair[0].site, []), pair[0].site)
+            held[pair[0].site].append(pair)
+    pairs = sorted((p for ps in held.values() for p in ps), key=lambda p: (p[0].depth, p[0].rule))
+    entries = [e for e, _ in pairs]
     matches = {r.index: sum(1 for e in entries if e.rule == r.index) for r in spec.rules}
     source = stage_source(model)
     stages_from = f"{source} ({type(model.get_submodule(source)).__name__})" if source else ""
-    plan = Plan(
-        entries, list(analysis.sites), targets.opaque, matches, analysis.input_shape, spec.source, stages_from
-    )
-    return plan, targets
+    owners = {e.owner for e in entries if e.insertion == "rewrite"}
+    built = Built(weakref.ref(model), [r for _, r in pairs], {o: targets.get(o)[0] for o in owners},
+                  dict(analysis.calls))  # fmt: skip
+    return Plan(
+        entries, list(analysis.sites), targets.opaque, matches, analysis.input_shape, spec.source, stages_from,
+        model_name(model), model_tree(model), spec, built,
+    )  # fmt: skip
 
 
 def _refuse(model: nn.Module, stack: bool) -> None:
@@ -563,124 +445,81 @@ def _refuse(model: nn.Module, stack: bool) -> None:
 def plan(model: nn.Module, spec: Any, *, example_input: Any = None) -> Plan:
     """Dry run: the table of sites, regularizers and parameters ``apply_regularizer`` would use.
 
-    ``spec`` is a path, YAML string, dict or :class:`~timm_drop.spec.Spec`. The model is not changed.
+    ``spec`` is a path, YAML string, dict or :class:`~timm_drop.spec.Spec`. The model is not changed. The plan
+    can be applied as it is (``apply_regularizer(model, plan)``), without analysing the model again.
     """
     spec = load_spec(spec)
     _refuse(model, stack=True)
-    return _build(model, spec, analyze_model(model, example_input))[0]
+    return _build(model, spec, analyze_model(model, example_input))
 
 
 # ---------------------------------------------------------------------------------------------------------
 # apply
 # ---------------------------------------------------------------------------------------------------------
-def _materialize(the_plan: Plan, spec: Spec, model: nn.Module) -> list[nn.Module]:
-    """One regularizer module per plan entry, on the model's device and in its owner's mode."""
-    rules = {r.index: r for r in spec.rules}
-    device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
-    regs = []
-    for e in the_plan.entries:
-        grid = (e.token_grid, e.num_prefix_tokens)
-        reg = _make_regularizer(rules[e.rule], e.site, e.layout, e.shape, dict(e.params), grid)
-        reg.to(device)
-        reg.train(model.get_submodule(e.module).training)
-        regs.append(reg)
-    return regs
+def _fitting(model: nn.Module, the_plan: Plan, example_input: Any) -> Plan:
+    """``the_plan`` with what planning built for ``model``: its own, the first time it is applied to the model it
+    was made on; else (a copy, an unpickled plan, another instance of the same model) the plan made again on
+    ``model``, which must have the same entries."""
+    check_fits(the_plan, model)
+    if the_plan.built is not None and the_plan.built.take(model) is not None:
+        return the_plan
+    if the_plan.spec is None:
+        raise RewriteError("this plan carries no spec to be made again from; apply the spec instead")
+    fresh = _build(model, load_spec(the_plan.spec), analyze_model(model, example_input))
+    if fresh.entries != the_plan.entries:
+        diff = next((f"{a.site} ({a.regularizer})" for a, b in zip(the_plan.entries, fresh.entries) if a != b),
+                    f"{len(the_plan.entries)} entries planned, {len(fresh.entries)} here")  # fmt: skip
+        raise RewriteError(f"this plan does not fit {model_name(model)}: planned again on it, it differs at {diff}")
+    fresh.built.take(model)
+    return fresh
 
 
-def _insertions(
-    model: nn.Module, the_plan: Plan, regs: list[nn.Module], targets: _Targets
-) -> list[Insertion]:
-    """Group the plan's entries into insertions: one hook / slot per site, one rewrite per owner module."""
-    groups: dict[tuple[str, str], list[tuple[PlanEntry, nn.Module]]] = {}
+def _insertions(model: nn.Module, the_plan: Plan, regs: list[nn.Module]) -> list[Insertion]:
+    """The plan's entries grouped into insertions, by their kind's class (one per site, or per rewritten module)."""
+    groups: dict[tuple[type[Insertion], str], list[tuple[PlanEntry, nn.Module]]] = {}
     for e, reg in zip(the_plan.entries, regs):
-        key = (e.insertion, e.owner if e.insertion == "rewrite" else e.site)
-        groups.setdefault(key, []).append((e, reg))
+        cls = insertion_kind(e.insertion)
+        groups.setdefault((cls, cls.group(e)), []).append((e, reg))
     out: list[Insertion] = []
-    for (insertion, _), pairs in groups.items():
-        entries, group_regs = [p[0] for p in pairs], [p[1] for p in pairs]
-        first = entries[0]
-        if insertion == "hook":
-            out.append(HookInsertion(first.owner, group_regs, first.site, branch=first.branch))
-        elif insertion == "pre_hook":
-            out.append(PreHookInsertion(first.owner, group_regs, first.site))
-        elif insertion == "slot":
-            out.append(SlotInsertion(first.module, group_regs))
-        else:
-            out.append(_rewrite_insertion(model, first.owner, entries, group_regs, targets))
+    for (cls, _), pairs in groups.items():
+        entries = [p[0] for p in pairs]
+        insertion = cls.from_entries(model, entries, [p[1] for p in pairs], the_plan)
+        insertion.entries = tuple(entries)
+        out.append(insertion)
     return out
-
-
-def _rewrite_insertion(
-    model: nn.Module, owner: str, entries: list[PlanEntry], regs: list[nn.Module], targets: _Targets
-) -> RewriteInsertion:
-    target, reason = targets.get(owner)
-    if target is None:  # checked while planning; kept as a guard
-        raise RewriteError(f"cannot rewrite {owner}: {reason}")
-    module = model.get_submodule(owner)
-    adds = {a[0]: a for a in target.adds}
-    steps, taken = [], set()
-    for e in entries:
-        suffix = e.node if e.kind in SKIP_KINDS else e.module[len(owner) + 1 :]
-        child = _unique_attr(module, f"{CHILD_PREFIX}{e.kind}_{suffix}", taken)
-        taken.add(child)
-        if e.kind in ("residual", "shortcut"):
-            arg = adds[e.node][1] if e.kind == "residual" else adds[e.node][2]
-            steps.append(InsertStep(e.kind, child, node=e.node, arg=arg))
-        elif e.kind == "merge":
-            steps.append(InsertStep(e.kind, child, node=e.node))
-        else:
-            steps.append(InsertStep(e.kind, child, target=e.module[len(owner) + 1 :]))
-    return RewriteInsertion(
-        owner,
-        regs,
-        tuple(steps),
-        target.none_args,
-        dict(target.constants),
-        (target.eval_graph, target.train_graph),
-        exact=target.exact,
-    )
-
-
-def _unique_attr(module: nn.Module, base: str, taken: set[str]) -> str:
-    base = "".join(c if c.isalnum() or c == "_" else "_" for c in base)
-    name, i = base, 2
-    while hasattr(module, name) or name in module._modules or name in taken:
-        name, i = f"{base}_{i}", i + 1
-    return name
 
 
 def apply_regularizer(
     model: nn.Module, spec: Any, *, example_input: Any = None, stack: bool = False
 ) -> nn.Module:
-    """Put the regularizers ``spec`` asks for into ``model`` in place and return the same object.
+    """Put the regularizers a plan or spec asks for into ``model`` in place and return the same object.
 
-    See the module docstring for the insertion mechanisms and guarantees. ``example_input`` overrides the
-    shape-pass input; ``stack=True`` allows a second application on top of an earlier one.
+    ``spec`` is a :class:`Plan` from :func:`plan` (applied as it is; refused, naming the difference, for a model
+    with another module tree) or anything :func:`plan` takes (planned first). See the module docstring for the
+    insertion mechanisms and guarantees. ``example_input`` overrides the shape-pass input; ``stack=True`` allows
+    a second application on top of an earlier one.
     """
-    spec = load_spec(spec)
     _refuse(model, stack)
-    analysis = analyze_model(model, example_input)
-    the_plan, targets = _build(model, spec, analysis)
-    regs = _materialize(the_plan, spec, model)
+    if isinstance(spec, Plan):
+        the_plan = _fitting(model, spec, example_input)
+    else:
+        the_plan = _build(model, load_spec(spec), analyze_model(model, example_input))
+        the_plan.built.take(model)
+    device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
+    regs = the_plan.built.regs
+    for e, reg in zip(the_plan.entries, regs):
+        reg.to(device)
+        reg.train(model.get_submodule(e.module).training)
     record = record_of(model)
     rules: dict[str, list[nn.Module]] = {}
     for e, reg in zip(the_plan.entries, regs):
         rules.setdefault(e.rule_label, []).append(reg)
-    watch = WatchInsertion(rules, heartbeat_of(model, analysis.sites, analysis.calls))
-    for insertion in [*_insertions(model, the_plan, regs, targets), watch]:
+    watch = WatchInsertion(rules, heartbeat_of(model, the_plan.sites, the_plan.built.calls))
+    for insertion in [*_insertions(model, the_plan, regs), watch]:
         insertion.apply(model)
         record.append(insertion)
     object.__setattr__(model, RECORD, record)
-    object.__setattr__(model, "_timm_drop_plan", the_plan)
+    object.__setattr__(model, PLANS, [*applied_plans(model), the_plan])
+    model.__dict__.pop(LEGACY_PLAN, None)
     object.__setattr__(model, "__prepare_scriptable__", ScriptableCopy(model))  # torch.jit.script: timm_drop.scripting
-    return model
-
-
-def strip_regularizers(model: nn.Module) -> nn.Module:
-    """Undo every :func:`apply_regularizer` on ``model`` (same object back, original structure)."""
-    for insertion in reversed(record_of(model)):
-        insertion.undo(model)
-    model.__dict__.pop(RECORD, None)
-    model.__dict__.pop("_timm_drop_plan", None)
-    model.__dict__.pop("__prepare_scriptable__", None)
     return model

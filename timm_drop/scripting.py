@@ -25,6 +25,8 @@ from typing import Tuple  # noqa: UP035 - TorchScript reads the hook's annotatio
 import torch
 from torch import nn
 
+from timm_drop.record import ModelRef, strip_regularizers
+
 __all__ = ["ScriptableCopy", "scriptable_copy"]
 
 def _refuse_training(self: nn.Module, input: Tuple[torch.Tensor]) -> None:  # noqa: UP006
@@ -39,8 +41,6 @@ def _refuse_training(self: nn.Module, input: Tuple[torch.Tensor]) -> None:  # no
 def scriptable_copy(model: nn.Module) -> nn.Module:
     """``model`` without its regularizers, sharing its parameters and buffers, that refuses training mode (a
     forward pre-hook on its first convolution or linear layer; TorchScript compiles it with the model)."""
-    from timm_drop.rewrite import strip_regularizers
-
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     clone = copy.deepcopy(model, shared)
     strip_regularizers(clone)
@@ -56,8 +56,6 @@ class ScriptableCopy:
     ``torch.jit.script(model)`` compiles :func:`scriptable_copy` of it."""
 
     def __init__(self, model: nn.Module) -> None:
-        from timm_drop.insertions import ModelRef
-
         self.model = ModelRef(model)
 
     def __call__(self) -> nn.Module:

@@ -65,23 +65,18 @@ regularizer accepts them).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import inspect
-import itertools
 import operator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from timm.layers._fx import get_notrace_functions, get_notrace_modules
 from torch import fx, nn
 
-from timm_drop.errors import TimmDropError
-from timm_drop.insertions import CHILD_PREFIX
+from timm_drop.errors import SiteError
+from timm_drop.shape_pass import Recorder, default_inputs, input_hw, shape_pass
 from timm_drop.structure import (
     composite,
-    feature_info,
     feature_stages,
     is_container,
     is_norm,
@@ -90,8 +85,25 @@ from timm_drop.structure import (
     token_grid,
     torch_forward,
 )
+from timm_drop.tracing import (
+    CONFIG_FLAGS,
+    LocalTracer,
+    ShapeInterpreter,
+    config_flags,
+    first_line,
+    is_add,
+    is_ours,
+    local_graph,
+    none_inputs,
+    notrace_modules,
+    outputs_equal,
+    run_kw,
+    trace_local,
+)
 
+# CONFIG_FLAGS, LocalTracer, config_flags, none_inputs, trace_local: re-exported from timm_drop.tracing
 __all__ = [
+    "CONFIG_FLAGS",
     "Analysis",
     "LocalTracer",
     "Site",
@@ -99,15 +111,13 @@ __all__ = [
     "analyze_model",
     "find_blocks",
     "find_sites",
+    "config_flags",
     "is_norm",
+    "none_inputs",
+    "trace_local",
 ]
 
 SKIP_KINDS: tuple[str, ...] = ("residual", "shortcut", "merge")
-_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
-
-
-class SiteError(TimmDropError, ValueError):
-    """Site discovery failed for a model (e.g. no example input could be run)."""
 
 
 @dataclass(frozen=True)
@@ -144,169 +154,6 @@ class Site:
         return self.name.split(":", 1)[1]
 
 
-# ---------------------------------------------------------------------------------------------------------
-# FX helpers
-# ---------------------------------------------------------------------------------------------------------
-def _notrace_modules() -> tuple[type, ...]:
-    return tuple(get_notrace_modules())
-
-
-def _notrace_functions() -> tuple[Any, ...]:
-    return tuple(get_notrace_functions()) + _checkpoint_functions()
-
-
-def _checkpoint_functions() -> tuple[Any, ...]:
-    """Activation-checkpoint helpers a forward may call (timm's ``checkpoint_seq`` / ``checkpoint`` when its
-    ``grad_checkpointing`` is on; torch's): they stay ``call_function`` nodes, so a rewritten forward still
-    checkpoints what the original did."""
-    import torch.utils.checkpoint as torch_checkpoint
-    from timm.models import _manipulate
-
-    found = [torch_checkpoint.checkpoint, torch_checkpoint.checkpoint_sequential]
-    found += [getattr(_manipulate, n) for n in ("checkpoint", "checkpoint_seq") if hasattr(_manipulate, n)]
-    return tuple(found)
-
-
-#: Python flags of a module whose value selects the code its forward runs, besides ``training``: a rewritten
-#: module has a graph per value (timm's ``set_grad_checkpointing`` sets ``grad_checkpointing`` on stages).
-CONFIG_FLAGS: tuple[str, ...] = ("grad_checkpointing",)
-
-
-def config_flags(module: nn.Module) -> tuple[str, ...]:
-    """The :data:`CONFIG_FLAGS` this module holds as a bool."""
-    return tuple(f for f in CONFIG_FLAGS if isinstance(module.__dict__.get(f), bool))
-
-
-class LocalTracer(fx.Tracer):
-    """Traces one module's own ``forward``: every submodule is a leaf (``call_module`` node).
-
-    This keeps timm's not-traceable layers, DropPath/DropBlock and timm_drop regularizers out of the graph
-    (a regularizer traced through would bake its train-mode branch in), and makes each op appear in the graph
-    of the module that executes it. timm's not-traceable functions and the activation-checkpoint helpers stay
-    ``call_function`` nodes.
-    """
-
-    def __init__(self, owner: nn.Module):
-        # No math autowrapping: patching ~60 math functions into every traced module's globals dominated the
-        # trace time, and math on traced tensors is rare in forward code (it then makes the module opaque).
-        super().__init__(autowrap_modules=(), autowrap_functions=_notrace_functions())
-        self._owner = owner
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return m is not self._owner
-
-
-def none_inputs(module: nn.Module, inputs: Any) -> tuple[str, ...]:
-    """Names of ``forward`` parameters that were None (passed or by default) in the recorded call."""
-    if inputs is None:
-        return ()
-    args, kwargs = inputs
-    try:
-        bound = inspect.signature(module.forward).bind(*args, **kwargs)
-    except (TypeError, ValueError):
-        return ()
-    bound.apply_defaults()
-    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    params = inspect.signature(module.forward).parameters
-    return tuple(k for k, v in bound.arguments.items() if v is None and params[k].kind in kinds)
-
-
-def trace_local(
-    module: nn.Module,
-    training: bool,
-    none_args: tuple[str, ...] = (),
-    flags: dict[str, bool] | None = None,
-) -> tuple[fx.Graph, dict[str, torch.Tensor]]:
-    """Trace ``module.forward`` with ``module.training`` set to ``training`` (and ``flags``, e.g.
-    ``{"grad_checkpointing": True}``, set on the module for the trace only).
-
-    ``none_args`` are specialised to None: FX would otherwise take every ``if arg is None`` branch the wrong
-    way. The graph has no check that they are None (a rewritten module picks the graph traced for the Nones of
-    each call, :mod:`timm_drop.insertions`), and keeps the original parameter names so keyword callers work.
-    Returns the graph and the tensor constants the tracer had to attach to the module (removed again, so that
-    analysis leaves no trace; the rewriter re-attaches them).
-    """
-    before = set(module.__dict__)
-    was = module.training
-    saved = {k: module.__dict__[k] for k in flags or {}}
-    module.training = training
-    module.__dict__.update(flags or {})
-    try:
-        graph = LocalTracer(module).trace(module, concrete_args=dict.fromkeys(none_args) or None)
-    finally:
-        module.training = was
-        module.__dict__.update(saved)
-        consts = {k: module.__dict__.pop(k) for k in list(module.__dict__) if k not in before}
-    if none_args:
-        # FX renames specialised placeholders (``mask`` -> ``mask_1``); restore the signature's names.
-        params = [p for p in inspect.signature(module.forward).parameters.values()]
-        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-        if len(params) == len(placeholders):
-            for p, n in zip(params, placeholders):
-                star = "*" if p.kind == p.VAR_POSITIONAL else "**" if p.kind == p.VAR_KEYWORD else ""
-                n.target = star + p.name
-        # FX guards each specialised input with a call of its private ``_assert_is_none``; generated code holding
-        # that call registers it for patching in every later trace of the process (torch.fx then fails on any
-        # module). The rewritten module checks the Nones itself before it runs this graph.
-        for n in list(graph.nodes):
-            if n.op == "call_function" and getattr(n.target, "__name__", "") == "_assert_is_none":
-                graph.erase_node(n)
-    return graph, consts
-
-
-def _is_ours(node: fx.Node) -> bool:
-    """A regularizer an earlier rewrite put in: it does not lengthen the path it sits on."""
-    return node.op == "call_module" and str(node.target).startswith(CHILD_PREFIX)
-
-
-def _is_add(node: fx.Node) -> bool:
-    if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
-        return True
-    return node.op == "call_method" and node.target == "add"
-
-
-class _ShapeInterpreter(fx.Interpreter):
-    """Runs a local graph on recorded inputs and keeps each node's tensor shape."""
-
-    def __init__(self, module: nn.Module, graph: fx.Graph):
-        super().__init__(module, garbage_collect_values=True, graph=graph)
-        self.shapes: dict[str, tuple[int, ...] | None] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        result = super().run_node(n)
-        self.shapes[n.name] = tuple(result.shape) if isinstance(result, torch.Tensor) else None
-        return result
-
-
-def _outputs_equal(a: Any, b: Any) -> bool:
-    """Bit-identical (NaNs in the same places); on the meta device only shapes and dtypes can be compared (a
-    rewrite of a meta-device model is checked bit for bit on its first forward with real weights instead)."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return (
-            isinstance(a, torch.Tensor)
-            and isinstance(b, torch.Tensor)
-            and a.shape == b.shape
-            and a.dtype == b.dtype
-            and (
-                a.is_meta
-                or b.is_meta
-                or bool(
-                    torch.equal(a, b)
-                    or (
-                        a.is_floating_point()
-                        and torch.equal(a.isnan(), b.isnan())
-                        and torch.equal(a.nan_to_num(), b.nan_to_num())
-                    )
-                )
-            )
-        )
-    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
-        return len(a) == len(b) and all(_outputs_equal(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_outputs_equal(a[k], b[k]) for k in a)
-    return type(a) is type(b)
-
-
 def skip_adds(graph: fx.Graph, shapes: dict[str, tuple[int, ...] | None]) -> list[tuple[fx.Node, int, int]]:
     """The skip adds of a local graph as ``(node, residual_arg_index, shortcut_arg_index)`` (module docstring)."""
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -320,10 +167,10 @@ def skip_adds(graph: fx.Graph, shapes: dict[str, tuple[int, ...] | None]) -> lis
             continue
         parents = [depth[p] for p in n.all_input_nodes if p in depth]
         if parents:
-            depth[n] = max(parents) + (0 if n.op in ("get_attr", "placeholder") or _is_ours(n) else 1)
+            depth[n] = max(parents) + (0 if n.op in ("get_attr", "placeholder") or is_ours(n) else 1)
     found = []
     for n in graph.nodes:
-        if not _is_add(n) or len(n.args) < 2:
+        if not is_add(n) or len(n.args) < 2:
             continue
         a, b = n.args[0], n.args[1]
         if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or a is b:
@@ -401,7 +248,7 @@ def _stream_path(
         or (node.op == "call_function" and node.target in _LAYOUT_FUNCTIONS)
     ):
         ok = bool(inputs) and _stream_path(inputs[0], source, depth, memo)
-    elif _is_add(node):
+    elif is_add(node):
         ok = any(_stream_path(p, source, depth, memo) for p in inputs)
     memo[node] = ok
     return ok
@@ -507,12 +354,12 @@ def rewrite_target(
     try:
         g_train, consts = local_graph(m, True, lg.none_args)
     except Exception as exc:
-        return None, f"{type(m).__name__} is not FX-traceable in training mode ({_first_line(exc)})"
+        return None, f"{type(m).__name__} is not FX-traceable in training mode ({first_line(exc)})"
     if g_train is not None and g_train.python_code("self").src == lg.eval_graph.python_code("self").src:
         g_train = None
     if g_train is not None:
         tnodes = {n.name: n for n in g_train.nodes}
-        if any(a not in tnodes or not _is_add(tnodes[a]) for a, _, _ in lg.adds):
+        if any(a not in tnodes or not is_add(tnodes[a]) for a, _, _ in lg.adds):
             return None, f"{type(m).__name__} has a training-mode graph whose skip adds differ"
         constants.update(consts)
     exact = not _any_meta(analysis.inputs.get(name))
@@ -529,177 +376,6 @@ def _any_meta(value: Any) -> bool:
     return False
 
 
-def local_graph(
-    module: nn.Module, training: bool, none_args: tuple[str, ...]
-) -> tuple[fx.Graph | None, dict[str, torch.Tensor]]:
-    """The module's own graph in ``training`` mode: a copy of the graph an earlier rewrite compiled (None for
-    the train graph of a rewrite with a single graph), else a fresh :func:`trace_local`."""
-    graphs = getattr(type(module), "_timm_drop_graphs", None)
-    if graphs is None:
-        return trace_local(module, training, none_args)
-    graph = graphs[1] if training else graphs[0]
-    return (copy.deepcopy(graph) if graph is not None else None), {}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# pass 1: the shape pass
-# ---------------------------------------------------------------------------------------------------------
-def _input_channels(model: nn.Module, cfg: dict[str, Any]) -> list[int]:
-    """Channel counts to try: the config's first (TResNet's first conv sees 48 channels after space-to-depth),
-    then the first convolution's (``in_chans=1`` leaves timm's config at 3)."""
-    chans = [int(cfg["input_size"][0])] if cfg.get("input_size") else []
-    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    if first_conv is not None:
-        chans.append(first_conv.in_channels)
-    return list(dict.fromkeys(chans or [3]))
-
-
-def _size2(value: Any) -> bool:
-    return isinstance(value, int) or (
-        isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(i, int) for i in value)
-    )
-
-
-def _default_inputs(model: nn.Module, example_input: Any) -> list[Any]:
-    if example_input is not None:
-        return [example_input]
-    param = next(itertools.chain(model.parameters(), model.buffers()), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    _, h, w = tuple(cfg.get("input_size", (3, 224, 224)))
-    sizes: list[tuple[int, int]] = []
-    reductions = [d.get("reduction", 1) for d in feature_info(model)] or [32]
-    r = max(int(x) for x in reductions if isinstance(x, (int, float))) if reductions else 32
-    r = max(r, 8)
-    if not cfg.get("fixed_input_size", False):
-        sizes.append((2 * r, 3 * r))
-    # the configured size of a fixed-size model: the first module that records one (the root, its patch embed,
-    # CoaT's patch_embed1; a features_only wrapper holds the model as a child)
-    img = next((m.img_size for m in model.modules() if _size2(getattr(m, "img_size", None))), None)
-    if isinstance(img, int):
-        img = (img, img)
-    if isinstance(img, (tuple, list)) and len(img) == 2 and all(isinstance(i, int) for i in img):
-        sizes.append((int(img[0]), int(img[1])))
-    sizes.append((int(h), int(w)))
-    return [
-        torch.randn(1, c, *s, device=device, dtype=dtype)
-        for c in _input_channels(model, cfg)
-        for s in dict.fromkeys(sizes)
-    ]
-
-
-def _input_hw(x: Any) -> tuple[int, int]:
-    if isinstance(x, torch.Tensor) and x.dim() == 4:
-        return int(x.shape[-2]), int(x.shape[-1])
-    return (0, 0)
-
-
-def _clone(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
-        return v.detach().clone()
-    if isinstance(v, (tuple, list)):
-        return type(v)(_clone(x) for x in v) if isinstance(v, tuple) else [_clone(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _clone(x) for k, x in v.items()}
-    return v
-
-
-def _branch_shapes(output: tuple[Any, ...] | list[Any]) -> tuple[tuple[tuple[int, ...] | None, int | None], ...]:
-    """``(shape, alias)`` of each element of a list/tuple output: its shape (None if not a tensor) and the index of
-    an earlier element that is the same tensor object (None if none)."""
-    out = []
-    for i, x in enumerate(output):
-        alias = next((j for j in range(i) if output[j] is x), None) if isinstance(x, torch.Tensor) else None
-        out.append((tuple(x.shape) if isinstance(x, torch.Tensor) else None, alias))
-    return tuple(out)
-
-
-class _Recorder:
-    """Temporary hooks of the shape pass."""
-
-    def __init__(self, model: nn.Module, capture: set[str]):
-        self.clock = 0
-        self.start: dict[str, int] = {}
-        self.end: dict[str, int] = {}
-        self.calls: dict[str, int] = {}
-        self.out: dict[str, Any] = {}
-        self.branches: dict[str, tuple[tuple[tuple[int, ...] | None, int | None], ...]] = {}
-        self.inputs: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
-        self.handles: list[Any] = []
-        for name, m in model.named_modules():
-            self.handles.append(
-                m.register_forward_pre_hook(self._pre(name, name in capture), with_kwargs=True)
-            )
-            self.handles.append(m.register_forward_hook(self._post(name, name in capture)))
-
-    def _pre(self, name: str, capture: bool):
-        def hook(module, args, kwargs):
-            self.clock += 1
-            self.calls[name] = self.calls.get(name, 0) + 1
-            if name not in self.start:
-                self.start[name] = self.clock
-                if capture:
-                    self.inputs[name] = (_clone(args), _clone(kwargs))
-            return None
-
-        return hook
-
-    def _post(self, name: str, capture: bool):
-        def hook(module, args, output):
-            self.clock += 1
-            if name not in self.end:
-                self.end[name] = self.clock
-                self.out[name] = (
-                    tuple(output.shape)
-                    if isinstance(output, torch.Tensor)
-                    else ("tuple" if output is not None else None)
-                )
-                if isinstance(output, (tuple, list)):
-                    self.branches[name] = _branch_shapes(output)
-                if capture:
-                    self.out["\0" + name] = _clone(output)
-            return None
-
-        return hook
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-def _shape_pass(model: nn.Module, inputs: list[Any], capture: set[str]) -> tuple[_Recorder, Any]:
-    modes = {m: m.training for m in model.modules()}
-    errors = []
-    try:
-        model.eval()
-        for x in inputs:
-            rec = _Recorder(model, capture)
-            try:
-                with torch.no_grad():
-                    if isinstance(x, dict):
-                        model(**x)
-                    elif isinstance(x, (tuple, list)):
-                        model(*x)
-                    else:
-                        model(x)
-                return rec, x
-            except Exception as exc:  # try the next candidate size
-                errors.append(
-                    f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}: "
-                    f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                )
-            finally:
-                rec.remove()
-    finally:
-        for m, t in modes.items():
-            m.training = t
-    raise SiteError(
-        f"could not run {type(model).__name__} on any example input for the shape pass "
-        f"({'; '.join(errors)}); pass example_input="
-    )
-
-
 # ---------------------------------------------------------------------------------------------------------
 # the analysis, step by step
 # ---------------------------------------------------------------------------------------------------------
@@ -707,7 +383,7 @@ def analyze_model(model: nn.Module, example_input: Any = None) -> Analysis:
     """Run both passes (module docstring) and return the sites plus what the rewriter needs."""
     named = dict(model.named_modules())
     traceable, opaque = _traceable_modules(named)
-    rec, used_input = _shape_pass(model, _default_inputs(model, example_input), traceable)
+    rec, used_input = shape_pass(model, default_inputs(model, example_input), traceable)
     stages = feature_stages(model, keep=lambda name: name in rec.end)
     module_stage = _module_stages(named, stages, rec)
     graphs = _local_graphs(model, named, traceable, rec, opaque)
@@ -723,7 +399,7 @@ def _traceable_modules(named: dict[str, nn.Module]) -> tuple[set[str], dict[str,
     """Composite modules with a forward of their own worth tracing, and the timm leaf classes (opaque)."""
     from timm_drop.regularizers.base import Regularizer
 
-    leaf_classes = _notrace_modules()
+    leaf_classes = notrace_modules()
     traceable: set[str] = set()
     opaque: dict[str, str] = {}
     for name, m in named.items():
@@ -738,7 +414,7 @@ def _traceable_modules(named: dict[str, nn.Module]) -> tuple[set[str], dict[str,
 
 
 def _module_stages(
-    named: dict[str, nn.Module], stages: dict[str, int | None], rec: _Recorder
+    named: dict[str, nn.Module], stages: dict[str, int | None], rec: Recorder
 ) -> dict[str, int | None]:
     """Stage of every module: the ``feature_info`` module it is under, else the stage during which it ran."""
     ordered = sorted(stages, key=lambda n: rec.end[n])
@@ -773,7 +449,7 @@ def _module_stages(
 
 
 def _local_graphs(
-    model: nn.Module, named: dict[str, nn.Module], traceable: set[str], rec: _Recorder, opaque: dict[str, str]
+    model: nn.Module, named: dict[str, nn.Module], traceable: set[str], rec: Recorder, opaque: dict[str, str]
 ) -> dict[str, LocalGraph]:
     """Trace every executed traceable module; verify those with candidate skip adds (failures go to
     ``opaque`` with the reason)."""
@@ -789,7 +465,7 @@ def _local_graphs(
             g_eval, consts = local_graph(m, False, none_args)
         except Exception as exc:
             opaque[name] = (
-                f"{type(m).__name__} is not FX-traceable ({type(exc).__name__}: {_first_line(exc)})"
+                f"{type(m).__name__} is not FX-traceable ({type(exc).__name__}: {first_line(exc)})"
             )
             rec.inputs.pop(name, None)
             continue
@@ -811,13 +487,13 @@ def _emit_sites(
     stages: dict[str, int | None],
     module_stage: dict[str, int | None],
     graphs: dict[str, LocalGraph],
-    rec: _Recorder,
+    rec: Recorder,
     used_input: Any,
 ) -> list[Site]:
     """Every site, in execution order (stage after block after its skip sites after modules ending there)."""
     from timm_drop.regularizers.base import Regularizer
 
-    in_hw = _input_hw(used_input if not isinstance(used_input, (tuple, list)) else used_input[0])
+    in_hw = input_hw(used_input if not isinstance(used_input, (tuple, list)) else used_input[0])
     raw: list[tuple[tuple[int, int], Site]] = []
 
     def add_site(kind, path, module, shape, key, node=None, layout_module=None, branch=None, layout=None) -> None:
@@ -896,7 +572,7 @@ def _candidate_adds(graph: fx.Graph) -> bool:
     for n in graph.nodes:
         if n not in reach and any(p in reach for p in n.all_input_nodes):
             reach.add(n)
-        if _is_add(n) and len(n.args) >= 2 and all(isinstance(a, fx.Node) and a in reach for a in n.args[:2]):
+        if is_add(n) and len(n.args) >= 2 and all(isinstance(a, fx.Node) and a in reach for a in n.args[:2]):
             return True
     return False
 
@@ -936,42 +612,21 @@ def _verify_run(
     modes = {mod: mod.training for mod in model.modules()}
     added = [k for k in lg.constants if k not in m.__dict__]
     m.__dict__.update({k: lg.constants[k] for k in added})
-    interp = _ShapeInterpreter(m, lg.eval_graph)
+    interp = ShapeInterpreter(m, lg.eval_graph)
     try:
         model.eval()
         with torch.no_grad():
-            result = _run_kw(interp, lg.eval_graph, args, kwargs)
+            result = run_kw(interp, lg.eval_graph, args, kwargs)
     except Exception as exc:
-        return f"the FX graph of {type(m).__name__} does not run ({type(exc).__name__}: {_first_line(exc)})"
+        return f"the FX graph of {type(m).__name__} does not run ({type(exc).__name__}: {first_line(exc)})"
     finally:
         for mod, t in modes.items():
             mod.training = t
         for k in added:
             m.__dict__.pop(k, None)
-    if not _outputs_equal(result, expected):
+    if not outputs_equal(result, expected):
         return f"the FX graph of {type(m).__name__} does not reproduce its output"
     return dict(interp.shapes)
-
-
-def _run_kw(interp: fx.Interpreter, graph: fx.Graph, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    # fx.Interpreter.run is positional: map keyword inputs onto the remaining placeholders in order.
-    ph = [n for n in graph.nodes if n.op == "placeholder"]
-    full = list(args)
-    for n in ph[len(args) :]:
-        key = n.target.lstrip("*")
-        if key in kwargs:
-            full.append(kwargs[key])
-        elif n.args:
-            full.append(n.args[0])
-        else:
-            raise TypeError(f"missing input {key!r}")
-    return interp.run(*full)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else ""
-    return line if len(line) <= 160 else line[:157] + "..."
 
 
 def _blocks(
@@ -979,7 +634,7 @@ def _blocks(
     stage_mods: list[str],
     module_stage: dict[str, int | None],
     graphs: dict[str, LocalGraph],
-    rec: _Recorder,
+    rec: Recorder,
 ) -> list[str]:
     """Block modules of every stage (:func:`timm_drop.structure.stage_blocks`), plus those of modules that ran
     inside a stage's time window without being under a stage module (EfficientNet's ``blocks.3``)."""

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from timm_drop.plans import applied_plans, placements
 from timm_drop.regularizers.base import Regularizer
 from timm_drop.spec import STRENGTH_PARAMS
 
@@ -144,26 +145,33 @@ def _position(regs: list[Regularizer]) -> str:
     return "progress " + ("/".join(f"{p:.4g}" for p in progress))
 
 
-def summary(model: nn.Module) -> Summary:
-    """Per-rule state of the regularizers in ``model`` (one host read per regularizer: call it per epoch, not
-    per step)."""
-    the_plan = getattr(model, "_timm_drop_plan", None)
-    entries = the_plan.entries if the_plan is not None else []
-    rule_index = {e.rule_label: e.rule for e in entries}
-    reg_name = {e.rule_label: e.regularizer for e in entries}
-    groups: dict[str, list[tuple[str, Regularizer]]] = {}
+def _rule_groups(model: nn.Module) -> dict[tuple[int, str], list[tuple[str, Regularizer, Any]]]:
+    """The regularizers in ``model`` by (apply, rule label), oldest apply first, each with its site name and plan
+    entry (None for one no applied plan placed); two stacked applies of the same rule stay two groups."""
+    apply_of = {id(e): i for i, p in enumerate(applied_plans(model)) for e in p.entries}
+    placed = {id(reg): (apply_of.get(id(e), 1 << 30), e) for e, reg in placements(model)}
+    groups: dict[tuple[int, str], list[tuple[str, Regularizer, Any]]] = {}
     for name, reg in model.named_modules():
         if isinstance(reg, Regularizer):
             label = reg.rule_label or f"{reg.registry_name or type(reg).__name__} (no rule)"
-            groups.setdefault(label, []).append((reg.__dict__.get("site_name") or name, reg))
+            apply, entry = placed.get(id(reg), (1 << 30, None))
+            groups.setdefault((apply, label), []).append((reg.__dict__.get("site_name") or name, reg, entry))
+    rank = {key: min((m[2].rule if m[2] is not None else 1 << 30) for m in ms) for key, ms in groups.items()}
+    return dict(sorted(groups.items(), key=lambda kv: (kv[0][0], rank[kv[0]])))
+
+
+def summary(model: nn.Module) -> Summary:
+    """Per-rule state of the regularizers in ``model`` (one host read per regularizer: call it per epoch, not
+    per step); the rules of every applied plan (``stack=True``), oldest apply first."""
+    groups = _rule_groups(model)
+    several = len({apply for apply, _ in groups}) > 1
     rules = []
-    order = sorted(groups, key=lambda label: rule_index.get(label, 1 << 30))
-    for label in order:
-        members = groups[label]
-        regs = [r for _, r in members]
+    for (apply, label), members in groups.items():
+        regs = [r for _, r, _ in members]
+        entry = members[0][2]
         multipliers = sorted({float(r.strength) for r in regs})
         strength: dict[str, tuple[float, float]] = {}
-        for key in STRENGTH_PARAMS:
+        for key in getattr(type(regs[0]), "strength_params", STRENGTH_PARAMS):
             values = [
                 float(getattr(r, key)) * float(r.strength)
                 for r in regs
@@ -175,9 +183,9 @@ def summary(model: nn.Module) -> Summary:
         fractions = [f for f in fractions if f == f]  # NaN: tracked but no training forward yet
         rules.append(
             RuleSummary(
-                rule=label,
-                regularizer=reg_name.get(label) or regs[0].registry_name or type(regs[0]).__name__,
-                sites=[s for s, _ in members],
+                rule=f"{label} (apply {apply + 1})" if several and entry is not None else label,
+                regularizer=(entry.regularizer if entry else None) or regs[0].registry_name or type(regs[0]).__name__,
+                sites=[s for s, _, _ in members],
                 strength=strength,
                 multiplier=multipliers[0] if len(multipliers) == 1 else None,
                 schedule=None if regs[0].schedule is None else str(regs[0].schedule),

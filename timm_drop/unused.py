@@ -21,7 +21,9 @@ from typing import Any
 
 from torch import nn
 
+from timm_drop.record import ModelRef, record_of
 from timm_drop.regularizers.base import _is_compiling, recomputing
+from timm_drop.structure import is_container, is_norm
 
 __all__ = ["UsageWatch", "heartbeat_of", "unused_rule_causes"]
 
@@ -34,8 +36,6 @@ class UsageWatch(nn.Module):
 
     def __init__(self, model: nn.Module, rules: dict[str, list[nn.Module]]) -> None:
         super().__init__()
-        from timm_drop.insertions import ModelRef
-
         # plain attributes: neither the model nor the regularizers are children of this holder
         self.__dict__["model"] = ModelRef(model)
         self.__dict__["rules"] = rules
@@ -78,8 +78,6 @@ class UsageWatch(nn.Module):
 
 def unused_rule_causes(model: nn.Module, regs: list[nn.Module]) -> list[str]:
     """Likely reasons why ``regs`` (one rule's regularizers in ``model``) never ran, most specific first."""
-    from timm_drop.insertions import HookInsertion, RewriteInsertion, SlotInsertion, record_of
-
     mine = {id(r) for r in regs}
     lost, owners = [], []
     for ins in record_of(model):
@@ -92,18 +90,7 @@ def unused_rule_causes(model: nn.Module, regs: list[nn.Module]) -> list[str]:
         except AttributeError:
             lost.append(name)
             continue
-        if isinstance(ins, HookInsertion):
-            hooks = module._forward_pre_hooks if ins.kind == "pre_hook" else module._forward_hooks
-            intact = ins.handle is not None and ins.handle.id in hooks
-        elif isinstance(ins, RewriteInsertion):
-            intact = hasattr(type(module), "_timm_drop_recipe") and all(
-                s.child in module._modules for s in ins.steps
-            )
-        elif isinstance(ins, SlotInsertion):
-            intact = any(m is r for m in getattr(module, "drop", nn.Identity()).modules() for r in ins.regs)
-        else:
-            intact = True
-        if not intact:
+        if not ins.intact(module):
             lost.append(name)
     if lost:
         return [
@@ -129,8 +116,6 @@ def heartbeat_of(model: nn.Module, sites: list[Any], calls: dict[str, int]) -> s
     """The first module with submodules of its own to finish in the shape pass (a block or an embedding, not a
     container, a norm or ours) that ran once. Not a layer without children: an FX graph of the model calls those
     same layer objects, and TorchScript, scripting that graph, would try to compile the check's hook."""
-    from timm_drop.structure import is_container, is_norm
-
     for site in sites:
         if site.kind != "module" or calls.get(site.module) != 1:
             continue

@@ -342,35 +342,15 @@ class _Slot:
 
 
 def _site_regularizers(model: nn.Module) -> list[tuple[Any, nn.Module]]:
-    """(plan entry, regularizer module) for every regularizer the last ``apply_regularizer`` put in, in depth order.
+    """(plan entry, regularizer module) for every regularizer the applied plans put in (every stacked apply,
+    oldest first), in depth order: each insertion knows the entries it placed (timm_drop.plans.placements)."""
+    from timm_drop.plans import applied_plans, placements
 
-    The plan names sites, the model's insertion record holds the modules (one insertion per hooked / slotted site,
-    one per rewritten module, its regularizers in plan order); the latest insertions are matched first, so an
-    earlier stacked application cannot take this plan's entries.
-    """
-    from timm_drop.insertions import record_of
-
-    the_plan = getattr(model, "_timm_drop_plan", None)
-    if the_plan is None:
+    if not applied_plans(model):
         raise ValueError(
             "the model carries no regularizers: pass a spec (path, YAML text or dict), or apply_regularizer first"
         )
-    pool = list(the_plan.entries)
-    pairs = []
-    for ins in reversed(record_of(model)):
-        if ins.kind == "rewrite":
-            cands = [e for e in pool if e.insertion == "rewrite" and e.owner == ins.owner]
-        elif ins.kind == "slot":
-            cands = [e for e in pool if e.insertion == "slot" and e.module == ins.norm]
-        else:
-            cands = [e for e in pool if e.insertion == ins.kind and e.site == ins.site]
-        for e, reg in zip(cands, ins.regs):
-            if (getattr(reg, "registry_name", "") or e.regularizer) != e.regularizer:
-                break
-            pairs.append((e, reg))
-            pool.remove(e)
-    order = {id(e): i for i, e in enumerate(the_plan.entries)}
-    return sorted(pairs, key=lambda p: order[id(p[0])])
+    return placements(model)
 
 
 def _replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:

@@ -30,7 +30,7 @@ SPEC = {
 
 
 def _table(model: nn.Module) -> list[tuple]:
-    return [(e.site, e.regularizer, e.params, e.schedule, e.insertion) for e in model._timm_drop_plan.entries]
+    return [(e.site, e.regularizer, e.params, e.schedule, e.insertion) for e in timm_drop.applied_plans(model)[-1].entries]
 
 
 def _eval_out(model: nn.Module) -> torch.Tensor:
@@ -44,7 +44,7 @@ def test_create_model_builds_the_timm_model_with_the_spec_applied():
     bare = timm.create_model("resnet10t", num_classes=5)
     assert type(model) is type(bare) and model.num_classes == 5
     assert set(model.state_dict()) == set(bare.state_dict())
-    assert {e.regularizer for e in model._timm_drop_plan.entries} == {"dropblock", "droppath"}
+    assert {e.regularizer for e in timm_drop.applied_plans(model)[-1].entries} == {"dropblock", "droppath"}
     assert _table(model) == _table(timm_drop.apply_regularizer(bare, SPEC))
     assert model.pretrained_cfg["architecture"] == REGISTERED_NAME
     assert model.pretrained_cfg[CFG_KEY]["model"] == "resnet10t"
@@ -55,7 +55,7 @@ def test_unmodified_script_can_build_it_with_timm_create_model_and_kwargs(tmp_pa
     path = tmp_path / "spec.yaml"
     path.write_text(timm_drop.load_spec(SPEC).to_yaml())
     model = timm.create_model(REGISTERED_NAME, model="resnet10t", spec=str(path), num_classes=3)
-    assert len(model._timm_drop_plan.entries) == len(timm_drop.create_model("resnet10t", SPEC, num_classes=3)._timm_drop_plan.entries)
+    assert len(timm_drop.applied_plans(model)[-1].entries) == len(timm_drop.applied_plans(timm_drop.create_model("resnet10t", SPEC, num_classes=3))[-1].entries)
     with pytest.raises(ValueError, match="model="):
         timm.create_model(REGISTERED_NAME, spec=SPEC)
     with pytest.raises(ValueError, match="spec="):

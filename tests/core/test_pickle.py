@@ -79,7 +79,7 @@ def test_pickle_and_torch_save_round_trip_every_site_kind(case):
     with torch.no_grad():
         expected = model(x)
     timm_drop.apply_regularizer(model, {"rules": rules})
-    assert {e.insertion for e in model._timm_drop_plan.entries} == insertions
+    assert {e.insertion for e in timm_drop.applied_plans(model)[-1].entries} == insertions
     n = len(_regs(model))
     for loaded in (
         pickle.loads(pickle.dumps(model)),

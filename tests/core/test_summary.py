@@ -50,7 +50,7 @@ def test_summary_lists_each_rule_with_sites_strength_and_schedule_position():
     assert [r.regularizer for r in s.rules] == ["dropout", "droppath"]
     drop, path = s.rules
     assert "half dropout" in drop.rule and len(drop.sites) == 4 and drop.sites[0].startswith("stage:")
-    assert len(path.sites) == model._timm_drop_plan.matches[1]
+    assert len(path.sites) == timm_drop.applied_plans(model)[-1].matches[1]
     assert drop.position == "not driven: full strength" and drop.strength == {"drop_prob": (0.5, 0.5)}
     assert path.position == "constant: full strength" and path.strength["drop_prob"][1] == pytest.approx(0.2)
     assert path.strength["drop_prob"][0] < 0.2  # depth scaling: shallow blocks drop less
@@ -70,7 +70,7 @@ def test_tracking_reports_the_realised_drop_fraction_of_the_last_training_forwar
     model = _model().train()
     timm_drop.set_progress(model, 1.0)
     keys = set(model.state_dict())
-    assert track_drops(model) == len(model._timm_drop_plan.entries)
+    assert track_drops(model) == len(timm_drop.applied_plans(model)[-1].entries)
     assert set(model.state_dict()) == keys
     assert summary(model).rules[0].drop_fraction is None  # nothing measured yet
     model(torch.rand(8, 3, 64, 64))

@@ -134,10 +134,16 @@ def autocast_forward(model: nn.Module, accelerator: Any) -> None:
 
 def fsdp_units(model: nn.Module, example_input: torch.Tensor) -> list[str]:
     """The modules that become their own shard unit: the model's blocks, deepest first (``fully_shard`` wants
-    children before their parents)."""
+    children before their parents). A regularized model's blocks are the ``block`` sites of the analysis its
+    plan was made from (no second analysis); an untouched model is analysed here."""
+    from timm_drop.plans import applied_plans
     from timm_drop.sites import find_blocks
 
-    blocks = find_blocks(model, example_input)
+    plans = applied_plans(model)
+    if plans:
+        blocks = [s.module for s in plans[0].sites if s.kind == "block"]
+    else:
+        blocks = find_blocks(model, example_input)
     return sorted(blocks, key=lambda n: -n.count("."))
 
 

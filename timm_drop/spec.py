@@ -82,7 +82,6 @@ __all__ = [
     "ON_CONFLICT",
     "RULE_KEYS",
     "SITE_KINDS",
-    "STRENGTH_PARAMS",
     "TOP_LEVEL_KEYS",
     "Rule",
     "Spec",
@@ -96,8 +95,6 @@ SITE_KINDS: tuple[str, ...] = ("stage", "block", "residual", "shortcut", "merge"
 DEPTH_SCALINGS: tuple[str, ...] = ("linear",)
 NORM_POSITIONS: tuple[str, ...] = ("after_norm", "after_act")
 ON_CONFLICT: tuple[str, ...] = ("error", "stack", "replace")
-#: parameters that carry a regularizer's strength: scaled by ``depth_scaling`` and by the schedule.
-STRENGTH_PARAMS: tuple[str, ...] = ("drop_prob", "q")
 TOP_LEVEL_KEYS: tuple[str, ...] = ("rules", "version", "description")
 RULE_KEYS: tuple[str, ...] = (
     "regularizer",
@@ -742,12 +739,36 @@ def _check_depth_scaling(c: _RuleChecker) -> str | None:
             f"must be one of {_fmt_list(DEPTH_SCALINGS)} or left out, got {depth_scaling!r}"
             f"{did_you_mean(str(depth_scaling), DEPTH_SCALINGS)}",
         )
-    elif c.reg_params is not None and not any(p in c.reg_params for p in STRENGTH_PARAMS):
+    elif c.reg_params is not None and not _strength_params(c.regularizer):
         c.fail(
             "depth_scaling",
-            f"{c.regularizer} has no strength parameter ({_fmt_list(STRENGTH_PARAMS)}) to scale with depth",
+            f"{c.regularizer} has no strength parameter to scale with depth (its class declares strength_params = ())",
         )
     return depth_scaling
+
+
+def _strength_params(regularizer: str) -> tuple[str, ...]:
+    """The registered regularizer's strength parameters (its class's ``strength_params``)."""
+    from timm_drop.regularizers.registry import strength_params
+
+    return strength_params(regularizer)
+
+
+def __getattr__(name: str) -> Any:
+    # STRENGTH_PARAMS was the one list of strength names; each regularizer class now declares its own.
+    if name == "STRENGTH_PARAMS":
+        import warnings
+
+        from timm_drop.regularizers.registry import list_regularizers
+
+        warnings.warn(
+            "timm_drop.spec.STRENGTH_PARAMS is deprecated: read strength_params on the regularizer class "
+            "(timm_drop.regularizers.strength_params(name))",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return tuple(dict.fromkeys(p for n in list_regularizers() for p in _strength_params(n)))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _check_schedule(c: _RuleChecker) -> Schedule | None:

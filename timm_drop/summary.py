@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from timm_drop.regularizers.base import Regularizer
-from timm_drop.spec import STRENGTH_PARAMS
 
 __all__ = ["RuleSummary", "Summary", "summary", "track_drops"]
 
@@ -163,7 +162,7 @@ def summary(model: nn.Module) -> Summary:
         regs = [r for _, r in members]
         multipliers = sorted({float(r.strength) for r in regs})
         strength: dict[str, tuple[float, float]] = {}
-        for key in STRENGTH_PARAMS:
+        for key in dict.fromkeys(k for r in regs for k in type(r).strength_params):  # what each class declares
             values = [
                 float(getattr(r, key)) * float(r.strength)
                 for r in regs

@@ -107,9 +107,12 @@ def cmd_list(args: argparse.Namespace) -> int:
         params = []
         for key, default in regularizer_params(name).items():
             params.append(key if default is inspect.Parameter.empty else f"{key}={default!r}")
-        doc = inspect.getdoc(get_regularizer_class(name)) or ""
-        summary = doc.strip().splitlines()[0] if doc.strip() else ""
-        print(f"{name}({', '.join(params)})" + (f"  - {summary}" if summary else ""))
+        method = get_regularizer_class(name)
+        strength = ", ".join(getattr(method, "strength_params", ())) or "none"
+        card = getattr(method, "card", None)  # the method's paper card, else its docstring's first line
+        doc = (inspect.getdoc(method) or "").strip()
+        summary = card.line() if card is not None else doc.splitlines()[0] if doc else ""
+        print(f"{name}({', '.join(params)})  strength: {strength}" + (f"  - {summary}" if summary else ""))
     return 0
 
 

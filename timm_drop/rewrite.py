@@ -50,10 +50,10 @@ from timm_drop.names import LEGACY_PLAN, PLANS, RECORD
 from timm_drop.plans import Built, Plan, PlanEntry, applied_plans, check_fits, model_name, model_tree
 from timm_drop.record import Insertion, insertion_kind, record_of, strip_regularizers
 from timm_drop.regularizers.base import Regularizer
-from timm_drop.regularizers.registry import create_regularizer, get_regularizer_class
+from timm_drop.regularizers.registry import create_regularizer, get_regularizer_class, strength_params
 from timm_drop.scripting import ScriptableCopy
 from timm_drop.sites import SKIP_KINDS, Analysis, RewriteTarget, Site, analyze_model, rewrite_target
-from timm_drop.spec import REGEX_PREFIX, STRENGTH_PARAMS, Rule, Spec, load_spec
+from timm_drop.spec import REGEX_PREFIX, Rule, Spec, load_spec
 from timm_drop.structure import (
     feature_info,
     feature_module,
@@ -214,18 +214,14 @@ def _site_params(rule: Rule, site: Site, i: int, n: int) -> dict[str, Any]:
     """The rule's parameters at its ``i``-th of ``n`` sites: per-stage overrides, then depth scaling."""
     params = rule.params_for_stage(site.stage)
     if rule.depth_scaling == "linear":
-        for k in strength_params(rule.regularizer):
+        try:
+            scaled = strength_params(rule.regularizer)  # what the method's class declares
+        except KeyError:  # an unknown name is reported by _make_regularizer
+            scaled = ()
+        for k in scaled:
             if isinstance(params.get(k), (int, float)) and not isinstance(params.get(k), bool):
                 params[k] = float(params[k]) * (i + 1) / n
     return params
-
-
-def strength_params(name: str) -> tuple[str, ...]:
-    """The parameters that carry regularizer ``name``'s strength (declared by its class, else the spec's default)."""
-    try:
-        return tuple(getattr(get_regularizer_class(name), "strength_params", STRENGTH_PARAMS))
-    except KeyError:  # an unknown name is reported when the regularizer is built
-        return STRENGTH_PARAMS
 
 
 def _site_grid(

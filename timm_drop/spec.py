@@ -76,7 +76,6 @@ from timm_drop.spec_model import (
     RULE_FIELDS,
     RULE_KEYS,
     SITE_KINDS,
-    STRENGTH_PARAMS,
     TOP_LEVEL_KEYS,
     Rule,
     Spec,
@@ -98,7 +97,6 @@ __all__ = [
     "RULE_FIELDS",
     "RULE_KEYS",
     "SITE_KINDS",
-    "STRENGTH_PARAMS",
     "TOP_LEVEL_KEYS",
     "Rule",
     "Spec",
@@ -211,3 +209,21 @@ def _flow_depth_exceeded(text: str, limit: int) -> int | None:
         if depth > limit:
             return text.count("\n", 0, match.start()) + 1
     return None
+
+
+def __getattr__(name: str) -> Any:
+    # STRENGTH_PARAMS was the one list of strength names; each regularizer class now declares its own.
+    if name == "STRENGTH_PARAMS":
+        import warnings
+
+        from timm_drop.regularizers.registry import list_regularizers
+        from timm_drop.spec_checks import strength_params
+
+        warnings.warn(
+            "timm_drop.spec.STRENGTH_PARAMS is deprecated: read strength_params on the regularizer class "
+            "(timm_drop.regularizers.strength_params(name))",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return tuple(dict.fromkeys(p for n in list_regularizers() for p in strength_params(n)))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

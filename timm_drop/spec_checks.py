@@ -22,7 +22,6 @@ from timm_drop.spec_model import (
     RULE_FIELD,
     RULE_KEYS,
     SPEC_VERSIONS,
-    STRENGTH_PARAMS,
     TOP_LEVEL_KEYS,
     Rule,
     Spec,
@@ -342,12 +341,19 @@ def _check_depth_scaling(c: _RuleChecker) -> str | None:
             f"must be one of {_fmt_list(scalings)} or left out, got {depth_scaling!r}"
             f"{did_you_mean(str(depth_scaling), scalings)}",
         )
-    elif c.reg_params is not None and not any(p in c.reg_params for p in STRENGTH_PARAMS):
+    elif c.reg_params is not None and not strength_params(c.regularizer):
         c.fail(
             "depth_scaling",
-            f"{c.regularizer} has no strength parameter ({_fmt_list(STRENGTH_PARAMS)}) to scale with depth",
+            f"{c.regularizer} has no strength parameter to scale with depth (its class declares strength_params = ())",
         )
     return depth_scaling
+
+
+def strength_params(regularizer: str) -> tuple[str, ...]:
+    """The registered regularizer's strength parameters: what its class declares in ``strength_params``."""
+    from timm_drop.regularizers.registry import strength_params
+
+    return strength_params(regularizer)
 
 
 def _check_schedule(c: _RuleChecker) -> Schedule | None:

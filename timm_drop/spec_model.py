@@ -28,7 +28,6 @@ __all__ = [
     "RULE_FIELDS",
     "RULE_KEYS",
     "SITE_KINDS",
-    "STRENGTH_PARAMS",
     "TOP_LEVEL_KEYS",
     "Rule",
     "Spec",
@@ -40,8 +39,6 @@ SITE_KINDS: tuple[str, ...] = ("stage", "block", "residual", "shortcut", "merge"
 DEPTH_SCALINGS: tuple[str, ...] = ("linear",)
 NORM_POSITIONS: tuple[str, ...] = ("after_norm", "after_act")
 ON_CONFLICT: tuple[str, ...] = ("error", "stack", "replace")
-#: parameters that carry a regularizer's strength: scaled by ``depth_scaling`` and by the schedule.
-STRENGTH_PARAMS: tuple[str, ...] = ("drop_prob", "q")
 TOP_LEVEL_KEYS: tuple[str, ...] = ("rules", "version", "description")
 SPEC_VERSIONS: tuple[int, ...] = (1,)
 

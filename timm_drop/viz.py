@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from timm_drop.regularizers.base import Regularizer
+from timm_drop.regularizers.figure import FigureTraits
 
 __all__ = [
     "MaskFigure",
@@ -59,11 +60,6 @@ __all__ = [
 DROP_RGB = (0.86, 0.08, 0.08)
 #: RGB that scaled units are tinted towards, in proportion to ``|1 - r|`` (r = factor / kept scale).
 SCALE_RGB = (0.10, 0.35, 0.95)
-#: Parameters a compared method borrows when neither the spec nor ``strength`` gives them.
-COMPARE_DEFAULTS: dict[str, Any] = {"drop_prob": 0.1, "block_size": 5, "top_rate": 0.2, "q": 0.5}
-#: Methods whose dropped regions get block outlines, and the methods with a score map.
-_OUTLINED = ("dropblock", "corrdrop")
-_CELLS = ("corrdrop",)
 _ROW_IN = 2.3  # inches per row: a square panel plus a four-line title
 
 
@@ -375,17 +371,19 @@ def _build_method(
     like: nn.Module | None = None,
     fill: bool = False,
 ) -> tuple[nn.Module | None, dict[str, Any], str]:
-    """``create_regularizer(name, ...)`` with the ``params`` it accepts and ``strength`` applied; ``fill`` adds
-    :data:`COMPARE_DEFAULTS`; ``like`` (the site's own regularizer) lends its token grid, if it has one."""
-    from timm_drop.regularizers.registry import create_regularizer, regularizer_params
-    from timm_drop.spec import STRENGTH_PARAMS
+    """``create_regularizer(name, ...)`` with the ``params`` it accepts and ``strength`` applied to the method's
+    ``strength_params``; ``fill`` adds its ``compare_defaults``; ``like`` (the site's own regularizer) lends its
+    token grid, if it has one."""
+    from timm_drop.regularizers.registry import create_regularizer, get_regularizer_class, regularizer_params
 
     accepted = regularizer_params(name)
+    method = get_regularizer_class(name)
     chosen = {k: v for k, v in params.items() if k in accepted}
     if fill:  # shared values even where a method has its own default: one block size and rate side by side
-        chosen.update({k: v for k, v in COMPARE_DEFAULTS.items() if k in accepted and k not in chosen})
+        defaults = getattr(method, "compare_defaults", {})
+        chosen.update({k: v for k, v in defaults.items() if k in accepted and k not in chosen})
     if strength is not None:
-        chosen.update({k: strength for k in STRENGTH_PARAMS if k in accepted})
+        chosen.update({k: strength for k in getattr(method, "strength_params", ()) if k in accepted})
     if name == "selectout" and "top_rate" in chosen and "drop_prob" in chosen:
         chosen["top_rate"] = max(chosen["top_rate"], chosen["drop_prob"])
     try:
@@ -529,28 +527,17 @@ def _cell_grid(ax: Any, h: int, w: int, kh: int, kw: int) -> None:
 
 
 def _score_maps(
-    name: str, params: dict[str, Any], cap: SiteCapture, layout: str, conv
+    reg: nn.Module, params: dict[str, Any], cap: SiteCapture, layout: str, conv
 ) -> tuple[torch.Tensor, str] | None:
-    """The method's own score on the captured input, as (N, C or 1, H, W) maps, and its title."""
-    if name == "corrdrop":
-        from timm_drop.regularizers.corrdrop import correlation_map
-
-        # CorrDrop acts on the map as drawn (a token site only through its patch grid)
-        maps = conv(cap.input)
-        k = params.get("block_size", 7)
-        h, w = maps.shape[-2:]
-        kh, kw = min(k, h), min(k, w)
-        cells = correlation_map(maps, k)
-        full = cells.repeat_interleave(kh, 1).repeat_interleave(kw, 2)[:, :h, :w]
-        return full[:, None], "correlation score F (Eq. 3)"
-    if name == "attentiondrop":
-        from timm_drop.regularizers.attentiondrop import attention_weights
-
-        # AttentionDrop normalises over every position the op sees (prefix tokens included)
-        view = _op_view(cap.input, layout)
-        w = attention_weights(view, params.get("top_rate", 1.0), params.get("mode", "ad"))
-        return conv(_from_op_view(w.view(view.shape), layout)), f"drop weight w ({params.get('mode', 'ad')})"
-    return None
+    """The method's own score (``Regularizer.score_map``) on the captured input as its op sees it, as
+    (N, C or 1, H, W) maps, and its title."""
+    score_map = getattr(reg, "score_map", None)
+    if score_map is None:
+        return None
+    if layout in getattr(reg, "grid_layouts", ()):  # the op sees a token site's patch grid: the map as drawn
+        return score_map(conv(cap.input), params)
+    score = score_map(_op_view(cap.input, layout), params)
+    return None if score is None else (conv(_from_op_view(score[0], layout)), score[1])
 
 
 def _draw(
@@ -675,10 +662,11 @@ def _row_panels(
         rel_c = rel[channel]
         fin_c = torch.isfinite(rel_c)
         map_dropped = float(((rel_c == 0) & fin_c).sum()) / max(1, int(fin_c.sum()))
-        score = _score_maps(slot.name, slot.params, cap, slot.layout, lambda t: conv(t)[0])
+        score = _score_maps(slot.reg, slot.params, cap, slot.layout, lambda t: conv(t)[0])
+        traits = getattr(slot.reg, "figure", FigureTraits())
         kh = kw = None
-        if slot.name in _CELLS:
-            k = int(slot.params.get("block_size", 7))
+        if traits.cell_grid:  # the method's pooling cells: block_size x block_size
+            k = int(slot.reg.param(slot.params, "block_size"))
             kh, kw = min(k, h), min(k, w)
         dropped_c = (rel_c == 0).numpy() & fin_c.numpy()
         if score is not None:
@@ -709,7 +697,7 @@ def _row_panels(
         overlays = []
         if kh is not None:
             overlays.append(lambda ax, kh=kh, kw=kw: _cell_grid(ax, h, w, kh, kw))
-        if slot.name in _OUTLINED:
+        if traits.outline_blocks:
             overlays.append(lambda ax, d=dropped_c: _outline(ax, d))
         stats = f"dropped {dropped_all:.1%} (ch {channel}: {map_dropped:.1%})"
         if scaled_all > 0:
@@ -766,11 +754,11 @@ def render_masks(
         images: None (a few embedded digits), a model-ready tensor, or image files / PIL images.
         sites: glob(s) over site names (``"stage:*"``, ``"*layer3*"``); default: up to ``max_sites`` sites of the
             plan spread over depth.
-        strength: replaces every strength parameter (``drop_prob``, ``q``) at the drawn sites.
+        strength: replaces the strength parameters (each method's ``strength_params``) at the drawn sites.
         seed: ``torch.manual_seed`` before each forward, so methods compared side by side share it.
         compare: registry names (or ``"a,b,c"``): each method alone at each drawn site of a fresh copy, at the spec's
             parameters when the spec uses that method, else the site's shared ones (``block_size``, ``top_rate``)
-            and :data:`COMPARE_DEFAULTS`.
+            and the method's ``compare_defaults``.
         progress: schedule progress for the copy (1.0: full strength); None keeps the model's current strengths.
         out: PNG path to write (parent folders are created); None draws without saving.
         label: appended to the figure's title (the recipe puts the epoch there).

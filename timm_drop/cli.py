@@ -248,9 +248,55 @@ def cmd_coverage(args: argparse.Namespace) -> int:
 
 
 def cmd_viz(args: argparse.Namespace) -> int:
-    from timm_drop.viz import cmd_viz as run
+    """``timm-drop viz MODEL SPEC ...``: errors in inputs are ``UsageError`` (exit 2) naming the flag."""
+    import timm
+    import torch
+    import yaml
 
-    return run(args)
+    from timm_drop.viz import format_params, render_masks
+
+    if os.path.exists(args.out) and not args.overwrite:
+        raise UsageError(f"--out {args.out!r} exists; pass --overwrite to replace it")
+    if not str(args.out).lower().endswith(".png"):
+        raise UsageError(f"--out {args.out!r}: the figure is a PNG; name the file *.png")
+    if args.strength is not None and not 0.0 <= args.strength < 1.0:
+        raise UsageError(f"--strength must be in [0, 1), got {args.strength}")
+    kwargs: dict[str, Any] = {}
+    if args.model_kwargs:
+        kwargs = yaml.safe_load(args.model_kwargs)
+        if not isinstance(kwargs, dict):
+            raise UsageError(
+                f"--model-kwargs must be a YAML mapping like '{{img_size: 64}}', got {args.model_kwargs!r}"
+            )
+    for f in args.image or ():
+        if not os.path.isfile(f):
+            raise UsageError(f"--image {f!r}: no such file")
+    check_model_name(args.model)
+    spec = load_spec_or_exit(args.spec)
+    torch.manual_seed(args.seed)  # the random initialisation too: the same command draws the same figure
+    try:
+        model = timm.create_model(args.model, pretrained=False, **kwargs)
+    except TypeError as exc:
+        raise UsageError(f"--model-kwargs: {args.model} rejected them: {exc}") from None
+    try:
+        fig = render_masks(
+            model,
+            spec,
+            args.image or None,
+            sites=args.sites,
+            strength=args.strength,
+            seed=args.seed,
+            compare=args.compare,
+            out=args.out,
+        )
+    except (ValueError, KeyError, FileNotFoundError) as exc:
+        # a KeyError's str() is the repr of its message; every other message is shown as it is, quotes and all
+        raise UsageError(str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)) from None
+    masks = fig.find("mask")
+    print(f"wrote {args.out} ({fig.size[0]}x{fig.size[1]} px, {len(masks)} mask panel(s))")
+    for p in masks:
+        print(f"  {p.site}  {p.method}({format_params(p.params)}): dropped {p.dropped:.1%}")
+    return 0
 
 
 def _read_jsonl(path: str) -> list[Any]:
@@ -311,6 +357,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _add_model_commands(sub)
+    _add_coverage_command(sub)
+    _add_viz_command(sub)
+    return parser
+
+
+def _add_model_commands(sub: Any) -> None:
+    """``list``, and the commands on MODEL SPEC: ``plan``, ``apply``, ``summary``."""
     p = sub.add_parser("list", help="list the registered regularizers and their parameters")
     p.set_defaults(func=cmd_list)
 
@@ -339,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
         p.set_defaults(func=func)
 
+
+def _add_coverage_command(sub: Any) -> None:
     p = sub.add_parser(
         "coverage",
         help="check the rewriter's guarantees over timm.list_models() and write a Markdown report",
@@ -394,6 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_coverage)
 
+
+def _add_viz_command(sub: Any) -> None:
     text = "draw what the spec's regularizers do to a few images: activation, realised mask, score map (PNG)"
     p = sub.add_parser("viz", help=text, description=text + "; see timm_drop.viz.render_masks")
     p.add_argument("model", metavar="MODEL", help="timm model name (built with pretrained=False)")
@@ -411,7 +469,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="FILE.png", help="figure to write")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_viz)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

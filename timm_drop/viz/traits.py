@@ -15,6 +15,7 @@ import torch
 from timm_drop.regularizers.base import Regularizer
 from timm_drop.viz.capture import _from_op_view, _op_view
 
+
 @dataclass(frozen=True)
 class MethodTraits:
     """How viz treats one method (by registry name)."""

@@ -159,6 +159,39 @@ def ops_rows(name: str) -> tuple[list[str], list[str]]:
     return header, out
 
 
+#: The spec the error example is made from: line 7 holds the mistake.
+ERROR_EXAMPLE_SPEC = """\
+rules:
+  - regularizer: dropblock
+    params: {drop_prob: 0.1, block_size: 7}
+    sites: [norm, shortcut]
+    stages: [3, 4]
+    stage_params:
+      3: {drop_prob: 1.5}
+"""
+
+
+def spec_error_example() -> str:
+    """The message ``load_spec`` raises for ``ERROR_EXAMPLE_SPEC`` saved as ``x.yaml`` (run in a temporary folder,
+    so the message names the file as a user in that folder would)."""
+    import os
+    import tempfile
+
+    from timm_drop import SpecError, load_spec
+
+    here = os.getcwd()
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "x.yaml").write_text(ERROR_EXAMPLE_SPEC)
+        os.chdir(tmp)
+        try:
+            load_spec("x.yaml")
+        except SpecError as err:
+            return str(err) + "\n"
+        finally:
+            os.chdir(here)
+    raise SystemExit("gen_pages: ERROR_EXAMPLE_SPEC loaded without an error")
+
+
 # -- writing ---------------------------------------------------------------------------------------------------
 
 
@@ -251,11 +284,11 @@ def page_card(name: str) -> str:
         f"![{name} masks on layer1 of a CIFAR ResNet-20](../../figures/{name}.png)\n\n",
         f"Drawn by `python docs/gen_figures.py` (`timm-drop viz` at seed 0 on an untrained model).\n\n",
         "## Measured speed against timm (CPU)\n\n",
-        f"Rows of [`{OPS_RESULTS}`](../benchmarks.md#op-speed-and-realised-drop-fraction) for this method and timm's "
+        f"Rows of [`{OPS_RESULTS}`](../../benchmarks.md#op-speed-and-realised-drop-fraction) for this method and timm's "
         "DropBlock2d (the ratio baseline); that run:\n\n",
         "\n".join(header) + "\n",
         "\n".join(rows) + "\n\n",
-        "Training effect on low-data CIFAR-10: see [Benchmarks and evidence](../benchmarks.md) (the table is "
+        "Training effect on low-data CIFAR-10: see [Benchmarks and evidence](../../benchmarks.md) (the table is "
         "included from `benchmarks/results/cpu_lowdata.md`, which a running job extends).\n",
     ]
     return "".join(parts)
@@ -269,6 +302,8 @@ def pages() -> dict[str, str]:
         "spec_fields.md": page_spec_fields(),
         "config_fields.md": page_config_fields(),
         "api.md": page_api(),
+        "spec_error_example.txt": spec_error_example(),
+        "spec_error_example_spec.yaml": ERROR_EXAMPLE_SPEC,
     }
     for name in list_regularizers():
         out[f"methods/{name}.md"] = page_card(name)

@@ -21,7 +21,6 @@ import inspect
 import sys
 import textwrap
 import typing
-from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -282,7 +281,7 @@ def page_card(name: str) -> str:
         RANDOMNESS[name] + "\n\n",
         "## Masks\n\n",
         f"![{name} masks on layer1 of a CIFAR ResNet-20](../../figures/{name}.png)\n\n",
-        f"Drawn by `python docs/gen_figures.py` (`timm-drop viz` at seed 0 on an untrained model).\n\n",
+        "Drawn by `python docs/gen_figures.py` (`timm-drop viz` at seed 0 on an untrained model).\n\n",
         "## Measured speed against timm (CPU)\n\n",
         f"Rows of [`{OPS_RESULTS}`](../../benchmarks.md#op-speed-and-realised-drop-fraction) for this method and timm's "
         "DropBlock2d (the ratio baseline); that run:\n\n",

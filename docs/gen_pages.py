@@ -64,7 +64,7 @@ def spec_field_rows() -> list[tuple[str, str, str, str]]:
     meaning = {
         "regularizer": "registry name (`timm-drop list`); `layerout` is refused with where it belongs",
         "params": "the regularizer's parameters, validated by building it once",
-        "sites": f"one or a list of: {', '.join(f'`{k}`' for k in spec.SITE_KINDS)}",
+        "sites": f"one or a list of: {', '.join(f'`{k}`' for k in spec.SITE_KINDS)}; see [site kinds](#site-kinds)",
         "stages": "1-based stage numbers from `model.feature_info`, stem excluded; omitted = everywhere",
         "name": "glob(s) over qualified module names, full match (`layer1` never hits `layer10`); `re:` prefix = regex",
         "type": "class name(s), matched through the class hierarchy (`BatchNorm2d` also catches `BatchNormAct2d`)",
@@ -74,7 +74,8 @@ def spec_field_rows() -> list[tuple[str, str, str, str]]:
         "the rule's sites in depth order, like timm's drop-path rates",
         "schedule": "`{kind: linear, start, end, initial}`, `{kind: curriculum, gamma}` or `constant`; "
         "`steps: N` makes it count its own training forwards",
-        "norm_position": f"one of {', '.join(f'`{k}`' for k in spec.NORM_POSITIONS)} (needs a `norm` site)",
+        "norm_position": f"one of {', '.join(f'`{k}`' for k in spec.NORM_POSITIONS)} (needs a `norm` site); "
+        "`after_norm` sits between norm and act in timm's fused `BatchNormAct2d`",
         "on_conflict": f"when an earlier rule holds the site: {', '.join(f'`{k}`' for k in spec.ON_CONFLICT)}",
         "allow_empty": "a rule matching nothing is an error naming the nearest names, unless true",
         "label": "the rule's name in plans, summaries and errors",
@@ -95,6 +96,50 @@ def spec_field_rows() -> list[tuple[str, str, str, str]]:
             default = "required"
         rows.append((key, _type_text(hints[key]), default, meaning[key]))
     return rows
+
+
+#: Facts about recipe config keys that the field comments in ``timm_drop/training/config.py`` do not state yet
+#: (they were in recipes/README.md's hand-written key list). Appended to the key's help; move each into the
+#: field's own help when the config's field table takes help text, then delete it here.
+CONFIG_NOTES: dict[str, str] = {
+    "name": "label in logs and plots (and the MLflow run name)",
+    "model.name": "`num_classes` comes from the data",
+    "data.num_workers": "image folders, hfds and wds only; workers persist across epochs, reseeded per epoch from "
+    "(seed, epoch, rank)",
+    "data.train_subset": "not for wds (a stream has no fixed subset)",
+    "data.augment.mixup": "any dataset, per batch on the device",
+    "data.augment.cutmix": "either Mixup or CutMix on: SoftTargetCrossEntropy, and `batch_size` must be even",
+    "data.augment.randaugment": "tensor datasets (augmented on the device): a config error",
+    "data.hfds": "needs `pip install 'timm_drop[streaming]'`",
+    "data.wds": "needs `pip install 'timm_drop[streaming]'`",
+    "optim.weight_decay": "never on the model's `no_weight_decay()` names (ViT `pos_embed`, `cls_token`, ...)",
+    "train.label_smoothing": "also smooths Mixup/CutMix targets when mixing",
+    "train.precision": "fp16 needs CUDA (GradScaler through Accelerate)",
+    "train.compile": "`torch.compile` after `accelerator.prepare`",
+    "train.ema": "timm's `ModelEmaV3`, evaluated every epoch",
+    "log.trackers": "`pip install \"timm_drop[tensorboard]\"` (or the tracker's package); metrics.jsonl stays. MLflow "
+    "logs where `MLFLOW_TRACKING_URI` points (experiment `timm_drop`, run = `name`); unset, MLflow 3 opens "
+    "`sqlite:///mlflow.db` in the working directory (needs full mlflow)",
+}
+
+
+def site_kind_rows() -> list[tuple[str, str]]:
+    """(kind, where it goes) per site kind, in ``timm_drop.spec.SITE_KINDS`` order. Re-point at the spec's field
+    table once it describes the kinds."""
+    from timm_drop import spec
+
+    where = {
+        "stage": "on a `feature_info` stage output",
+        "block": "after each block of a stage",
+        "residual": "on the branch operand of a skip add, before the add (where DropPath goes)",
+        "shortcut": "on the identity / projection operand of a skip add",
+        "merge": "on the add's output",
+        "norm": "after a normalization layer",
+        "module": "after modules chosen by `name` / `type`",
+    }
+    if set(where) != set(spec.SITE_KINDS):
+        raise SystemExit(f"gen_pages: site kinds differ from spec.SITE_KINDS: {set(where) ^ set(spec.SITE_KINDS)}")
+    return [(f"`{k}`", where[k]) for k in spec.SITE_KINDS]
 
 
 def config_field_rows() -> list[tuple[str, str, str, str]]:
@@ -126,7 +171,10 @@ def config_field_rows() -> list[tuple[str, str, str, str]]:
             rows.append((key, _type_text(tp), _yaml_value(default), helps.get(f.name, "")))
 
     walk(config.TrainConfig, "")
-    return rows
+    unknown = set(CONFIG_NOTES) - {k for k, *_ in rows}
+    if unknown:
+        raise SystemExit(f"gen_pages: CONFIG_NOTES names keys the config no longer has: {sorted(unknown)}")
+    return [(k, t, d, "; ".join(x for x in (h, CONFIG_NOTES.get(k, "")) if x)) for k, t, d, h in rows]
 
 
 def ops_rows(name: str) -> tuple[list[str], list[str]]:
@@ -300,6 +348,8 @@ def pages() -> dict[str, str]:
     out = {
         "spec_fields.md": page_spec_fields(),
         "config_fields.md": page_config_fields(),
+        "site_kinds.md": GENERATED_NOTE.format(src="timm_drop/spec.py")
+        + _table(("kind", "where the regularizer goes"), site_kind_rows()),
         "api.md": page_api(),
         "spec_error_example.txt": spec_error_example(),
         "spec_error_example_spec.yaml": ERROR_EXAMPLE_SPEC,

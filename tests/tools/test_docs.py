@@ -116,3 +116,11 @@ def test_readme_viz_command_is_the_figure_scripts():
     command = re.search(r"(timm-drop viz [^`]*?)\n```", text, flags=re.S).group(1).replace("\\\n", " ")
     args = command.split()[1:]
     assert args[:-1] == _load("gen_figures").README_VIZ_ARGS and args[-1] == "--overwrite"
+
+
+def test_readme_spec_is_a_valid_spec():
+    text = (ROOT / "README.md").read_text()
+    specs = [b for b in re.findall(r"```yaml\n(.*?)```", text, flags=re.S) if b.startswith("rules:")]
+    assert specs
+    for block in specs:
+        assert len(timm_drop.load_spec(block).rules) >= 1  # a SpecError names the rule and field at fault

@@ -15,12 +15,8 @@ pages include it whole at build time (``--8<--`` snippets) instead.
 from __future__ import annotations
 
 import argparse
-import ast
-import dataclasses
 import inspect
 import sys
-import textwrap
-import typing
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,73 +52,6 @@ RANDOMNESS: dict[str, str] = {
 # -- the sources: one function per table (re-point these when the source moves) ------------------------------
 
 
-def spec_field_rows() -> list[tuple[str, str, str, str]]:
-    """(field, type, default, meaning) per rule field, from ``timm_drop.spec``: ``RULE_KEYS`` for the order and
-    the ``Rule`` dataclass for types and defaults. Re-point at ``spec_field_table()`` once the spec exposes it."""
-    from timm_drop import spec
-
-    meaning = {
-        "regularizer": "registry name (`timm-drop list`); `layerout` is refused with where it belongs",
-        "params": "the regularizer's parameters, validated by building it once",
-        "sites": f"one or a list of: {', '.join(f'`{k}`' for k in spec.SITE_KINDS)}; see [site kinds](#site-kinds)",
-        "stages": "1-based stage numbers from `model.feature_info`, stem excluded; omitted = everywhere",
-        "name": "glob(s) over qualified module names, full match (`layer1` never hits `layer10`); `re:` prefix = regex",
-        "type": "class name(s), matched through the class hierarchy (`BatchNorm2d` also catches `BatchNormAct2d`)",
-        "exclude": "glob(s) like `name`; matching modules are left out",
-        "stage_params": "per-stage parameter overrides (`{3: {drop_prob: 0.025}}`); keys must be in `stages`",
-        "depth_scaling": f"one of {', '.join(f'`{k}`' for k in spec.DEPTH_SCALINGS)}: strength x (i+1)/n over "
-        "the rule's sites in depth order, like timm's drop-path rates",
-        "schedule": "`{kind: linear, start, end, initial}`, `{kind: curriculum, gamma}` or `constant`; "
-        "`steps: N` makes it count its own training forwards",
-        "norm_position": f"one of {', '.join(f'`{k}`' for k in spec.NORM_POSITIONS)} (needs a `norm` site); "
-        "`after_norm` sits between norm and act in timm's fused `BatchNormAct2d`",
-        "on_conflict": f"when an earlier rule holds the site: {', '.join(f'`{k}`' for k in spec.ON_CONFLICT)}",
-        "allow_empty": "a rule matching nothing is an error naming the nearest names, unless true",
-        "label": "the rule's name in plans, summaries and errors",
-    }
-    missing = set(spec.RULE_KEYS) ^ set(meaning)
-    if missing:
-        raise SystemExit(f"gen_pages: spec rule fields without a meaning here (or gone from RULE_KEYS): {missing}")
-    fields = {f.name: f for f in dataclasses.fields(spec.Rule)}
-    hints = typing.get_type_hints(spec.Rule)
-    rows = []
-    for key in spec.RULE_KEYS:
-        f = fields[key]
-        if f.default is not dataclasses.MISSING:
-            default = repr(f.default)
-        elif f.default_factory is not dataclasses.MISSING:
-            default = repr(f.default_factory())
-        else:
-            default = "required"
-        rows.append((key, _type_text(hints[key]), default, meaning[key]))
-    return rows
-
-
-#: Facts about recipe config keys that the field comments in ``timm_drop/training/config.py`` do not state yet
-#: (they were in recipes/README.md's hand-written key list). Appended to the key's help; move each into the
-#: field's own help when the config's field table takes help text, then delete it here.
-CONFIG_NOTES: dict[str, str] = {
-    "name": "label in logs and plots (and the MLflow run name)",
-    "model.name": "`num_classes` comes from the data",
-    "data.num_workers": "image folders, hfds and wds only; workers persist across epochs, reseeded per epoch from "
-    "(seed, epoch, rank)",
-    "data.train_subset": "not for wds (a stream has no fixed subset)",
-    "data.augment.mixup": "any dataset, per batch on the device",
-    "data.augment.cutmix": "either Mixup or CutMix on: SoftTargetCrossEntropy, and `batch_size` must be even",
-    "data.augment.randaugment": "tensor datasets (augmented on the device): a config error",
-    "data.hfds": "needs `pip install 'timm_drop[streaming]'`",
-    "data.wds": "needs `pip install 'timm_drop[streaming]'`",
-    "optim.weight_decay": "never on the model's `no_weight_decay()` names (ViT `pos_embed`, `cls_token`, ...)",
-    "train.label_smoothing": "also smooths Mixup/CutMix targets when mixing",
-    "train.precision": "fp16 needs CUDA (GradScaler through Accelerate)",
-    "train.compile": "`torch.compile` after `accelerator.prepare`",
-    "train.ema": "timm's `ModelEmaV3`, evaluated every epoch",
-    "log.trackers": "`pip install \"timm_drop[tensorboard]\"` (or the tracker's package); metrics.jsonl stays. MLflow "
-    "logs where `MLFLOW_TRACKING_URI` points (experiment `timm_drop`, run = `name`); unset, MLflow 3 opens "
-    "`sqlite:///mlflow.db` in the working directory (needs full mlflow)",
-}
-
-
 def site_kind_rows() -> list[tuple[str, str]]:
     """(kind, where it goes) per site kind, in ``timm_drop.spec.SITE_KINDS`` order. Re-point at the spec's field
     table once it describes the kinds."""
@@ -140,41 +69,6 @@ def site_kind_rows() -> list[tuple[str, str]]:
     if set(where) != set(spec.SITE_KINDS):
         raise SystemExit(f"gen_pages: site kinds differ from spec.SITE_KINDS: {set(where) ^ set(spec.SITE_KINDS)}")
     return [(f"`{k}`", where[k]) for k in spec.SITE_KINDS]
-
-
-def config_field_rows() -> list[tuple[str, str, str, str]]:
-    """(dotted key, type, default, help) per recipe config key, from the dataclasses of
-    ``timm_drop.training.config`` (help = the ``#:`` comment above each field). Re-point at
-    ``config_field_table()`` once the config exposes it."""
-    from timm_drop.training import config
-
-    rows: list[tuple[str, str, str, str]] = []
-
-    def walk(cls: type, prefix: str) -> None:
-        helps = _field_comments(cls)
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            key = prefix + f.name
-            tp = hints[f.name]
-            if dataclasses.is_dataclass(tp):
-                own_doc = tp.__doc__ or ""
-                doc = "" if own_doc.startswith(f"{tp.__name__}(") else own_doc.strip().splitlines()[0]
-                rows.append((key, "section", "", helps.get(f.name, "") or doc))
-                walk(tp, key + ".")
-                continue
-            if f.default is not dataclasses.MISSING:
-                default = f.default
-            elif f.default_factory is not dataclasses.MISSING:
-                default = f.default_factory()
-            else:
-                default = "required"
-            rows.append((key, _type_text(tp), _yaml_value(default), helps.get(f.name, "")))
-
-    walk(config.TrainConfig, "")
-    unknown = set(CONFIG_NOTES) - {k for k, *_ in rows}
-    if unknown:
-        raise SystemExit(f"gen_pages: CONFIG_NOTES names keys the config no longer has: {sorted(unknown)}")
-    return [(k, t, d, "; ".join(x for x in (h, CONFIG_NOTES.get(k, "")) if x)) for k, t, d, h in rows]
 
 
 def ops_rows(name: str) -> tuple[list[str], list[str]]:
@@ -242,38 +136,6 @@ def spec_error_example() -> str:
 # -- writing ---------------------------------------------------------------------------------------------------
 
 
-def _type_text(tp: typing.Any) -> str:
-    text = tp if isinstance(tp, str) else getattr(tp, "__name__", None) or repr(tp)
-    if not isinstance(tp, type) or typing.get_args(tp):
-        text = repr(tp)
-    for noise in ("typing.", "collections.abc.", "timm_drop.schedules.", "<class '", "'>"):
-        text = text.replace(noise, "")
-    return f"`{text}`"
-
-
-def _yaml_value(value: typing.Any) -> str:
-    import yaml
-
-    return f"`{yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}`"
-
-
-def _field_comments(cls: type) -> dict[str, str]:
-    """The ``#:`` comment lines directly above each field of a dataclass, joined."""
-    source = textwrap.dedent(inspect.getsource(cls)).splitlines()
-    tree = ast.parse("\n".join(source))
-    helps: dict[str, str] = {}
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    for node in body:
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            i = node.lineno - 2
-            parts: list[str] = []
-            while i >= 0 and source[i].strip().startswith("#:"):
-                parts.insert(0, source[i].strip()[2:].strip())
-                i -= 1
-            helps[node.target.id] = " ".join(parts)
-    return helps
-
-
 def _table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     esc = [tuple(c.replace("|", "\\|") for c in r) for r in rows]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -285,13 +147,15 @@ GENERATED_NOTE = "<!-- generated by docs/gen_pages.py from {src}; edit the sourc
 
 
 def page_spec_fields() -> str:
-    rows = [(f"`{k}`", t, f"`{d}`" if d != "required" else d, m) for k, t, d, m in spec_field_rows()]
-    return GENERATED_NOTE.format(src="timm_drop/spec.py") + _table(("field", "type", "default", "meaning"), rows)
+    from timm_drop.spec import spec_field_table
+
+    return GENERATED_NOTE.format(src="the rule fields declared on timm_drop.spec_model.Rule") + spec_field_table()
 
 
 def page_config_fields() -> str:
-    rows = [(f"`{k}`", t, d, h) for k, t, d, h in config_field_rows()]
-    return GENERATED_NOTE.format(src="timm_drop/training/config.py") + _table(("key", "type", "default", "what it does"), rows)
+    from timm_drop.training.config import config_field_table
+
+    return GENERATED_NOTE.format(src="the fields of timm_drop/training/config_schema.py") + config_field_table()
 
 
 def page_api() -> str:
@@ -304,6 +168,20 @@ def page_api() -> str:
         module = getattr(obj, "__module__", "timm_drop")
         parts.append(f"## `{name}`\n\n::: {module}.{obj.__qualname__}\n    options:\n      show_root_heading: false\n\n")
     return "".join(parts)
+
+
+def _paper_lines(cls: type) -> list[str]:
+    """The paper section of a card, from the class's ``card`` (a method without one gets none)."""
+    card = getattr(cls, "card", None)
+    if card is None:
+        return []
+    strength = ", ".join(f"`{p}`" for p in cls.strength_params) or "none"
+    return [
+        "## Paper\n\n",
+        f"[{card.title}]({card.url}) ({card.cite}). {card.summary[:1].upper() + card.summary[1:]}.\n\n",
+        f"Reported: {card.reported}.\n\n",
+        f"Strength parameters (scaled by `depth_scaling` and schedules): {strength}.\n\n",
+    ]
 
 
 def page_card(name: str) -> str:
@@ -319,6 +197,7 @@ def page_card(name: str) -> str:
         f"# `{name}`: {cls.__name__}\n\n",
         f"Spec: `regularizer: {name}`, `params: {{...}}` with `{name}({params})`. "
         f"Python: `{cls.__module__}.{cls.__name__}`.\n\n",
+        *_paper_lines(cls),
         "## Method card\n\n",
         "The module's docstring: paper, the equations implemented, the choices made where the paper is ambiguous, "
         "and the paper's placements.\n\n",

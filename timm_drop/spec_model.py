@@ -163,7 +163,8 @@ class Rule:
     )
     schedule: Schedule | None = documented(
         None,
-        help="strength over training: {kind: linear, start, end}, {kind: curriculum, gamma} or constant",
+        help="strength over training: {kind: linear, start, end, initial}, {kind: curriculum, gamma} or constant; "
+        "steps: N makes it count its own training forwards",
         type="mapping or str",
     )
     norm_position: str = documented(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ast
 import functools
-import importlib.util
 import re
 from pathlib import Path
 
@@ -112,12 +111,10 @@ def bad_script_uses(text: str) -> list[str]:
 @functools.cache
 def _config_keys() -> tuple[set[str], set[str]]:
     """(every dotted recipe config key, the keys whose value is free-form: a spec, kwargs, LayerOut's)."""
-    spec = importlib.util.spec_from_file_location("_gen_pages", ROOT / "docs" / "gen_pages.py")
-    gen = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gen)
-    rows = gen.config_field_rows()
-    keys = {k for k, *_ in rows}
-    free = {k for k, t, *_ in rows if t.strip("`").split(" ")[0] in ("Any", "dict")}
+    from timm_drop.training.config import CONFIG_FIELDS
+
+    keys = {f.name for f in CONFIG_FIELDS}
+    free = {f.name for f in CONFIG_FIELDS if f.type.startswith("mapping")}
     return keys, free
 
 

@@ -98,7 +98,6 @@ def _unknown(name: str) -> KeyError:
 
 def get_regularizer_class(name: str) -> Callable[..., nn.Module]:
     """The factory registered as ``name``; an unknown name is a ``KeyError`` with the nearest names."""
-    _ensure_builtins()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -129,10 +128,5 @@ def create_regularizer(name: str, **params: Any) -> nn.Module:
 
 
 def list_regularizers() -> list[str]:
-    _ensure_builtins()
     return sorted(_REGISTRY)
 
-
-def _ensure_builtins() -> None:
-    # Importing the package registers the built-in methods; this guards direct imports of this module.
-    import timm_drop.regularizers  # noqa: F401

@@ -220,6 +220,21 @@ def page_card(name: str) -> str:
     return "".join(parts)
 
 
+def page_paper_results() -> str:
+    """What each paper reports in its own setting, from the method classes' cards (LayerOut's included)."""
+    from timm_drop.layerout import LayerOut
+    from timm_drop.regularizers import get_regularizer_class, list_regularizers
+
+    methods = [(n, get_regularizer_class(n)) for n in list_regularizers()] + [("layerout", LayerOut)]
+    rows = [
+        (f"`{name}`", f"[{cls.card.cite}]({cls.card.url})", cls.card.reported)
+        for name, cls in methods
+        if getattr(cls, "card", None) is not None
+    ]
+    note = GENERATED_NOTE.format(src="each method class's card (timm_drop.regularizers.MethodCard)")
+    return note + _table(("method", "paper", "what the paper reports"), rows)
+
+
 def pages() -> dict[str, str]:
     """Relative path under docs/generated -> content."""
     from timm_drop.regularizers import list_regularizers
@@ -230,6 +245,7 @@ def pages() -> dict[str, str]:
         "site_kinds.md": GENERATED_NOTE.format(src="timm_drop/spec.py")
         + _table(("kind", "where the regularizer goes"), site_kind_rows()),
         "api.md": page_api(),
+        "paper_results.md": page_paper_results(),
         "spec_error_example.txt": spec_error_example(),
         "spec_error_example_spec.yaml": ERROR_EXAMPLE_SPEC,
     }

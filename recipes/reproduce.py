@@ -19,10 +19,8 @@ differs only in the regularizer or LayerOut section, with the paper placement of
 
 Each run is a separate ``recipes/train.py`` process (so any launcher works); the table (Markdown) gets the final and
 best eval top-1, the wall time and, for LayerOut, the mean frozen fraction. Short schedules rank methods only
-roughly. The papers report, each in its own full setting (160-300 epochs): DropBlock +1.62 top-1 (ResNet-50
-ImageNet 76.51 -> 78.13), SelectScale -2.70 points of error (WRN-20-4 CIFAR-100 22.90 -> 20.20), LayerOut +1.70
-(ResNet-110 CIFAR-10 93.57 -> 95.27), CorrDrop +0.78 (ResNet-20 CIFAR-10 91.79 -> 92.57), AttentionDrop +0.21
-(ResNet-18 CIFAR-10 95.28 -> 95.49).
+roughly. What each paper reports in its own full setting
+(160-300 epochs) is on its method card: ``timm-drop list``, or the docs' method pages.
 
 **Preset cpu-lowdata** (``--preset cpu-lowdata``): "does it help?" where a model overfits, on a 2-core CPU.
 Baseline, DropBlock, CorrDrop, SelectScale, Selectout, AttentionDrop (ad) and LayerOut train ResNet-20 on the same

@@ -279,7 +279,7 @@ def load_images(
     """
     cfg = _data_config(model, input_size)
     if images is None:
-        from timm_drop.training.data import _digits
+        from timm_drop.datasets.digits import digits_split as _digits
 
         d = _digits(False, 8).x[:num_images]  # (N, 8, 8, 3) uint8, the raw 8x8 digits
         t = torch.from_numpy(d).permute(0, 3, 1, 2).float() / 255.0

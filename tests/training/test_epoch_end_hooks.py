@@ -4,10 +4,11 @@ the built-in ones, with the epoch, once that epoch is evaluated, recorded, saved
 from __future__ import annotations
 
 import json
+import re
 
 from tiny import dropblock_stage_rule, tiny_run
 
-from timm_drop.training import Trainer, load_config
+from timm_drop.training import Trainer, epoch_end, load_config
 from timm_drop.training.checkpoint import CheckpointManager
 
 #: the built-in order, as the loop's docstring (timm_drop/training/epoch_end.py) states it
@@ -23,6 +24,11 @@ BUILT_IN = [
     "print_epoch_line",
     "draw_epoch_masks",
 ]
+
+
+def test_the_documented_order_is_the_order_of_the_built_in_hooks():
+    documented = re.findall(r"^\d+\. :func:`(\w+)`", epoch_end.__doc__, flags=re.M)
+    assert documented == BUILT_IN == [h.__name__ for h in epoch_end.EPOCH_END_HOOKS]
 
 
 def _cfg(out):

@@ -331,10 +331,5 @@ def test_viz_never_imports_the_command_line():
     assert not {m for m in _modules_viz_imports() if m.split(".")[:2] == ["timm_drop", "cli"]}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the default digits come from timm_drop.training.data until their home below both merges "
-    "(the one import in timm_drop.viz.capture._default_digits)",
-)
 def test_viz_never_imports_the_training_package():
     assert not {m for m in _modules_viz_imports() if m.split(".")[:2] == ["timm_drop", "training"]}

@@ -286,6 +286,6 @@ def _default_digits(n: int) -> np.ndarray:
     """The first ``n`` raw 8x8 test digits, ``(N, 8, 8, 3)`` uint8: the default images (the embedded digits data).
 
     The one place that names where the digits data lives."""
-    from timm_drop.training.data import _digits
+    from timm_drop.datasets.digits import digits_split
 
-    return _digits(False, 8).x[:n]
+    return digits_split(False, 8).x[:n]

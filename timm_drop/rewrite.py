@@ -59,6 +59,7 @@ from timm_drop.insertions import (
 )
 from timm_drop.regularizers.base import Regularizer
 from timm_drop.regularizers.registry import create_regularizer, get_regularizer_class
+from timm_drop.relative import map_hw, reference_hw, resolve_relative_sizes, resolve_stages, stage_count
 from timm_drop.scripting import ScriptableCopy
 from timm_drop.sites import SKIP_KINDS, Analysis, RewriteTarget, Site, analyze_model, rewrite_target
 from timm_drop.spec import REGEX_PREFIX, STRENGTH_PARAMS, Rule, Spec, load_spec
@@ -349,6 +350,16 @@ def _site_params(rule: Rule, site: Site, i: int, n: int) -> dict[str, Any]:
     return params
 
 
+def _resolve_sizes(
+    model: nn.Module, rule: Rule, site: Site, params: dict[str, Any], grid: Any, analysis: Analysis
+) -> dict[str, Any]:
+    """Relative sizes (``block_size: {fraction: 0.5}``) resolved on this site's map (:mod:`timm_drop.relative`)."""
+    used = tuple(analysis.input_shape[-2:]) if len(analysis.input_shape) == 4 else (0, 0)
+    ref = reference_hw(model, used, analysis.example_given)
+    hw = map_hw(site.shape, site.layout, grid)
+    return resolve_relative_sizes(params, hw, used, ref, f"{rule.describe()} at site {site.name}")
+
+
 def _site_grid(
     model: nn.Module, rule: Rule, site: Site, grids: dict[int, tuple[tuple[int, int], int] | str]
 ) -> tuple[tuple[int, int] | None, int]:
@@ -458,6 +469,7 @@ def _entries_of(
         unit = site.name if site.branch is None else (site.kind, site.module)
         params = _site_params(rule, site, position[unit], len(units))
         grid = _site_grid(model, rule, site, grids)
+        params = _resolve_sizes(model, rule, site, params, grid[0], targets.analysis)
         _make_regularizer(rule, site.name, site.layout, site.shape, params, grid)
         insertion, owner = _insertion_for(model, site, rule, targets)
         entries.append(
@@ -504,6 +516,7 @@ def _build(model: nn.Module, spec: Spec, analysis: Analysis) -> tuple[Plan, _Tar
     targets = _Targets(model, analysis)
     held: dict[str, list[PlanEntry]] = {}
     for rule in spec.rules:
+        rule = resolve_stages(rule, stage_count(analysis.stages))  # stages counted from the end
         entries = _entries_of(rule, model, targets, named)
         if not entries and not rule.allow_empty:
             raise _no_match_error(rule, model, analysis, targets.opaque, spec)

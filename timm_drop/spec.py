@@ -13,7 +13,7 @@ Format (a file, a YAML string and a dict are the same thing)::
       - regularizer: dropblock          # a name from list_regularizers()
         params: {drop_prob: 0.1, block_size: 7}
         sites: [norm, shortcut]         # one of SITE_KINDS or a list of them
-        stages: [3, 4]                  # 1-based, stem excluded; omitted = everywhere
+        stages: [3, 4]                  # 1-based, stem excluded; -1 = the last; omitted = everywhere
         name: "layer*"                  # glob (fnmatch, full name) or "re:<regex>" (re.fullmatch); str or list
         type: BatchNorm2d               # class name, matched through the module's MRO; str or list
         exclude: ["*.downsample*"]      # same syntax as name
@@ -31,6 +31,8 @@ Choices where the format could be read more than one way:
   intent is unambiguous); any other mapping is an error (a dict of named rules is not a format).
 * A top level that is a list is an error with a hint to put it under ``rules:``; an empty document is an error.
 * ``stage_params`` keys may be ints or digit strings (``"3"``), since JSON and command lines stringify keys.
+  Negative stage numbers count from the end (``-1`` = the last stage) and are resolved against the model when
+  it is planned (:mod:`timm_drop.relative`), as are relative sizes (``block_size: {fraction: 0.5}``).
   ``stages`` must be ints.
 * With ``stages`` set, ``params`` need only be complete for the listed stages that have no override, so
   CorrDrop's per-stage block sizes can live entirely in ``stage_params``. Without ``stages`` the base
@@ -713,14 +715,15 @@ def _check_stage_params(c: _RuleChecker, stages: tuple[int, ...] | None) -> dict
         if stage is None:
             c.fail(
                 f"stage_params.{key}",
-                f"stage keys must be positive integers (1-based, stem excluded), got {key!r}",
+                f"stage keys must be non-zero integers (1-based, stem excluded; -1 = the last), got {key!r}",
                 ("stage_params", key),
             )
             continue
         if stage in stage_params:
             c.fail(f"stage_params.{stage}", f"stage {stage} is given twice (as {key!r} and as an int)")
             continue
-        if stages is not None and stage not in stages:
+        # a key counted from the other end than the stages is checked against the model (timm_drop.relative)
+        if stages is not None and stage not in stages and all((s < 0) == (stage < 0) for s in stages):
             c.fail(
                 f"stage_params.{stage}",
                 f"stage {stage} is not among the rule's stages {list(stages)}, so it would never apply",
@@ -867,15 +870,15 @@ def _check_stages(c: _RuleChecker, raw: Any) -> tuple[int, ...] | None:
     if not isinstance(items, list) or not items:
         c.fail(
             "stages",
-            f"must be a positive integer or a non-empty list of them (1-based, stem excluded), got {raw!r}; "
+            f"must be a non-zero integer or a non-empty list of them (1-based, stem excluded; -1 = the last), got {raw!r}; "
             "leave it out to select every stage",
         )
         return None
     good = True
     for i, item in enumerate(items):
-        if isinstance(item, bool) or not isinstance(item, int) or item < 1:
+        if isinstance(item, bool) or not isinstance(item, int) or item == 0:
             sub = "stages" if items is not raw else f"stages[{i}]"
-            c.fail(sub, f"stages are positive integers (1-based, stem excluded), got {item!r}")
+            c.fail(sub, f"stages are non-zero integers (1-based, stem excluded; -1 = the last), got {item!r}")
             good = False
     return tuple(sorted(set(items))) if good else None
 
@@ -884,8 +887,8 @@ def _stage_key(key: Any) -> int | None:
     if isinstance(key, bool):
         return None
     if isinstance(key, int):
-        return key if key >= 1 else None
-    if isinstance(key, str) and key.strip().isdigit() and int(key) >= 1:
+        return key if key != 0 else None
+    if isinstance(key, str) and key.strip().lstrip("-").isdigit() and int(key) != 0:  # "-2": counted from the end
         return int(key)
     return None
 
@@ -956,7 +959,7 @@ def _check_buildable(
     required = [p for p, default in reg_params.items() if default is inspect.Parameter.empty]
     for stage in contexts:
         override = stage_params.get(stage, {}) if stage is not None else {}
-        merged = {**params, **override}
+        merged = _relative_placeholders(c, {**params, **override}, override, stage)
         missing = [p for p in required if p not in merged]
         if missing:
             if stage is None:
@@ -975,6 +978,23 @@ def _check_buildable(
             create_regularizer(regularizer, **merged)
         except Exception as exc:  # the regularizer's own validation is the source of truth
             _report_build_error(c, exc, merged, override, stage)
+
+
+def _relative_placeholders(
+    c: _RuleChecker, merged: dict[str, Any], override: dict[str, Any], stage: int | None
+) -> dict[str, Any]:
+    """``merged`` with each relative size (``block_size: {fraction: 0.5}``, resolved per site when planned) checked
+    and replaced by 1 for the build check."""
+    from timm_drop.relative import check_relative_size, is_relative_size
+
+    for key, value in merged.items():
+        if is_relative_size(value):
+            problem = check_relative_size(value)
+            if problem is not None:
+                fld = f"stage_params.{stage}.{key}" if key in override else f"params.{key}"
+                c.fail(fld, problem)
+            merged[key] = 1
+    return merged
 
 
 def _raw_stage_key(raw: Mapping[str, Any], stage: int) -> Any:

@@ -7,7 +7,10 @@ relative to a site's map.
   positive ones against the model's stage count when it is planned. ``0``, a number past either end, and one
   stage given twice in ``stage_params`` (``4`` and ``-1`` on a 4-stage model) are refused by name.
 * **Relative block sizes** (``block_size: {fraction: f}``, ``0 < f <= 1``): the side of the block is
-  ``round(f * min(H, W))`` (at least 1) of the map at that site, resolved per site and shown in the plan. The map
+  ``round(f * min(H, W))`` (at least 1, halves up) of the map of the site's stage -- the stage output, the group
+  resolution the papers quote sizes for (the first conv of a ResNet stage still runs at the previous stage's
+  resolution); a site outside any stage, or whose stage output is no map, uses its own map. It is resolved per
+  site and shown in the plan. The map
   is taken at the input the plan is made for: the ``example_input`` when one is given, else the model's configured
   input size (a fixed-size model's ``img_size``, else ``pretrained_cfg["input_size"]``, what timm's data config
   uses) -- the library's shape pass runs on a smaller input for speed, so its map sizes are scaled to that size.
@@ -152,5 +155,5 @@ def resolve_relative_sizes(
     scaled = [max(1, round(side * ref / used)) if used else side for side, ref, used in zip(hw, ref_hw, used_hw)]
     out = dict(params)
     for key in relative:
-        out[key] = max(1, round(float(params[key][RELATIVE_KEY]) * min(scaled)))
+        out[key] = max(1, math.floor(float(params[key][RELATIVE_KEY]) * min(scaled) + 0.5))  # half rounds up
     return out

@@ -57,6 +57,7 @@ from timm_drop.insertions import (
     WatchInsertion,
     record_of,
 )
+from timm_drop.placements import placement_request, resolve_placement
 from timm_drop.regularizers.base import Regularizer
 from timm_drop.regularizers.registry import create_regularizer, get_regularizer_class
 from timm_drop.relative import map_hw, reference_hw, resolve_relative_sizes, resolve_stages, stage_count
@@ -356,7 +357,11 @@ def _resolve_sizes(
     """Relative sizes (``block_size: {fraction: 0.5}``) resolved on this site's map (:mod:`timm_drop.relative`)."""
     used = tuple(analysis.input_shape[-2:]) if len(analysis.input_shape) == 4 else (0, 0)
     ref = reference_hw(model, used, analysis.example_given)
-    hw = map_hw(site.shape, site.layout, grid)
+    # the group's resolution, as the papers quote sizes: the site's stage output (a block's first conv still runs
+    # at the previous stage's resolution); a site outside any stage, or whose stage output is no map: its own map
+    out = next((s for s in analysis.sites if s.kind == "stage" and s.stage == site.stage and s.branch is None), None)
+    hw = map_hw(out.shape, out.layout, None) if out is not None and site.stage is not None else None
+    hw = hw or map_hw(site.shape, site.layout, grid)
     return resolve_relative_sizes(params, hw, used, ref, f"{rule.describe()} at site {site.name}")
 
 
@@ -576,11 +581,13 @@ def _refuse(model: nn.Module, stack: bool) -> None:
 def plan(model: nn.Module, spec: Any, *, example_input: Any = None) -> Plan:
     """Dry run: the table of sites, regularizers and parameters ``apply_regularizer`` would use.
 
-    ``spec`` is a path, YAML string, dict or :class:`~timm_drop.spec.Spec`. The model is not changed.
+    ``spec`` is a path, YAML string, dict or :class:`~timm_drop.spec.Spec`, or a placement by name
+    (:mod:`timm_drop.placements`). The model is not changed.
     """
-    spec = load_spec(spec)
+    spec = placement_request(spec) or load_spec(spec)  # a placement by name needs the model: resolved below
     _refuse(model, stack=True)
-    return _build(model, spec, analyze_model(model, example_input))[0]
+    analysis = analyze_model(model, example_input)
+    return _build(model, resolve_placement(spec, model, analysis), analysis)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -670,9 +677,10 @@ def apply_regularizer(
     See the module docstring for the insertion mechanisms and guarantees. ``example_input`` overrides the
     shape-pass input; ``stack=True`` allows a second application on top of an earlier one.
     """
-    spec = load_spec(spec)
+    spec = placement_request(spec) or load_spec(spec)  # a placement by name needs the model: resolved below
     _refuse(model, stack)
     analysis = analyze_model(model, example_input)
+    spec = resolve_placement(spec, model, analysis)
     the_plan, targets = _build(model, spec, analysis)
     regs = _materialize(the_plan, spec, model)
     record = record_of(model)

@@ -379,6 +379,7 @@ def load_spec(src: str | os.PathLike | Mapping[str, Any] | Spec) -> Spec:
         if _looks_like_path(src):
             return _load_file(src)
         data, root = _parse_yaml(src, "<string>")
+        _refuse_placement(src, data)
         if isinstance(data, str) and not any(c.isspace() for c in data.strip()):
             raise SpecError(
                 "<string>",
@@ -387,11 +388,26 @@ def load_spec(src: str | os.PathLike | Mapping[str, Any] | Spec) -> Spec:
             )
         return _validate(data, "<string>", root)
     if isinstance(src, Mapping):
+        _refuse_placement(src, src)
         return _validate(src, "<dict>", None)
     raise SpecError(
         "<unknown>",
         f"load_spec takes a path, YAML text, a mapping or a Spec, not {type(src).__name__}",
     )
+
+
+def _refuse_placement(src: Any, data: Any) -> None:
+    """A placement by name (``"dropblock"``, ``{preset: dropblock, ...}``) becomes a spec only on a model: say how."""
+    from timm_drop.placements import PLACEMENTS
+
+    name = data.get("preset") if isinstance(data, Mapping) else data
+    if isinstance(name, str) and (name in PLACEMENTS or isinstance(data, Mapping)):
+        raise SpecError(
+            "<string>" if isinstance(src, str) else "<dict>",
+            f"{name!r} is a placement by name: it becomes a spec on a given model. Pass it to plan / "
+            f"apply_regularizer / create_model(spec=...) as it is, or get the concrete spec with "
+            f"timm_drop.placement_spec(model, {name!r}) (CLI: timm-drop presets --model MODEL {name})",
+        )
 
 
 def _looks_like_path(text: str) -> bool:

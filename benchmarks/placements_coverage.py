@@ -127,6 +127,13 @@ def render(rows: list[dict], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _read(jsonl: str | None) -> dict[str, dict]:
+    if not jsonl or not Path(jsonl).exists():
+        return {}
+    rows = (json.loads(line) for line in Path(jsonl).read_text().splitlines() if line.strip())
+    return {r["model"]: r for r in rows}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sample", type=int, default=300)
@@ -136,6 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jsonl", default="placements_coverage.jsonl")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--render-only", action="store_true")
+    ap.add_argument(
+        "--other", default=None, metavar="JSONL",
+        help="a second run's results, going the other way (with --reverse): stop where they meet; merged into the table",
+    )
+    ap.add_argument("--reverse", action="store_true", help="check the sample from its end")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -149,7 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     names = select_models(sample=args.sample, seed=args.seed)
     if not args.render_only:
         with path.open("a" if args.resume else "w") as fh:
-            for i, name in enumerate(names):
+            order = list(enumerate(names))
+            for i, name in reversed(order) if args.reverse else order:
+                if name in _read(args.other):
+                    break  # the other run has been here
                 if name in done:
                     continue
                 row = check(name, args.timeout, args.max_params)
@@ -157,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                 fh.write(json.dumps(row) + "\n")
                 fh.flush()
                 print(f"[{i + 1}/{len(names)}] {name}: {row['status']} {row.get('seconds', 0)} s", file=sys.stderr)
+    done = {**_read(args.other), **done}
     command = f"python benchmarks/placements_coverage.py --sample {args.sample} --seed {args.seed}"
     text = render([done[n] for n in names if n in done], command)
     if args.out:

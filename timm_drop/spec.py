@@ -398,10 +398,11 @@ def load_spec(src: str | os.PathLike | Mapping[str, Any] | Spec) -> Spec:
 
 def _refuse_placement(src: Any, data: Any) -> None:
     """A placement by name (``"dropblock"``, ``{preset: dropblock, ...}``) becomes a spec only on a model: say how."""
-    from timm_drop.placements import PLACEMENTS
+    from timm_drop.placements import PLACEMENTS, placement_request
 
     name = data.get("preset") if isinstance(data, Mapping) else data
     if isinstance(name, str) and (name in PLACEMENTS or isinstance(data, Mapping)):
+        placement_request(data)  # an unknown name or override is named first
         raise SpecError(
             "<string>" if isinstance(src, str) else "<dict>",
             f"{name!r} is a placement by name: it becomes a spec on a given model. Pass it to plan / "

@@ -127,11 +127,14 @@ def render(rows: list[dict], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _read(jsonl: str | None) -> dict[str, dict]:
-    if not jsonl or not Path(jsonl).exists():
-        return {}
-    rows = (json.loads(line) for line in Path(jsonl).read_text().splitlines() if line.strip())
-    return {r["model"]: r for r in rows}
+def _read(*jsonl: str) -> dict[str, dict]:
+    """Rows by model of result files, later files winning."""
+    out: dict[str, dict] = {}
+    for path in jsonl:
+        if Path(path).exists():
+            rows = (json.loads(line) for line in Path(path).read_text().splitlines() if line.strip())
+            out.update((r["model"], r) for r in rows)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,8 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--render-only", action="store_true")
     ap.add_argument(
-        "--other", default=None, metavar="JSONL",
-        help="a second run's results, going the other way (with --reverse): stop where they meet; merged into the table",
+        "--other", action="append", default=[], metavar="JSONL",
+        help="earlier or concurrent runs' results (repeatable): a run going the other way (--reverse) stops where "
+        "they meet; merged into the table, this run's rows winning",
+    )
+    ap.add_argument(
+        "--recheck-refused", action="store_true",
+        help="check again only the models with a refusal in --other (after a change to the placements)",
     )
     ap.add_argument("--reverse", action="store_true", help="check the sample from its end")
     ap.add_argument("--out", default=None)
@@ -162,8 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.render_only:
         with path.open("a" if args.resume else "w") as fh:
             order = list(enumerate(names))
+            if args.recheck_refused:
+                earlier = _read(*args.other)
+                order = [(i, n) for i, n in order if n in earlier and not all(
+                    p["ok"] for p in earlier[n]["placements"].values())]  # fmt: skip
             for i, name in reversed(order) if args.reverse else order:
-                if name in _read(args.other):
+                if not args.recheck_refused and name in _read(*args.other):
                     break  # the other run has been here
                 if name in done:
                     continue
@@ -172,8 +184,13 @@ def main(argv: list[str] | None = None) -> int:
                 fh.write(json.dumps(row) + "\n")
                 fh.flush()
                 print(f"[{i + 1}/{len(names)}] {name}: {row['status']} {row.get('seconds', 0)} s", file=sys.stderr)
-    done = {**_read(args.other), **done}
-    command = f"python benchmarks/placements_coverage.py --sample {args.sample} --seed {args.seed}"
+    done = {**_read(*args.other), **done}
+    command = (
+        f"python benchmarks/placements_coverage.py --sample {args.sample} --seed {args.seed} --jsonl a.jsonl & "
+        f"python benchmarks/placements_coverage.py --sample {args.sample} --seed {args.seed} --reverse --other a.jsonl "
+        "--jsonl b.jsonl; then --recheck-refused --other a.jsonl --other b.jsonl --jsonl c.jsonl after the last "
+        "change to the placements"
+    )
     text = render([done[n] for n in names if n in done], command)
     if args.out:
         Path(args.out).write_text(text)

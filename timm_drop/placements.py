@@ -367,22 +367,38 @@ class _Translation:
     def refuse(self, reason: str) -> PlacementError:
         return PlacementError(f"{self.where}: {reason}")
 
-    def usable(self, kind: str, stages: list[int], exclude: tuple[str, ...] = ()) -> list[Any]:
-        """Sites of ``kind`` in ``stages`` that the placement's regularizer can act on."""
+    def selected(self, kind: str, stages: list[int], exclude: tuple[str, ...] = ()) -> list[Any]:
+        """Sites a rule of ``kind`` (``conv``: ``module`` sites of a Conv2d) on ``stages`` would select."""
+        site_kind = "module" if kind == "conv" else kind
         out = []
         for s in self.analysis.sites:
-            if s.kind != kind or s.stage not in stages or s.layout is None or s.layout == "NC":
+            if s.kind != site_kind or s.stage not in stages or any(match_pattern(e, s.module) for e in exclude):
                 continue
-            if any(match_pattern(e, s.module) for e in exclude):
-                continue
-            if self.needs_map and s.layout not in _MAP_LAYOUTS and not (s.layout == "NLC" and self.family == "vit"):
+            if kind == "conv" and not isinstance(self.model.get_submodule(s.module), nn.Conv2d):
                 continue
             out.append(s)
         return out
 
+    def can_act(self, site: Any) -> bool:
+        """Whether the regularizer can act on a site: a feature layout, and a 2-D map for the map methods (an
+        ``NLC`` site of a plain ViT only when its tokens are the prefix tokens plus the patch grid)."""
+        if site.layout is None or site.layout == "NC":
+            return False
+        if not self.needs_map or site.layout in _MAP_LAYOUTS:
+            return True
+        if site.layout != "NLC" or self.family != "vit" or site.shape is None or len(site.shape) != 3:
+            return False
+        from timm_drop.structure import token_grid
+
+        return isinstance(token_grid(self.model, site.shape[1]), tuple)
+
+    def usable(self, kind: str, stages: list[int], exclude: tuple[str, ...] = ()) -> list[Any]:
+        """Sites of ``kind`` in ``stages`` that the placement's regularizer can act on."""
+        return [s for s in self.selected(kind, stages, exclude) if self.can_act(s)]
+
     def pick(self, kinds: list[str], stages: list[int], exclude: tuple[str, ...] = ()) -> tuple[str, list[int]]:
         """The first site kind with a usable site in ``stages`` (and the stages that have one)."""
-        for kind in kinds:
+        for kind in kinds if self.needs_map else [k for k in kinds if k != "conv"]:
             sites = self.usable(kind, stages, exclude if kind == "norm" else ())
             if sites:
                 return kind, sorted({s.stage for s in sites})
@@ -420,7 +436,11 @@ class _Translation:
         else:
             kind, stages = self._site_kind(stages)
             exclude = ("*.downsample*",) if kind == "norm" and p.sites in ("branch", "branch+skip") else ()
-            selectors = {"sites": [kind], **({"exclude": list(exclude)} if exclude else {})}
+            # sites of the kind the regularizer cannot act on (a token norm in a CNN's block): left out by name
+            exclude += tuple(dict.fromkeys(s.module for s in self.selected(kind, stages, exclude) if not self.can_act(s)))
+            selectors = {"sites": ["module"], "type": ["Conv2d"]} if kind == "conv" else {"sites": [kind]}
+            if exclude:
+                selectors["exclude"] = list(exclude)
             stages_field = stages
             base = dict(p.params)
             schedule = p.schedule
@@ -446,6 +466,9 @@ class _Translation:
                 out.append({**rule, "label": f"{p.name} ({FAMILIES[family].split(' (')[0]}): skip connections",
                             "sites": ["shortcut"], "stages": skips, "allow_empty": True})  # fmt: skip
                 out[-1].pop("exclude", None)
+                unusable = [s.module for s in self.selected("shortcut", skips) if not self.can_act(s)]
+                if unusable:
+                    out[-1]["exclude"] = list(dict.fromkeys(unusable))
                 if stage_params:
                     out[-1]["stage_params"] = {k: v for k, v in stage_params.items() if k in skips}
                     if not out[-1]["stage_params"]:
@@ -471,11 +494,11 @@ class _Translation:
         elif p.sites == "output":
             kinds = ["stage"]
         elif family == "vit":
-            kinds = ["stage"]  # a ViT block's output is its stage output
+            kinds = ["stage", "conv"]  # a ViT block's output is its stage output
         elif family == "transformer":
-            kinds = ["block", "stage"]
+            kinds = ["block", "stage", "conv"]
         else:
-            kinds = ["norm", "block", "stage"]
+            kinds = ["norm", "block", "stage", "conv"]
         exclude = ("*.downsample*",) if p.sites in ("branch", "branch+skip") else ()
         return self.pick(kinds, stages, exclude)
 

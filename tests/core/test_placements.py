@@ -176,6 +176,9 @@ def test_create_model_with_a_placement_name_stores_the_concrete_spec():
 def test_timm_create_model_registered_entrypoint_takes_a_name_with_overrides():
     m = timm.create_model("timm_drop_regularized", model="resnet18", spec={"preset": "droppath", "drop_prob": 0.2})
     assert [e.params["drop_prob"] for e in m._timm_drop_plan.entries] == [0.2, 0.2]
+    # train.py: --model timm_drop_regularized --model-kwargs model=resnet18 spec=droppath
+    m = timm.create_model("timm_drop_regularized", model="resnet18", spec="droppath")
+    assert [e.params["drop_prob"] for e in m._timm_drop_plan.entries] == [0.1, 0.1]
 
 
 def test_recipe_regularizer_accepts_a_placement():

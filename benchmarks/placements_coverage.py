@@ -6,8 +6,9 @@
 For every sampled model (``pretrained=False``, one thread, the library's default shape-pass input, which is small
 for every model that accepts any size): one analysis, then for each placement :func:`timm_drop.placement_spec`
 and the plan built from it (the plan builds every regularizer and sets its layout, as ``apply_regularizer`` does
-before inserting it). A model whose build fails or runs past ``--timeout`` is counted apart, as is one above
-``--max-params`` (counted on the meta device, never built). Results stream to ``--jsonl`` (``--resume`` continues a
+before inserting it). A model whose build fails or runs past ``--timeout`` is counted apart. One above
+``--max-params`` (counted on the meta device) is built and planned on the meta device, as the library plans a
+meta-device model: shapes only. Results stream to ``--jsonl`` (``--resume`` continues a
 cut-short run); the Markdown table is written from it.
 """
 
@@ -50,10 +51,14 @@ def check(name: str, timeout: int, max_params: int) -> dict:
     row: dict = {"model": name, "placements": {}}
     t0 = time.time()
     try:
-        if _param_count(name) > max_params:
-            return {**row, "status": "skipped", "reason": f"over {max_params:,} parameters", "seconds": 0}
+        meta = _param_count(name) > max_params
         signal.alarm(timeout)
-        model = timm.create_model(name, pretrained=False).eval()
+        if meta:  # planned on shapes, as the library plans a meta-device model: no memory, no weights
+            row["meta"] = True
+            with torch.device("meta"):
+                model = timm.create_model(name, pretrained=False).eval()
+        else:
+            model = timm.create_model(name, pretrained=False).eval()
         analysis = analyze_model(model)
         row["family"] = model_family(model, analysis)
         for placement in list_placements():
@@ -87,7 +92,8 @@ def render(rows: list[dict], command: str) -> str:
         f"timm_drop {timm_drop.__version__}",
         f"- sampled: {len(rows)} models; checked: {len(checked)}; not built: "
         f"{sum(r['status'] == 'error' for r in rows)} (timm build/forward error or timeout); skipped: "
-        f"{sum(r['status'] == 'skipped' for r in rows)} (too large)",
+        f"{sum(r['status'] == 'skipped' for r in rows)} (too large); of the checked, "
+        f"{sum(bool(r.get('meta')) for r in checked)} over --max-params were built and planned on the meta device",
         "- a placement *applies* when its concrete spec plans on the model (every regularizer built and its layout "
         "set); otherwise it *refuses*, and the error names the placement and the reason",
         "",
@@ -153,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--recheck-refused", action="store_true",
-        help="check again only the models with a refusal in --other (after a change to the placements)",
+        help="check again only the models with a refusal, or not checked, in --other (after a change)",
     )
     ap.add_argument("--reverse", action="store_true", help="check the sample from its end")
     ap.add_argument("--out", default=None)
@@ -172,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             order = list(enumerate(names))
             if args.recheck_refused:
                 earlier = _read(*args.other)
-                order = [(i, n) for i, n in order if n in earlier and not all(
-                    p["ok"] for p in earlier[n]["placements"].values())]  # fmt: skip
+                order = [(i, n) for i, n in order if n in earlier and (earlier[n]["status"] != "checked" or not all(
+                    p["ok"] for p in earlier[n]["placements"].values()))]  # fmt: skip
             for i, name in reversed(order) if args.reverse else order:
                 if not args.recheck_refused and name in _read(*args.other):
                     break  # the other run has been here

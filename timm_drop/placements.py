@@ -405,7 +405,8 @@ class _Translation:
         if kinds == ["residual"]:
             raise self.refuse(
                 f"no residual branch in stages {stages} (of {self.n}): {self.p.regularizer} drops a block's residual "
-                "branch, and these blocks have none (no skip connection)"
+                "branch, and no block there has a skip connection the analysis can rewrite (none, or its add is "
+                "not traceable: timm-drop plan MODEL with sites: [residual] says why)"
             )
         what = "a 2-D feature map" if self.needs_map else "a feature map or token sequence"
         raise self.refuse(

@@ -77,6 +77,9 @@ FAMILIES: dict[str, str] = {
 #: keys of the mapping form besides the regularizer's parameters
 OVERRIDE_KEYS: tuple[str, ...] = ("preset", "stages", "stage_params", "schedule")
 _MAP_LAYOUTS = ("NCHW", "NHWC")
+#: timm's stochastic-depth slot in a block's residual branch (``drop_path``, ``drop_path1`` ...): where timm applies
+#: its own ``drop_path_rate``; DropPath's fallback where the analysis finds no residual add it can rewrite
+_DROP_PATH_SLOT = "*.drop_path*"
 _LINEAR = {"kind": "linear", "start": 0.0, "end": 1.0}
 
 
@@ -245,7 +248,8 @@ PLACEMENTS: dict[str, Placement] = {
             "last",
             "residual",
             _LINEAR,
-            departures="ViT: the residual branches (attention and MLP) of the last depth quarter",
+            departures="ViT: the residual branches (attention and MLP) of the last depth quarter; where the analysis "
+            "finds no residual add it can rewrite (NFNets), timm's own drop_path slot of each block",
         ),
     )
 }
@@ -369,12 +373,14 @@ class _Translation:
 
     def selected(self, kind: str, stages: list[int], exclude: tuple[str, ...] = ()) -> list[Any]:
         """Sites a rule of ``kind`` (``conv``: ``module`` sites of a Conv2d) on ``stages`` would select."""
-        site_kind = "module" if kind == "conv" else kind
+        site_kind = "module" if kind in ("conv", "drop_path") else kind
         out = []
         for s in self.analysis.sites:
             if s.kind != site_kind or s.stage not in stages or any(match_pattern(e, s.module) for e in exclude):
                 continue
             if kind == "conv" and not isinstance(self.model.get_submodule(s.module), nn.Conv2d):
+                continue
+            if kind == "drop_path" and not match_pattern(_DROP_PATH_SLOT, s.module):
                 continue
             out.append(s)
         return out
@@ -402,7 +408,7 @@ class _Translation:
             sites = self.usable(kind, stages, exclude if kind == "norm" else ())
             if sites:
                 return kind, sorted({s.stage for s in sites})
-        if kinds == ["residual"]:
+        if kinds[0] == "residual":
             raise self.refuse(
                 f"no residual branch in stages {stages} (of {self.n}): {self.p.regularizer} drops a block's residual "
                 "branch, and no block there has a skip connection the analysis can rewrite (none, or its add is "
@@ -439,13 +445,17 @@ class _Translation:
             exclude = ("*.downsample*",) if kind == "norm" and p.sites in ("branch", "branch+skip") else ()
             # sites of the kind the regularizer cannot act on (a token norm in a CNN's block): left out by name
             exclude += tuple(dict.fromkeys(s.module for s in self.selected(kind, stages, exclude) if not self.can_act(s)))
-            selectors = {"sites": ["module"], "type": ["Conv2d"]} if kind == "conv" else {"sites": [kind]}
+            selectors = {"sites": [kind]}
+            if kind == "conv":
+                selectors = {"sites": ["module"], "type": ["Conv2d"]}
+            elif kind == "drop_path":
+                selectors = {"sites": ["module"], "name": [_DROP_PATH_SLOT]}
             if exclude:
                 selectors["exclude"] = list(exclude)
             stages_field = stages
             base = dict(p.params)
             schedule = p.schedule
-            how = f"{kind} sites"
+            how = "timm's drop_path slots (no rewritable residual add)" if kind == "drop_path" else f"{kind} sites"
         params = {**base, **{k: v for k, v in overrides.items() if k not in OVERRIDE_KEYS}}
         if "schedule" in overrides:
             schedule = overrides["schedule"]
@@ -491,7 +501,7 @@ class _Translation:
     def _site_kind(self, stages: list[int]) -> tuple[str, list[int]]:
         p, family = self.p, self.family
         if p.sites == "residual":
-            kinds = ["residual"]
+            kinds = ["residual", "drop_path"]  # no rewritable add: timm's own drop-path slot of the block
         elif p.sites == "output":
             kinds = ["stage"]
         elif family == "vit":

@@ -7,6 +7,7 @@
     timm-drop apply MODEL SPEC --out ckpt.pth [--input-size ...] [--num-classes N]
     timm-drop viz MODEL SPEC [--image FILE ...] [--sites GLOB] [--strength P] [--seed S] [--compare A,B] --out F.png
     timm-drop summary MODEL SPEC [--input-size ...] [--num-classes N]   # per rule: sites, strength, schedule
+    timm-drop presets [NAME ...] [--model MODEL]      # placements by name: paper rule; --model: the concrete spec
     timm-drop coverage [--limit N] [--sample N] [--seed S] [--filter GLOB] [--out PATH] [--timeout-per-model S]
                        [--features-only]                 # backbones: timm.create_model(name, features_only=True)
 
@@ -72,11 +73,13 @@ def create_model(name: str, num_classes: int | None = None):
 
 
 def load_spec_or_exit(src: str):
-    """Parse SPEC (a path or YAML text); a :class:`SpecError` becomes a :class:`UsageError` with its text."""
+    """Parse SPEC (a path, YAML text or a placement by name, which stays a request until it meets the model);
+    a :class:`SpecError` becomes a :class:`UsageError` with its text."""
+    from timm_drop.placements import placement_request
     from timm_drop.spec import SpecError, load_spec
 
     try:
-        return load_spec(src)
+        return placement_request(src) or load_spec(src)
     except SpecError as exc:
         raise UsageError(str(exc)) from None
 
@@ -152,6 +155,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     plan = _plan(model, spec, example)
     print(plan)
     timm_drop.apply_regularizer(model, plan)  # the plan shown, as it is: no second analysis
+    spec = plan.spec  # the concrete spec (a placement by name resolved on this model): the checkpoint records it
     # The regularizers own no parameters or persistent buffers, so the state_dict is a plain timm checkpoint;
     # the spec and plan ride along so the same placement can be re-applied before loading it.
     from timm_drop.training.checkpoint import save_weights_safetensors
@@ -188,6 +192,39 @@ def cmd_summary(args: argparse.Namespace) -> int:
     _plan(model, spec, example)  # a spec that does not fit is a usage error, as for plan
     timm_drop.apply_regularizer(model, spec, example_input=example)
     print(summary(model))
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    """Each placement's paper rule, translations and departures; with --model, the concrete spec it becomes."""
+    from timm_drop.placements import FAMILIES, PLACEMENTS, PlacementError, placement_spec
+
+    names = args.names or list(PLACEMENTS)
+    unknown = [n for n in names if n not in PLACEMENTS]
+    if unknown:
+        from timm_drop.suggest import did_you_mean
+
+        hint = did_you_mean(unknown[0], list(PLACEMENTS))
+        raise UsageError(f"unknown placement {unknown[0]!r}{hint} (placements: {', '.join(PLACEMENTS)})")
+    if args.model is None:
+        for name in names:
+            p = PLACEMENTS[name]
+            print(f"{name}  [{p.regularizer}]  {p.paper}")
+            print(f"    rule: {p.rule}")
+            if p.departures:
+                print(f"    departures: {p.departures}")
+        print("families: " + "; ".join(f"{k} = {v}" for k, v in FAMILIES.items()))
+        print("overrides: {preset: NAME, <param>: value, stages: [-1], stage_params: {...}, schedule: {...}}")
+        return 0
+    model = create_model(args.model, args.num_classes)
+    model.eval()
+    for name in names:
+        try:
+            print(f"# {args.model}: placement {name!r}\n" + placement_spec(model, name).to_yaml())
+        except PlacementError as exc:
+            if len(names) == 1:
+                raise UsageError(str(exc)) from None
+            print(f"# {args.model}: placement {name!r} refused: {exc}\n")
     return 0
 
 
@@ -379,7 +416,9 @@ def _add_model_commands(sub: Any) -> None:
     ):
         p = sub.add_parser(cmd, help=text, description=text)
         p.add_argument("model", metavar="MODEL", help="timm model name (built with pretrained=False)")
-        p.add_argument("spec", metavar="SPEC", help="spec file (.yaml) or YAML text")
+        p.add_argument(
+            "spec", metavar="SPEC", help="spec file (.yaml), YAML text or a placement name (timm-drop presets)"
+        )
         p.add_argument(
             "--input-size",
             type=int,
@@ -392,6 +431,13 @@ def _add_model_commands(sub: Any) -> None:
             p.add_argument("--out", required=True, help="checkpoint path to write")
             p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
         p.set_defaults(func=func)
+
+    text = "each placement by name: its paper's rule, per-family translation, departures; --model: its concrete spec"
+    p = sub.add_parser("presets", help=text, description=text)
+    p.add_argument("names", nargs="*", metavar="NAME", help="placements to show (default: all)")
+    p.add_argument("--model", default=None, help="timm model name: print the concrete spec each NAME becomes on it")
+    p.add_argument("--num-classes", type=int, default=None, help="classifier size (default: timm's)")
+    p.set_defaults(func=cmd_presets)
 
 
 def _add_coverage_command(sub: Any) -> None:

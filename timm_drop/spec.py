@@ -13,7 +13,7 @@ Format (a file, a YAML string and a dict are the same thing)::
       - regularizer: dropblock          # a name from list_regularizers()
         params: {drop_prob: 0.1, block_size: 7}
         sites: [norm, shortcut]         # one of SITE_KINDS or a list of them
-        stages: [3, 4]                  # 1-based, stem excluded; omitted = everywhere
+        stages: [3, 4]                  # 1-based, stem excluded; -1 = the last; omitted = everywhere
         name: "layer*"                  # glob (fnmatch, full name) or "re:<regex>" (re.fullmatch); str or list
         type: BatchNorm2d               # class name, matched through the module's MRO; str or list
         exclude: ["*.downsample*"]      # same syntax as name
@@ -31,6 +31,8 @@ Choices where the format could be read more than one way:
   intent is unambiguous); any other mapping is an error (a dict of named rules is not a format).
 * A top level that is a list is an error with a hint to put it under ``rules:``; an empty document is an error.
 * ``stage_params`` keys may be ints or digit strings (``"3"``), since JSON and command lines stringify keys.
+  Negative stage numbers count from the end (``-1`` = the last stage) and are resolved against the model when
+  it is planned (:mod:`timm_drop.relative`), as are relative sizes (``block_size: {fraction: 0.5}``).
   ``stages`` must be ints.
 * With ``stages`` set, ``params`` need only be complete for the listed stages that have no override, so
   CorrDrop's per-stage block sizes can live entirely in ``stage_params``. Without ``stages`` the base
@@ -141,6 +143,7 @@ def load_spec(src: str | os.PathLike | Mapping[str, Any] | Spec) -> Spec:
         if _looks_like_path(src):
             return _load_file(src)
         data, root = _parse_yaml(src, "<string>")
+        _refuse_placement(src, data)
         if isinstance(data, str) and not any(c.isspace() for c in data.strip()):
             raise SpecError(
                 "<string>",
@@ -149,11 +152,27 @@ def load_spec(src: str | os.PathLike | Mapping[str, Any] | Spec) -> Spec:
             )
         return validate_spec(data, "<string>", root)
     if isinstance(src, Mapping):
+        _refuse_placement(src, src)
         return validate_spec(src, "<dict>", None)
     raise SpecError(
         "<unknown>",
         f"load_spec takes a path, YAML text, a mapping or a Spec, not {type(src).__name__}",
     )
+
+
+def _refuse_placement(src: Any, data: Any) -> None:
+    """A placement by name (``"dropblock"``, ``{preset: dropblock, ...}``) becomes a spec only on a model: say how."""
+    from timm_drop.placements import PLACEMENTS, placement_request
+
+    name = data.get("preset") if isinstance(data, Mapping) else data
+    if isinstance(name, str) and (name in PLACEMENTS or isinstance(data, Mapping)):
+        placement_request(data)  # an unknown name or override is named first
+        raise SpecError(
+            "<string>" if isinstance(src, str) else "<dict>",
+            f"{name!r} is a placement by name: it becomes a spec on a given model. Pass it to plan / "
+            f"apply_regularizer / create_model(spec=...) as it is, or get the concrete spec with "
+            f"timm_drop.placement_spec(model, {name!r}) (CLI: timm-drop presets --model MODEL {name})",
+        )
 
 
 def _looks_like_path(text: str) -> bool:

@@ -134,7 +134,7 @@ class Rule:
     )
     stages: tuple[int, ...] | None = documented(
         None,
-        help="1-based stage numbers (stem excluded, from model.feature_info); null = every stage",
+        help="1-based stage numbers (stem excluded, from model.feature_info), negative ones counted from the end (-1 = the last); null = every stage",
         type="int or list of int",
     )
     name: tuple[str, ...] | None = documented(

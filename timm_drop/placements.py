@@ -48,9 +48,11 @@ from typing import Any
 import yaml
 from torch import nn
 
+from timm_drop import spec as _spec
 from timm_drop.errors import TimmDropError
+from timm_drop.regularizers.registry import strength_params
 from timm_drop.relative import stage_count
-from timm_drop.spec import STRENGTH_PARAMS, Spec, SpecError, load_spec
+from timm_drop.spec import Spec, SpecError, load_spec
 from timm_drop.structure import match_pattern
 from timm_drop.suggest import did_you_mean
 
@@ -537,7 +539,7 @@ class _Translation:
             override: dict[str, Any] = {}
             factor = self.p.group_factor.get(group)
             if factor is not None:
-                for k in STRENGTH_PARAMS:
+                for k in strength_params(self.p.regularizer):  # what the method's class declares
                     if isinstance(params.get(k), (int, float)):
                         override[k] = round(params[k] * factor, 10)
             if self.needs_map and "block_size" not in overrides and self._fraction(group) != self._fraction(-1):
@@ -589,3 +591,19 @@ def resolve_placement(spec: Any, model: nn.Module, analysis: Any) -> Any:
     if isinstance(spec, PlacementRequest):
         return placement_spec(model, spec, analysis=analysis)
     return spec
+
+
+def refuse_in_load_spec(src: Any, data: Any) -> None:
+    """A placement by name (``"dropblock"``, ``{preset: dropblock, ...}``) becomes a spec only on a model: say how."""
+    name = data.get("preset") if isinstance(data, Mapping) else data
+    if isinstance(name, str) and (name in PLACEMENTS or isinstance(data, Mapping)):
+        placement_request(data)  # an unknown name or override is named first
+        raise SpecError(
+            "<string>" if isinstance(src, str) else "<dict>",
+            f"{name!r} is a placement by name: it becomes a spec on a given model. Pass it to plan / "
+            f"apply_regularizer / create_model(spec=...) as it is, or get the concrete spec with "
+            f"timm_drop.placement_spec(model, {name!r}) (CLI: timm-drop presets --model MODEL {name})",
+        )
+
+
+_spec.placement_check = refuse_in_load_spec  # load_spec names a placement by name instead of calling it bad YAML

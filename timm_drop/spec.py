@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import yaml
@@ -160,19 +160,14 @@ def load_spec(src: str | os.PathLike | Mapping[str, Any] | Spec) -> Spec:
     )
 
 
-def _refuse_placement(src: Any, data: Any) -> None:
-    """A placement by name (``"dropblock"``, ``{preset: dropblock, ...}``) becomes a spec only on a model: say how."""
-    from timm_drop.placements import PLACEMENTS, placement_request
+#: Raises for a placement by name (``"dropblock"``, ``{preset: ...}``), which becomes a spec only on a model, saying
+#: how to use it. Set by :mod:`timm_drop.placements`, which builds on this module (so this one never imports it).
+placement_check: Callable[[Any, Any], None] | None = None
 
-    name = data.get("preset") if isinstance(data, Mapping) else data
-    if isinstance(name, str) and (name in PLACEMENTS or isinstance(data, Mapping)):
-        placement_request(data)  # an unknown name or override is named first
-        raise SpecError(
-            "<string>" if isinstance(src, str) else "<dict>",
-            f"{name!r} is a placement by name: it becomes a spec on a given model. Pass it to plan / "
-            f"apply_regularizer / create_model(spec=...) as it is, or get the concrete spec with "
-            f"timm_drop.placement_spec(model, {name!r}) (CLI: timm-drop presets --model MODEL {name})",
-        )
+
+def _refuse_placement(src: Any, data: Any) -> None:
+    if placement_check is not None:
+        placement_check(src, data)
 
 
 def _looks_like_path(text: str) -> bool:

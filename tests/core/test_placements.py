@@ -109,7 +109,7 @@ def test_placement_applies_and_trains_a_step():
     timm_drop.apply_regularizer(m, "dropblock")
     m.train()
     m(torch.randn(2, 3, 64, 64)).sum().backward()
-    assert len(m._timm_drop_plan.entries) == 16
+    assert len(timm_drop.applied_plans(m)[-1].entries) == 16
     timm_drop.strip_regularizers(m)
 
 
@@ -168,17 +168,17 @@ def test_placement_spec_is_a_concrete_spec_that_plans_the_same():
 # -- a name works wherever a spec does ---------------------------------------------------------------------
 def test_create_model_with_a_placement_name_stores_the_concrete_spec():
     m = timm_drop.create_model("resnet18", spec="dropblock")
-    assert len(m._timm_drop_plan.entries) == 12
+    assert len(timm_drop.applied_plans(m)[-1].entries) == 12
     stored = m.pretrained_cfg["timm_drop"]["spec"]
     assert stored["rules"][0]["regularizer"] == "dropblock" and stored["rules"][0]["stages"] == [3, 4]
 
 
 def test_timm_create_model_registered_entrypoint_takes_a_name_with_overrides():
     m = timm.create_model("timm_drop_regularized", model="resnet18", spec={"preset": "droppath", "drop_prob": 0.2})
-    assert [e.params["drop_prob"] for e in m._timm_drop_plan.entries] == [0.2, 0.2]
+    assert [e.params["drop_prob"] for e in timm_drop.applied_plans(m)[-1].entries] == [0.2, 0.2]
     # train.py: --model timm_drop_regularized --model-kwargs model=resnet18 spec=droppath
     m = timm.create_model("timm_drop_regularized", model="resnet18", spec="droppath")
-    assert [e.params["drop_prob"] for e in m._timm_drop_plan.entries] == [0.1, 0.1]
+    assert [e.params["drop_prob"] for e in timm_drop.applied_plans(m)[-1].entries] == [0.1, 0.1]
 
 
 def test_recipe_regularizer_accepts_a_placement():

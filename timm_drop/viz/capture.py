@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -282,7 +281,7 @@ def _token_grid(model: nn.Module, hw: tuple[int, int]) -> tuple[tuple[int, int] 
     return grid, prefix  # type: ignore[return-value]
 
 
-def _default_digits(n: int) -> np.ndarray:
+def _default_digits(n: int) -> Any:  # a numpy array (numpy comes with the recipe extras)
     """The first ``n`` raw 8x8 test digits, ``(N, 8, 8, 3)`` uint8: the default images (the embedded digits data).
 
     The one place that names where the digits data lives."""

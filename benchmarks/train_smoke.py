@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = ap.parse_args(argv)
     overrides = [
         f"train.epochs={args.epochs}",
-        f"train.precision={args.precision}",
+        f"train.precision='{args.precision}'",  # quoted: YAML reads a bare no as false
         f"train.channels_last={str(args.channels_last).lower()}",
         f"train.compile={str(args.compile).lower()}",
         f"train.cpu={str(args.device == 'cpu').lower()}",

@@ -19,7 +19,8 @@ differs only in the regularizer or LayerOut section, with the paper placement of
 
 Each run is a separate ``recipes/train.py`` process (so any launcher works); the table (Markdown) gets the final and
 best eval top-1, the wall time and, for LayerOut, the mean frozen fraction. Short schedules rank methods only
-roughly: the papers' gains are 0.2-1% after 200+ epochs.
+roughly. What each paper reports in its own full setting
+(160-300 epochs) is on its method card: ``timm-drop list``, or the docs' method pages.
 
 **Preset cpu-lowdata** (``--preset cpu-lowdata``): "does it help?" where a model overfits, on a 2-core CPU.
 Baseline, DropBlock, CorrDrop, SelectScale, Selectout, AttentionDrop (ad) and LayerOut train ResNet-20 on the same
@@ -28,9 +29,9 @@ once at the end on the full 10k test split. Every method ran on seeds 0-2; the b
 leaned positive there (DropBlock, Selectout, SelectScale) run on seeds 0-9, so their paired intervals narrow to about
 +-1 point. Each method is one file of ``recipes/configs/lowdata/`` (``base: baseline.yaml`` + the paper's placement
 and hyper-parameters; the headers say where each value comes from and why the setting is 2,000 x 60 at batch 32
-without the pad-4 crop: with the crop the baseline never memorised at this budget; without it, it passes 98% train
-accuracy soon after the first LR decay, the regime in which a regularizer can show what it is for; ~10-15
-CPU-minutes per run). Runs go seed by seed, so a partial table already pairs every method with the baseline on the
+without the pad-4 crop: the crop is itself a regularizer of the kind being tested, and without it the baseline
+memorises its training set (the table's train top-1 column shows how far), the regime in which a regularizer can
+show what it is for; ~10-15 CPU-minutes per run). Runs go seed by seed, so a partial table already pairs every method with the baseline on the
 finished seeds. The table (``benchmarks/results/cpu_lowdata.md``) gives mean +- std test top-1, the paired
 difference to the baseline with a 95% t-interval over seeds and a multiplicity-corrected verdict (also on the added
 seeds alone), per-seed values with the CPU each ran on, train accuracy, cost, and LayerOut's frozen fraction and

@@ -5,6 +5,7 @@ from timm_drop.create import create_model
 from timm_drop.drive import Driver, drive
 from timm_drop.errors import TimmDropError
 from timm_drop.layerout import LayerOut
+from timm_drop.placements import list_placements, placement_spec
 from timm_drop.plans import applied_plans
 from timm_drop.regularizers import (
     ParamError,
@@ -41,8 +42,10 @@ __all__ = [
     "create_regularizer",
     "drive",
     "find_sites",
+    "list_placements",
     "list_regularizers",
     "load_spec",
+    "placement_spec",
     "plan",
     "register_regularizer",
     "set_progress",

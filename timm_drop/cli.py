@@ -7,6 +7,7 @@
     timm-drop apply MODEL SPEC --out ckpt.pth [--input-size ...] [--num-classes N]
     timm-drop viz MODEL SPEC [--image FILE ...] [--sites GLOB] [--strength P] [--seed S] [--compare A,B] --out F.png
     timm-drop summary MODEL SPEC [--input-size ...] [--num-classes N]   # per rule: sites, strength, schedule
+    timm-drop presets [NAME ...] [--model MODEL]      # placements by name: paper rule; --model: the concrete spec
     timm-drop coverage [--limit N] [--sample N] [--seed S] [--filter GLOB] [--out PATH] [--timeout-per-model S]
                        [--features-only]                 # backbones: timm.create_model(name, features_only=True)
 
@@ -72,11 +73,13 @@ def create_model(name: str, num_classes: int | None = None):
 
 
 def load_spec_or_exit(src: str):
-    """Parse SPEC (a path or YAML text); a :class:`SpecError` becomes a :class:`UsageError` with its text."""
+    """Parse SPEC (a path, YAML text or a placement by name, which stays a request until it meets the model);
+    a :class:`SpecError` becomes a :class:`UsageError` with its text."""
+    from timm_drop.placements import placement_request
     from timm_drop.spec import SpecError, load_spec
 
     try:
-        return load_spec(src)
+        return placement_request(src) or load_spec(src)
     except SpecError as exc:
         raise UsageError(str(exc)) from None
 
@@ -107,9 +110,12 @@ def cmd_list(args: argparse.Namespace) -> int:
         params = []
         for key, default in regularizer_params(name).items():
             params.append(key if default is inspect.Parameter.empty else f"{key}={default!r}")
-        doc = inspect.getdoc(get_regularizer_class(name)) or ""
-        summary = doc.strip().splitlines()[0] if doc.strip() else ""
-        print(f"{name}({', '.join(params)})" + (f"  - {summary}" if summary else ""))
+        method = get_regularizer_class(name)
+        strength = ", ".join(getattr(method, "strength_params", ())) or "none"
+        card = getattr(method, "card", None)  # the method's paper card, else its docstring's first line
+        doc = (inspect.getdoc(method) or "").strip()
+        summary = card.line() if card is not None else doc.splitlines()[0] if doc else ""
+        print(f"{name}({', '.join(params)})  strength: {strength}" + (f"  - {summary}" if summary else ""))
     return 0
 
 
@@ -149,6 +155,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     plan = _plan(model, spec, example)
     print(plan)
     timm_drop.apply_regularizer(model, plan)  # the plan shown, as it is: no second analysis
+    spec = plan.spec  # the concrete spec (a placement by name resolved on this model): the checkpoint records it
     # The regularizers own no parameters or persistent buffers, so the state_dict is a plain timm checkpoint;
     # the spec and plan ride along so the same placement can be re-applied before loading it.
     from timm_drop.training.checkpoint import save_weights_safetensors
@@ -185,6 +192,39 @@ def cmd_summary(args: argparse.Namespace) -> int:
     _plan(model, spec, example)  # a spec that does not fit is a usage error, as for plan
     timm_drop.apply_regularizer(model, spec, example_input=example)
     print(summary(model))
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    """Each placement's paper rule, translations and departures; with --model, the concrete spec it becomes."""
+    from timm_drop.placements import FAMILIES, PLACEMENTS, PlacementError, placement_spec
+
+    names = args.names or list(PLACEMENTS)
+    unknown = [n for n in names if n not in PLACEMENTS]
+    if unknown:
+        from timm_drop.suggest import did_you_mean
+
+        hint = did_you_mean(unknown[0], list(PLACEMENTS))
+        raise UsageError(f"unknown placement {unknown[0]!r}{hint} (placements: {', '.join(PLACEMENTS)})")
+    if args.model is None:
+        for name in names:
+            p = PLACEMENTS[name]
+            print(f"{name}  [{p.regularizer}]  {p.paper}")
+            print(f"    rule: {p.rule}")
+            if p.departures:
+                print(f"    departures: {p.departures}")
+        print("families: " + "; ".join(f"{k} = {v}" for k, v in FAMILIES.items()))
+        print("overrides: {preset: NAME, <param>: value, stages: [-1], stage_params: {...}, schedule: {...}}")
+        return 0
+    model = create_model(args.model, args.num_classes)
+    model.eval()
+    for name in names:
+        try:
+            print(f"# {args.model}: placement {name!r}\n" + placement_spec(model, name).to_yaml())
+        except PlacementError as exc:
+            if len(names) == 1:
+                raise UsageError(str(exc)) from None
+            print(f"# {args.model}: placement {name!r} refused: {exc}\n")
     return 0
 
 
@@ -245,9 +285,55 @@ def cmd_coverage(args: argparse.Namespace) -> int:
 
 
 def cmd_viz(args: argparse.Namespace) -> int:
-    from timm_drop.viz import cmd_viz as run
+    """``timm-drop viz MODEL SPEC ...``: errors in inputs are ``UsageError`` (exit 2) naming the flag."""
+    import timm
+    import torch
+    import yaml
 
-    return run(args)
+    from timm_drop.viz import format_params, render_masks
+
+    if os.path.exists(args.out) and not args.overwrite:
+        raise UsageError(f"--out {args.out!r} exists; pass --overwrite to replace it")
+    if not str(args.out).lower().endswith(".png"):
+        raise UsageError(f"--out {args.out!r}: the figure is a PNG; name the file *.png")
+    if args.strength is not None and not 0.0 <= args.strength < 1.0:
+        raise UsageError(f"--strength must be in [0, 1), got {args.strength}")
+    kwargs: dict[str, Any] = {}
+    if args.model_kwargs:
+        kwargs = yaml.safe_load(args.model_kwargs)
+        if not isinstance(kwargs, dict):
+            raise UsageError(
+                f"--model-kwargs must be a YAML mapping like '{{img_size: 64}}', got {args.model_kwargs!r}"
+            )
+    for f in args.image or ():
+        if not os.path.isfile(f):
+            raise UsageError(f"--image {f!r}: no such file")
+    check_model_name(args.model)
+    spec = load_spec_or_exit(args.spec)
+    torch.manual_seed(args.seed)  # the random initialisation too: the same command draws the same figure
+    try:
+        model = timm.create_model(args.model, pretrained=False, **kwargs)
+    except TypeError as exc:
+        raise UsageError(f"--model-kwargs: {args.model} rejected them: {exc}") from None
+    try:
+        fig = render_masks(
+            model,
+            spec,
+            args.image or None,
+            sites=args.sites,
+            strength=args.strength,
+            seed=args.seed,
+            compare=args.compare,
+            out=args.out,
+        )
+    except (ValueError, KeyError, FileNotFoundError) as exc:
+        # a KeyError's str() is the repr of its message; every other message is shown as it is, quotes and all
+        raise UsageError(str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)) from None
+    masks = fig.find("mask")
+    print(f"wrote {args.out} ({fig.size[0]}x{fig.size[1]} px, {len(masks)} mask panel(s))")
+    for p in masks:
+        print(f"  {p.site}  {p.method}({format_params(p.params)}): dropped {p.dropped:.1%}")
+    return 0
 
 
 def _read_jsonl(path: str) -> list[Any]:
@@ -308,6 +394,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _add_model_commands(sub)
+    _add_coverage_command(sub)
+    _add_viz_command(sub)
+    return parser
+
+
+def _add_model_commands(sub: Any) -> None:
+    """``list``, and the commands on MODEL SPEC: ``plan``, ``apply``, ``summary``."""
     p = sub.add_parser("list", help="list the registered regularizers and their parameters")
     p.set_defaults(func=cmd_list)
 
@@ -322,7 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(cmd, help=text, description=text)
         p.add_argument("model", metavar="MODEL", help="timm model name (built with pretrained=False)")
-        p.add_argument("spec", metavar="SPEC", help="spec file (.yaml) or YAML text")
+        p.add_argument(
+            "spec", metavar="SPEC", help="spec file (.yaml), YAML text or a placement name (timm-drop presets)"
+        )
         p.add_argument(
             "--input-size",
             type=int,
@@ -336,6 +432,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
         p.set_defaults(func=func)
 
+    text = "each placement by name: its paper's rule, per-family translation, departures; --model: its concrete spec"
+    p = sub.add_parser("presets", help=text, description=text)
+    p.add_argument("names", nargs="*", metavar="NAME", help="placements to show (default: all)")
+    p.add_argument("--model", default=None, help="timm model name: print the concrete spec each NAME becomes on it")
+    p.add_argument("--num-classes", type=int, default=None, help="classifier size (default: timm's)")
+    p.set_defaults(func=cmd_presets)
+
+
+def _add_coverage_command(sub: Any) -> None:
     p = sub.add_parser(
         "coverage",
         help="check the rewriter's guarantees over timm.list_models() and write a Markdown report",
@@ -391,6 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_coverage)
 
+
+def _add_viz_command(sub: Any) -> None:
     text = "draw what the spec's regularizers do to a few images: activation, realised mask, score map (PNG)"
     p = sub.add_parser("viz", help=text, description=text + "; see timm_drop.viz.render_masks")
     p.add_argument("model", metavar="MODEL", help="timm model name (built with pretrained=False)")
@@ -408,7 +515,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="FILE.png", help="figure to write")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_viz)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -28,6 +28,7 @@ import timm
 from timm.models import register_model
 from torch import nn
 
+from timm_drop.placements import placement_request, placement_spec
 from timm_drop.rewrite import apply_regularizer
 from timm_drop.spec import Spec, load_spec
 
@@ -92,7 +93,8 @@ def timm_drop_regularized(
         raise ValueError(f"{REGISTERED_NAME}: model= must name the model to regularize, not {REGISTERED_NAME}")
     if spec is None:
         raise ValueError(f"{REGISTERED_NAME}(model={model!r}) needs spec=<path, YAML text or mapping>")
-    loaded = with_schedule_steps(spec, schedule_steps)
+    placement = placement_request(spec)  # a placement by name becomes a spec once the model exists
+    loaded = with_schedule_steps(spec, schedule_steps) if placement is None else None
 
     inner_cfg = None
     if isinstance(pretrained_cfg, dict):
@@ -108,6 +110,8 @@ def timm_drop_regularized(
         pretrained_model_args=inner_args or None,
         **kwargs,
     )
+    if loaded is None:
+        loaded = with_schedule_steps(placement_spec(net, placement), schedule_steps)
     apply_regularizer(net, loaded)
     net.pretrained_cfg = dict(
         net.pretrained_cfg, architecture=REGISTERED_NAME, **{CFG_KEY: {"model": model, "spec": loaded.to_dict()}}
@@ -152,7 +156,8 @@ def create_model(model_name: str, spec: Any = None, *, schedule_steps: int | Non
             timm_kwargs["schedule_steps"] = schedule_steps
         return timm.create_model(model_name, **timm_kwargs)
     # by value, so the recorded model args (and config.json) are plain data, not a path or a Spec object
-    spec_data = load_spec(spec).to_dict()
+    placement = placement_request(spec)  # a placement travels as {"preset": ...} until the model exists
+    spec_data = load_spec(spec).to_dict() if placement is None else placement.to_dict()
     return timm.create_model(
         REGISTERED_NAME, model=model_name, spec=spec_data, schedule_steps=schedule_steps, **timm_kwargs
     )

@@ -91,11 +91,12 @@ import warnings
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from timm_drop.regularizers.card import MethodCard
 from timm_drop.seeding import seeded_generator
 from timm_drop.sites import find_blocks
 from timm_drop.structure import feature_info, is_norm, match_pattern, unwrap
@@ -283,6 +284,16 @@ class LayerOut:
 
     #: a training-loop controller, not an activation op (it has no place at a site)
     is_controller: bool = True
+    #: the paper, as a regularizer's ``card`` (the docs' method cards read it)
+    card: ClassVar[MethodCard] = MethodCard(
+        title="LayerOut: Freezing Layers in Deep Neural Networks",
+        authors="Goutam et al.",
+        year=2020,
+        venue="SN Computer Science",
+        url="https://doi.org/10.1007/s42979-020-00312-x",
+        summary="freezes the parameters of randomly chosen layers for a whole epoch",
+        reported="ResNet-110 on CIFAR-10 (with warm-up, no random erasing): 93.57% -> 95.27% (+1.70) (Table 3)",
+    )
 
     def __init__(
         self,

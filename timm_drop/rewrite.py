@@ -47,13 +47,15 @@ from torch import fx, nn
 from timm_drop.errors import RewriteError
 from timm_drop.insertions import WatchInsertion
 from timm_drop.names import LEGACY_PLAN, PLANS, RECORD
+from timm_drop.placements import placement_request, resolve_placement
 from timm_drop.plans import Built, Plan, PlanEntry, applied_plans, check_fits, model_name, model_tree
 from timm_drop.record import Insertion, insertion_kind, record_of, strip_regularizers
 from timm_drop.regularizers.base import Regularizer
-from timm_drop.regularizers.registry import create_regularizer, get_regularizer_class
+from timm_drop.regularizers.registry import create_regularizer, get_regularizer_class, strength_params
+from timm_drop.relative import map_hw, reference_hw, resolve_relative_sizes, resolve_stages, stage_count
 from timm_drop.scripting import ScriptableCopy
 from timm_drop.sites import SKIP_KINDS, Analysis, RewriteTarget, Site, analyze_model, rewrite_target
-from timm_drop.spec import REGEX_PREFIX, STRENGTH_PARAMS, Rule, Spec, load_spec
+from timm_drop.spec import REGEX_PREFIX, Rule, Spec, load_spec
 from timm_drop.structure import (
     feature_info,
     feature_module,
@@ -214,18 +216,28 @@ def _site_params(rule: Rule, site: Site, i: int, n: int) -> dict[str, Any]:
     """The rule's parameters at its ``i``-th of ``n`` sites: per-stage overrides, then depth scaling."""
     params = rule.params_for_stage(site.stage)
     if rule.depth_scaling == "linear":
-        for k in strength_params(rule.regularizer):
+        try:
+            scaled = strength_params(rule.regularizer)  # what the method's class declares
+        except KeyError:  # an unknown name is reported by _make_regularizer
+            scaled = ()
+        for k in scaled:
             if isinstance(params.get(k), (int, float)) and not isinstance(params.get(k), bool):
                 params[k] = float(params[k]) * (i + 1) / n
     return params
 
 
-def strength_params(name: str) -> tuple[str, ...]:
-    """The parameters that carry regularizer ``name``'s strength (declared by its class, else the spec's default)."""
-    try:
-        return tuple(getattr(get_regularizer_class(name), "strength_params", STRENGTH_PARAMS))
-    except KeyError:  # an unknown name is reported when the regularizer is built
-        return STRENGTH_PARAMS
+def _resolve_sizes(
+    model: nn.Module, rule: Rule, site: Site, params: dict[str, Any], grid: Any, analysis: Analysis
+) -> dict[str, Any]:
+    """Relative sizes (``block_size: {fraction: 0.5}``) resolved on this site's map (:mod:`timm_drop.relative`)."""
+    used = tuple(analysis.input_shape[-2:]) if len(analysis.input_shape) == 4 else (0, 0)
+    ref = reference_hw(model, used, analysis.example_given)
+    # the group's resolution, as the papers quote sizes: the site's stage output (a block's first conv still runs
+    # at the previous stage's resolution); a site outside any stage, or whose stage output is no map: its own map
+    out = next((s for s in analysis.sites if s.kind == "stage" and s.stage == site.stage and s.branch is None), None)
+    hw = map_hw(out.shape, out.layout, None) if out is not None and site.stage is not None else None
+    hw = hw or map_hw(site.shape, site.layout, grid)
+    return resolve_relative_sizes(params, hw, used, ref, f"{rule.describe()} at site {site.name}")
 
 
 def _site_grid(
@@ -337,6 +349,7 @@ def _entries_of(
         unit = site.name if site.branch is None else (site.kind, site.module)
         params = _site_params(rule, site, position[unit], len(units))
         grid = _site_grid(model, rule, site, grids)
+        params = _resolve_sizes(model, rule, site, params, grid[0], targets.analysis)
         reg = _make_regularizer(rule, site.name, site.layout, site.shape, params, grid)
         insertion, owner = _insertion_for(model, site, rule, targets)
         entry = PlanEntry(
@@ -382,6 +395,7 @@ def _build(model: nn.Module, spec: Spec, analysis: Analysis) -> Plan:
     targets = _Targets(model, analysis)
     held: dict[str, list[tuple[PlanEntry, nn.Module]]] = {}
     for rule in spec.rules:
+        rule = resolve_stages(rule, stage_count(analysis.stages))  # stages counted from the end
         pairs = _entries_of(rule, model, targets, named)
         if not pairs and not rule.allow_empty:
             raise _no_match_error(rule, model, analysis, targets.opaque, spec)
@@ -445,12 +459,14 @@ def _refuse(model: nn.Module, stack: bool) -> None:
 def plan(model: nn.Module, spec: Any, *, example_input: Any = None) -> Plan:
     """Dry run: the table of sites, regularizers and parameters ``apply_regularizer`` would use.
 
-    ``spec`` is a path, YAML string, dict or :class:`~timm_drop.spec.Spec`. The model is not changed. The plan
-    can be applied as it is (``apply_regularizer(model, plan)``), without analysing the model again.
+    ``spec`` is a path, YAML string, dict or :class:`~timm_drop.spec.Spec`, or a placement by name
+    (:mod:`timm_drop.placements`). The model is not changed. The plan can be applied as it is
+    (``apply_regularizer(model, plan)``), without analysing the model again.
     """
-    spec = load_spec(spec)
+    spec = placement_request(spec) or load_spec(spec)  # a placement by name needs the model: resolved below
     _refuse(model, stack=True)
-    return _build(model, spec, analyze_model(model, example_input))
+    analysis = analyze_model(model, example_input)
+    return _build(model, resolve_placement(spec, model, analysis), analysis)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -503,7 +519,9 @@ def apply_regularizer(
     if isinstance(spec, Plan):
         the_plan = _fitting(model, spec, example_input)
     else:
-        the_plan = _build(model, load_spec(spec), analyze_model(model, example_input))
+        request = placement_request(spec) or load_spec(spec)  # a placement by name needs the model: resolved below
+        analysis = analyze_model(model, example_input)
+        the_plan = _build(model, resolve_placement(request, model, analysis), analysis)
         the_plan.built.take(model)
     device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
     regs = the_plan.built.regs

@@ -135,6 +135,20 @@ def make_schedule(spec: Schedule | str | dict[str, Any] | None) -> Schedule | No
     raise TypeError(f"schedule must be a kind name, a mapping or None, got {type(spec).__name__}")
 
 
+class ScheduledModule(nn.Module):
+    """A module whose strength follows a :class:`Schedule`: :func:`set_progress` moves every one in a model.
+
+    :class:`~timm_drop.regularizers.Regularizer` is one. The protocol lives here, beside the schedules, so that
+    this module needs nothing from the regularizers (they import it, never the other way round). An instance has
+    ``schedule`` (a :class:`Schedule` or None) and a ``schedule_count`` buffer (no annotations here: TorchScript
+    reads a scripted subclass's annotations as attribute types).
+    """
+
+    def set_progress(self, progress: float) -> None:
+        """Move the schedule to ``progress`` in [0, 1]."""
+        raise NotImplementedError
+
+
 def set_progress(model: nn.Module, progress: float) -> int:
     """Move every regularizer in ``model`` to training ``progress`` in [0, 1]; returns how many were set.
 
@@ -143,11 +157,9 @@ def set_progress(model: nn.Module, progress: float) -> int:
     """
     if isinstance(progress, bool) or not isinstance(progress, (int, float)) or not 0.0 <= progress <= 1.0:
         raise ValueError(f"progress must be a number in [0, 1], got {progress!r}")
-    from timm_drop.regularizers.base import Regularizer
-
     count = 0
     for module in model.modules():
-        if isinstance(module, Regularizer):
+        if isinstance(module, ScheduledModule):
             module.set_progress(float(progress))
             module.schedule_progress = float(progress)  # read by timm_drop.summary only
             schedule = module.schedule

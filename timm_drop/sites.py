@@ -329,6 +329,7 @@ class Analysis:
     input_shape: tuple[int, ...]
     inputs: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=dict, repr=False)
     outputs: dict[str, Any] = field(default_factory=dict, repr=False)
+    example_given: bool = False  # the shape pass ran on the caller's example_input (relative sizes resolve there)
 
 
 def rewrite_target(
@@ -391,7 +392,8 @@ def analyze_model(model: nn.Module, example_input: Any = None) -> Analysis:
     input_shape = tuple(used_input.shape) if isinstance(used_input, torch.Tensor) else ()
     outputs = {k[1:]: v for k, v in rec.out.items() if k.startswith("\0")}
     return Analysis(
-        sites, stages, module_stage, graphs, opaque, dict(rec.calls), input_shape, rec.inputs, outputs
+        sites, stages, module_stage, graphs, opaque, dict(rec.calls), input_shape, rec.inputs, outputs,
+        example_given=example_input is not None,
     )
 
 

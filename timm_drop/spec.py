@@ -13,7 +13,7 @@ Format (a file, a YAML string and a dict are the same thing)::
       - regularizer: dropblock          # a name from list_regularizers()
         params: {drop_prob: 0.1, block_size: 7}
         sites: [norm, shortcut]         # one of SITE_KINDS or a list of them
-        stages: [3, 4]                  # 1-based, stem excluded; omitted = everywhere
+        stages: [3, 4]                  # 1-based, stem excluded; -1 = the last; omitted = everywhere
         name: "layer*"                  # glob (fnmatch, full name) or "re:<regex>" (re.fullmatch); str or list
         type: BatchNorm2d               # class name, matched through the module's MRO; str or list
         exclude: ["*.downsample*"]      # same syntax as name
@@ -31,6 +31,8 @@ Choices where the format could be read more than one way:
   intent is unambiguous); any other mapping is an error (a dict of named rules is not a format).
 * A top level that is a list is an error with a hint to put it under ``rules:``; an empty document is an error.
 * ``stage_params`` keys may be ints or digit strings (``"3"``), since JSON and command lines stringify keys.
+  Negative stage numbers count from the end (``-1`` = the last stage) and are resolved against the model when
+  it is planned (:mod:`timm_drop.relative`), as are relative sizes (``block_size: {fraction: 0.5}``).
   ``stages`` must be ints.
 * With ``stages`` set, ``params`` need only be complete for the listed stages that have no override, so
   CorrDrop's per-stage block sizes can live entirely in ``stage_params``. Without ``stages`` the base
@@ -61,7 +63,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import yaml
@@ -76,7 +78,6 @@ from timm_drop.spec_model import (
     RULE_FIELDS,
     RULE_KEYS,
     SITE_KINDS,
-    STRENGTH_PARAMS,
     TOP_LEVEL_KEYS,
     Rule,
     Spec,
@@ -98,7 +99,6 @@ __all__ = [
     "RULE_FIELDS",
     "RULE_KEYS",
     "SITE_KINDS",
-    "STRENGTH_PARAMS",
     "TOP_LEVEL_KEYS",
     "Rule",
     "Spec",
@@ -143,6 +143,7 @@ def load_spec(src: str | os.PathLike | Mapping[str, Any] | Spec) -> Spec:
         if _looks_like_path(src):
             return _load_file(src)
         data, root = _parse_yaml(src, "<string>")
+        _refuse_placement(src, data)
         if isinstance(data, str) and not any(c.isspace() for c in data.strip()):
             raise SpecError(
                 "<string>",
@@ -151,11 +152,22 @@ def load_spec(src: str | os.PathLike | Mapping[str, Any] | Spec) -> Spec:
             )
         return validate_spec(data, "<string>", root)
     if isinstance(src, Mapping):
+        _refuse_placement(src, src)
         return validate_spec(src, "<dict>", None)
     raise SpecError(
         "<unknown>",
         f"load_spec takes a path, YAML text, a mapping or a Spec, not {type(src).__name__}",
     )
+
+
+#: Raises for a placement by name (``"dropblock"``, ``{preset: ...}``), which becomes a spec only on a model, saying
+#: how to use it. Set by :mod:`timm_drop.placements`, which builds on this module (so this one never imports it).
+placement_check: Callable[[Any, Any], None] | None = None
+
+
+def _refuse_placement(src: Any, data: Any) -> None:
+    if placement_check is not None:
+        placement_check(src, data)
 
 
 def _looks_like_path(text: str) -> bool:
@@ -211,3 +223,21 @@ def _flow_depth_exceeded(text: str, limit: int) -> int | None:
         if depth > limit:
             return text.count("\n", 0, match.start()) + 1
     return None
+
+
+def __getattr__(name: str) -> Any:
+    # STRENGTH_PARAMS was the one list of strength names; each regularizer class now declares its own.
+    if name == "STRENGTH_PARAMS":
+        import warnings
+
+        from timm_drop.regularizers.registry import list_regularizers
+        from timm_drop.spec_checks import strength_params
+
+        warnings.warn(
+            "timm_drop.spec.STRENGTH_PARAMS is deprecated: read strength_params on the regularizer class "
+            "(timm_drop.regularizers.strength_params(name))",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return tuple(dict.fromkeys(p for n in list_regularizers() for p in strength_params(n)))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

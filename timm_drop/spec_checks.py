@@ -22,7 +22,6 @@ from timm_drop.spec_model import (
     RULE_FIELD,
     RULE_KEYS,
     SPEC_VERSIONS,
-    STRENGTH_PARAMS,
     TOP_LEVEL_KEYS,
     Rule,
     Spec,
@@ -312,14 +311,15 @@ def _check_stage_params(c: _RuleChecker, stages: tuple[int, ...] | None) -> dict
         if stage is None:
             c.fail(
                 f"stage_params.{key}",
-                f"stage keys must be positive integers (1-based, stem excluded), got {key!r}",
+                f"stage keys must be non-zero integers (1-based, stem excluded; -1 = the last), got {key!r}",
                 ("stage_params", key),
             )
             continue
         if stage in stage_params:
             c.fail(f"stage_params.{stage}", f"stage {stage} is given twice (as {key!r} and as an int)")
             continue
-        if stages is not None and stage not in stages:
+        # a key counted from the other end than the stages is checked against the model (timm_drop.relative)
+        if stages is not None and stage not in stages and all((s < 0) == (stage < 0) for s in stages):
             c.fail(
                 f"stage_params.{stage}",
                 f"stage {stage} is not among the rule's stages {list(stages)}, so it would never apply",
@@ -342,12 +342,19 @@ def _check_depth_scaling(c: _RuleChecker) -> str | None:
             f"must be one of {_fmt_list(scalings)} or left out, got {depth_scaling!r}"
             f"{did_you_mean(str(depth_scaling), scalings)}",
         )
-    elif c.reg_params is not None and not any(p in c.reg_params for p in STRENGTH_PARAMS):
+    elif c.reg_params is not None and not strength_params(c.regularizer):
         c.fail(
             "depth_scaling",
-            f"{c.regularizer} has no strength parameter ({_fmt_list(STRENGTH_PARAMS)}) to scale with depth",
+            f"{c.regularizer} has no strength parameter to scale with depth (its class declares strength_params = ())",
         )
     return depth_scaling
+
+
+def strength_params(regularizer: str) -> tuple[str, ...]:
+    """The registered regularizer's strength parameters: what its class declares in ``strength_params``."""
+    from timm_drop.regularizers.registry import strength_params
+
+    return strength_params(regularizer)
 
 
 def _check_schedule(c: _RuleChecker) -> Schedule | None:
@@ -483,15 +490,16 @@ def _check_stages(c: _RuleChecker, raw: Any) -> tuple[int, ...] | None:
     if not isinstance(items, list) or not items:
         c.fail(
             "stages",
-            f"must be a positive integer or a non-empty list of them (1-based, stem excluded), got {raw!r}; "
+            f"must be a non-zero integer or a non-empty list of them (1-based, stem excluded; -1 = the last), "
+            f"got {raw!r}; "
             "leave it out to select every stage",
         )
         return None
     good = True
     for i, item in enumerate(items):
-        if isinstance(item, bool) or not isinstance(item, int) or item < 1:
+        if isinstance(item, bool) or not isinstance(item, int) or item == 0:
             sub = "stages" if items is not raw else f"stages[{i}]"
-            c.fail(sub, f"stages are positive integers (1-based, stem excluded), got {item!r}")
+            c.fail(sub, f"stages are non-zero integers (1-based, stem excluded; -1 = the last), got {item!r}")
             good = False
     return tuple(sorted(set(items))) if good else None
 
@@ -500,8 +508,8 @@ def _stage_key(key: Any) -> int | None:
     if isinstance(key, bool):
         return None
     if isinstance(key, int):
-        return key if key >= 1 else None
-    if isinstance(key, str) and key.strip().isdigit() and int(key) >= 1:
+        return key if key != 0 else None
+    if isinstance(key, str) and key.strip().lstrip("-").isdigit() and int(key) != 0:  # "-2": counted from the end
         return int(key)
     return None
 
@@ -572,7 +580,7 @@ def _check_buildable(
     required = [p for p, default in reg_params.items() if default is inspect.Parameter.empty]
     for stage in contexts:
         override = stage_params.get(stage, {}) if stage is not None else {}
-        merged = {**params, **override}
+        merged = _relative_placeholders(c, {**params, **override}, override, stage)
         missing = [p for p in required if p not in merged]
         if missing:
             if stage is None:
@@ -591,6 +599,23 @@ def _check_buildable(
             create_regularizer(regularizer, **merged)
         except Exception as exc:  # the regularizer's own validation is the source of truth
             _report_build_error(c, exc, merged, override, stage)
+
+
+def _relative_placeholders(
+    c: _RuleChecker, merged: dict[str, Any], override: dict[str, Any], stage: int | None
+) -> dict[str, Any]:
+    """``merged`` with each relative size (``block_size: {fraction: 0.5}``, resolved per site when planned) checked
+    and replaced by 1 for the build check."""
+    from timm_drop.relative import check_relative_size, is_relative_size
+
+    for key, value in merged.items():
+        if is_relative_size(value):
+            problem = check_relative_size(value)
+            if problem is not None:
+                fld = f"stage_params.{stage}.{key}" if key in override else f"params.{key}"
+                c.fail(fld, problem)
+            merged[key] = 1
+    return merged
 
 
 def _raw_stage_key(raw: Mapping[str, Any], stage: int) -> Any:

@@ -28,7 +28,6 @@ __all__ = [
     "RULE_FIELDS",
     "RULE_KEYS",
     "SITE_KINDS",
-    "STRENGTH_PARAMS",
     "TOP_LEVEL_KEYS",
     "Rule",
     "Spec",
@@ -40,8 +39,6 @@ SITE_KINDS: tuple[str, ...] = ("stage", "block", "residual", "shortcut", "merge"
 DEPTH_SCALINGS: tuple[str, ...] = ("linear",)
 NORM_POSITIONS: tuple[str, ...] = ("after_norm", "after_act")
 ON_CONFLICT: tuple[str, ...] = ("error", "stack", "replace")
-#: parameters that carry a regularizer's strength: scaled by ``depth_scaling`` and by the schedule.
-STRENGTH_PARAMS: tuple[str, ...] = ("drop_prob", "q")
 TOP_LEVEL_KEYS: tuple[str, ...] = ("rules", "version", "description")
 SPEC_VERSIONS: tuple[int, ...] = (1,)
 
@@ -137,7 +134,7 @@ class Rule:
     )
     stages: tuple[int, ...] | None = documented(
         None,
-        help="1-based stage numbers (stem excluded, from model.feature_info); null = every stage",
+        help="1-based stage numbers (stem excluded, from model.feature_info), negative ones counted from the end (-1 = the last); null = every stage",
         type="int or list of int",
     )
     name: tuple[str, ...] | None = documented(
@@ -166,7 +163,8 @@ class Rule:
     )
     schedule: Schedule | None = documented(
         None,
-        help="strength over training: {kind: linear, start, end}, {kind: curriculum, gamma} or constant",
+        help="strength over training: {kind: linear, start, end, initial}, {kind: curriculum, gamma} or constant; "
+        "steps: N makes it count its own training forwards",
         type="mapping or str",
     )
     norm_position: str = documented(

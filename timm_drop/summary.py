@@ -23,7 +23,6 @@ from torch import nn
 
 from timm_drop.plans import applied_plans, placements
 from timm_drop.regularizers.base import Regularizer
-from timm_drop.spec import STRENGTH_PARAMS
 
 __all__ = ["RuleSummary", "Summary", "summary", "track_drops"]
 
@@ -171,7 +170,7 @@ def summary(model: nn.Module) -> Summary:
         entry = members[0][2]
         multipliers = sorted({float(r.strength) for r in regs})
         strength: dict[str, tuple[float, float]] = {}
-        for key in getattr(type(regs[0]), "strength_params", STRENGTH_PARAMS):
+        for key in dict.fromkeys(k for r in regs for k in type(r).strength_params):  # what each class declares
             values = [
                 float(getattr(r, key)) * float(r.strength)
                 for r in regs

@@ -12,7 +12,7 @@ import pytest
 import timm_drop
 
 # raised inside one tool and caught there; never reach a caller
-_INTERNAL = {"timm_drop.tools.coverage.CheckFailed", "timm_drop.tools.coverage._Skip"}
+_INTERNAL = {"timm_drop.tools.coverage.result.CheckFailed", "timm_drop.tools.coverage.result._Skip"}
 
 
 def _library_exceptions() -> list[type[BaseException]]:

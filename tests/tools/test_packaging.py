@@ -27,7 +27,7 @@ DISTRIBUTION = {
     "pytorch_lightning": "lightning",  # the fallback spelling of lightning.pytorch
 }
 #: subpackages a user imports explicitly (``import timm_drop`` does not): their packages are extras
-OPTIONAL_SUBPACKAGES = ("training", "integrations")
+OPTIONAL_SUBPACKAGES = ("training", "integrations", "datasets")
 #: packages ``import timm_drop`` must work without: the recipe's and the trainer integrations'
 NOT_CORE = ("accelerate", "matplotlib", "sklearn", "transformers", "lightning", "pytorch_lightning")
 

@@ -297,3 +297,39 @@ def test_config_rejects_a_negative_mask_every():
     raw["log"]["mask_every"] = -1
     with pytest.raises(ConfigError, match="log.mask_every"):
         load_config(raw)
+
+
+def _modules_viz_imports() -> set[str]:
+    """Every ``timm_drop`` module the viz source imports, at the top or inside a function."""
+    import ast
+
+    import timm_drop.viz as viz
+
+    root = Path(viz.__file__)
+    files = sorted(root.parent.glob("*.py")) if root.name == "__init__.py" else [root]
+    found = set()
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                found.add(node.module)
+            elif isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+    return {m for m in found if m.startswith("timm_drop")}
+
+
+def test_viz_never_imports_the_command_line():
+    """Data flows one way: the CLI drives viz, viz never reaches back into the CLI (nor, on import, training)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, timm_drop.viz; "
+        "print(sorted(m for m in sys.modules if m.startswith(('timm_drop.cli', 'timm_drop.training'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    assert not {m for m in _modules_viz_imports() if m.split(".")[:2] == ["timm_drop", "cli"]}
+
+
+def test_viz_never_imports_the_training_package():
+    assert not {m for m in _modules_viz_imports() if m.split(".")[:2] == ["timm_drop", "training"]}

@@ -1,4 +1,4 @@
-"""Dataset facts live in one place (``timm_drop.training.data``) and the dry run computes steps per epoch with the
+"""Dataset facts live in one place (``timm_drop.training.datasets``) and the dry run computes steps per epoch with the
 function the real loaders use: for every config the dry run's count equals the real run's, and where the size
 cannot be read cheaply (a folder that is not there) it says so instead of guessing."""
 

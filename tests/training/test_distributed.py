@@ -104,8 +104,9 @@ def test_two_process_gloo_training_keeps_ranks_in_sync_with_per_rank_masks(tmp_p
     if shutil.which("torchrun") is None and not _has_module("torch.distributed.run"):
         pytest.skip("torchrun is not available")
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1")
-    # the workers import this checkout's timm_drop, whatever copy is installed
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
+    # the workers import this checkout's timm_drop, whatever copy is installed, and tests/ (this file imports tiny)
+    here = Path(__file__).resolve()
+    env["PYTHONPATH"] = os.pathsep.join([str(here.parents[2]), str(here.parents[1]), env.get("PYTHONPATH", "")])
     cmd = [
         sys.executable,
         "-m",

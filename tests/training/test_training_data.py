@@ -16,7 +16,14 @@ from scripts import load_script
 
 from timm_drop.training.augment import cutout, random_crop, random_erasing, random_hflip
 from timm_drop.training.config import DataConfig, load_config
-from timm_drop.training.data import DeviceLoader, FolderLoader, build_loaders, load_arrays, shard_indices
+from timm_drop.training.data import (
+    DeviceLoader,
+    FolderLoader,
+    LoaderOptions,
+    build_loaders,
+    load_arrays,
+    shard_indices,
+)
 
 # The shared data sits beside the checkout (../shared/data); TIMM_DROP_SHARED_DATA points elsewhere.
 SHARED = Path(
@@ -61,7 +68,7 @@ def test_device_loader_is_a_pure_function_of_seed_and_epoch():
     cfg = _data_cfg(
         dataset="digits", image_size=16, batch_size=64, augment={"cutout": 4, "random_erasing": 0.5}
     )
-    mk = lambda: DeviceLoader(data, cfg, train=True, device=torch.device("cpu"), seed=5)  # noqa: E731
+    mk = lambda: DeviceLoader(data, LoaderOptions(cfg, train=True, device=torch.device("cpu"), seed=5))  # noqa: E731
     l1, l2 = mk(), mk()
     l1.set_epoch(2)
     l2.set_epoch(2)

@@ -15,24 +15,35 @@ A regularizer is a parameter-free ``nn.Module`` that
   tokens untouched; without a grid such a method refuses ``NLC``.
 
 Subclasses implement :meth:`Regularizer.regularize` on a channels-first view ``(N, C, *spatial)`` and
-declare the layouts they accept in ``layouts``.
+declare the layouts they accept in ``layouts``. What the rest of the library knows about a method it reads from the
+class, so a new method is one file: ``strength_params`` (what ``depth_scaling``, the summary's strength column and
+``viz --strength`` scale), ``compare_defaults`` (``viz --compare``), ``figure`` (:class:`FigureTraits`), ``card``
+(:class:`MethodCard`: ``timm-drop list`` and the docs) and :meth:`Regularizer.score_map` (the figure's score panel).
 """
 
 # No ``from __future__ import annotations`` here: TorchScript reads this module's annotations (``forward``, the
 # ``strength`` buffer) as real types, and a string ``'torch.Tensor'`` is an unknown type to it.
+import inspect
 import math
+import warnings
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
-from torch import fx, nn
+from torch import fx
 
 from timm_drop import fx as _fx
 from timm_drop.errors import TimmDropError
-from timm_drop.schedules import on_train_forward
+from timm_drop.regularizers.card import MethodCard
+from timm_drop.regularizers.figure import FigureTraits
+from timm_drop.schedules import ScheduledModule, on_train_forward
 
 #: Every layout a site can have: channels-first maps, channels-last maps, token sequences ``(B, L, C)`` and
 #: pooled features ``(B, C)`` (seen as one spatial position per channel).
 LAYOUTS: tuple[str, ...] = ("NCHW", "NHWC", "NLC", "NC")
+#: Strength parameter names assumed for a subclass that declares no ``strength_params`` (custom regularizers
+#: written before the class declared it): those of its ``__init__`` parameters, with a DeprecationWarning.
+_UNDECLARED_STRENGTH_NAMES: tuple[str, ...] = ("drop_prob", "q")
 
 
 class ParamError(TimmDropError, ValueError):
@@ -197,8 +208,13 @@ def restride_like(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return out.as_strided(x.shape, x.stride(), out.storage_offset())
 
 
-class Regularizer(nn.Module):
-    """Base class: eval identity, schedule strength buffer, layout adaptation.
+def declares(cls: type, attribute: str) -> bool:
+    """True when ``cls`` or a base below :class:`Regularizer` sets ``attribute`` itself (not inherited from it)."""
+    return any(attribute in vars(base) for base in cls.__mro__ if base is not Regularizer and issubclass(base, Regularizer))
+
+
+class Regularizer(ScheduledModule):
+    """Base class: eval identity, schedule strength buffer, layout adaptation, and what a method declares.
 
     Attributes:
         strength: non-persistent 0-dim float32 buffer in [0, 1]; the schedule's multiplier on the configured
@@ -214,6 +230,16 @@ class Regularizer(nn.Module):
     grid_layouts: ClassVar[tuple[str, ...]] = ()
     #: registry name (filled by :func:`timm_drop.regularizers.registry.register_regularizer`).
     registry_name: ClassVar[str] = ""
+    #: the parameters carrying the method's strength, as its ``__init__`` and attributes name them: scaled by a
+    #: rule's ``depth_scaling``, shown in the summary's strength column, replaced by ``viz --strength``. ``()``
+    #: declares a method with no strength to scale.
+    strength_params: ClassVar[tuple[str, ...]] = ()
+    #: parameter values ``viz --compare`` gives this method where the spec gives none (see ``figure.py``).
+    compare_defaults: ClassVar[dict[str, Any]] = {}
+    #: how ``viz`` draws the method's masks.
+    figure: ClassVar[FigureTraits] = FigureTraits()
+    #: the paper the method comes from (``timm-drop list``, the docs); None for a method without one.
+    card: ClassVar[MethodCard | None] = None
 
     strength: torch.Tensor
     #: properties TorchScript must not compile (it compiles every property of a scripted module)
@@ -222,6 +248,40 @@ class Regularizer(nn.Module):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         _fx.register_leaf(cls)  # an FX leaf for timm's tracers (timm_drop.fx)
+        if not declares(cls, "strength_params"):
+            accepted = inspect.signature(cls.__init__).parameters
+            cls.strength_params = tuple(p for p in _UNDECLARED_STRENGTH_NAMES if p in accepted)
+            if cls.strength_params:
+                warnings.warn(
+                    f"{cls.__qualname__} declares no strength_params; taking {cls.strength_params} from its "
+                    f"parameter names. Declare them on the class: strength_params = {cls.strength_params!r}",
+                    DeprecationWarning,
+                    stacklevel=2,
+                )
+
+    @classmethod
+    def score_map(cls, x: torch.Tensor, params: Mapping[str, Any]) -> tuple[torch.Tensor, str] | None:
+        """The method's own score of its input, for the figure's score panel; None when it has none.
+
+        Args:
+            x: the input as the method's op sees it: channels-first ``(N, C, *spatial)`` (tokens as ``(N, C, L, 1)``,
+                or a token grid as the ``(N, C, H, W)`` map for a method with ``grid_layouts``).
+            params: the parameters the method was built with (a default fills a missing one: :meth:`param`).
+
+        Returns:
+            ``(scores, title)``: ``scores`` with ``x``'s spatial size, one channel or ``x``'s channels.
+        """
+        return None
+
+    @classmethod
+    def param(cls, params: Mapping[str, Any], name: str) -> Any:
+        """``params[name]``, else the default of ``__init__``'s parameter ``name``."""
+        if name in params:
+            return params[name]
+        default = inspect.signature(cls.__init__).parameters[name].default
+        if default is inspect.Parameter.empty:
+            raise KeyError(f"{cls.__name__}: parameter {name!r} is required and was not given")
+        return default
 
     def __init__(self) -> None:
         super().__init__()

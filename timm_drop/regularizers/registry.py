@@ -5,6 +5,10 @@ Specs name regularizers by these names; a spec never imports code. Custom regula
     @register_regularizer("my_drop")
     class MyDrop(Regularizer): ...
 
+A class declares what the rest of the library needs to know about its method (``strength_params``,
+``compare_defaults``, ``figure``, ``card``: :class:`~timm_drop.regularizers.base.Regularizer`); registering
+checks that the parameters it names are parameters of the class.
+
 Only activation regularizers live here: modules a rule places at sites. Training controllers such as LayerOut
 (which freezes layers through the optimizer) are configured beside the spec, and a lookup of such a name says
 where it belongs (:data:`NOT_REGULARIZERS`).
@@ -46,12 +50,35 @@ def register_regularizer(
             raise ValueError(
                 f"regularizer {name!r} is already registered ({_REGISTRY[name]!r}); pass overwrite=True"
             )
+        _check_declarations(name, obj)
         _REGISTRY[name] = obj
         if isinstance(obj, type) and not getattr(obj, "registry_name", ""):
             obj.registry_name = name  # errors name the regularizer as specs do (Regularizer.display_name)
         return obj
 
     return _register if factory is None else _register(factory)
+
+
+def _check_declarations(name: str, obj: Callable[..., nn.Module]) -> None:
+    """A class's ``strength_params`` and ``compare_defaults`` must name parameters it accepts (else depth scaling
+    or ``viz --compare`` would skip them silently)."""
+    accepted = _accepted(obj)
+    named = [*getattr(obj, "strength_params", ()), *getattr(obj, "compare_defaults", {})]
+    unknown = [p for p in named if p not in accepted]
+    if unknown:
+        raise ValueError(
+            f"regularizer {name!r}: strength_params / compare_defaults name {unknown}, which "
+            f"{getattr(obj, '__name__', obj)!r} does not accept (it accepts {list(accepted)})"
+        )
+
+
+def _accepted(factory: Callable[..., nn.Module]) -> dict[str, Any]:
+    sig = inspect.signature(factory)
+    return {
+        p.name: p.default
+        for p in sig.parameters.values()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"
+    }
 
 
 def not_a_regularizer(name: str) -> str | None:
@@ -71,7 +98,6 @@ def _unknown(name: str) -> KeyError:
 
 def get_regularizer_class(name: str) -> Callable[..., nn.Module]:
     """The factory registered as ``name``; an unknown name is a ``KeyError`` with the nearest names."""
-    _ensure_builtins()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -80,13 +106,13 @@ def get_regularizer_class(name: str) -> Callable[..., nn.Module]:
 
 def regularizer_params(name: str) -> dict[str, Any]:
     """Parameter names of a registered regularizer and their defaults (``inspect.Parameter.empty`` if required)."""
-    factory = get_regularizer_class(name)
-    sig = inspect.signature(factory)
-    return {
-        p.name: p.default
-        for p in sig.parameters.values()
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"
-    }
+    return _accepted(get_regularizer_class(name))
+
+
+def strength_params(name: str) -> tuple[str, ...]:
+    """The parameters carrying the strength of the regularizer registered as ``name`` (its class's
+    ``strength_params``; none for a plain factory function)."""
+    return tuple(getattr(get_regularizer_class(name), "strength_params", ()))
 
 
 def create_regularizer(name: str, **params: Any) -> nn.Module:
@@ -102,10 +128,5 @@ def create_regularizer(name: str, **params: Any) -> nn.Module:
 
 
 def list_regularizers() -> list[str]:
-    _ensure_builtins()
     return sorted(_REGISTRY)
 
-
-def _ensure_builtins() -> None:
-    # Importing the package registers the built-in methods; this guards direct imports of this module.
-    import timm_drop.regularizers  # noqa: F401

@@ -393,8 +393,8 @@ LOCK = ".timm_drop_run.lock"
 #: the folders the recipe creates, and the only entries inside them that ``remove_run`` removes
 _RUN_FOLDERS = {
     "checkpoints": re.compile(r"^(\.tmp-|\.old-)?epoch_\d{4,}(_step_\d{8,})?$"),
-    "masks": re.compile(r"^epoch_\d{3,}\.png$"),  # log.mask_every (timm_drop.viz.log_epoch_masks)
-    "trackers": re.compile(r"^timm_drop$"),  # log.trackers: Accelerate's run folder (loop.TRACKER_PROJECT)
+    "masks": re.compile(r"^epoch_\d{3,}\.png$"),  # log.mask_every (training.mask_log)
+    "trackers": re.compile(r"^timm_drop$"),  # log.trackers: Accelerate's run folder (setup.TRACKER_PROJECT)
 }
 
 
@@ -407,15 +407,8 @@ def _atomic_suffixes(name: str) -> tuple[str, ...]:
 RUN_ENTRIES = frozenset(
     n
     for base in (
-        "config.yaml",
-        "metrics.jsonl",
-        "summary.csv",
-        "curves.png",
-        "best_model.pth",
-        "last_model.pth",
-        "best_model.safetensors",
-        "last_model.safetensors",
-        "result.json",
+        *("config.yaml", "metrics.jsonl", "summary.csv", "curves.png", "result.json"),
+        *(f"{kind}_model.{ext}" for kind in ("best", "last") for ext in ("pth", "safetensors")),
     )
     for n in _atomic_suffixes(base)
 ) | set(_RUN_FOLDERS)
@@ -615,6 +608,26 @@ def _check_writable(out: Path) -> None:
     raise ConfigError(f"output_dir: cannot write into {str(where)!r}: {why}; choose another output_dir")
 
 
+def _check_resume_config(out: Path, saved: Path, config: dict) -> None:
+    """:class:`ConfigError` unless ``config`` continues the run whose resolved config is ``saved``."""
+    from timm_drop.yaml_io import YAMLInputError, load_yaml_bounded
+
+    try:
+        old = load_yaml_bounded(saved.read_text(), str(saved))[0] or {}
+    except (OSError, UnicodeDecodeError, YAMLInputError) as e:
+        raise ConfigError(f"output_dir: cannot read the saved config ({e}); cannot check the resume") from e
+    if not isinstance(old, dict):
+        raise ConfigError(f"output_dir: {str(saved)!r} is not a config mapping; cannot check the resume")
+    # output_dir: the directory being resumed *is* the run, however it is spelled (absolute, ./runs/x, moved)
+    ignore = ("log.", "checkpoint.", "description", "data.num_workers", "output_dir")
+    diffs = [k for k in diff_configs(old, config) if not k.startswith(ignore)]
+    if diffs:
+        raise ConfigError(
+            f"output_dir: {str(out)!r} holds a run with a different config (differs in {diffs}); resuming it with this "
+            "config would not continue the same run. Use another output_dir or the saved config.yaml"
+        )
+
+
 def check_output_dir(
     output_dir: str | os.PathLike, config: dict, *, overwrite: bool, resume: str | None
 ) -> str:
@@ -680,20 +693,5 @@ def check_output_dir(
         )
     if not saved.is_file():
         raise ConfigError(f"output_dir: {str(out)!r} holds no config.yaml; there is no run here to resume")
-    from timm_drop.yaml_io import YAMLInputError, load_yaml_bounded
-
-    try:
-        old = load_yaml_bounded(saved.read_text(), str(saved))[0] or {}
-    except (OSError, UnicodeDecodeError, YAMLInputError) as e:
-        raise ConfigError(f"output_dir: cannot read the saved config ({e}); cannot check the resume") from e
-    if not isinstance(old, dict):
-        raise ConfigError(f"output_dir: {str(saved)!r} is not a config mapping; cannot check the resume")
-    # output_dir: the directory being resumed *is* the run, however it is spelled (absolute, ./runs/x, moved)
-    ignore = ("log.", "checkpoint.", "description", "data.num_workers", "output_dir")
-    diffs = [k for k in diff_configs(old, config) if not k.startswith(ignore)]
-    if diffs:
-        raise ConfigError(
-            f"output_dir: {str(out)!r} holds a run with a different config (differs in {diffs}); resuming it with this "
-            "config would not continue the same run. Use another output_dir or the saved config.yaml"
-        )
+    _check_resume_config(out, saved, config)
     return "resume"

@@ -97,6 +97,15 @@ def resolve_regularizer(cfg: TrainConfig, base_dir: str | os.PathLike | None = N
     from timm_drop.spec import load_spec
 
     src = cfg.regularizer
+    from timm_drop.placements import placement_request
+
+    try:  # a placement by name ("dropblock", {preset: dropblock, ...}) stays data until it meets the model
+        placement = placement_request(src)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(ConfigProblem("regularizer", str(e))) from e
+    if placement is not None:
+        cfg.regularizer = placement.to_dict()
+        return
     if isinstance(src, str):
         path = Path(src)
         if not path.is_absolute() and not path.exists() and base_dir is not None:

@@ -74,7 +74,7 @@ def ConfigProblem(  # noqa: N802 - the old class name, kept for callers that bui
 @dataclass
 class ModelConfig:
     name: str = documented(
-        "resnet20_cifar", help="timm model name (timm.list_models(); the CIFAR models register on import timm_drop)"
+        "resnet20_cifar", help="timm model name (timm.list_models(); the CIFAR models register on import timm_drop); `num_classes` comes from the data"
     )
     kwargs: dict = documented(
         factory=dict,
@@ -104,13 +104,13 @@ class AugmentConfig:
         0.0, help="probability of Random Erasing (Zhong et al. 2020) per image; 0 = off (their value: 0.5)"
     )
     mixup: float = documented(
-        0.0, help="Mixup alpha (Zhang et al. 2018) through timm's batch Mixup on the device; 0 = off (timm's usual: 0.8)"
+        0.0, help="Mixup alpha (Zhang et al. 2018) through timm's batch Mixup on the device; 0 = off (timm's usual: 0.8); any dataset"
     )
-    cutmix: float = documented(0.0, help="CutMix alpha (Yun et al. 2019), same Mixup object; 0 = off (timm's usual: 1.0)")
+    cutmix: float = documented(0.0, help="CutMix alpha (Yun et al. 2019), same Mixup object; 0 = off (timm's usual: 1.0); either Mixup or CutMix on: SoftTargetCrossEntropy, and `batch_size` must be even")
     mix_prob: float = documented(1.0, help="probability of mixing a batch at all (Mixup or CutMix)")
     mix_switch_prob: float = documented(0.5, help="with both on: probability of CutMix instead of Mixup for a batch")
     randaugment: str | None = documented(
-        None, help="timm RandAugment config string (rand-m9-mstd0.5-inc1), image folders only (PIL ops in the workers)"
+        None, help="timm RandAugment config string (rand-m9-mstd0.5-inc1), image folders only (PIL ops in the workers); tensor datasets (augmented on the device): a config error"
     )
 
 
@@ -170,9 +170,9 @@ class DataConfig:
         "auto",
         help="keep the whole (small) dataset on the accelerator and augment there in batches; auto = tensor datasets",
     )
-    num_workers: int = documented(4, help="loader worker processes")
+    num_workers: int = documented(4, help="loader worker processes; image folders, hfds and wds only; workers persist across epochs, reseeded per epoch from (seed, epoch, rank)")
     train_subset: int | None = documented(
-        None, help="use only the first N training images (after a fixed-seed shuffle); null = all"
+        None, help="use only the first N training images (after a fixed-seed shuffle); null = all; not for wds (a stream has no fixed subset)"
     )
     eval_subset: int | None = documented(None, help="use only the first N evaluation images; null = all")
     mean: list[float] | None = documented(
@@ -188,8 +188,8 @@ class DataConfig:
         "model.pretrained, else 0.875 with random_resized_crop",
     )
     augment: AugmentConfig = documented(factory=AugmentConfig, help="training augmentation")
-    hfds: HfdsConfig = documented(factory=HfdsConfig, help="data.dataset: hfds settings")
-    wds: WdsConfig = documented(factory=WdsConfig, help="data.dataset: wds settings")
+    hfds: HfdsConfig = documented(factory=HfdsConfig, help="data.dataset: hfds settings; needs `pip install 'timm_drop[streaming]'`")
+    wds: WdsConfig = documented(factory=WdsConfig, help="data.dataset: wds settings; needs `pip install 'timm_drop[streaming]'`")
 
 
 @dataclass
@@ -203,7 +203,7 @@ class OptimConfig:
     nesterov: bool = documented(
         False, help="sgd/momentum only; unlike timm's sgd (Nesterov by default) the recipe's default is plain momentum"
     )
-    weight_decay: float = documented(5e-4, help="weight decay; the model's no_weight_decay() names are excluded")
+    weight_decay: float = documented(5e-4, help="weight decay; the model's no_weight_decay() names are excluded; never on the model's `no_weight_decay()` names (ViT `pos_embed`, `cls_token`, ...)")
     no_decay_norm_bias: bool = documented(
         False, help="also exclude biases and norm weights (1-d params) from weight decay (timm's filter_bias_and_bn)"
     )
@@ -243,16 +243,16 @@ class EmaConfig:
 class TrainSection:
     epochs: int = documented(200, help="training epochs")
     grad_accum_steps: int = documented(1, help="micro-batches per optimizer step")
-    label_smoothing: float = documented(0.0, help="cross-entropy label smoothing")
+    label_smoothing: float = documented(0.0, help="cross-entropy label smoothing; also smooths Mixup/CutMix targets when mixing")
     precision: Literal["no", "bf16", "fp16"] = documented(
-        "no", help="mixed precision through Accelerate (fp16 needs CUDA)"
+        "no", help="mixed precision through Accelerate (fp16 needs CUDA); fp16 needs CUDA (GradScaler through Accelerate)"
     )
     channels_last: bool = documented(False, help="NHWC memory format for the model and batches")
-    compile: bool = documented(False, help="torch.compile the model")
+    compile: bool = documented(False, help="torch.compile the model; `torch.compile` after `accelerator.prepare`")
     compile_mode: str | None = documented(None, help="torch.compile mode; null = torch's default")
     sync_bn: bool = documented(False, help="convert BatchNorm to SyncBatchNorm when running on more than one process")
     clip_grad_norm: float | None = documented(None, help="clip the gradient norm to this value; null = off")
-    ema: EmaConfig = documented(factory=EmaConfig, help="weight EMA")
+    ema: EmaConfig = documented(factory=EmaConfig, help="weight EMA; timm's `ModelEmaV3`, evaluated every epoch")
     cpu: bool = documented(
         False, help="force CPU (also makes torchrun / accelerate launch --multi_gpu use gloo on a CPU-only box)"
     )
@@ -280,7 +280,7 @@ class LogConfig:
     trackers: list[str] = documented(
         factory=list,
         help="Accelerate trackers (tensorboard, wandb, mlflow, comet_ml, aim, clearml, dvclive...) fed the "
-        "per-epoch scalars",
+        "per-epoch scalars; `pip install \"timm_drop[tensorboard]\"` (or the tracker's package); metrics.jsonl stays. MLflow logs where `MLFLOW_TRACKING_URI` points (experiment `timm_drop`, run = `name`); unset, MLflow 3 opens `sqlite:///mlflow.db` in the working directory (needs full mlflow)",
     )
 
 
@@ -298,7 +298,7 @@ class CheckpointConfig:
 
 @dataclass
 class TrainConfig:
-    name: str = documented("run", help="run name")
+    name: str = documented("run", help="run name; label in logs and plots (and the MLflow run name)")
     seed: int = documented(0, help="seed of every random stream (in [0, 2**32 - 1])")
     output_dir: str = documented("runs/run", help="run folder: config, checkpoints, metrics, exports")
     model: ModelConfig = documented(factory=ModelConfig, help="the timm model")

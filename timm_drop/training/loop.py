@@ -1,9 +1,7 @@
-"""The Accelerate training loop behind ``recipes/train.py``.
-
-Build order: ``timm.create_model`` -> ``apply_regularizer`` -> channels_last -> SyncBN -> (``train.strategy: fsdp``:
-each block its own ``fully_shard`` unit) -> optimizer ->
-LayerOut ``bind``/``attach`` -> ``accelerator.prepare`` -> ``torch.compile`` -> EMA (a deepcopy of the unwrapped,
-already-regularized model, so the EMA carries its own regularizer modules).
+"""The Accelerate training loop behind ``recipes/train.py``: :class:`Trainer` = :class:`~timm_drop.training.setup.
+TrainerSetup` (everything before the first step) + the loop here + the epoch-end hooks of
+:mod:`timm_drop.training.epoch_end` (evaluation, metrics, trackers, weights, checkpoint, log line, mask figures; a
+list, ``trainer.epoch_end_hooks``, that a user's hook can join).
 
 Clocks:
 
@@ -18,20 +16,13 @@ gradient-accumulation window) and hold, besides an epoch checkpoint's state, eac
 augmentation generators and the partial epoch's loss/accuracy sums; the global RNG streams are Accelerate's. A run
 resumed from one continues the epoch at its next batch and reports the epoch's metrics as the uninterrupted run
 does (``epoch_time_s`` adds the training time before and after the interruption).
-
-Randomness: the model is initialised under ``set_seed(seed)`` (identical on every rank); after ``prepare`` the
-global RNG is re-seeded with ``seed + process_index`` (``device_specific=True``), so regularizer masks differ across
-ranks, while the data order (seeded by ``(seed, epoch)``) and LayerOut's frozen set (its own ``(seed, epoch)``
-generator) agree. Accelerate's ``rng_types`` is left at its default so it never re-broadcasts rank 0's global RNG.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,23 +31,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from timm_drop.errors import TimmDropError
-from timm_drop.training.checkpoint import (
-    CheckpointError,
-    CheckpointManager,
-    RunDir,
-    check_output_dir,
-    is_mid_epoch,
-    save_weights,
-    save_weights_safetensors,
-)
-from timm_drop.training.config import ConfigError, TrainConfig, config_to_dict, save_config
-from timm_drop.training.files import WriteError, replace_file, writing
-from timm_drop.training.metrics import MetricsLog, plot_curves
+from timm_drop.training.checkpoint import CheckpointError, CheckpointManager
+from timm_drop.training.config import ConfigError, TrainConfig
+from timm_drop.training.epoch_end import EPOCH_END_HOOKS, EpochEndHook
+from timm_drop.training.files import WriteError, replace_file
+from timm_drop.training.metrics import plot_curves
+from timm_drop.training.optim import LRSchedule, build_mixup, build_optimizer, optimizer_groups
+from timm_drop.training.setup import TRACKER_PROJECT, TrainerSetup, TrainState
 
-__all__ = ["LRSchedule", "NonFiniteLossError", "RunInterrupted", "TrainState", "Trainer", "train"]
-
-#: Accelerate ``init_trackers`` project name: the W&B project, and TensorBoard's folder under ``trackers/``
-TRACKER_PROJECT = "timm_drop"
+# LRSchedule, TrainState, TRACKER_PROJECT and the builders lived here before the loop was split: still importable
+__all__ = [
+    "TRACKER_PROJECT",
+    "LRSchedule",
+    "NonFiniteLossError",
+    "RunInterrupted",
+    "TrainState",
+    "Trainer",
+    "build_mixup",
+    "build_optimizer",
+    "optimizer_groups",
+    "train",
+]
 
 
 class NonFiniteLossError(TimmDropError, RuntimeError):
@@ -67,193 +62,12 @@ class RunInterrupted(KeyboardInterrupt):
     """Ctrl-C stopped the run; the message says where it stands (its last checkpoint, ``--resume latest``)."""
 
 
-@dataclass
-class TrainState:
-    epoch: int = 0  # finished epochs
-    step: int = 0  # optimizer steps taken
-    best_top1: float = -1.0
-    best_epoch: int = -1
-    #: micro-batches of the epoch in progress already trained (0 except in mid-epoch checkpoints)
-    batch: int = 0
+class Trainer(TrainerSetup):
+    """One training run. ``Trainer(cfg).fit()``; pieces are attributes so tests can reach in.
 
-
-class LRSchedule:
-    """LR as a pure function of the optimizer step: warm-up, then multistep / cosine / constant.
-
-    Milestones and warm-up are in epochs (fractional epochs allowed); a multistep decay takes effect at the first
-    step of its milestone epoch, as PyTorch's ``MultiStepLR`` stepped per epoch does.
+    ``epoch_end_hooks`` is the list of ``hook(trainer, epoch, row)`` called in order after every epoch's training
+    (:data:`~timm_drop.training.epoch_end.EPOCH_END_HOOKS` first); append to it to act at each epoch's end.
     """
-
-    def __init__(self, cfg: TrainConfig, steps_per_epoch: int) -> None:
-        s, self.epochs = cfg.sched, cfg.train.epochs
-        self.kind, self.lr, self.gamma = s.name, cfg.optim.lr, s.gamma
-        self.warmup, self.warmup_lr, self.warmup_mode, self.min_lr = (
-            s.warmup_epochs,
-            s.warmup_lr,
-            s.warmup_mode,
-            s.min_lr,
-        )
-        if s.milestones is not None:
-            self.milestones = [float(m) for m in s.milestones]
-        elif s.milestone_fractions is not None:
-            self.milestones = [f * self.epochs for f in s.milestone_fractions]
-        else:
-            self.milestones = []
-        self.steps_per_epoch = steps_per_epoch
-
-    def __call__(self, step: int) -> float:
-        e = step / self.steps_per_epoch
-        if e < self.warmup:
-            if self.warmup_mode == "constant":
-                return self.warmup_lr
-            return self.warmup_lr + (self.lr - self.warmup_lr) * e / self.warmup
-        if self.kind == "multistep":
-            return self.lr * self.gamma ** sum(e >= m - 1e-9 for m in self.milestones)
-        if self.kind == "cosine":
-            t = min(1.0, (e - self.warmup) / max(1e-12, self.epochs - self.warmup))
-            return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + math.cos(math.pi * t))
-        return self.lr
-
-    def apply(self, optimizer, step: int) -> float:
-        lr = self(step)
-        for g in optimizer.param_groups:
-            # layer-wise decay groups carry their multiplier (timm's schedulers apply it the same way)
-            g["lr"] = lr * g.get("lr_scale", 1.0)
-        return lr
-
-
-def _apply_regularizer(model: nn.Module, spec: Any, example_input: torch.Tensor) -> nn.Module:
-    try:
-        from timm_drop.rewrite import apply_regularizer
-    except ImportError:  # pragma: no cover - older layouts export it at top level only
-        from timm_drop import apply_regularizer
-    return apply_regularizer(model, spec, example_input=example_input)
-
-
-def _regularizers(model: nn.Module) -> list[nn.Module]:
-    from timm_drop.regularizers.base import Regularizer
-
-    return [m for m in model.modules() if isinstance(m, Regularizer)]
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """``timm.optim.create_optimizer_v2`` from ``cfg.optim``: the model's ``no_weight_decay()`` names are never
-    decayed, 1-d params only with ``no_decay_norm_bias``, ``layer_decay`` sets per-group ``lr_scale``."""
-    from timm.optim import create_optimizer_v2
-
-    o = cfg.optim
-    kwargs: dict[str, Any] = {}
-    if o.name.lower() in ("sgd", "momentum"):
-        # timm's "sgd" means Nesterov; the recipe keeps its own (documented) switch
-        kwargs["nesterov"] = o.nesterov
-    if o.betas is not None:
-        kwargs["betas"] = tuple(o.betas)
-    if o.eps is not None:
-        kwargs["eps"] = o.eps
-    try:
-        return create_optimizer_v2(
-            model,
-            opt=o.name,
-            lr=o.lr,
-            weight_decay=o.weight_decay,
-            momentum=o.momentum,
-            filter_bias_and_bn=o.no_decay_norm_bias,
-            layer_decay=o.layer_decay,
-            **kwargs,
-        )
-    except ImportError as e:  # bitsandbytes / apex optimizers need their package
-        raise ConfigError(f"optim.name: {o.name!r} needs a package that is not installed: {e}") from e
-
-
-def optimizer_groups(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[dict[str, Any]]:
-    """One summary per param group (size, weight decay, LR scale, first names), for ``--dry-run``."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    out = []
-    for g in optimizer.param_groups:
-        params = g["params"]
-        out.append(
-            {
-                "params": len(params),
-                "numel": sum(p.numel() for p in params),
-                "weight_decay": g.get("weight_decay", 0.0),
-                "lr_scale": g.get("lr_scale", 1.0),
-                "names": [names.get(id(p), "?") for p in params[:3]] + (["..."] if len(params) > 3 else []),
-            }
-        )
-    return out
-
-
-def build_mixup(cfg: TrainConfig, num_classes: int):
-    """timm's ``Mixup`` (batch mode, on whatever device the batch is) for ``data.augment``, or None when off."""
-    a = cfg.data.augment
-    if a.mixup <= 0 and a.cutmix <= 0:
-        return None
-    from timm.data import Mixup
-
-    return Mixup(
-        mixup_alpha=a.mixup,
-        cutmix_alpha=a.cutmix,
-        prob=a.mix_prob,
-        switch_prob=a.mix_switch_prob,
-        mode="batch",
-        label_smoothing=cfg.train.label_smoothing,
-        num_classes=num_classes,
-    )
-
-
-def _flat_scalars(d: dict[str, Any], prefix: str = "", *, as_text: bool = False) -> dict[str, Any]:
-    """Nested dict -> ``{"a/b": number}`` for trackers; other values dropped (or, ``as_text``, kept as strings:
-    TensorBoard's hparams take only scalars)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{'.' if as_text else '/'}{k}" if prefix else str(k)
-        if isinstance(v, dict):
-            out.update(_flat_scalars(v, key, as_text=as_text))
-        elif isinstance(v, (bool, int, float)) and (as_text or not isinstance(v, bool)):
-            out[key] = v
-        elif as_text:
-            out[key] = str(v)
-    return out
-
-
-def _build_layerout(section: dict, model: nn.Module, distributed: bool, compiled: bool):
-    """``LayerOut(**section).bind(model)``; tells it whether the run is distributed/compiled so that its
-    ``skip_backward="auto"`` never toggles ``requires_grad`` where that is unsafe (DDP) or recompiles (compile)."""
-    from timm_drop.layerout import LayerOut
-
-    section = dict(section)
-    section.setdefault("distributed", distributed)
-    section.setdefault("compiled", compiled)
-    return LayerOut(**section).bind(model)
-
-
-#: the distributed type of this process's launch, before any run's FSDP plugin changed it
-_LAUNCH_TYPE: dict[str, Any] = {}
-
-
-def _release_accelerator_state() -> None:
-    """Let a second Trainer in the same process (tests, benchmarks, notebooks) choose its own precision.
-
-    Accelerate keeps mixed precision in a process-wide singleton and refuses a different value later; the
-    distributed part (``PartialState``: process group, device) is kept, only the per-run settings are dropped.
-    """
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-    from accelerate.utils import DistributedType
-
-    if AcceleratorState._shared_state:
-        AcceleratorState._reset_state(reset_partial_state=False)
-        GradientState._reset_state()
-    shared = PartialState._shared_state
-    if shared:
-        # Accelerate writes a run's FSDP type into the kept part too; the next run starts from the launch's own type
-        if shared["distributed_type"] == DistributedType.FSDP and "type" in _LAUNCH_TYPE:
-            shared["distributed_type"] = _LAUNCH_TYPE["type"]
-        else:
-            _LAUNCH_TYPE["type"] = shared["distributed_type"]
-
-
-class Trainer:
-    """One training run. ``Trainer(cfg).fit()``; pieces are attributes so tests can reach in."""
 
     def __init__(
         self,
@@ -266,382 +80,13 @@ class Trainer:
         self.cfg, self.overwrite, self.resume, self.dry_run = cfg, overwrite, resume, dry_run
         self.state = TrainState()
         self.out = Path(cfg.output_dir)
+        self.epoch_end_hooks: list[EpochEndHook] = list(EPOCH_END_HOOKS)
         self._setup_done = False
         self._dir_ready = False  # the run directory was prepared: something of this run may be on disk
         # this process's state from a mid-epoch checkpoint, until the resumed epoch starts from it
         self._resume_point: dict[str, Any] | None = None
-
-    # -- setup -------------------------------------------------------------------------------------------------
-    def setup(self) -> Trainer:
-        """Everything before the first step, in order; a failed check anywhere leaves the output dir untouched."""
-        from accelerate.utils import set_seed
-
-        cfg = self.cfg
-        acc = self._start_accelerator()
-        # Read-only decision now; the directory is created (or a previous run in it replaced) only after every
-        # other check below has passed, so a failed start loses nothing and leaves nothing behind.
-        cfg_dict = config_to_dict(cfg)
-        if not self.dry_run:
-            self.dir_mode = check_output_dir(self.out, cfg_dict, overwrite=self.overwrite, resume=self.resume)
-        self._build_data()
-        model = self._build_model()
-        self._apply_spec(model)
-        model = self._build_optimizer(model)
-        self._prepare(model)
-        # Per-rank noise from here on (regularizer masks); data order and LayerOut use their own generators.
-        set_seed(cfg.seed, device_specific=True)
-
-        self._resume()
-        self.run_dir = RunDir(self.out)
-        try:
-            if not self.dry_run:
-                self._prepare_run_dir()
-            self.metrics = (
-                MetricsLog(self.out, claim=self.run_dir.claim)
-                if (self.is_main and not self.dry_run)
-                else None
-            )
-            if cfg.log.trackers and not self.dry_run:
-                if self.is_main:
-                    self.run_dir.claim("trackers")
-                acc.init_trackers(
-                    TRACKER_PROJECT,
-                    config=_flat_scalars(config_to_dict(cfg), as_text=True),
-                    init_kwargs={"wandb": {"name": cfg.name}, "mlflow": {"run_name": cfg.name}},
-                )
-            if self.metrics is not None and self.resume is not None:
-                self.metrics.truncate(self.state.epoch)
-        except BaseException:
-            self.run_dir.release()
-            raise
-        self._setup_done = True
-        return self
-
-    def _start_accelerator(self) -> Any:
-        """The Accelerator (precision, accumulation, trackers, DDP options) and this process's place in the run."""
-        from accelerate import Accelerator, PartialState
-        from accelerate.utils import DistributedDataParallelKwargs, parse_flag_from_env
-
-        from timm_drop.training import fsdp
-
-        cfg, t = self.cfg, self.cfg.train
-        if t.precision == "fp16" and (t.cpu or not torch.cuda.is_available()):
-            raise ConfigError("train.precision: fp16 needs a CUDA device; use bf16 or no on CPU")
-        # the launch (process group, device) first, so its own distributed type is known before a plugin changes it;
-        # ACCELERATE_USE_CPU as AcceleratorState would read it
-        PartialState(cpu=t.cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))
-        _release_accelerator_state()
-
-        plugin = fsdp.fsdp_plugin() if t.strategy == "fsdp" else None
-        tracking: dict[str, Any] = {}
-        if cfg.log.trackers and not self.dry_run:
-            from accelerate.utils import ProjectConfiguration
-
-            tracking = dict(
-                log_with=list(cfg.log.trackers),
-                project_config=ProjectConfiguration(
-                    project_dir=str(self.out), logging_dir=str(self.out / "trackers")
-                ),
-            )
-        ddp = DistributedDataParallelKwargs(find_unused_parameters=t.find_unused_parameters)
-        with fsdp.use_fsdp_env(t.strategy):
-            self.accelerator = acc = Accelerator(
-                **tracking,
-                cpu=t.cpu,
-                mixed_precision=t.precision,
-                gradient_accumulation_steps=t.grad_accum_steps,
-                kwargs_handlers=[ddp],
-                fsdp_plugin=plugin,
-            )
-        if plugin is not None:
-            fsdp.require_fsdp_launch(acc, plugin, cpu=t.cpu)
-        self.device = acc.device
-        self.is_main = acc.is_main_process
-        self.rank, self.world = acc.process_index, acc.num_processes
-        return acc
-
-    def _build_data(self) -> None:
-        """Loaders (none in a dry run), the number of classes and the steps per epoch; seeds the run.
-
-        Data comes before the model: the number of classes may come from it. A pretrained model's input pipeline
-        fills the normalisation/interpolation/crop keys the config leaves null. A dry run counts the steps with the
-        loaders' own :func:`~timm_drop.training.data.train_batches` from what the data says without decoding it
-        (``steps_per_epoch_unknown`` gives the reason where that is nothing).
-        """
-        from accelerate.utils import set_seed
-
-        from timm_drop.training.data import STREAM_DATASETS, build_loaders, peek_dataset, train_batches
-        from timm_drop.training.data_config import resolve_data
-
-        cfg, t = self.cfg, self.cfg.train
-        if cfg.checkpoint.every_steps is not None and cfg.data.dataset in STREAM_DATASETS:
-            raise ConfigError(
-                f"checkpoint.every_steps: data.dataset {cfg.data.dataset!r} is read as a stream, which cannot "
-                "resume mid-epoch; use null (epoch checkpoints only)"
-            )
-        data_cfg, self.data_config = resolve_data(cfg)
-        set_seed(cfg.seed)
-        self.steps_per_epoch_unknown = ""
-        try:
-            if self.dry_run:
-                self.train_loader = self.eval_loader = None
-                peek = peek_dataset(data_cfg)
-                found = peek.num_classes
-                if peek.train_size is None:
-                    self.steps_per_epoch_unknown = peek.unknown
-                    batches = t.grad_accum_steps  # the schedules are built per epoch; no step count is reported
-                else:
-                    batches = train_batches(peek.train_size, data_cfg, self.world, t.grad_accum_steps)
-            else:
-                self.train_loader, self.eval_loader, found = build_loaders(
-                    data_cfg,
-                    device=self.device,
-                    seed=cfg.seed,
-                    rank=self.rank,
-                    world=self.world,
-                    channels_last=t.channels_last,
-                    batch_multiple=t.grad_accum_steps,
-                )
-                batches = len(self.train_loader)
-                for loader in (self.train_loader, self.eval_loader):
-                    for note in getattr(loader, "notes", ()):  # what the data has to say (a class without eval images)
-                        self.accelerator.print(f"note: {note}")
-                # what the loaders actually normalise with (the dataset's statistics where nothing else decided)
-                self.data_config["mean"], self.data_config["std"] = self.train_loader.mean, self.train_loader.std
-        except (ValueError, KeyError) as e:  # data.py names the key (batch larger than the data, ...)
-            if isinstance(e, ConfigError):
-                raise
-            msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-            raise ConfigError(msg if msg.startswith("data.") else f"data: {msg}") from e
-        num_classes = cfg.data.num_classes or found or cfg.model.kwargs.get("num_classes")
-        if num_classes is None:
-            raise ConfigError(
-                f"data.num_classes: needed for a dry run of dataset {cfg.data.dataset!r} "
-                f"({self.steps_per_epoch_unknown})"
-            )
-        self.num_classes = num_classes
-        self.steps_per_epoch = batches // t.grad_accum_steps
-        self.total_steps = self.steps_per_epoch * t.epochs
-
-    def _build_model(self) -> nn.Module:
-        """The timm model: identical initialisation on every rank (seeded by :meth:`_build_data`, before any
-        per-rank re-seed)."""
-        import timm
-
-        import timm_drop.models  # noqa: F401  (registers the CIFAR models)
-        from timm_drop.training.data_config import model_create_kwargs
-
-        cfg = self.cfg
-        kwargs = model_create_kwargs(cfg.model)
-        kwargs.setdefault("num_classes", self.num_classes)
-        try:
-            return timm.create_model(cfg.model.name, **kwargs)
-        except RuntimeError as e:
-            if "Unknown model" in str(e):
-                raise ConfigError(f"model.name: {e}") from e
-            raise
-        except TypeError as e:
-            raise ConfigError(f"model.kwargs: {cfg.model.name} rejected them: {e}") from e
-
-    def _stub_shape(self) -> tuple[int, int, int, int]:
-        """Two images as the loaders yield them: the example input of the shape pass, the sharding and the dry run."""
-        from timm_drop.training.data import IMAGE_CHANNELS
-
-        size = self.cfg.data.image_size
-        return (2, IMAGE_CHANNELS, size, size)
-
-    def _apply_spec(self, model: nn.Module) -> None:
-        """Insert the config's regularizers (in place) and track their realised drop fractions."""
-        cfg = self.cfg
-        if cfg.regularizer is not None:
-            model.train()
-            _apply_regularizer(model, cfg.regularizer, torch.zeros(self._stub_shape()))
-            from timm_drop.summary import track_drops
-
-            # realised drop fraction per rule in metrics.jsonl (on device; read once an epoch)
-            track_drops(model)
-        self.n_regularizers = len(_regularizers(model))
-
-    def _build_optimizer(self, model: nn.Module) -> nn.Module:
-        """Model on the device (channels-last, SyncBatchNorm as configured), its optimizer, LayerOut attached to
-        that optimizer, and the LR schedule. Returns the model (SyncBatchNorm conversion replaces it)."""
-        from timm_drop.training.data_config import format_data_config
-
-        cfg, t = self.cfg, self.cfg.train
-        self.accelerator.print(format_data_config(self.data_config))
-        model.to(self.device)
-        if t.channels_last:
-            model.to(memory_format=torch.channels_last)
-        if t.sync_bn and self.world > 1:
-            from timm.layers import convert_sync_batchnorm
-
-            model = convert_sync_batchnorm(model)
-        if t.strategy == "fsdp":
-            self._shard_blocks(model)
-        self.optimizer = build_optimizer(model, cfg)
-        self.layerout = None
-        if cfg.layerout is not None:
-            self.layerout = _build_layerout(
-                cfg.layerout, model, distributed=self.world > 1, compiled=t.compile
-            )
-            self.layerout.attach(self.optimizer)
-        self.lr_schedule = LRSchedule(cfg, self.steps_per_epoch)
-        return model
-
-    def _shard_blocks(self, model: nn.Module) -> None:
-        """FSDP: every block its own shard unit, before the optimizer sees the parameters (``prepare`` then shards
-        the root around them and moves the optimizer to the sharded parameters)."""
-        from timm_drop.training import fsdp
-
-        example = torch.zeros(self._stub_shape(), device=self.device)
-        self.fsdp_units = fsdp.fsdp_units(model, example)
-        if not self.fsdp_units:
-            self.accelerator.print(
-                f"note: train.strategy=fsdp: {self.cfg.model.name} has no blocks; it is sharded as one unit, so each "
-                "forward gathers all of its weights at once"
-            )
-        fsdp.shard_units(model, self.fsdp_units, self.accelerator)
-
-    def _prepare(self, model: nn.Module) -> None:
-        """Accelerate's wrapping (DDP, precision), ``torch.compile``, the EMA copy, the schedule driver (the optimizer
-        step hook that moves the regularizers' schedules), Mixup and the loss."""
-        cfg, t = self.cfg, self.cfg.train
-        acc = self.accelerator
-        self.model, self.optimizer = acc.prepare(model, self.optimizer)
-        if t.strategy == "fsdp" and acc.native_amp:
-            from timm_drop.training import fsdp
-
-            fsdp.autocast_forward(self.model, acc)
-        if t.compile:
-            self.model = torch.compile(self.model, mode=t.compile_mode)
-        self.unwrapped = acc.unwrap_model(self.model)
-        self.ema = None
-        if t.ema.enabled:
-            from timm.utils import ModelEmaV3
-
-            self.ema = ModelEmaV3(self.unwrapped, decay=t.ema.decay, use_warmup=t.ema.warmup)
-        from timm_drop.drive import drive
-
-        also = [self.ema.module] if self.ema is not None else []
-        self.driver = drive(self.unwrapped, self.optimizer, max(1, self.total_steps), also=also)
-        self.mixup = build_mixup(cfg, self.num_classes)
-        if self.mixup is not None:
-            from timm.loss import SoftTargetCrossEntropy
-
-            # Mixup's targets are already smoothed by train.label_smoothing
-            self.criterion: nn.Module = SoftTargetCrossEntropy()
-        else:
-            self.criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
-
-    def _resume(self) -> None:
-        """The checkpoint manager; with ``--resume``, the checkpoint verified (sizes + checksums) and loaded into
-        memory before the run directory is touched: a damaged or mismatched one leaves nothing behind."""
-        self.ckpt = CheckpointManager(self.out, self.cfg.checkpoint.total_limit)
-        loader = getattr(self, "train_loader", None)
-        if self.cfg.checkpoint.every_steps is not None and loader is not None and not hasattr(loader, "state_dict"):
-            # _build_data refuses the known streams by name; this catches any other loader before the first step
-            raise ConfigError(
-                f"checkpoint.every_steps: the training loader of data.dataset {self.cfg.data.dataset!r} cannot "
-                "resume mid-epoch (it has no state_dict/load_state_dict); use null (epoch checkpoints only)"
-            )
-        if self.resume is not None and not self.dry_run:
-            self.ckpt.resolve(
-                self.resume, num_processes=self.world, log=self.accelerator.print, restore=self._restore_agreed
-            )
-
-    def _prepare_run_dir(self) -> None:
-        """Create the run directory, or replace what a previous run of ours listed in its marker (``--overwrite``,
-        or a start that never finished an epoch); then write the resolved config."""
-        acc = self.accelerator
-        acc.wait_for_everyone()
-        if self.is_main:
-            run = self.run_dir
-            with writing(self.out):
-                self.out.mkdir(parents=True, exist_ok=True)
-            run.acquire()  # held until fit() ends (or this process does): no second run can touch the directory
-            if self.dir_mode in ("overwrite", "restart"):
-                marker = run.read_marker()
-                assert marker is not None  # check_output_dir only returns these modes for a marked run
-                if self.dir_mode == "restart":
-                    acc.print(
-                        f"note: {self.out} held a run that never finished an epoch; replacing the files it created"
-                    )
-                run.remove_run(marker)
-            if self.dir_mode == "resume":
-                run.adopt()
-            else:
-                run.start()
-            self._dir_ready = True
-            run.claim("config.yaml", "config.yaml.tmp")
-            save_config(self.cfg, self.out / "config.yaml")
-        acc.wait_for_everyone()
-        self._dir_ready = True
-
-    def _restore(self, path: Path) -> None:
-        """Load the checkpoint at ``path`` into this run; :class:`CheckpointError` (before the run's counters, LayerOut,
-        EMA or data position change) when it cannot continue it, so ``--resume latest`` can try an older one."""
-        extra = CheckpointManager.load(self.accelerator, path)
-        state = TrainState(**extra["train_state"])
-        own = None
-        if is_mid_epoch(path):
-            own = extra.get("process_state")
-            if own is None or own["loader"]["batch"] != state.batch:
-                raise CheckpointError(
-                    f"a mid-epoch checkpoint without this process's data position (process {self.rank})"
-                )
-            if own["loader"]["epoch"] != state.epoch:
-                raise CheckpointError(
-                    f"process {self.rank}'s data position is in epoch {own['loader']['epoch'] + 1}, the checkpoint is "
-                    f"inside epoch {state.epoch + 1}"
-                )
-        # an epoch's end has no position inside an epoch (epoch checkpoints written after a mid-epoch resume by
-        # earlier versions kept the position of the step checkpoint they were resumed from)
-        state.batch = 0
-        if self.layerout is not None and "layerout" not in extra:
-            raise CheckpointError("the checkpoint has no LayerOut state but the config has layerout")
-        if self.ema is not None and "ema" not in extra:
-            raise CheckpointError("the checkpoint has no EMA state but train.ema.enabled is true")
-        # only the step: the recipe's resume config check decides what may change (a longer train.epochs stretches
-        # the schedule, as progress = step / total_steps always did); a checkpoint from before the recipe used
-        # drive() has no "driver", and its schedules followed the step count
-        step = extra["driver"]["step"] if "driver" in extra else state.step
-        try:
-            self.driver.load_state_dict({"step": step})
-            if self.layerout is not None:
-                self.layerout.load_state_dict(extra["layerout"])
-            if self.ema is not None:
-                self.ema.load_state_dict(extra["ema"])
-            if own is not None:
-                self.train_loader.load_state_dict(own["loader"])
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise CheckpointError(f"its state does not fit this run ({type(e).__name__}: {e})") from e
-        self.state, self._resume_point = state, own
-
-    def _restore_agreed(self, path: Path) -> None:
-        """:meth:`_restore` on every process; a checkpoint one process cannot continue from is refused by all (each
-        holds its own data position), so ``--resume latest`` moves on to the same older checkpoint everywhere."""
-        problem = None
-        try:
-            self._restore(path)
-        except CheckpointError as e:
-            problem = e
-        if self.world > 1:
-            failed = self.accelerator.gather(torch.tensor([int(problem is not None)], device=self.device))
-            ranks = [r for r, f in enumerate(failed.tolist()) if f]
-            if ranks and problem is None:
-                problem = CheckpointError(f"process(es) {ranks} cannot continue from it")
-        if problem is not None:
-            raise problem
-        self.accelerator.print(f"resumed from {path} at epoch {self.state.epoch}, step {self.state.step}")
-
-    def _extra_state(self) -> dict[str, Any]:
-        # "driver" is optional for readers (see _restore), so the format stays 1
-        d: dict[str, Any] = {"train_state": asdict(self.state), "format": 1, "driver": self.driver.state_dict()}
-        if self.layerout is not None:
-            d["layerout"] = self.layerout.state_dict()
-        if self.ema is not None:
-            d["ema"] = self.ema.state_dict()
-        return d
+        #: LayerOut's (model, units) frozen fractions of the epoch in progress, or None without LayerOut
+        self.epoch_frozen: tuple[float, float] | None = None
 
     # -- steps -------------------------------------------------------------------------------------------------
     def _check_finite(self, value: torch.Tensor, where: str) -> None:
@@ -883,71 +328,35 @@ class Trainer:
         last = {}
         end = cfg.train.epochs if max_epochs is None else min(cfg.train.epochs, self.state.epoch + max_epochs)
         for epoch in range(self.state.epoch, end):
-            frozen_fraction = None
-            if self.layerout is not None:
-                if self._resume_point is None:
-                    self.layerout.start_epoch(epoch)
-                # else a mid-epoch checkpoint restored this epoch's frozen set (and its start's norm counters)
-                frozen_fraction = float(self.layerout.frozen_fraction_of_model)
-                frozen_layers = float(self.layerout.frozen_fraction)
-            try:
-                row = {"epoch": epoch + 1, "step": 0}
-                row.update(self.train_one_epoch(epoch))
-            finally:
-                if self.layerout is not None:
-                    self.layerout.end_epoch()
-            row["step"] = self.state.step
-            if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
-                row.update(self.evaluate())
-                if self.ema is not None:
-                    self._agree_ema_buffers()
-                    row.update({f"ema_{k}": v for k, v in self.evaluate(self.ema.module).items()})
-            if frozen_fraction is not None:
-                # the paper's figure: share of all trainable parameters frozen this epoch
-                row["frozen_fraction"] = frozen_fraction
-                row["frozen_fraction_units"] = frozen_layers
-            regs = _regularizers(self.unwrapped)
-            if regs:
-                row["reg_strength"] = sum(float(r.strength) for r in regs) / len(regs)
-                from timm_drop.summary import summary
-
-                for n, rule in enumerate(summary(self.unwrapped).rules, 1):
-                    row[f"rule{n}_strength"] = rule.multiplier
-                    row[f"rule{n}_drop_fraction"] = rule.drop_fraction
-            self.state.epoch = epoch + 1
-            top1 = row.get("eval_top1")
-            improved = top1 is not None and top1 > self.state.best_top1
-            if improved:
-                self.state.best_top1, self.state.best_epoch = top1, epoch + 1
-            if self.is_main:
-                self.metrics.append(row)
-            if cfg.log.trackers:
-                acc.log(_flat_scalars(row), step=row["epoch"])
-            # the full weights: a collective under FSDP (gathered to the main process), the model's own otherwise
-            sd = acc.get_state_dict(self.unwrapped)
-            if self.is_main:
-                for name in ("last_model.pth", "last_model.safetensors"):
-                    self.run_dir.claim(name, name + ".tmp")
-                save_weights(sd, self.out / "last_model.pth")
-                save_weights_safetensors(sd, self.out / "last_model.safetensors")
-                if improved and cfg.checkpoint.save_best:
-                    for name in ("best_model.pth", "best_model.safetensors"):
-                        self.run_dir.claim(name, name + ".tmp")
-                    save_weights(sd, self.out / "best_model.pth")
-                    save_weights_safetensors(sd, self.out / "best_model.safetensors")
-            if self._epoch_checkpoint_due(epoch):
-                if self.is_main:
-                    self.run_dir.claim("checkpoints")
-                self.ckpt.save(acc, epoch + 1, self._extra_state())
-            acc.print(self._log_line(row))
-            if cfg.log.mask_every:
-                from timm_drop.viz import log_epoch_masks
-
-                if self.is_main:
-                    self.run_dir.claim("masks")
-
-                log_epoch_masks(self, epoch)
+            row = self._train_epoch(epoch)
+            for hook in self.epoch_end_hooks:
+                hook(self, epoch, row)
             last = row
+        return self._finish(last)
+
+    def _train_epoch(self, epoch: int) -> dict[str, Any]:
+        """The epoch's training part inside LayerOut's epoch step (``start_epoch`` / ``end_epoch``); its row."""
+        self.epoch_frozen = None
+        if self.layerout is not None:
+            if self._resume_point is None:
+                self.layerout.start_epoch(epoch)
+            # else a mid-epoch checkpoint restored this epoch's frozen set (and its start's norm counters)
+            self.epoch_frozen = (
+                float(self.layerout.frozen_fraction_of_model),
+                float(self.layerout.frozen_fraction),
+            )
+        try:
+            row = {"epoch": epoch + 1, "step": 0}
+            row.update(self.train_one_epoch(epoch))
+        finally:
+            if self.layerout is not None:
+                self.layerout.end_epoch()
+        row["step"] = self.state.step
+        return row
+
+    def _finish(self, last: dict[str, Any]) -> dict[str, Any]:
+        """The run's summary: ``curves.png``, ``result.json``, the closing line; trackers flushed."""
+        acc, cfg = self.accelerator, self.cfg
         if not last and self.metrics is not None and self.metrics.rows:
             # nothing left to train (a finished run resumed): report its last epoch, not an empty one
             last = dict(self.metrics.rows[-1])
@@ -978,24 +387,6 @@ class Trainer:
             tracker.finish()
         acc.wait_for_everyone()
         return summary
-
-    def _log_line(self, r: dict[str, Any]) -> str:
-        parts = [
-            f"epoch {r['epoch']:>3}/{self.cfg.train.epochs}",
-            f"train_loss {r['train_loss']:.4f}",
-            f"train_top1 {r['train_top1']:6.2f}",
-        ]
-        if "eval_top1" in r:
-            parts += [f"eval_loss {r['eval_loss']:.4f}", f"eval_top1 {r['eval_top1']:6.2f}"]
-        if "ema_eval_top1" in r:
-            parts.append(f"ema_top1 {r['ema_eval_top1']:6.2f}")
-        parts.append(f"lr {r['lr']:.4g}")
-        if "frozen_fraction" in r:
-            parts.append(f"frozen {100 * r['frozen_fraction']:.1f}%")
-        if "reg_strength" in r:
-            parts.append(f"reg {r['reg_strength']:.3f}")
-        parts.append(f"{r['epoch_time_s']:.1f}s ({r['train_images_per_s']:.0f} img/s)")
-        return "  ".join(parts)
 
     def _checkpoint_cadence(self) -> str:
         c = self.cfg.checkpoint

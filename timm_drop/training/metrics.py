@@ -18,7 +18,7 @@ from typing import Any
 
 from timm_drop.training.files import replace_file
 
-__all__ = ["MetricsLog", "plot_curves"]
+__all__ = ["MetricsLog", "flat_scalars", "plot_curves"]
 
 TIMM_COLUMNS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr"]
 
@@ -108,3 +108,19 @@ def plot_curves(rows: list[dict[str, Any]], path: str | os.PathLike, title: str 
         replace_file(path, lambda f: fig.savefig(f, format="png", dpi=100), temp=str(path) + ".tmp.png")
     finally:
         plt.close(fig)
+
+
+def flat_scalars(d: dict[str, Any], prefix: str = "", *, as_text: bool = False) -> dict[str, Any]:
+    """Nested dict -> ``{"a/b": number}`` for trackers; other values dropped (or, ``as_text``, kept as strings:
+    TensorBoard's hparams take only scalars)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{'.' if as_text else '/'}{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(flat_scalars(v, key, as_text=as_text))
+        elif isinstance(v, (bool, int, float)) and (as_text or not isinstance(v, bool)):
+            out[key] = v
+        elif as_text:
+            out[key] = str(v)
+    return out
+

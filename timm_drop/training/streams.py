@@ -1,7 +1,7 @@
 """Hugging Face ``datasets`` (``data.dataset: hfds``) and webdataset shards (``wds``) as timm datasets.
 
 Both come from timm's readers, so images are decoded the way ``timm.data.create_dataset`` decodes them; the loaders
-around them (sharding, epochs, normalisation) are the recipe's, in :mod:`timm_drop.training.data`. This module needs
+around them (sharding, epochs, normalisation) are the recipe's, in :mod:`timm_drop.training.loaders`. This module needs
 the ``streaming`` extra (``datasets``, ``webdataset``); nothing imports it unless a config names one of the two.
 
 * **hfds** is random access: a dataset id goes through ``create_dataset("hfds/<id>")`` (``data.root`` = its cache
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from timm_drop.training.config import ConfigError, DataConfig
-from timm_drop.training.data import seed_worker_rngs, worker_seed
+from timm_drop.training.workers import seed_worker_rngs, worker_seed
 
 __all__ = ["EpochStream", "hfds_dataset", "hfds_peek", "wds_dataset", "wds_num_samples"]
 

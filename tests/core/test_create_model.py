@@ -167,6 +167,7 @@ def test_a_spec_string_in_a_saved_config_is_never_read_as_a_path(tmp_path):
         assert "do-not-quote-me" not in str(ei.value) and "config.json" in str(ei.value)
 
 
+@pytest.mark.slow
 def test_a_fifo_named_as_the_spec_in_a_saved_config_does_not_block(tmp_path):
     import os
     import subprocess

@@ -111,6 +111,7 @@ def test_pickle_after_sync_batchnorm_conversion():
     assert not _regs(loaded)
 
 
+@pytest.mark.slow
 def test_a_fresh_process_rebuilds_the_rewritten_classes(tmp_path):
     # spawn / another machine: no generated class exists yet, it is rebuilt from the original class + recipe
     model = _model("test_resnet")

@@ -87,6 +87,7 @@ FAMILIES = {
 }
 
 
+@pytest.mark.slow  # one model per family: the edit-loop subset (-m "not slow") leaves it to the full run
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_apply_keeps_the_model_and_its_guarantees(name):
     kwargs, rules = FAMILIES[name]
@@ -192,6 +193,7 @@ def test_hooks_are_bound_methods_of_modules_inside_the_model():
     assert model.state_dict().keys() == timm.create_model("resnet18").state_dict().keys()
 
 
+@pytest.mark.slow
 def test_compile_does_not_recompile_when_the_schedule_moves():
     from torch._dynamo.testing import CompileCounter
 

@@ -44,6 +44,7 @@ def _worker(rank: int, init: str, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_broadcasts_rank_0s_schedule_strength_to_every_rank(tmp_path):
     mp.spawn(_worker, args=(f"file://{tmp_path}/pg", str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))

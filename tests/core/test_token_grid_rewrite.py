@@ -136,6 +136,7 @@ def test_a_token_site_after_pooling_is_refused_naming_site_and_lengths():
         timm_drop.apply_regularizer(model, spec)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "model_name, kwargs, expected",
     [

@@ -89,6 +89,7 @@ def test_a_method_from_one_file_gets_depth_scaling_and_the_summary_strength():
     assert rule.strength == {"rate": pytest.approx((0.4 / n, 0.4))}
 
 
+@pytest.mark.slow
 def test_a_method_from_one_file_is_drawn_with_its_strength_compare_defaults_and_score_map():
     spec = {"rules": [{"regularizer": NAME, "params": {"rate": 0.4}, "sites": "stage"}]}
     fig = render_masks(_model(), spec, sites="stage:layer1", strength=0.6, num_images=1)

@@ -230,8 +230,7 @@ def __getattr__(name: str) -> Any:
     if name == "STRENGTH_PARAMS":
         import warnings
 
-        from timm_drop.regularizers.registry import list_regularizers
-        from timm_drop.spec_checks import strength_params
+        from timm_drop.regularizers.registry import list_regularizers, strength_params
 
         warnings.warn(
             "timm_drop.spec.STRENGTH_PARAMS is deprecated: read strength_params on the regularizer class "

@@ -332,6 +332,8 @@ def _check_stage_params(c: _RuleChecker, stages: tuple[int, ...] | None) -> dict
 
 
 def _check_depth_scaling(c: _RuleChecker) -> str | None:
+    from timm_drop.regularizers.registry import strength_params  # imported lazily, like the other checks
+
     depth_scaling = c.raw.get("depth_scaling")
     if depth_scaling is None:
         return None
@@ -348,13 +350,6 @@ def _check_depth_scaling(c: _RuleChecker) -> str | None:
             f"{c.regularizer} has no strength parameter to scale with depth (its class declares strength_params = ())",
         )
     return depth_scaling
-
-
-def strength_params(regularizer: str) -> tuple[str, ...]:
-    """The registered regularizer's strength parameters: what its class declares in ``strength_params``."""
-    from timm_drop.regularizers.registry import strength_params
-
-    return strength_params(regularizer)
 
 
 def _check_schedule(c: _RuleChecker) -> Schedule | None:

@@ -17,7 +17,7 @@ import torch
 from timm_drop.regularizers.base import Regularizer
 from timm_drop.viz.capture import SiteCapture
 from timm_drop.viz.swaps import _Slot
-from timm_drop.viz.traits import _cell_size, _method_traits, _score_maps
+from timm_drop.viz.traits import _cell_size, _method_class, _score_maps
 
 __all__ = ["DROP_RGB", "SCALE_RGB", "MaskFigure", "Panel", "format_params"]
 
@@ -294,7 +294,7 @@ def _method_panels(
         array = smap[i, channel if smap.shape[1] > 1 else 0].numpy()
         out.append({"panel": panel, "array": array, "cmap": "magma", "overlays": overlays})
     overlays = [cell_grid] if cells is not None else []
-    if _method_traits(slot.name).outline_blocks:
+    if _method_class(slot.name).figure.outline_blocks:
         overlays.append(lambda ax: _outline(ax, dropped_c))
     panel = Panel(
         0, 0, "mask", site, slot.name, title=f"{slot.name}\n{_params_text(slot)}\n{_stats_text(stats, channel, cap)}",

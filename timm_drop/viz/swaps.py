@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from timm_drop.regularizers.base import Regularizer
-from timm_drop.viz.traits import _adjust_params, _method_traits
+from timm_drop.viz.traits import _adjust_params, _method_class
 
 
 @dataclass
@@ -71,12 +71,12 @@ def _build_method(
     from timm_drop.regularizers.registry import create_regularizer, regularizer_params
 
     accepted = regularizer_params(name)
-    traits = _method_traits(name)
+    method = _method_class(name)
     chosen = {k: v for k, v in params.items() if k in accepted}
     if fill:  # shared values even where a method has its own default: one block size and rate side by side
-        chosen.update({k: v for k, v in traits.compare_defaults.items() if k in accepted and k not in chosen})
+        chosen.update({k: v for k, v in method.compare_defaults.items() if k in accepted and k not in chosen})
     if strength is not None:
-        chosen.update({k: strength for k in traits.strength_params if k in accepted})
+        chosen.update({k: strength for k in method.strength_params if k in accepted})
     _adjust_params(name, chosen)
     try:
         reg = create_regularizer(name, **chosen)

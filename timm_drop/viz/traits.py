@@ -7,7 +7,6 @@ constraint in :func:`_adjust_params`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,28 +15,12 @@ from timm_drop.regularizers.base import Regularizer
 from timm_drop.viz.capture import _from_op_view, _op_view
 
 
-@dataclass(frozen=True)
-class MethodTraits:
-    """How viz treats one method (by registry name)."""
-
-    strength_params: tuple[str, ...]  # replaced by ``strength``
-    compare_defaults: dict[str, Any]  # borrowed in compare mode where the spec gives nothing
-    outline_blocks: bool  # outline the dropped region's blocks
-    cell_grid: bool  # draw the pooling cells (``block_size``) over mask and score
-
-
 def _method_class(name: str) -> type:
+    """The class registered as ``name`` (a factory function answers with the base class's defaults)."""
     from timm_drop.regularizers.registry import get_regularizer_class
 
     method = get_regularizer_class(name)
     return method if isinstance(method, type) and issubclass(method, Regularizer) else Regularizer
-
-
-def _method_traits(name: str) -> MethodTraits:
-    cls = _method_class(name)
-    return MethodTraits(
-        tuple(cls.strength_params), dict(cls.compare_defaults), cls.figure.outline_blocks, cls.figure.cell_grid
-    )
 
 
 def _adjust_params(name: str, chosen: dict[str, Any]) -> None:

@@ -465,6 +465,11 @@ def plan(model: nn.Module, spec: Any, *, example_input: Any = None) -> Plan:
     """
     spec = placement_request(spec) or load_spec(spec)  # a placement by name needs the model: resolved below
     _refuse(model, stack=True)
+    return _plan_on(model, spec, example_input)
+
+
+def _plan_on(model: nn.Module, spec: Any, example_input: Any) -> Plan:
+    """Analyse ``model`` once and plan ``spec`` (a loaded spec or a placement request) on it."""
     analysis = analyze_model(model, example_input)
     return _build(model, resolve_placement(spec, model, analysis), analysis)
 
@@ -519,9 +524,7 @@ def apply_regularizer(
     if isinstance(spec, Plan):
         the_plan = _fitting(model, spec, example_input)
     else:
-        request = placement_request(spec) or load_spec(spec)  # a placement by name needs the model: resolved below
-        analysis = analyze_model(model, example_input)
-        the_plan = _build(model, resolve_placement(request, model, analysis), analysis)
+        the_plan = _plan_on(model, placement_request(spec) or load_spec(spec), example_input)
         the_plan.built.take(model)
     device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
     regs = the_plan.built.regs

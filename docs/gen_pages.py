@@ -23,32 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "generated"
 OPS_RESULTS = "benchmarks/results/ops_cpu.md"
 
-#: What each registered regularizer draws at random per training forward (the float32-mask claim, per method).
-#: A newly registered method without an entry stops the generator, naming it: write its line here.
-RANDOMNESS: dict[str, str] = {
-    "dropblock": (
-        "Block seeds, only where a whole block fits. On accelerators: `bernoulli_` on the seed map (float32 "
-        "uniform and threshold; the 0/1 result stored in the input dtype). On CPU: the same distribution drawn "
-        "sparsely as float64 geometric gaps between seeds (`bernoulli_positions`), so no noise tensor is allocated."
-    ),
-    "corrdrop": (
-        "Two float32 uniforms per cell of the pooled grid (`torch.rand`), compared with the Eq. (5) and the "
-        "Eq. (6)-(7)/(11) probabilities: one mask per sample, shared by every channel."
-    ),
-    "selectscale": "One float32 `Uniform(1 - q, 1 + q)` factor per (sample, top-scored channel); no 0/1 mask.",
-    "selectout": "One float32 uniform per (sample, top-scored channel) (`torch.rand`), compared with the drop probability.",
-    "spatial_scale": "One float32 `Uniform(1 - q, 1 + q)` factor per (sample, channel); no 0/1 mask.",
-    "attentiondrop": (
-        "Only the gate `g ~ Bernoulli(drop_prob)` per unit is random (the drop weight is a function of the input). "
-        "On CPU the gated units are drawn as float64 geometric gaps (`bernoulli_positions`); elsewhere one float32 "
-        "uniform per unit (`torch.rand(...) < drop_prob`)."
-    ),
-    "dropout": "`bernoulli_` per unit (float32 uniform and threshold; the 0/1 result stored in the input dtype).",
-    "spatial_dropout": "`bernoulli_` per (sample, channel), shared by every position of the map.",
-    "droppath": "`bernoulli_` per sample: the whole branch is kept or dropped.",
-}
-
-
 # -- the sources: one function per table (re-point these when the source moves) ------------------------------
 
 
@@ -188,8 +162,8 @@ def page_card(name: str) -> str:
     from timm_drop.regularizers import get_regularizer_class, regularizer_params
 
     cls = get_regularizer_class(name)
-    if name not in RANDOMNESS:
-        raise SystemExit(f"gen_pages: regularizer {name!r} has no RANDOMNESS entry in docs/gen_pages.py")
+    if cls.card is None or not cls.card.draws:
+        raise SystemExit(f"gen_pages: regularizer {name!r} has no card saying what it draws (MethodCard.draws)")
     params = ", ".join(f"{k}={v!r}" if v is not inspect.Parameter.empty else k for k, v in regularizer_params(name).items())
     header, rows = ops_rows(name)
     parts = [
@@ -205,7 +179,7 @@ def page_card(name: str) -> str:
         "## Parameters\n\n",
         f"::: {cls.__module__}.{cls.__name__}\n    options:\n      members: false\n      show_root_heading: false\n      show_root_toc_entry: false\n\n",
         "## What it draws at random\n\n",
-        RANDOMNESS[name] + "\n\n",
+        cls.card.draws + "\n\n",
         "## Masks\n\n",
         f"![{name} masks on layer1 of a CIFAR ResNet-20](../../figures/{name}.png)\n\n",
         "Drawn by `python docs/gen_figures.py` (`timm-drop viz` at seed 0 on an untrained model).\n\n",

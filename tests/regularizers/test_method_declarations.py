@@ -43,6 +43,7 @@ def test_every_registered_method_declares_its_strength_compare_defaults_and_card
     card = cls.card
     assert isinstance(card, MethodCard), name
     assert card.url.startswith("https://") and 1990 < card.year <= 2026, (name, card)
+    assert card.draws.strip(), f"{name}: its card says what it draws at random (the docs' card shows it)"
     assert card.summary and card.reported and "\n" not in card.summary
 
 

@@ -325,6 +325,12 @@ class AttentionDrop(Regularizer):
         summary="drops the most active units of each map with a soft mask weighted by their activation",
         reported="ResNet-18 on CIFAR-10: 95.28% -> 95.49% top-1 (+0.21, AD alone); on CIFAR-100: 77.54% -> 78.47% "
         "(Table 1)",
+        draws=(
+            "Only the gate `g ~ Bernoulli(drop_prob)` per unit is random (the drop weight is a "
+            "function of the input). On CPU the gated units are drawn as float64 geometric gaps "
+            "(`bernoulli_positions`); elsewhere one float32 uniform per unit (`torch.rand(...) < "
+            "drop_prob`)."
+        ),
     )
 
     def __init__(self, drop_prob: float, top_rate: float, mode: str = "ad") -> None:

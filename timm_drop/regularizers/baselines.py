@@ -113,6 +113,10 @@ class Dropout(_ProbRegularizer):
         url="https://jmlr.org/papers/v15/srivastava14a.html",
         summary="zeroes single units with probability drop_prob",
         reported="a baseline here; in CorrDrop's Table 1, ResNet-20 on CIFAR-10: 91.79% -> 92.20% (p = 0.15)",
+        draws=(
+            "`bernoulli_` per unit (float32 uniform and threshold; the 0/1 result stored in the input "
+            "dtype)."
+        ),
     )
 
     def regularize(self, x: torch.Tensor) -> torch.Tensor:
@@ -131,6 +135,9 @@ class SpatialDropout(_ProbRegularizer):
         url="https://arxiv.org/abs/1411.4280",
         summary="zeroes whole feature maps (channels) of a sample with probability drop_prob",
         reported="a baseline here; in SelectScale's Table 2, WRN-20-4 on CIFAR-100: 22.90% -> 21.24% error",
+        draws=(
+            "`bernoulli_` per (sample, channel), shared by every position of the map."
+        ),
     )
 
     def regularize(self, x: torch.Tensor) -> torch.Tensor:
@@ -149,6 +156,9 @@ class DropPath(_ProbRegularizer):
         url="https://arxiv.org/abs/1603.09382",
         summary="drops a residual branch for whole samples, as stochastic depth does",
         reported="a baseline here; as LayerOut's Table 6 quotes it, ResNet-110 on CIFAR-10: 93.20% -> 94.75%",
+        draws=(
+            "`bernoulli_` per sample: the whole branch is kept or dropped."
+        ),
     )
 
     def train_forward(self, x: torch.Tensor) -> torch.Tensor:

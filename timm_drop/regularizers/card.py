@@ -22,6 +22,8 @@ class MethodCard:
         url: a stable link to the paper (arXiv abstract or DOI).
         summary: one line: what the method does.
         reported: what the paper reports, with model, data set and the baseline it improves on.
+        draws: what the method draws at random per training forward (and in which dtype), for its card; a
+            controller that draws nothing per forward (LayerOut) leaves it empty.
     """
 
     title: str
@@ -31,6 +33,7 @@ class MethodCard:
     url: str
     summary: str
     reported: str
+    draws: str = ""
 
     def __post_init__(self) -> None:
         for name in ("title", "authors", "venue", "url", "summary", "reported"):

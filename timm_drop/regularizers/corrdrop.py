@@ -234,6 +234,11 @@ class CorrDrop2d(Regularizer):
         url="https://doi.org/10.1109/ICASSP40776.2020.9053605",
         summary="drops k x k regions whose features correlate least with the rest of the map",
         reported="ResNet-20 on CIFAR-10: 91.79% -> 92.57% top-1 (+0.78); on CIFAR-100: 67.31% -> 68.88% (Table 1)",
+        draws=(
+            "Two float32 uniforms per cell of the pooled grid (`torch.rand`), compared with the Eq. "
+            "(5) and the Eq. (6)-(7)/(11) probabilities: one mask per sample, shared by every "
+            "channel."
+        ),
     )
 
     def __init__(self, drop_prob: float = 0.1, block_size: int = 7) -> None:

@@ -222,7 +222,7 @@ def _check_drop_le_top(drop_prob: float, top_rate: float) -> None:
         )
 
 
-def _card(summary: str, reported: str) -> MethodCard:
+def _card(summary: str, reported: str, draws: str) -> MethodCard:
     """The SelectScale paper's card for one of its three methods."""
     return MethodCard(
         title="SelectScale: Mining More Patterns from Images via Selective and Soft Dropout",
@@ -232,6 +232,7 @@ def _card(summary: str, reported: str) -> MethodCard:
         url="https://doi.org/10.24963/ijcai.2020/73",
         summary=summary,
         reported=reported,
+        draws=draws,
     )
 
 
@@ -243,6 +244,9 @@ class SpatialScale(Regularizer):
     card = _card(
         "scales every feature map by a factor drawn from U(1 - q, 1 + q)",
         "WRN-20-4 on CIFAR-100: 22.90% -> 21.40% top-1 error (-1.50 points) (Table 2)",
+        draws=(
+            "One float32 `Uniform(1 - q, 1 + q)` factor per (sample, channel); no 0/1 mask."
+        ),
     )
 
     def __init__(self, q: float) -> None:
@@ -267,6 +271,10 @@ class SelectScale(Regularizer):
     card = _card(
         "scales the top top_rate feature maps (by peak activation) by factors from U(1 - q, 1 + q)",
         "WRN-20-4 on CIFAR-100: 22.90% -> 20.20% top-1 error (-2.70 points) (Table 2)",
+        draws=(
+            "One float32 `Uniform(1 - q, 1 + q)` factor per (sample, top-scored channel); no 0/1 "
+            "mask."
+        ),
     )
 
     def __init__(self, top_rate: float, q: float) -> None:
@@ -293,6 +301,10 @@ class Selectout(Regularizer):
         "zeroes drop_prob of all feature maps, drawn from the top top_rate (by peak activation)",
         "no accuracy table; Fig. 3: dropping 6% of a trained network's maps at test time almost disables it, "
         "which is why the paper moves on to SelectScale",
+        draws=(
+            "One float32 uniform per (sample, top-scored channel) (`torch.rand`), compared with the "
+            "drop probability."
+        ),
     )
 
     def __init__(self, drop_prob: float, top_rate: float) -> None:

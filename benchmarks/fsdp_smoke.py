@@ -180,8 +180,9 @@ def check(tmp: Path, world: int) -> dict[str, Any]:
     assert all(r["rule1_drop_fraction"] > 0 for r in rows), "the regularizers did not act under FSDP"
     assert rows[-1]["eval_images"] == 45
     exported = load_file(str(run / "last_model.safetensors"))
+    # Accelerate saves the gathered state dict from the device it trained on: on CUDA the tensors are cuda tensors
     checkpointed = torch.load(
-        run / "checkpoints" / "epoch_0002" / "pytorch_model_fsdp.bin", weights_only=True
+        run / "checkpoints" / "epoch_0002" / "pytorch_model_fsdp.bin", weights_only=True, map_location="cpu"
     )
     assert exported.keys() == checkpointed.keys() and all(
         torch.equal(exported[k], checkpointed[k]) for k in exported

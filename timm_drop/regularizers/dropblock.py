@@ -221,8 +221,9 @@ def drop_block2d(
         raise ValueError(f"drop_block2d expects a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
     kh, kw = _clip_block(block_size, x.shape[2], x.shape[3])
     p = _as_prob_tensor(drop_prob, x.device)
-    if x.device.type == "cpu" and _keep_mask_op is not None and _is_compiling():
-        # Inductor's CPU max-pool is ~5x slower than this eager kernel; as an opaque op the mask costs what it
+    if _keep_mask_op is not None and _is_compiling():
+        # Inductor's code for the mask is slower than the eager kernels (max-pool ~5x on CPU; 1.7-1.9x for the
+        # whole op on an H200, benchmarks/results/ops_compiled_cuda.md): as an opaque op the mask costs what it
         # costs in eager mode and the multiply still fuses into the surrounding graph (no graph break).
         keep, scale = _keep_mask_op(x.detach(), p, kh, kw, per_channel, eps)
     else:

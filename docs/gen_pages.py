@@ -27,22 +27,10 @@ OPS_RESULTS = "benchmarks/results/ops_cpu.md"
 
 
 def site_kind_rows() -> list[tuple[str, str]]:
-    """(kind, where it goes) per site kind, in ``timm_drop.spec.SITE_KINDS`` order. Re-point at the spec's field
-    table once it describes the kinds."""
-    from timm_drop import spec
+    """(kind, where it goes) per site kind, in ``timm_drop.spec.SITE_KINDS`` order, from the spec model."""
+    from timm_drop.spec_model import SITE_KIND_HELP
 
-    where = {
-        "stage": "on a `feature_info` stage output",
-        "block": "after each block of a stage",
-        "residual": "on the branch operand of a skip add, before the add (where DropPath goes)",
-        "shortcut": "on the identity / projection operand of a skip add",
-        "merge": "on the add's output",
-        "norm": "after a normalization layer",
-        "module": "after modules chosen by `name` / `type`",
-    }
-    if set(where) != set(spec.SITE_KINDS):
-        raise SystemExit(f"gen_pages: site kinds differ from spec.SITE_KINDS: {set(where) ^ set(spec.SITE_KINDS)}")
-    return [(f"`{k}`", where[k]) for k in spec.SITE_KINDS]
+    return [(f"`{kind}`", where) for kind, where in SITE_KIND_HELP.items()]
 
 
 def ops_rows(name: str) -> tuple[list[str], list[str]]:

@@ -28,6 +28,7 @@ __all__ = [
     "RULE_FIELDS",
     "RULE_KEYS",
     "SITE_KINDS",
+    "SITE_KIND_HELP",
     "TOP_LEVEL_KEYS",
     "Rule",
     "Spec",
@@ -35,7 +36,17 @@ __all__ = [
     "SpecProblem",
 ]
 
-SITE_KINDS: tuple[str, ...] = ("stage", "block", "residual", "shortcut", "merge", "norm", "module")
+#: Where a regularizer goes for each site kind (the docs' site table is generated from this).
+SITE_KIND_HELP: dict[str, str] = {
+    "stage": "on a `feature_info` stage output",
+    "block": "after each block of a stage",
+    "residual": "on the branch operand of a skip add, before the add (where DropPath goes)",
+    "shortcut": "on the identity / projection operand of a skip add",
+    "merge": "on the add's output",
+    "norm": "after a normalization layer",
+    "module": "after modules chosen by `name` / `type`",
+}
+SITE_KINDS: tuple[str, ...] = tuple(SITE_KIND_HELP)
 DEPTH_SCALINGS: tuple[str, ...] = ("linear",)
 NORM_POSITIONS: tuple[str, ...] = ("after_norm", "after_act")
 ON_CONFLICT: tuple[str, ...] = ("error", "stack", "replace")

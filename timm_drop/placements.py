@@ -389,12 +389,13 @@ class _Translation:
 
     def can_act(self, site: Any) -> bool:
         """Whether the regularizer can act on a site: a feature layout, and a 2-D map for the map methods (an
-        ``NLC`` site of a plain ViT only when its tokens are the prefix tokens plus the patch grid)."""
+        ``NLC`` site only when its tokens are a grid the model records, behind its prefix tokens or alone:
+        :func:`timm_drop.structure.token_grid`)."""
         if site.layout is None or site.layout == "NC":
             return False
         if not self.needs_map or site.layout in _MAP_LAYOUTS:
             return True
-        if site.layout != "NLC" or self.family != "vit" or site.shape is None or len(site.shape) != 3:
+        if site.layout != "NLC" or site.shape is None or len(site.shape) != 3:
             return False
         from timm_drop.structure import token_grid
 

@@ -42,6 +42,7 @@ so the paper's 7 at 224 px stays the same share of the map at 32 and 384 px.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -285,6 +286,10 @@ def _looks_like_existing_file(text: str) -> bool:
     return "\n" not in text and len(text) < 4096 and os.path.exists(os.path.expanduser(text))
 
 
+#: one word (no path separator, no suffix): a placement name, never a spec file's path or YAML text
+_BARE_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+
+
 def placement_request(src: Any) -> PlacementRequest | None:
     """``src`` as a placement request, or None when it is an ordinary spec (a path, YAML text with ``rules``,
     a mapping without ``preset``, a :class:`Spec`). A string naming an existing file stays a path. An unknown
@@ -295,6 +300,10 @@ def placement_request(src: Any) -> PlacementRequest | None:
         text = src.strip()
         if text in PLACEMENTS and not _looks_like_existing_file(src):
             return PlacementRequest(text)
+        hint = did_you_mean(text, list(PLACEMENTS))
+        if _BARE_WORD.fullmatch(text) and hint and not _looks_like_existing_file(src):
+            # a mistyped name, not a spec: no spec is one word without a path separator or a .yaml suffix
+            raise SpecError("<placement>", f"unknown placement {text!r}{hint} (placements: {', '.join(PLACEMENTS)})")
         if "preset" not in text or _looks_like_existing_file(src):
             return None
         try:

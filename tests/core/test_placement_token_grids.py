@@ -113,6 +113,19 @@ def test_coat_stage_tokens_are_the_class_token_and_that_stages_patch_grid():
     assert [g for _, _, g in _stage_tokens(model, x)] == want
 
 
+def test_tnt_outer_tokens_are_the_class_token_and_the_unfolded_patch_grid():
+    # TNT unfolds the image into patches (nn.Unfold: row-major) and prepends the class token to their outer
+    # tokens; the inner (pixel) tokens of each patch are no grid of the image and pass untouched
+    model = timm.create_model("tnt_s_patch16_224", pretrained=False, depth=2).eval()
+    x = torch.randn(1, 3, 224, 224)
+    ph, pw = model.pixel_embed.patch_size
+    count = model.pixel_embed.unfold(x).shape[-1]
+    want = ((x.shape[-2] // ph, x.shape[-1] // pw), 1)
+    assert want[0][0] * want[0][1] == count
+    sites = _stage_tokens(model, x)
+    assert [(length, g) for _, length, g in sites if isinstance(g, tuple)] == [(1 + count, want)] * 2, sites
+
+
 def test_levit_stage_grids_are_the_maps_of_its_conv_twin():
     # LeViT's tokens are its attention's resolution grid (row-major, as its Downsample's view says); the
     # use_conv twin of the same configuration computes the same stages as NCHW maps.
@@ -139,8 +152,12 @@ def _in_whole_blocks(dropped: torch.Tensor, zero: torch.Tensor, kh: int, kw: int
     return bool((covered | ~dropped).all())
 
 
-@pytest.mark.parametrize("make", [_cait, _xcit, _convit, _crossvit, _coat, _levit],
-                         ids=["cait", "xcit", "convit", "crossvit", "coat", "levit"])  # fmt: skip
+def _tnt():
+    return timm.create_model("tnt_s_patch16_224", pretrained=False, depth=4)
+
+
+@pytest.mark.parametrize("make", [_cait, _xcit, _convit, _crossvit, _coat, _levit, _tnt],
+                         ids=["cait", "xcit", "convit", "crossvit", "coat", "levit", "tnt"])  # fmt: skip
 def test_dropblock_placement_drops_grid_blocks_and_keeps_prefix_tokens(make):
     model = make()
     timm_drop.apply_regularizer(model, {"preset": "dropblock", "drop_prob": 0.4})

@@ -23,6 +23,8 @@ the last two, the 1/16 and 1/32 maps), which translates per family:
 * ``vit`` -- plain ViT/DeiT (every stage emits the same token sequence: timm's ``feature_info`` lists its blocks):
   one resolution, so the paper's four groups become four quarters of the depth (12 blocks: 1-3, 4-6, 7-9, 10-12);
   a group's output is the output of its last block; map methods act on the patch grid (prefix tokens untouched).
+  In every family a token site counts for the map methods where its tokens are a grid the model records
+  (:func:`timm_drop.structure.token_grid`: CaiT, XCiT, ConViT, CrossViT, CoaT, TNT, LeViT, Twins), never a guessed one.
 * ``cifar`` -- CIFAR networks (configured input of at most 64 px: ``timm_drop.models.cifar``): group = stage; where
   a paper ran its CIFAR experiments with another rule, that rule (e.g. SelectScale: every convolution).
 

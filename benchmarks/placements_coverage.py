@@ -64,7 +64,7 @@ def check(name: str, timeout: int, max_params: int) -> dict:
         for placement in list_placements():
             try:
                 spec = placement_spec(model, placement, analysis=analysis)
-                entries = _build(model, spec, analysis)[0].entries
+                entries = _build(model, spec, analysis).entries
                 row["placements"][placement] = {"ok": True, "sites": len(entries)}
             except (PlacementError, timm_drop.SpecError, timm_drop.RewriteError, ValueError) as exc:
                 named = f"'{placement}'" in str(exc) or "placement" in str(exc)
@@ -80,13 +80,20 @@ def check(name: str, timeout: int, max_params: int) -> dict:
     return row
 
 
+def _runs(rows: list[dict], command: str) -> list[str]:
+    """One line per run the table's rows come from (this run's command last)."""
+    counts = Counter(r.get("run", _EARLIER) for r in rows)
+    out = [f"- rows from `{run}`: {n}" for run, n in counts.items() if run != command]
+    return [*out, f"- this run: `{command}`" + (f" ({counts[command]} rows)" if command in counts else "")]
+
+
 def render(rows: list[dict], command: str) -> str:
     checked = [r for r in rows if r["status"] == "checked"]
     names = list_placements()
     lines = [
         "# Placements by name: coverage on a sample of timm models",
         "",
-        f"- command: `{command}`",
+        *_runs(rows, command),
         f"- date: {time.strftime('%Y-%m-%d')}; device: CPU ({platform.processor() or platform.machine()}), 1 thread",
         f"- versions: python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, "
         f"timm_drop {timm_drop.__version__}",
@@ -143,6 +150,24 @@ def _read(*jsonl: str) -> dict[str, dict]:
     return out
 
 
+#: how the rows of runs made before each row recorded its command were produced
+_EARLIER = (
+    "python benchmarks/placements_coverage.py --sample 300 --seed 0 (the sample in two halves, one --reverse), then "
+    "--recheck-refused (2026-12-04)"
+)
+
+
+def _command(argv: list[str]) -> str:
+    """This run's command line, files by their name only (no path of the machine it ran on)."""
+    return " ".join(["python benchmarks/placements_coverage.py", *(Path(a).name if "/" in a else a for a in argv)])
+
+
+def _rechecked(row: dict, args: argparse.Namespace) -> bool:
+    """Whether an earlier run's row is checked again: a refusal or no check (--recheck-refused), or its family."""
+    refused = row["status"] != "checked" or not all(p["ok"] for p in row["placements"].values())
+    return (args.recheck_refused and refused) or row.get("family") in args.recheck_family
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sample", type=int, default=300)
@@ -161,11 +186,16 @@ def main(argv: list[str] | None = None) -> int:
         "--recheck-refused", action="store_true",
         help="check again only the models with a refusal, or not checked, in --other (after a change)",
     )
+    ap.add_argument(
+        "--recheck-family", action="append", default=[], metavar="FAMILY",
+        help="check again the models of this family in --other (repeatable; with --recheck-refused: either)",
+    )
     ap.add_argument("--reverse", action="store_true", help="check the sample from its end")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     signal.signal(signal.SIGALRM, _alarm)
+    run = _command(argv if argv is not None else sys.argv[1:])
     done = {}
     path = Path(args.jsonl)
     if (args.resume or args.render_only) and path.exists():
@@ -176,28 +206,22 @@ def main(argv: list[str] | None = None) -> int:
     if not args.render_only:
         with path.open("a" if args.resume else "w") as fh:
             order = list(enumerate(names))
-            if args.recheck_refused:
+            recheck = args.recheck_refused or args.recheck_family
+            if recheck:
                 earlier = _read(*args.other)
-                order = [(i, n) for i, n in order if n in earlier and (earlier[n]["status"] != "checked" or not all(
-                    p["ok"] for p in earlier[n]["placements"].values()))]  # fmt: skip
+                order = [(i, n) for i, n in order if n in earlier and _rechecked(earlier[n], args)]
             for i, name in reversed(order) if args.reverse else order:
-                if not args.recheck_refused and name in _read(*args.other):
+                if not recheck and name in _read(*args.other):
                     break  # the other run has been here
                 if name in done:
                     continue
-                row = check(name, args.timeout, args.max_params)
+                row = {**check(name, args.timeout, args.max_params), "run": run}
                 done[name] = row
                 fh.write(json.dumps(row) + "\n")
                 fh.flush()
                 print(f"[{i + 1}/{len(names)}] {name}: {row['status']} {row.get('seconds', 0)} s", file=sys.stderr)
     done = {**_read(*args.other), **done}
-    command = (
-        f"python benchmarks/placements_coverage.py --sample {args.sample} --seed {args.seed} --jsonl a.jsonl & "
-        f"python benchmarks/placements_coverage.py --sample {args.sample} --seed {args.seed} --reverse --other a.jsonl "
-        "--jsonl b.jsonl; then --recheck-refused --other a.jsonl --other b.jsonl --jsonl c.jsonl after the last "
-        "change to the placements"
-    )
-    text = render([done[n] for n in names if n in done], command)
+    text = render([done[n] for n in names if n in done], run)
     if args.out:
         Path(args.out).write_text(text)
     print(text)

@@ -23,6 +23,8 @@ the last two, the 1/16 and 1/32 maps), which translates per family:
 * ``vit`` -- plain ViT/DeiT (every stage emits the same token sequence: timm's ``feature_info`` lists its blocks):
   one resolution, so the paper's four groups become four quarters of the depth (12 blocks: 1-3, 4-6, 7-9, 10-12);
   a group's output is the output of its last block; map methods act on the patch grid (prefix tokens untouched).
+  In every family a token site counts for the map methods where its tokens are a grid the model records
+  (:func:`timm_drop.structure.token_grid`: CaiT, XCiT, ConViT, CrossViT, CoaT, TNT, LeViT, Twins), never a guessed one.
 * ``cifar`` -- CIFAR networks (configured input of at most 64 px: ``timm_drop.models.cifar``): group = stage; where
   a paper ran its CIFAR experiments with another rule, that rule (e.g. SelectScale: every convolution).
 
@@ -42,6 +44,7 @@ so the paper's 7 at 224 px stays the same share of the map at 32 and 384 px.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -285,6 +288,10 @@ def _looks_like_existing_file(text: str) -> bool:
     return "\n" not in text and len(text) < 4096 and os.path.exists(os.path.expanduser(text))
 
 
+#: one word (no path separator, no suffix): a placement name, never a spec file's path or YAML text
+_BARE_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+
+
 def placement_request(src: Any) -> PlacementRequest | None:
     """``src`` as a placement request, or None when it is an ordinary spec (a path, YAML text with ``rules``,
     a mapping without ``preset``, a :class:`Spec`). A string naming an existing file stays a path. An unknown
@@ -295,6 +302,10 @@ def placement_request(src: Any) -> PlacementRequest | None:
         text = src.strip()
         if text in PLACEMENTS and not _looks_like_existing_file(src):
             return PlacementRequest(text)
+        hint = did_you_mean(text, list(PLACEMENTS))
+        if _BARE_WORD.fullmatch(text) and hint and not _looks_like_existing_file(src):
+            # a mistyped name, not a spec: no spec is one word without a path separator or a .yaml suffix
+            raise SpecError("<placement>", f"unknown placement {text!r}{hint} (placements: {', '.join(PLACEMENTS)})")
         if "preset" not in text or _looks_like_existing_file(src):
             return None
         try:
@@ -389,12 +400,13 @@ class _Translation:
 
     def can_act(self, site: Any) -> bool:
         """Whether the regularizer can act on a site: a feature layout, and a 2-D map for the map methods (an
-        ``NLC`` site of a plain ViT only when its tokens are the prefix tokens plus the patch grid)."""
+        ``NLC`` site only when its tokens are a grid the model records, behind its prefix tokens or alone:
+        :func:`timm_drop.structure.token_grid`)."""
         if site.layout is None or site.layout == "NC":
             return False
         if not self.needs_map or site.layout in _MAP_LAYOUTS:
             return True
-        if site.layout != "NLC" or self.family != "vit" or site.shape is None or len(site.shape) != 3:
+        if site.layout != "NLC" or site.shape is None or len(site.shape) != 3:
             return False
         from timm_drop.structure import token_grid
 

@@ -29,6 +29,7 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import torch
 from torch import nn
 
 __all__ = [
@@ -395,6 +396,9 @@ def outermost(names: Iterable[str]) -> list[str]:
 # token grids
 # ---------------------------------------------------------------------------------------------------------
 def _pair(value: Any) -> tuple[int, int] | None:
+    """``(a, b)`` of two positive ints, or ``(a, a)`` of one (XCiT's ``patch_size: int``); else None."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value, value
     if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) and v > 0 for v in value):
         return int(value[0]), int(value[1])
     return None
@@ -402,7 +406,7 @@ def _pair(value: Any) -> tuple[int, int] | None:
 
 def _embed_grid(module: nn.Module) -> tuple[int, int] | None:
     """The patch grid of a patch embed: timm's ``grid_size``, or ``img_size // patch_size`` where the module also
-    records that many ``num_patches`` (CrossViT's per-branch ``PatchEmbed`` has no ``grid_size``)."""
+    records that many ``num_patches`` (CrossViT's per-branch ``PatchEmbed``, XCiT's ``ConvPatchEmbed``)."""
     grid = _pair(getattr(module, "grid_size", None))
     if grid is not None:
         return grid if hasattr(module, "patch_size") else None
@@ -413,9 +417,19 @@ def _embed_grid(module: nn.Module) -> tuple[int, int] | None:
     return grid if getattr(module, "num_patches", None) == grid[0] * grid[1] else None
 
 
+def _resolution_grid(module: nn.Module) -> tuple[int, int] | None:
+    """The token grid an attention with a relative-position bias table attends over (LeViT's ``resolution``:
+    its ``attention_bias_idxs`` index the biases by the (row, col) offsets of that grid, row-major)."""
+    if not isinstance(getattr(module, "attention_bias_idxs", None), torch.Tensor):
+        return None
+    return _pair(getattr(module, "resolution", None))
+
+
 #: prefix-token parameters of a model that records no ``num_prefix_tokens`` (PiT's ``cls_token``); a numbered one
-#: belongs to the patch embed of that index (CrossViT's ``cls_token_1`` to ``patch_embed.1``)
-_PREFIX_PARAM = re.compile(r"(?:cls|dist|reg)_tokens?(?:_(\d+))?")
+#: belongs to the patch embed with that number (CrossViT's ``cls_token_1`` to ``patch_embed.1``, CoaT's
+#: ``cls_token2`` to ``patch_embed2``)
+_PREFIX_PARAM = re.compile(r"(?:cls|dist|reg)_tokens?(?:_?(\d+))?")
+_EMBED_NUMBER = re.compile(r"(\d+)$")
 
 
 def _prefix_tokens(named: dict[str, nn.Module], embed: str, holders: list[str]) -> int:
@@ -423,7 +437,8 @@ def _prefix_tokens(named: dict[str, nn.Module], embed: str, holders: list[str]) 
         count = getattr(named[h], "num_prefix_tokens", None)
         if isinstance(count, int):
             return count
-    index = embed.rpartition(".")[2]
+    number = _EMBED_NUMBER.search(embed)
+    index = number.group(1) if number else None
     for h in holders:
         count = 0
         for pname, p in named[h].named_parameters(recurse=False):
@@ -455,41 +470,58 @@ def _embed_tokens(named: dict[str, nn.Module], model: nn.Module, embed: str) -> 
     return _embed_grid(named[embed]), _prefix_tokens(named, embed, holders)  # type: ignore[return-value]
 
 
+def _fits(found: tuple[tuple[int, int], int], length: int) -> tuple[tuple[int, int], int] | None:
+    """The grid ``found`` as a ``length``-token sequence holds it: behind its prefix tokens, or alone (the patch
+    tokens before the class token joins: CaiT's and XCiT's self-attention blocks, ConViT's first blocks)."""
+    (h, w), prefix = found
+    if length == prefix + h * w:
+        return found
+    return ((h, w), 0) if length == h * w else None
+
+
 def token_grid(model: nn.Module, length: int | None = None) -> tuple[tuple[int, int], int] | str:
     """``((H, W), num_prefix_tokens)`` of a ViT-style model whose token sequences are prefix tokens followed by
     its patch grid (row-major), or a sentence saying why it has none; with ``length`` (a site's sequence
-    length), also why that sequence is not ``num_prefix_tokens + H * W`` tokens (pooled or downsampled).
+    length), the grid that sequence holds, or also why it holds none (pooled or downsampled tokens).
 
-    The grid is that of the model's one patch embed (timm's ``PatchEmbed`` ``grid_size``: ``patch_embed`` on
-    ViT, DeiT, BEiT, EVA; ``stem`` on MLP-Mixer); the prefix count (class, distillation, register tokens) is
-    ``num_prefix_tokens`` of the nearest module holding the patch embed, else the tokens of that module's
-    ``cls_token`` / ``dist_token`` / ``reg_token`` parameters (PiT), else 0. With several patch embeds (CrossViT's
-    two branches, CoaT's per-stage embeds) a site's ``length`` must pick exactly one of their grids. No grid,
-    rather than one that would be a guess: no patch embed (LeViT), several without a length that tells them
-    apart, a dynamic image size (the grid changes with each input), or patch dropout (training keeps a random
-    subset of the patch tokens).
+    The grid is that of the model's patch embed (timm's ``PatchEmbed`` ``grid_size``: ``patch_embed`` on
+    ViT, DeiT, BEiT, EVA; ``stem`` on MLP-Mixer; ``img_size // patch_size`` where it records that many
+    ``num_patches``); the prefix count (class, distillation, register tokens) is ``num_prefix_tokens`` of the
+    nearest module holding the patch embed, else the tokens of that module's ``cls_token`` / ``dist_token`` /
+    ``reg_token`` parameters (PiT; numbered ones per embed: CrossViT, CoaT), else 0. A sequence of exactly the
+    grid's tokens holds the grid without prefix tokens (CaiT, XCiT and ConViT run their first blocks on the patch
+    tokens and add the class token later). Without a patch embed, the grids of the model's attentions with a
+    relative-position bias table over a ``resolution`` (LeViT's stages). With several grids (CrossViT's two
+    branches, CoaT's per-stage embeds, LeViT's stages) a site's ``length`` must pick exactly one. No grid, rather
+    than one that would be a guess: none recorded, several without a length that tells them apart, a dynamic
+    image size (the grid changes with each input), or patch dropout (training keeps a random subset of the patch
+    tokens).
     """
     named = dict(model.named_modules())
     embeds = [n for n, m in named.items() if _embed_grid(m) is not None]
+    found: list[tuple[tuple[int, int], int] | str] = [_embed_tokens(named, model, n) for n in embeds]
+    what = f"patch embeds ({', '.join(embeds[:4])})"
     if not embeds:
-        return f"{type(model).__name__} records no patch grid (no patch embed with a grid_size)"
-    if len(embeds) > 1:
-        found = [_embed_tokens(named, model, n) for n in embeds]
-        fits = {f for f in found if isinstance(f, tuple) and f[1] + f[0][0] * f[0][1] == length}
-        if len(fits) == 1:
-            return fits.pop()
-        tail = "" if length is None else f" and its {length} tokens do not single out one of their grids"
-        return (
-            f"{type(model).__name__} has several patch embeds ({', '.join(embeds[:4])}){tail}: which grid a "
-            f"site holds is ambiguous"
-        )
-    found = _embed_tokens(named, model, embeds[0])
-    if isinstance(found, str):
-        return found
-    (h, w), prefix = found
-    if length is not None and length != prefix + h * w:
+        found = list(dict.fromkeys((g, 0) for m in named.values() if (g := _resolution_grid(m)) is not None))
+        what = f"attention resolutions ({', '.join(f'{h}x{w}' for (h, w), _ in found[:4])})"
+        if not found:
+            return f"{type(model).__name__} records no patch grid (no patch embed with a grid_size)"
+    if len(found) == 1 and isinstance(found[0], str):
+        return found[0]
+    if length is None:
+        if len(found) == 1:
+            return found[0]
+        return f"{type(model).__name__} has several {what}: which grid a site holds is ambiguous"
+    fits = {f for g in found if isinstance(g, tuple) and (f := _fits(g, length)) is not None}
+    if len(fits) == 1:
+        return fits.pop()
+    if len(found) == 1:
+        (h, w), prefix = found[0]  # type: ignore[misc]
         return (
             f"its {length} tokens are not the model's {prefix} prefix token(s) + {h}x{w} patch grid "
             f"({prefix + h * w} tokens; pooled or downsampled tokens have no grid we can know)"
         )
-    return (h, w), prefix
+    return (
+        f"{type(model).__name__} has several {what} and its {length} tokens do not single out one of their "
+        f"grids: which grid a site holds is ambiguous"
+    )

@@ -194,3 +194,36 @@ def test_recipe_regularizer_accepts_a_placement():
     cfg.regularizer = {"preset": "dropblok"}
     with pytest.raises(ConfigError, match=r"regularizer.*unknown placement 'dropblok'"):
         resolve_regularizer(cfg)
+
+
+APPLY_MODELS = {"cnn": "resnet18", "transformer": "pvt_v2_b0", "vit": "deit_tiny_patch16_224", "cifar": "resnet20_cifar"}
+
+
+@pytest.mark.parametrize("family", sorted(APPLY_MODELS))
+def test_each_placement_applies_and_acts_in_training_on_each_family(family):
+    """apply_regularizer(model, name), as a user calls it: every placement's regularizers run in a training step
+    (none left unused) and change the output, and strip_regularizers gives the model back."""
+    import copy
+    import warnings
+
+    base = timm.create_model(APPLY_MODELS[family], pretrained=False).eval()
+    size = (1, *base.pretrained_cfg["input_size"])
+    x = torch.randn(2, *size[1:])
+    with torch.no_grad():
+        clean = base(x)
+    for name in ALL:
+        if (APPLY_MODELS[family], name) in REFUSED:
+            continue
+        m = copy.deepcopy(base)
+        assert timm_drop.apply_regularizer(m, name) is m
+        assert timm_drop.applied_plans(m)[-1].entries, name
+        timm_drop.set_progress(m, 1.0)  # the end of each schedule: full strength
+        m.train()
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a rule that ran at none of its sites warns
+            out = m(x)
+        out.sum().backward()
+        assert not torch.equal(out, clean), name  # eval-mode BN would agree; the regularizers act
+        timm_drop.strip_regularizers(m)  # (the training step moved BN statistics: the module tree is compared)
+        assert [(n, type(c)) for n, c in m.named_modules()] == [(n, type(c)) for n, c in base.named_modules()]

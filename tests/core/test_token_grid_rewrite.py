@@ -103,9 +103,9 @@ def test_patch_dropout_is_refused_naming_the_site():
 
 
 def test_token_sites_of_a_model_without_a_patch_grid_keep_the_named_refusal():
-    # LeViT's stages are token sequences at shrinking resolutions but the model records no patch grid.
-    model = timm.create_model("levit_128s", pretrained=False)
-    with pytest.raises(RewriteError, match=r"dropblock cannot act at site stage:stages\.0 \(layout NLC.*grid"):
+    # Hiera's stages are token sequences in its unrolled mask-unit order: the model records no patch grid.
+    model = timm.create_model("hiera_tiny_224", pretrained=False)
+    with pytest.raises(RewriteError, match=r"dropblock cannot act at site stage:blocks\.0 \(layout NLC.*Hiera records no patch grid"):
         timm_drop.apply_regularizer(model, _spec("stage"))
 
 
@@ -142,7 +142,7 @@ def test_a_token_site_after_pooling_is_refused_naming_site_and_lengths():
     [
         ("vit_tiny_patch16_224", {"img_size": 64, "depth": 2}, 2),  # feature_info: one stage per block
         ("deit_tiny_distilled_patch16_224", {"img_size": 64, "depth": 2}, 2),
-        ("levit_128s", {"img_size": 64}, 0),  # no patch grid: its token stages stay excluded
+        ("levit_128s", {"img_size": 64}, 3),  # its attentions' resolution grids (4x4, 2x2, 1x1)
     ],
 )
 def test_coverage_puts_dropblock_on_vit_family_token_stages_with_a_grid(model_name, kwargs, expected):

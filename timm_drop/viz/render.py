@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,9 +132,11 @@ def _render_batch(
 ) -> MaskFigure:
     work = copy.deepcopy(model)
     if spec is not None:
+        from timm_drop.plans import applied_plans
         from timm_drop.rewrite import apply_regularizer
 
         apply_regularizer(work, spec, example_input=x[:1])
+        spec = applied_plans(work)[-1].spec  # the concrete spec (what a placement by name became on this model)
     pairs = _site_regularizers(work)
     chosen = _select([e for e, _ in pairs], sites, max_sites)
     at = _Sites.of(pairs)
@@ -214,10 +216,15 @@ def _compare_captures(
                 site_params.update(e.params)
         for name in methods:
             params = dict(site_params)
-            for rule in rules:
+            own = [e.params for e, _ in pairs if e.site == site and e.regularizer == name]
+            for rule in [] if own else rules:
                 if rule.regularizer == name:
-                    params = {**site_params, **rule.params_for_stage(at.stages[site])}
+                    # relative sizes ({fraction: f}) resolve on the sites of the rule: the site's resolved ones stay
+                    stage = rule.params_for_stage(at.stages[site])
+                    params = {**site_params, **{k: v for k, v in stage.items() if not isinstance(v, Mapping)}}
                     break
+            if own:  # the method's own regularizer here: its parameters as planned (relative sizes resolved)
+                params = {**site_params, **own[-1]}
             reg, params, note = _build_method(name, params, at.layouts[site], strength, like=at.own[site], fill=True)
             slot = _Slot(site, at.layouts[site], at.shapes[site], at.stages[site], name, params, reg, note)
             if reg is None:
@@ -239,7 +246,7 @@ def _compare_captures(
 def _rows(work: nn.Module, per_site: _PerSite, chosen: list[str], at: _Sites, x: torch.Tensor) -> list[dict]:
     """One row per (drawn site, image); a site whose regularizers saw another batch axis (windowed tokens) is left
     out."""
-    grid, prefix = _token_grid(work, tuple(x.shape[-2:]))
+    model_grid = _token_grid(work, tuple(x.shape[-2:]))
     rows = []
     for site in chosen:
         captured = per_site[site]
@@ -251,7 +258,12 @@ def _rows(work: nn.Module, per_site: _PerSite, chosen: list[str], at: _Sites, x:
             continue  # windowed / regrouped tokens: the batch axis is not the images'
         slots, caps = [s for s, _ in captured], [c for _, c in captured]
 
-        def conv(t: torch.Tensor, layout: str = layout) -> tuple[torch.Tensor, str]:
+        # the grid the site's own regularizer acts on (a branch's, or the patch tokens before the class token
+        # joins), else the model's patch grid
+        own = getattr(at.own[site], "token_grid", None)
+        grid, prefix = (own, at.own[site].num_prefix_tokens) if own is not None else model_grid
+
+        def conv(t: torch.Tensor, layout: str = layout, grid: Any = grid, prefix: int = prefix) -> tuple[torch.Tensor, str]:
             return to_maps(t, layout, grid, prefix)
 
         for i in range(x.shape[0]):

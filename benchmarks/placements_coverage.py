@@ -163,9 +163,14 @@ def _command(argv: list[str]) -> str:
 
 
 def _rechecked(row: dict, args: argparse.Namespace) -> bool:
-    """Whether an earlier run's row is checked again: a refusal or no check (--recheck-refused), or its family."""
+    """Whether an earlier run's row is checked again: a refusal or no check (--recheck-refused), its family, or its
+    name (--recheck-model)."""
     refused = row["status"] != "checked" or not all(p["ok"] for p in row["placements"].values())
-    return (args.recheck_refused and refused) or row.get("family") in args.recheck_family
+    return (
+        (args.recheck_refused and refused)
+        or row.get("family") in args.recheck_family
+        or row["model"] in args.recheck_model
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
         "--recheck-family", action="append", default=[], metavar="FAMILY",
         help="check again the models of this family in --other (repeatable; with --recheck-refused: either)",
     )
+    ap.add_argument(
+        "--recheck-model", action="append", default=[], metavar="MODEL",
+        help="check again this model of --other (repeatable; with the options above: any of them)",
+    )
     ap.add_argument("--reverse", action="store_true", help="check the sample from its end")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -206,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.render_only:
         with path.open("a" if args.resume else "w") as fh:
             order = list(enumerate(names))
-            recheck = args.recheck_refused or args.recheck_family
+            recheck = args.recheck_refused or args.recheck_family or args.recheck_model
             if recheck:
                 earlier = _read(*args.other)
                 order = [(i, n) for i, n in order if n in earlier and _rechecked(earlier[n], args)]

@@ -336,7 +336,12 @@ def placement_request(src: Any) -> PlacementRequest | None:
 
 # -- families ----------------------------------------------------------------------------------------------
 def _is_attention(module: nn.Module) -> bool:
-    return isinstance(module, nn.MultiheadAttention) or "Attention" in type(module).__name__
+    """Token self-attention: torch's, a class named for it, or a module projecting tokens to queries, keys and values
+    with Linear layers (Twins, CoaT, ConViT and EdgeNeXt name theirs ...Attn or MHSA). A CNN's channel or spatial
+    "attention" (SE, CBAM, selective kernels) and conv-projected attention in CNN stages have no Linear ``qkv``/``kv``."""
+    if isinstance(module, nn.MultiheadAttention) or "Attention" in type(module).__name__:
+        return True
+    return any(isinstance(getattr(module, name, None), nn.Linear) for name in ("qkv", "kv"))
 
 
 def model_family(model: nn.Module, analysis: Any) -> str:

@@ -639,11 +639,23 @@ def _blocks(
     rec: Recorder,
 ) -> list[str]:
     """Block modules of every stage (:func:`timm_drop.structure.stage_blocks`), plus those of modules that ran
-    inside a stage's time window without being under a stage module (EfficientNet's ``blocks.3``)."""
+    inside a stage's time window without being under a stage module (EfficientNet's ``blocks.3``), but not helpers
+    that another module's call runs (CoaT's blocks call the shared ``cpe3`` / ``crpe3`` registered beside them)."""
     roots: list[str] = list(stage_mods)
     under_stage = {n for n in named if any(n == s or n.startswith(s + ".") for s in stage_mods)}
+
+    def called_by_another_module(n: str) -> bool:
+        # its first call runs inside the call of a module that does not contain it: a shared helper, not a block
+        start, end = rec.start.get(n), rec.end.get(n)
+        return start is not None and end is not None and any(
+            rec.start[k] < start and end < rec.end.get(k, -1) and k != "" and not n.startswith(k + ".")
+            for k in rec.start
+        )
+
     for n, m in named.items():
         if n == "" or n in under_stage or module_stage.get(n) is None or not composite(m):
+            continue
+        if called_by_another_module(n):
             continue
         parent = n.rpartition(".")[0]
         if parent and module_stage.get(parent) is not None and parent not in under_stage:

@@ -63,6 +63,24 @@ FAMILY_MODELS = {
 REFUSED = {("densenet121", "droppath"): "no residual branch"}
 
 
+@pytest.mark.parametrize(
+    "model,family",
+    [
+        # attention under other names: ...Attn (Twins, CoaT, EdgeNeXt's cross-covariance attention), MHSA (ConViT)
+        ("twins_svt_small", "transformer"),
+        ("coat_lite_tiny", "transformer"),
+        ("convit_tiny", "transformer"),
+        ("edgenext_xx_small", "transformer"),
+        # a CNN's "attention": selective kernels, and attention projected by 1x1 convs in a CNN stage
+        ("skresnet18", "cnn"),
+        ("botnet26t_256", "cnn"),
+    ],
+)
+def test_family_follows_token_attention_whatever_its_class_is_called(model, family):
+    description = timm_drop.placement_spec(_model(model), "dropblock").description
+    assert description.startswith(f"dropblock on {model} ({family}):"), description
+
+
 @pytest.mark.parametrize("family,model", [(f, m) for f, ms in FAMILY_MODELS.items() for m in ms])
 def test_each_placement_plans_on_each_family(family, model):
     from timm_drop.placements import model_family

@@ -126,6 +126,17 @@ def test_efficientnet_blocks_between_feature_stages_belong_to_the_next_stage():
     assert all(s.module.count(".") == 2 for s in _by_kind(sites, "merge"))
 
 
+def test_helpers_a_stage_calls_are_not_blocks_of_their_own():
+    # CoaT's serial blocks call the stage's shared conv position encodings (cpe3, crpe3), registered outside the stage
+    # module: they run inside the stage's call, so they are not blocks (crpe's output is attention terms, not tokens)
+    sites = find_sites(timm.create_model("coat_lite_tiny", pretrained=False, img_size=64))
+    blocks = [s.module for s in _by_kind(sites, "block")]
+    assert [b for b in blocks if b.startswith(("cpe", "crpe"))] == []
+    # (stage 1's first block and embed run before its feature_info module starts the stage: the stem's time)
+    assert {f"serial_blocks{i}.{j}" for i in (2, 3, 4) for j in (0, 1)} <= set(blocks)
+    assert {f"patch_embed{i}" for i in (2, 3, 4)} <= set(blocks)  # run between stages, like EfficientNet's blocks.3
+
+
 def test_normfree_blocks_are_opaque_with_a_reason():
     model = timm.create_model("nf_resnet26", pretrained=False)
     analysis = analyze_model(model)

@@ -60,3 +60,44 @@ def kill_when(sentinel: Path, script: Path, args: list[str], *, what: str, timeo
         if child.poll() is None:
             child.kill()
             child.wait(30)
+
+
+def torchrun(script: Path | str, args: list[str], *, nproc: int = 2, timeout: float = 420) -> str:
+    """``torchrun --standalone --nproc_per_node nproc script *args`` on CPU: gloo on the loopback, one thread a
+    process, this checkout's ``timm_drop`` and ``tests/`` importable. Returns the launch's output (stdout and
+    stderr); fails the calling test when the launch fails or hangs past ``timeout`` (its processes are stopped)."""
+    import os
+    import signal
+    import subprocess
+
+    import pytest
+
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        GLOO_SOCKET_IFNAME="lo",
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    proc = subprocess.Popen(
+        [*cmd, str(script), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # torchrun starts each worker in a session of its own and stops them itself on SIGTERM
+        proc.terminate()
+        try:
+            output, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            output, _ = proc.communicate()
+        pytest.fail(f"the processes hung (stopped after {timeout:.0f} s):\n{output[-6000:]}")
+    assert proc.returncode == 0, output[-8000:]
+    return output

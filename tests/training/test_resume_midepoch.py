@@ -16,14 +16,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from scripts import kill_when
+from scripts import kill_when, torchrun
 from tiny import LINEAR_RAMP, dropblock_stage_rule, tiny_run, write_image_folder
 
 import timm_drop  # noqa: F401  (registers the CIFAR models)
@@ -539,18 +538,7 @@ def _ddp_worker(out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_two_processes_resume_mid_epoch_bit_identical(tmp_path):
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        GLOO_SOCKET_IFNAME="lo",
-        PYTHONUNBUFFERED="1",
-        PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
-    )
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    proc = subprocess.run(
-        [*cmd, __file__, str(tmp_path)], env=env, capture_output=True, text=True, timeout=420
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    torchrun(__file__, [str(tmp_path)])
     results = [json.loads((tmp_path / f"result_{r}.json").read_text()) for r in range(2)]
     assert [r["world"] for r in results] == [2, 2]
     assert all(r["resumed_at"] == [1, 6] for r in results)

@@ -59,6 +59,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointManager",
     "RunDir",
+    "agreed_problem",
     "check_output_dir",
     "checkpoint_name",
     "load_weights",
@@ -115,6 +116,27 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+#: every process's value, in process order (``agree(value)``); a collective, so every process calls it alike
+Agree = Callable[[Any], list[Any]]
+
+
+def alone(value: Any) -> list[Any]:
+    """:data:`Agree` for a run of one process."""
+    return [value]
+
+
+def agreed_problem(problems: list[str | None]) -> str | None:
+    """What every process concludes from every process's problem (None: none has one): the first process's
+    problem, naming that process when the others saw none, so every process reports the same text."""
+    found = [(rank, problem) for rank, problem in enumerate(problems) if problem is not None]
+    if not found:
+        return None
+    rank, problem = found[0]
+    if len(found) == len(problems):
+        return problem
+    return f"{problem} (seen by process {', '.join(str(r) for r, _ in found)} of {len(problems)})"
+
+
 class CheckpointManager:
     def __init__(self, output_dir: str | os.PathLike, total_limit: int = 2) -> None:
         self.root = Path(output_dir) / "checkpoints"
@@ -137,6 +159,7 @@ class CheckpointManager:
         num_processes: int = 1,
         log: Callable[[str], None] = print,
         restore: Callable[[Path], None] | None = None,
+        agree: Agree = alone,
     ) -> Path:
         """The checkpoint to continue from: verified against its manifest, then given to ``restore`` (which raises
         :class:`CheckpointError` when the checkpoint cannot continue this run).
@@ -144,14 +167,23 @@ class CheckpointManager:
         ``"latest"``: the newest checkpoint of this run that verifies and restores; each newer one that does not is
         reported through ``log`` (which file failed or why it cannot be restored, which checkpoint is used
         instead). A path: that checkpoint folder, or :class:`CheckpointError` naming the file or the reason.
+
+        In a run of several processes, every process calls this with ``agree`` (every process's value, in process
+        order: a collective). The processes then decide together at each step (the checkpoints listed, each one's
+        verification, each restore): a checkpoint that one process cannot use is refused by all, so they all
+        continue from the same checkpoint or all raise the same error, and they all call ``agree`` equally often.
+        A process deciding alone would resume from another checkpoint than the others, or leave them waiting in
+        a collective it never enters.
         """
         if resume == "latest":
-            ckpts = self.list()
+            # every process's listing: a checkpoint that one process does not see fails its verification there
+            names = {name for listed in agree([p.name for p in self.list()]) for name in listed}
+            ckpts = sorted((self.root / n for n in names), key=lambda p: _order(_NAME.match(p.name)))
             if not ckpts:
                 raise FileNotFoundError(f"--resume latest: no complete checkpoint under {self.root}")
             failed = []
             for path in reversed(ckpts):
-                problem = self._unusable(path, num_processes, restore)
+                problem = self._unusable(path, num_processes, restore, agree)
                 if problem is None:
                     if failed:
                         log(
@@ -163,28 +195,35 @@ class CheckpointManager:
                 failed.append(f"checkpoint {path} {problem}")
             raise CheckpointError("--resume latest: no checkpoint can be used: " + "; ".join(failed))
         path = Path(resume)
+        not_one = None
         if not (path / STATE_FILE).is_file() and not (path / MANIFEST).is_file():
-            raise FileNotFoundError(
-                f"--resume {resume!r}: not a timm_drop checkpoint folder (no {STATE_FILE}, no {MANIFEST})"
-            )
-        problem = self._unusable(path, num_processes, restore)
+            not_one = f"--resume {resume!r}: not a timm_drop checkpoint folder (no {STATE_FILE}, no {MANIFEST})"
+        not_one = agreed_problem(agree(not_one))
+        if not_one is not None:
+            raise FileNotFoundError(not_one)
+        problem = self._unusable(path, num_processes, restore, agree)
         if problem is not None:
             raise CheckpointError(f"--resume {resume!r}: checkpoint {problem}")
         return path
 
     @staticmethod
-    def _unusable(path: Path, num_processes: int, restore: Callable[[Path], None] | None) -> str | None:
-        """Why ``path`` cannot continue this run (``"fails verification: ..."``, ``"cannot be restored: ..."``),
-        or None once ``restore`` took it."""
-        problem = verify_checkpoint(path, num_processes)
+    def _unusable(
+        path: Path, num_processes: int, restore: Callable[[Path], None] | None, agree: Agree
+    ) -> str | None:
+        """Why ``path`` cannot continue this run on some process (``"fails verification: ..."``, ``"cannot be
+        restored: ..."``), or None once ``restore`` took it on every process. Every process restores only a
+        checkpoint that every process verified (a restore may itself be a collective)."""
+        problem = agreed_problem(agree(verify_checkpoint(path, num_processes)))
         if problem is not None:
             return f"fails verification: {problem}"
-        if restore is not None:
-            try:
-                restore(path)
-            except CheckpointError as e:
-                return f"cannot be restored: {e}"
-        return None
+        if restore is None:
+            return None
+        try:
+            restore(path)
+        except CheckpointError as e:
+            problem = str(e)
+        problem = agreed_problem(agree(problem))
+        return None if problem is None else f"cannot be restored: {problem}"
 
     def save(
         self,

@@ -385,6 +385,9 @@ class Trainer(TrainerSetup):
         # caller (and the barrier below) may still use
         for tracker in acc.trackers:
             tracker.finish()
+        # let go of the run directory before the processes part: once any process returns, the run is not held,
+        # so the next slice of a time-sliced job (or a resume) that it starts finds the directory free
+        self.run_dir.release()
         acc.wait_for_everyone()
         return summary
 

@@ -25,6 +25,7 @@ from timm_drop.training.checkpoint import (
     CheckpointError,
     CheckpointManager,
     RunDir,
+    agreed_problem,
     check_output_dir,
     is_mid_epoch,
 )
@@ -121,7 +122,7 @@ class TrainerSetup:
         # other check below has passed, so a failed start loses nothing and leaves nothing behind.
         cfg_dict = config_to_dict(cfg)
         if not self.dry_run:
-            self.dir_mode = check_output_dir(self.out, cfg_dict, overwrite=self.overwrite, resume=self.resume)
+            self.dir_mode = self._check_output_dir(cfg_dict)
         self._build_data()
         model = self._build_model()
         self._apply_spec(model)
@@ -198,6 +199,31 @@ class TrainerSetup:
         self.is_main = acc.is_main_process
         self.rank, self.world = acc.process_index, acc.num_processes
         return acc
+
+    def _gather(self, value: Any) -> list[Any]:
+        """Every process's ``value``, in process order (a collective: every process calls it alike)."""
+        if self.world == 1:
+            return [value]
+        from accelerate.utils import gather_object
+
+        return gather_object([value])
+
+    def _check_output_dir(self, cfg_dict: dict) -> str:
+        """:func:`check_output_dir`, agreed: when any process refuses the directory, every process raises that
+        refusal (naming the process), instead of the others going on alone into the collectives of the build.
+        (A process sees the directory as it is now: the run's lock still held by process 0 of a previous slice,
+        say.)"""
+        mode, error = "", None
+        try:
+            mode = check_output_dir(self.out, cfg_dict, overwrite=self.overwrite, resume=self.resume)
+        except (ConfigError, FileNotFoundError) as e:
+            error = e
+        refusals = self._gather(None if error is None else (isinstance(error, FileNotFoundError), str(error)))
+        problem = agreed_problem([r and r[1] for r in refusals])
+        if problem is not None:
+            missing = next(r for r in refusals if r is not None)[0]
+            raise (FileNotFoundError if missing else ConfigError)(problem) from error
+        return mode
 
     def _build_data(self) -> None:
         """Loaders (none in a dry run), the number of classes and the steps per epoch; seeds the run.
@@ -384,9 +410,14 @@ class TrainerSetup:
                 "resume mid-epoch (it has no state_dict/load_state_dict); use null (epoch checkpoints only)"
             )
         if self.resume is not None and not self.dry_run:
-            self.ckpt.resolve(
-                self.resume, num_processes=self.world, log=self.accelerator.print, restore=self._restore_agreed
+            path = self.ckpt.resolve(
+                self.resume,
+                num_processes=self.world,
+                log=self.accelerator.print,
+                restore=self._restore,
+                agree=self._gather,
             )
+            self.accelerator.print(f"resumed from {path} at epoch {self.state.epoch}, step {self.state.step}")
 
     def _prepare_run_dir(self) -> None:
         """Create the run directory, or replace what a previous run of ours listed in its marker (``--overwrite``,
@@ -455,23 +486,6 @@ class TrainerSetup:
         except (ValueError, KeyError, RuntimeError) as e:
             raise CheckpointError(f"its state does not fit this run ({type(e).__name__}: {e})") from e
         self.state, self._resume_point = state, own
-
-    def _restore_agreed(self, path: Path) -> None:
-        """:meth:`_restore` on every process; a checkpoint one process cannot continue from is refused by all (each
-        holds its own data position), so ``--resume latest`` moves on to the same older checkpoint everywhere."""
-        problem = None
-        try:
-            self._restore(path)
-        except CheckpointError as e:
-            problem = e
-        if self.world > 1:
-            failed = self.accelerator.gather(torch.tensor([int(problem is not None)], device=self.device))
-            ranks = [r for r, f in enumerate(failed.tolist()) if f]
-            if ranks and problem is None:
-                problem = CheckpointError(f"process(es) {ranks} cannot continue from it")
-        if problem is not None:
-            raise problem
-        self.accelerator.print(f"resumed from {path} at epoch {self.state.epoch}, step {self.state.step}")
 
     def _extra_state(self) -> dict[str, Any]:
         # "driver" is optional for readers (see _restore), so the format stays 1

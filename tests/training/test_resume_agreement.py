@@ -80,7 +80,7 @@ def _on_process(rank: int, which: int, owner: object, name: str, replacement):
 def _time_slice(out: Path, rank: int) -> dict:
     """One epoch, then the next slice in the same processes, while process 0 is slow to release the run's lock."""
     from timm_drop.training import Trainer
-    from timm_drop.training.checkpoint import RunDir
+    from timm_drop.training.run_dir import RunDir
 
     def slow_release(self):
         if self._lock_fh is not None:

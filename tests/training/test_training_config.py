@@ -9,9 +9,9 @@ import pytest
 import yaml
 from scripts import load_script
 
-from timm_drop.training.checkpoint import RunDir, check_output_dir
 from timm_drop.training.config import ConfigError, config_to_dict, load_config, save_config
 from timm_drop.training.loop import LRSchedule
+from timm_drop.training.run_dir import RunDir, check_output_dir
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "recipes" / "configs").glob("*.yaml"))

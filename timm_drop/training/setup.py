@@ -21,18 +21,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from timm_drop.training.checkpoint import (
-    CheckpointError,
-    CheckpointManager,
-    RunDir,
-    agreed_problem,
-    check_output_dir,
-    is_mid_epoch,
-)
+from timm_drop.training.checkpoint import CheckpointError, CheckpointManager, agreed_problem, is_mid_epoch
 from timm_drop.training.config import ConfigError, TrainConfig, config_to_dict, save_config
 from timm_drop.training.files import writing
 from timm_drop.training.metrics import MetricsLog, flat_scalars
 from timm_drop.training.optim import LRSchedule, build_mixup, build_optimizer
+from timm_drop.training.run_dir import RunDir, check_output_dir
 
 __all__ = ["TRACKER_PROJECT", "TrainState", "TrainerSetup", "regularizer_modules"]
 

@@ -251,7 +251,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise SystemExit(
                 f"FSDP run failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
             )
-        result = check(tmp, args.nproc)
+        try:
+            result = check(tmp, args.nproc)
+        except AssertionError as e:  # a process that ended cleanly with an error: show what it printed
+            raise AssertionError(f"{e}\n--- output ---\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}") from e
     if args.device == "cuda":
         device = f"{args.nproc} x {torch.cuda.get_device_name()}"
     else:

@@ -189,6 +189,29 @@ def test_a_run_that_may_still_be_running_is_not_replaced(in_tmp, capsys):
     assert main(["--config", QUICKSTART, "output_dir=r", *FAST, "train.epochs=1"]) == 0
 
 
+def test_processes_probing_the_lock_at_once_do_not_see_each_other_as_a_running_run(tmp_path):
+    """Every process of a launch checks the output directory at the same time: one process's probe of the lock
+    must not look like a running run to another (a 2-process resume refused its own directory, under load)."""
+    import fcntl
+    import threading
+
+    from timm_drop.training.run_dir import LOCK, RunDir
+
+    run = RunDir(tmp_path)
+    run.acquire()
+    run.start()
+    marker = run.read_marker()
+    run.release()
+    with open(tmp_path / LOCK, "rb") as other_probe:  # another process's probe, caught mid-way
+        fcntl.flock(other_probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        assert run.owner(marker) == "stopped"
+        # and the run starting right after every process checked still gets its lock once the probe lets go
+        threading.Timer(0.2, fcntl.flock, (other_probe, fcntl.LOCK_UN)).start()
+        run.acquire()
+    assert run.owner(marker) == "running"
+    run.release()
+
+
 # -- writes stay inside the run -----------------------------------------------------------------------------------
 
 #: every temporary the recipe writes at the top of a run directory (and the lock it opens)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -159,10 +160,12 @@ class RunDir:
             import fcntl
         except ImportError:  # pragma: no cover - no flock (Windows): nothing to probe
             return False
-        # read-only: probing changes nothing (and works in a directory this user cannot write)
+        # read-only: probing changes nothing (and works in a directory this user cannot write). A shared lock: it
+        # conflicts with a run's exclusive one only, not with the probes of the launch's other processes, which
+        # check the directory at the same moment
         with os.fdopen(os.open(lock, os.O_RDONLY | NOFOLLOW), "rb") as fh:
             try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
                 return True
             fcntl.flock(fh, fcntl.LOCK_UN)
@@ -180,13 +183,18 @@ class RunDir:
                 lock.unlink()
             fd = os.open(lock, os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o666)
         fh = os.fdopen(fd, "rb+")  # held open for the run's lifetime
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.close()
-            raise ConfigError(
-                f"output_dir: {str(self.path)!r} is in use by a run that is still running; refusing to touch it"
-            ) from None
+        for wait in (0.0, 0.05, 0.2, 0.5, None):  # another process's probe holds a shared lock for an instant
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if wait is None:
+                    fh.close()
+                    raise ConfigError(
+                        f"output_dir: {str(self.path)!r} is in use by a run that is still running; refusing to "
+                        "touch it"
+                    ) from None
+                time.sleep(wait)
         self._lock_fh = fh
 
     def release(self) -> None:

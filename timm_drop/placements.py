@@ -54,7 +54,7 @@ from torch import nn
 from timm_drop import spec as _spec
 from timm_drop.errors import TimmDropError
 from timm_drop.regularizers.registry import strength_params
-from timm_drop.relative import stage_count
+from timm_drop.relative import stage_count, stage_from_end
 from timm_drop.spec import Spec, SpecError, load_spec
 from timm_drop.structure import match_pattern
 from timm_drop.suggest import did_you_mean
@@ -123,6 +123,23 @@ _DROPBLOCK = "Ghiasi, Lin, Le 2018 (DropBlock), ../shared/papers/dropblock.md"
 _SELECTSCALE = "Chen, Niu, Liu, Tang 2020 (SelectScale), ../shared/papers/selectscale.md"
 _EVERY_CONV = {"sites": ["module"], "type": ["Conv2d"]}
 
+_SELECTSCALE_PLACEMENT = Placement(
+    "selectscale",
+    "selectscale",
+    _SELECTSCALE + " section 3.5, Table 4 (ImageNet); section 3.3, Table 2 (CIFAR)",
+    "the last two groups, after every BN (projection shortcuts included); top rate 0.1, retaining rate 0.2 "
+    "(q 0.8), the next-to-last group at half; curriculum drop. CIFAR: every convolution, t 0.1, q 0.9, "
+    "constant",
+    {"top_rate": 0.1, "q": 0.8},
+    "late",
+    "norms",
+    {"kind": "curriculum", "gamma": 10.0},
+    group_factor={-2: 0.5},
+    cifar={**_EVERY_CONV, "params": {"top_rate": 0.1, "q": 0.9}, "schedule": None},
+    departures="curriculum gamma 10 (the paper cites Morerio et al. without a value); transformers/ViT: "
+    "block outputs of the last two groups / quarters",
+)
+
 PLACEMENTS: dict[str, Placement] = {
     p.name: p
     for p in (
@@ -159,49 +176,29 @@ PLACEMENTS: dict[str, Placement] = {
             departures="the paper covers CIFAR ResNets only; ImageNet-size models keep its shares of the map; ViT: "
             "the last block of each depth quarter, 7/16 of the grid everywhere (one resolution)",
         ),
-        Placement(
-            "selectscale",
-            "selectscale",
-            _SELECTSCALE + " section 3.5, Table 4 (ImageNet); section 3.3, Table 2 (CIFAR)",
-            "the last two groups, after every BN (projection shortcuts included); top rate 0.1, retaining rate 0.2 "
-            "(q 0.8), the next-to-last group at half; curriculum drop. CIFAR: every convolution, t 0.1, q 0.9, "
-            "constant",
-            {"top_rate": 0.1, "q": 0.8},
-            "late",
-            "norms",
-            {"kind": "curriculum", "gamma": 10.0},
-            group_factor={-2: 0.5},
-            cifar={**_EVERY_CONV, "params": {"top_rate": 0.1, "q": 0.9}, "schedule": None},
-            departures="curriculum gamma 10 (the paper cites Morerio et al. without a value); transformers/ViT: "
-            "block outputs of the last two groups / quarters",
-        ),
-        Placement(
-            "selectout",
-            "selectout",
-            _SELECTSCALE + " sections 2.1-2.2, 3.5",
-            "the SelectScale placement (last two groups after every BN, next-to-last at half, curriculum) with "
+        _SELECTSCALE_PLACEMENT,
+        # SelectScale's placement (groups, sites, schedule, group factors) with the paper's other two methods
+        dataclasses.replace(
+            _SELECTSCALE_PLACEMENT,
+            name="selectout",
+            regularizer="selectout",
+            paper=_SELECTSCALE + " sections 2.1-2.2, 3.5",
+            rule="the SelectScale placement (last two groups after every BN, next-to-last at half, curriculum) with "
             "Selectout: top rate 0.2, drop rate 0.02 (the paper's examples; it reports no tuned Selectout run). "
             "CIFAR: every convolution, constant",
-            {"drop_prob": 0.02, "top_rate": 0.2},
-            "late",
-            "norms",
-            {"kind": "curriculum", "gamma": 10.0},
-            group_factor={-2: 0.5},
+            params={"drop_prob": 0.02, "top_rate": 0.2},
             cifar={**_EVERY_CONV, "schedule": None},
             departures="rates are the paper's worked examples (section 2.1 t=0.2, section 2.2 'e.g. 0.02'), not a "
             "tuned result",
         ),
-        Placement(
-            "spatial_scale",
-            "spatial_scale",
-            _SELECTSCALE + " section 2.2, Tables 1-2",
-            "the SelectScale placement (last two groups after every BN, next-to-last at half, curriculum) with "
+        dataclasses.replace(
+            _SELECTSCALE_PLACEMENT,
+            name="spatial_scale",
+            regularizer="spatial_scale",
+            paper=_SELECTSCALE + " section 2.2, Tables 1-2",
+            rule="the SelectScale placement (last two groups after every BN, next-to-last at half, curriculum) with "
             "SpatialScale at retaining rate 0.4 (q 0.6, Tables 1-2). CIFAR: every convolution, constant",
-            {"q": 0.6},
-            "late",
-            "norms",
-            {"kind": "curriculum", "gamma": 10.0},
-            group_factor={-2: 0.5},
+            params={"q": 0.6},
             cifar={**_EVERY_CONV, "schedule": None},
             departures="the retaining rate is the CIFAR tables' (the ImageNet run reports no SpatialScale row)",
         ),
@@ -385,6 +382,8 @@ class _Translation:
         from timm_drop.regularizers.registry import get_regularizer_class
 
         self.needs_map = bool(getattr(get_regularizer_class(p.regularizer), "grid_layouts", ()))
+        self.label = f"{p.name} ({FAMILIES[self.family].split(' (')[0]})"
+        self._grids: dict[int, Any] = {}  # token_grid per sequence length: one model lookup each
 
     def refuse(self, reason: str) -> PlacementError:
         return PlacementError(f"{self.where}: {reason}")
@@ -415,11 +414,19 @@ class _Translation:
             return False
         from timm_drop.structure import token_grid
 
-        return isinstance(token_grid(self.model, site.shape[1]), tuple)
+        length = site.shape[1]
+        if length not in self._grids:
+            self._grids[length] = token_grid(self.model, length)
+        return isinstance(self._grids[length], tuple)
 
     def usable(self, kind: str, stages: list[int], exclude: tuple[str, ...] = ()) -> list[Any]:
         """Sites of ``kind`` in ``stages`` that the placement's regularizer can act on."""
         return [s for s in self.selected(kind, stages, exclude) if self.can_act(s)]
+
+    def unusable_modules(self, kind: str, stages: list[int], exclude: tuple[str, ...] = ()) -> tuple[str, ...]:
+        """Modules of the sites of ``kind`` in ``stages`` that the regularizer cannot act on (a token norm in a
+        CNN's block), once each: a rule leaves them out by name."""
+        return tuple(dict.fromkeys(s.module for s in self.selected(kind, stages, exclude) if not self.can_act(s)))
 
     def pick(self, kinds: list[str], stages: list[int], exclude: tuple[str, ...] = ()) -> tuple[str, list[int]]:
         """The first site kind with a usable site in ``stages`` (and the stages that have one)."""
@@ -462,8 +469,7 @@ class _Translation:
         else:
             kind, stages = self._site_kind(stages)
             exclude = ("*.downsample*",) if kind == "norm" and p.sites in ("branch", "branch+skip") else ()
-            # sites of the kind the regularizer cannot act on (a token norm in a CNN's block): left out by name
-            exclude += tuple(dict.fromkeys(s.module for s in self.selected(kind, stages, exclude) if not self.can_act(s)))
+            exclude += self.unusable_modules(kind, stages, exclude)
             selectors = {"sites": [kind]}
             if kind == "conv":
                 selectors = {"sites": ["module"], "type": ["Conv2d"]}
@@ -481,8 +487,8 @@ class _Translation:
         stage_params = self._stage_params(stages_field, groups, params, overrides)
         if self.needs_map and "block_size" not in overrides:
             params["block_size"] = {"fraction": self._fraction(-1)}
-        label = f"{p.name} ({FAMILIES[family].split(' (')[0]}): {how}"
-        rule: dict[str, Any] = {"regularizer": p.regularizer, "label": label, "params": params, **selectors}
+        rule: dict[str, Any] = {"regularizer": p.regularizer, "label": f"{self.label}: {how}", "params": params,
+                                **selectors}  # fmt: skip
         if stages_field is not None:
             rule["stages"] = stages_field
         if stage_params:
@@ -493,12 +499,12 @@ class _Translation:
         if p.sites == "branch+skip" and cifar is None and selectors["sites"] == ["norm"]:
             skips = sorted({s.stage for s in self.usable("shortcut", stages)})
             if skips:
-                out.append({**rule, "label": f"{p.name} ({FAMILIES[family].split(' (')[0]}): skip connections",
-                            "sites": ["shortcut"], "stages": skips, "allow_empty": True})  # fmt: skip
+                out.append({**rule, "label": f"{self.label}: skip connections", "sites": ["shortcut"],
+                            "stages": skips, "allow_empty": True})  # fmt: skip
                 out[-1].pop("exclude", None)
-                unusable = [s.module for s in self.selected("shortcut", skips) if not self.can_act(s)]
+                unusable = self.unusable_modules("shortcut", skips)
                 if unusable:
-                    out[-1]["exclude"] = list(dict.fromkeys(unusable))
+                    out[-1]["exclude"] = list(unusable)
                 if stage_params:
                     out[-1]["stage_params"] = {k: v for k, v in stage_params.items() if k in skips}
                     if not out[-1]["stage_params"]:
@@ -511,7 +517,7 @@ class _Translation:
             raise SpecError(self.where, f"override 'stages' must be a non-zero integer or a list of them, got {raw!r}")
         out = []
         for i in items:
-            stage = self.n + 1 + i if i < 0 else i
+            stage = stage_from_end(i, self.n)
             if not 1 <= stage <= self.n:
                 raise self.refuse(f"override 'stages': stage {i} does not exist on this model ({self.n} stages)")
             out.append(stage)
@@ -567,8 +573,7 @@ class _Translation:
         if not isinstance(user, Mapping):
             raise SpecError(self.where, f"override 'stage_params' must map stage numbers to parameters, got {user!r}")
         for key, value in user.items():
-            stage = int(key)
-            stage = self.n + 1 + stage if stage < 0 else stage
+            stage = stage_from_end(int(key), self.n)
             out[stage] = {**out.get(stage, {}), **dict(value)}
         return out
 

@@ -39,6 +39,7 @@ __all__ = [
     "resolve_relative_sizes",
     "resolve_stages",
     "stage_count",
+    "stage_from_end",
 ]
 
 #: the key of a relative size: ``block_size: {fraction: 0.5}``
@@ -55,8 +56,14 @@ def stage_count(stages: Mapping[str, int | None]) -> int:
     return max((s for s in stages.values() if s is not None), default=0)
 
 
+def stage_from_end(stage: int, n: int) -> int:
+    """The stage number a negative ``stage`` counts from the end of an ``n``-stage model (``-1`` = ``n``); a positive
+    one as it is. Not range-checked."""
+    return n + 1 + stage if stage < 0 else stage
+
+
 def _positive(stage: int, n: int, rule: Any, fld: str) -> int:
-    resolved = n + 1 + stage if stage < 0 else stage
+    resolved = stage_from_end(stage, n)
     if not 1 <= resolved <= n:
         raise RelativeError(
             f"{rule.describe()}: field {fld!r}: stage {stage} does not exist on this model, which has {n} stages "

@@ -215,16 +215,16 @@ def _compare_captures(
             if e.site == site:
                 site_params.update(e.params)
         for name in methods:
-            params = dict(site_params)
             own = [e.params for e, _ in pairs if e.site == site and e.regularizer == name]
-            for rule in [] if own else rules:
-                if rule.regularizer == name:
-                    # relative sizes ({fraction: f}) resolve on the sites of the rule: the site's resolved ones stay
-                    stage = rule.params_for_stage(at.stages[site])
-                    params = {**site_params, **{k: v for k, v in stage.items() if not isinstance(v, Mapping)}}
-                    break
+            rule = next((r for r in rules if r.regularizer == name), None)
             if own:  # the method's own regularizer here: its parameters as planned (relative sizes resolved)
                 params = {**site_params, **own[-1]}
+            elif rule is not None:
+                # relative sizes ({fraction: f}) resolve on the sites of the rule: the site's resolved ones stay
+                stage = rule.params_for_stage(at.stages[site])
+                params = {**site_params, **{k: v for k, v in stage.items() if not isinstance(v, Mapping)}}
+            else:
+                params = dict(site_params)
             reg, params, note = _build_method(name, params, at.layouts[site], strength, like=at.own[site], fill=True)
             slot = _Slot(site, at.layouts[site], at.shapes[site], at.stages[site], name, params, reg, note)
             if reg is None:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -20,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scripts import torchrun
 
 import timm_drop  # noqa: F401
 from timm_drop.training import ConfigError, Trainer, load_config
@@ -376,14 +375,7 @@ def _ddp_worker(out_dir: str) -> None:
 @pytest.mark.slow
 def test_wds_in_two_processes_reads_each_shard_on_one_rank_and_evaluates_every_image_once(tmp_path):
     _wds_shards(tmp_path / "shards")
-    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1")
-    # the workers import this checkout's timm_drop, whatever copy is installed
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    proc = subprocess.run(
-        [*cmd, __file__, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    torchrun(__file__, [str(tmp_path)], timeout=300)  # the workers import this checkout's timm_drop
     result = json.loads((tmp_path / "result_0.json").read_text())
     a, b = result["seen"]
     assert len(a) == len(b) == N_TRAIN // 2 and sorted(a + b) == list(range(N_TRAIN))

@@ -18,11 +18,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from scripts import torchrun
 from tiny import dropblock_stage_rule, tiny_run
 
 CONFIG = tiny_run(
@@ -103,22 +103,8 @@ def _worker(out_dir: str) -> None:
 def test_two_process_gloo_training_keeps_ranks_in_sync_with_per_rank_masks(tmp_path):
     if shutil.which("torchrun") is None and not _has_module("torch.distributed.run"):
         pytest.skip("torchrun is not available")
-    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1")
     # the workers import this checkout's timm_drop, whatever copy is installed, and tests/ (this file imports tiny)
-    here = Path(__file__).resolve()
-    env["PYTHONPATH"] = os.pathsep.join([str(here.parents[2]), str(here.parents[1]), env.get("PYTHONPATH", "")])
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        __file__,
-        str(tmp_path),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    torchrun(__file__, [str(tmp_path)])
     results = [json.loads((tmp_path / f"result_{r}.json").read_text()) for r in range(2)]
     assert [r["world"] for r in results] == [2, 2]
     assert all(r["masks_differ"] for r in results), "regularizer masks were identical on both ranks"

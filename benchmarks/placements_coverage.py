@@ -140,6 +140,16 @@ def render(rows: list[dict], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: the heading of the part of the report written by hand; rendering the report again keeps it
+NOTES = "## Notes (by hand)"
+
+
+def _notes_by_hand(out: Path) -> str:
+    """The hand-written notes at the end of an earlier report at ``out`` ("" when there are none)."""
+    old = out.read_text() if out.is_file() else ""
+    return "\n" + old[old.index(NOTES):] if NOTES in old else ""
+
+
 def _read(*jsonl: str) -> dict[str, dict]:
     """Rows by model of result files, later files winning."""
     out: dict[str, dict] = {}
@@ -232,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     done = {**_read(*args.other), **done}
     text = render([done[n] for n in names if n in done], run)
     if args.out:
+        text += _notes_by_hand(Path(args.out))
         Path(args.out).write_text(text)
     print(text)
     return 0

@@ -52,7 +52,14 @@ from timm_drop.plans import Built, Plan, PlanEntry, applied_plans, check_fits, m
 from timm_drop.record import Insertion, insertion_kind, record_of, strip_regularizers
 from timm_drop.regularizers.base import Regularizer
 from timm_drop.regularizers.registry import create_regularizer, get_regularizer_class, strength_params
-from timm_drop.relative import map_hw, reference_hw, resolve_relative_sizes, resolve_stages, stage_count
+from timm_drop.relative import (
+    is_relative_size,
+    map_hw,
+    reference_hw,
+    resolve_relative_sizes,
+    resolve_stages,
+    stage_count,
+)
 from timm_drop.scripting import ScriptableCopy
 from timm_drop.sites import SKIP_KINDS, Analysis, RewriteTarget, Site, analyze_model, rewrite_target
 from timm_drop.spec import REGEX_PREFIX, Rule, Spec, load_spec
@@ -230,6 +237,8 @@ def _resolve_sizes(
     model: nn.Module, rule: Rule, site: Site, params: dict[str, Any], grid: Any, analysis: Analysis
 ) -> dict[str, Any]:
     """Relative sizes (``block_size: {fraction: 0.5}``) resolved on this site's map (:mod:`timm_drop.relative`)."""
+    if not any(is_relative_size(v) for v in params.values()):
+        return params  # the usual case: no walk over the model's modules and sites for every site
     used = tuple(analysis.input_shape[-2:]) if len(analysis.input_shape) == 4 else (0, 0)
     ref = reference_hw(model, used, analysis.example_given)
     # the group's resolution, as the papers quote sizes: the site's stage output (a block's first conv still runs

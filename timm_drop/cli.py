@@ -197,15 +197,12 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 def cmd_presets(args: argparse.Namespace) -> int:
     """Each placement's paper rule, translations and departures; with --model, the concrete spec it becomes."""
-    from timm_drop.placements import FAMILIES, PLACEMENTS, PlacementError, placement_spec
+    from timm_drop.placements import FAMILIES, PLACEMENTS, PlacementError, placement_spec, unknown_placement
 
     names = args.names or list(PLACEMENTS)
     unknown = [n for n in names if n not in PLACEMENTS]
     if unknown:
-        from timm_drop.suggest import did_you_mean
-
-        hint = did_you_mean(unknown[0], list(PLACEMENTS))
-        raise UsageError(f"unknown placement {unknown[0]!r}{hint} (placements: {', '.join(PLACEMENTS)})")
+        raise UsageError(unknown_placement(unknown[0]))
     if args.model is None:
         for name in names:
             p = PLACEMENTS[name]

@@ -70,6 +70,7 @@ __all__ = [
     "placement_request",
     "placement_spec",
     "resolve_placement",
+    "unknown_placement",
 ]
 
 #: the families a placement is translated for (see the module docstring)
@@ -289,6 +290,11 @@ def _looks_like_existing_file(text: str) -> bool:
 _BARE_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 
 
+def unknown_placement(name: Any) -> str:
+    """What an unknown placement name is told: the nearest name, and every name."""
+    return f"unknown placement {name!r}{did_you_mean(str(name), list(PLACEMENTS))} (placements: {', '.join(PLACEMENTS)})"
+
+
 def placement_request(src: Any) -> PlacementRequest | None:
     """``src`` as a placement request, or None when it is an ordinary spec (a path, YAML text with ``rules``,
     a mapping without ``preset``, a :class:`Spec`). A string naming an existing file stays a path. An unknown
@@ -299,10 +305,10 @@ def placement_request(src: Any) -> PlacementRequest | None:
         text = src.strip()
         if text in PLACEMENTS and not _looks_like_existing_file(src):
             return PlacementRequest(text)
-        hint = did_you_mean(text, list(PLACEMENTS))
-        if _BARE_WORD.fullmatch(text) and hint and not _looks_like_existing_file(src):
+        near = did_you_mean(text, list(PLACEMENTS))
+        if _BARE_WORD.fullmatch(text) and near and not _looks_like_existing_file(src):
             # a mistyped name, not a spec: no spec is one word without a path separator or a .yaml suffix
-            raise SpecError("<placement>", f"unknown placement {text!r}{hint} (placements: {', '.join(PLACEMENTS)})")
+            raise SpecError("<placement>", unknown_placement(text))
         if "preset" not in text or _looks_like_existing_file(src):
             return None
         try:
@@ -313,10 +319,7 @@ def placement_request(src: Any) -> PlacementRequest | None:
         return None
     name = src["preset"]
     if not isinstance(name, str) or name not in PLACEMENTS:
-        hint = did_you_mean(str(name), list(PLACEMENTS))
-        raise SpecError(
-            "<placement>", f"unknown placement {name!r}{hint} (placements: {', '.join(PLACEMENTS)})"
-        )
+        raise SpecError("<placement>", unknown_placement(name))
     from timm_drop.regularizers.registry import regularizer_params
 
     allowed = [*OVERRIDE_KEYS, *regularizer_params(PLACEMENTS[name].regularizer)]
